@@ -1,0 +1,463 @@
+//! The configuration file (`/etc/keyholder/keyholder.toml`): parsing, defaults
+//! and validation.
+//!
+//! Loading resolves every key's public key (inline `public_key`, or
+//! `key_dir/NAME.pub`), so a loaded [`Config`] is complete: nothing later has to
+//! touch the file system to know which key is which. Every error names the
+//! file, and where it applies the key and the field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use ssh_key::public::KeyData;
+use ssh_key::{HashAlg, PublicKey};
+
+use crate::error::{Error, Result};
+
+/// Where the configuration is read from when neither `--config` nor
+/// `$KEYHOLDER_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG: &str = "/etc/keyholder/keyholder.toml";
+/// Default proxy socket (world-connectable).
+pub const DEFAULT_SOCKET: &str = "/run/keyholder/proxy.sock";
+/// Default upstream agent socket (root only).
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/keyholder/agent.sock";
+/// Default directory of key files.
+pub const DEFAULT_KEY_DIR: &str = "/etc/keyholder.d";
+/// Default upstream agent program.
+pub const DEFAULT_AGENT_PROGRAM: &str = "/usr/bin/ssh-agent";
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    /// The system log, facility authpriv.
+    Syslog,
+    /// Standard error (the journal, under systemd).
+    Stderr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Option<PathBuf>,
+    key_dir: Option<PathBuf>,
+    log: Option<LogTarget>,
+    require_encrypted: Option<bool>,
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    keys: BTreeMap<String, RawKey>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    socket: Option<PathBuf>,
+    spawn: Option<bool>,
+    program: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<u32>,
+    max_connections_per_user: Option<u32>,
+    idle_timeout_secs: Option<u64>,
+    upstream_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    public_key: Option<String>,
+    groups: Vec<String>,
+    #[serde(default)]
+    allow_any_data: bool,
+}
+
+/// The upstream agent settings (`[agent]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The upstream agent's socket.
+    pub socket: PathBuf,
+    /// Whether the daemon starts and supervises the agent itself.
+    pub spawn: bool,
+    /// The agent program started when `spawn` is true.
+    pub program: PathBuf,
+}
+
+/// Resource limits (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, all users together.
+    pub max_connections: u32,
+    /// Connections open at once by one uid.
+    pub max_connections_per_user: u32,
+    /// A connection with no complete request for this long is closed.
+    pub idle_timeout: Duration,
+    /// An upstream answer that takes longer than this yields FAILURE.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_user: 512,
+            idle_timeout: Duration::from_secs(300),
+            upstream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a key's public half came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKeySource {
+    /// `public_key = "…"` in the configuration file.
+    Inline,
+    /// `key_dir/NAME.pub`.
+    File(PathBuf),
+}
+
+/// One configured key (`[keys.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfig {
+    /// The key's name: the TOML table name and the file name in `key_dir`.
+    pub name: String,
+    /// The public key the upstream agent's identity must match.
+    pub public_key: KeyData,
+    /// `SHA256:…` fingerprint of the public key.
+    pub fingerprint: String,
+    /// Where the public key was read from.
+    pub source: PublicKeySource,
+    /// The encrypted private key file, `key_dir/NAME` (used by `arm`).
+    pub private_key_path: PathBuf,
+    /// Unix groups whose members may use the key.
+    pub groups: Vec<String>,
+    /// Sign any data, not only SSH user-authentication requests.
+    pub allow_any_data: bool,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The proxy socket.
+    pub socket: PathBuf,
+    /// The directory of key files.
+    pub key_dir: PathBuf,
+    /// Where logs go.
+    pub log: LogTarget,
+    /// `arm` refuses private keys without a passphrase.
+    pub require_encrypted: bool,
+    /// Upstream agent settings.
+    pub agent: AgentConfig,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Configured keys, sorted by name.
+    pub keys: Vec<KeyConfig>,
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::msg(format!("{}: cannot read: {e}", path.display())))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors and
+    /// anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let file = path.display();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message spans several lines (it quotes the source); keep
+            // the first, which names the field, plus the line number.
+            let line = e
+                .span()
+                .map(|s| text.get(..s.start).map_or(0, |t| t.lines().count().max(1)))
+                .map(|n| format!(" (line {n})"))
+                .unwrap_or_default();
+            let what = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
+            Error::msg(format!("{file}{line}: {what}"))
+        })?;
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let key_dir = resolve(raw.key_dir.unwrap_or_else(|| DEFAULT_KEY_DIR.into()));
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_connections: positive(
+                &file,
+                "limits.max_connections",
+                raw.limits.max_connections,
+                defaults.max_connections,
+            )?,
+            max_connections_per_user: positive(
+                &file,
+                "limits.max_connections_per_user",
+                raw.limits.max_connections_per_user,
+                defaults.max_connections_per_user,
+            )?,
+            idle_timeout: Duration::from_secs(positive(
+                &file,
+                "limits.idle_timeout_secs",
+                raw.limits.idle_timeout_secs,
+                defaults.idle_timeout.as_secs(),
+            )?),
+            upstream_timeout: Duration::from_secs(positive(
+                &file,
+                "limits.upstream_timeout_secs",
+                raw.limits.upstream_timeout_secs,
+                defaults.upstream_timeout.as_secs(),
+            )?),
+        };
+
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        for (name, key) in raw.keys {
+            keys.push(load_key(path, &key_dir, name, key)?);
+        }
+        for (i, a) in keys.iter().enumerate() {
+            if let Some(b) = keys.iter().skip(i + 1).find(|b| b.public_key == a.public_key) {
+                return Err(Error::msg(format!(
+                    "{file}: keys.{} and keys.{} have the same public key ({})",
+                    a.name, b.name, a.fingerprint
+                )));
+            }
+        }
+
+        Ok(Self {
+            path: path.to_owned(),
+            socket: resolve(raw.socket.unwrap_or_else(|| DEFAULT_SOCKET.into())),
+            key_dir,
+            log: raw.log.unwrap_or(LogTarget::Syslog),
+            require_encrypted: raw.require_encrypted.unwrap_or(true),
+            agent: AgentConfig {
+                socket: resolve(
+                    raw.agent
+                        .socket
+                        .unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()),
+                ),
+                spawn: raw.agent.spawn.unwrap_or(true),
+                program: raw
+                    .agent
+                    .program
+                    .unwrap_or_else(|| DEFAULT_AGENT_PROGRAM.into()),
+            },
+            limits,
+            keys,
+        })
+    }
+
+    /// The configured key with this name.
+    pub fn key(&self, name: &str) -> Option<&KeyConfig> {
+        self.keys.iter().find(|k| k.name == name)
+    }
+}
+
+fn positive<T: PartialEq + Default + Copy>(
+    file: &impl std::fmt::Display,
+    field: &str,
+    value: Option<T>,
+    default: T,
+) -> Result<T> {
+    match value {
+        Some(v) if v == T::default() => Err(Error::msg(format!(
+            "{file}: {field}: must be greater than 0"
+        ))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+/// A key name is a file name in `key_dir`: letters, digits, `.`, `_`, `-`,
+/// not starting with a dot.
+fn valid_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.ends_with(".pub")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<KeyConfig> {
+    let file = path.display();
+    if !valid_key_name(&name) {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}: invalid key name (use letters, digits, '.', '_', '-'; \
+             not starting with '.', not ending in '.pub')"
+        )));
+    }
+    if raw.groups.is_empty() {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.groups: empty; list the Unix groups that may use this key"
+        )));
+    }
+    if let Some(bad) = raw
+        .groups
+        .iter()
+        .find(|g| g.is_empty() || g.contains(|c: char| c.is_whitespace() || c == ':'))
+    {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.groups: {bad:?} is not a valid group name"
+        )));
+    }
+
+    let (text, source, field) = match raw.public_key {
+        Some(text) => (text, PublicKeySource::Inline, format!("keys.{name}.public_key")),
+        None => {
+            let pub_path = key_dir.join(format!("{name}.pub"));
+            let text = std::fs::read_to_string(&pub_path).map_err(|e| {
+                Error::msg(format!(
+                    "{file}: keys.{name}: cannot read public key {}: {e} \
+                     (put it there, or set keys.{name}.public_key)",
+                    pub_path.display()
+                ))
+            })?;
+            let field = format!("keys.{name}: {}", pub_path.display());
+            (text, PublicKeySource::File(pub_path), field)
+        }
+    };
+    let public_key = parse_public_key(&text)
+        .map_err(|e| Error::msg(format!("{file}: {field}: not an OpenSSH public key: {e}")))?;
+    let fingerprint = public_key.fingerprint(HashAlg::Sha256).to_string();
+    Ok(KeyConfig {
+        private_key_path: key_dir.join(&name),
+        name,
+        public_key,
+        fingerprint,
+        source,
+        groups: raw.groups,
+        allow_any_data: raw.allow_any_data,
+    })
+}
+
+/// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`). A
+/// certificate line is accepted and stands for the key it certifies.
+pub fn parse_public_key(text: &str) -> std::result::Result<KeyData, String> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| "empty".to_owned())?;
+    match PublicKey::from_openssh(line) {
+        Ok(key) => Ok(key.key_data().clone()),
+        Err(key_err) => match ssh_key::Certificate::from_openssh(line) {
+            Ok(cert) => Ok(cert.public_key().clone()),
+            Err(_) => Err(key_err.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(Path::new("/etc/keyholder/keyholder.toml"), text)
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(c.agent.socket, Path::new(DEFAULT_AGENT_SOCKET));
+        assert!(c.agent.spawn);
+        assert!(c.require_encrypted);
+        assert_eq!(c.log, LogTarget::Syslog);
+        assert_eq!(c.limits, Limits::default());
+        assert!(c.keys.is_empty());
+    }
+
+    #[test]
+    fn inline_key_is_loaded() {
+        let c = parse(&format!(
+            "[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n"
+        ))
+        .unwrap();
+        let k = c.key("deploy").unwrap();
+        assert_eq!(k.groups, vec!["ops".to_owned()]);
+        assert!(k.fingerprint.starts_with("SHA256:"));
+        assert_eq!(k.private_key_path, Path::new("/etc/keyholder.d/deploy"));
+        assert!(!k.allow_any_data);
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_field() {
+        let e = parse("sockett = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/keyholder/keyholder.toml"), "{e}");
+        assert!(e.contains("sockett"), "{e}");
+        let e = parse(&format!(
+            "[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\ngroup = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("group"), "{e}");
+    }
+
+    #[test]
+    fn empty_groups_is_an_error_naming_the_key() {
+        let e = parse(&format!("[keys.deploy]\npublic_key = \"{ED}\"\ngroups = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy.groups"), "{e}");
+    }
+
+    #[test]
+    fn missing_public_key_file_is_an_error_naming_the_path() {
+        let e = parse("key_dir = \"/nonexistent-kh\"\n[keys.deploy]\ngroups = [\"ops\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy"), "{e}");
+        assert!(e.contains("/nonexistent-kh/deploy.pub"), "{e}");
+    }
+
+    #[test]
+    fn garbage_public_key_is_an_error_naming_the_field() {
+        let e = parse("[keys.deploy]\npublic_key = \"ssh-ed25519 nope\"\ngroups = [\"ops\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy.public_key"), "{e}");
+    }
+
+    #[test]
+    fn zero_limits_and_bad_names_are_rejected() {
+        assert!(parse("[limits]\nmax_connections = 0\n").is_err());
+        assert!(parse("[limits]\nidle_timeout_secs = 0\n").is_err());
+        assert!(parse("[limits]\nmax_connections = -1\n").is_err());
+        let e = parse(&format!(
+            "[keys.\"../x\"]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid key name"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_public_keys_are_rejected() {
+        let e = parse(&format!(
+            "[keys.a]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n[keys.b]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("same public key"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let c = Config::parse(Path::new("/srv/kh/keyholder.toml"), "key_dir = \"keys\"\nsocket = \"p.sock\"\n")
+            .unwrap();
+        assert_eq!(c.key_dir, Path::new("/srv/kh/keys"));
+        assert_eq!(c.socket, Path::new("/srv/kh/p.sock"));
+    }
+}

@@ -1,0 +1,103 @@
+//! The audit log: one line per sign decision and per refused admin request,
+//! with the contract's fields:
+//! `user= uid= pid= key= fingerprint= remote_user= decision= reason=`.
+//!
+//! Values that come from clients (the remote user name) are quoted and
+//! escaped when they contain anything but plain characters, so a client
+//! cannot forge fields or lines.
+
+use std::fmt;
+
+use crate::policy::{Caller, Decision, Reason};
+
+/// The tracing target of audit lines.
+pub const TARGET: &str = "keyholder::audit";
+
+/// A log field value, printed bare when plain, quoted and escaped otherwise.
+pub struct Field<'a>(pub Option<&'a str>);
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("-"),
+            Some(v)
+                if !v.is_empty()
+                    && v.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)
+                    }) =>
+            {
+                f.write_str(v)
+            }
+            Some(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+/// The audit line for `decision`, or `None` when it is not audited.
+pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
+    if !decision.is_audited() {
+        return None;
+    }
+    let (kind, key, fingerprint, remote_user, verdict, reason) = match decision {
+        Decision::Sign { key, remote_user } => {
+            let via = if caller.uid == 0 {
+                "root".to_owned()
+            } else {
+                let group = key.groups.iter().find(|g| caller.groups.contains(g));
+                format!("group:{}", group.map_or("-", String::as_str))
+            };
+            (
+                "sign",
+                Some(key.name.as_str()),
+                Some(key.fingerprint.clone()),
+                remote_user.as_deref(),
+                "granted",
+                via,
+            )
+        }
+        Decision::Refuse {
+            reason,
+            key,
+            fingerprint,
+            remote_user,
+        } => (
+            if matches!(reason, Reason::AdminRequest(_)) {
+                "admin"
+            } else {
+                "sign"
+            },
+            key.map(|k| k.name.as_str()),
+            fingerprint.clone(),
+            remote_user.as_deref(),
+            "refused",
+            reason.to_string(),
+        ),
+        _ => return None,
+    };
+    Some(format!(
+        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} decision={verdict} reason={}",
+        Field(caller.user.as_deref()),
+        caller.uid,
+        caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        Field(key),
+        Field(fingerprint.as_deref()),
+        Field(remote_user),
+        Field(Some(&reason)),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_values_are_quoted() {
+        assert_eq!(Field(Some("deploy")).to_string(), "deploy");
+        assert_eq!(Field(None).to_string(), "-");
+        assert_eq!(Field(Some("")).to_string(), "\"\"");
+        assert_eq!(
+            Field(Some("x decision=granted\nfake")).to_string(),
+            "\"x decision=granted\\nfake\""
+        );
+    }
+}

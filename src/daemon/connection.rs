@@ -1,0 +1,156 @@
+//! One client connection: read a message, classify it, ask the policy,
+//! carry the decision out, answer. Requests on a connection are handled one
+//! at a time, in order, as ssh-agent does.
+
+use std::sync::Arc;
+
+use ssh_agent_lib::proto::extension::QueryResponse;
+use ssh_agent_lib::proto::{Extension, Response};
+use ssh_encoding::Encode;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::{audit, Shared};
+use crate::backend::{Upstream, UpstreamError};
+use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
+use crate::protocol::{self, response, status, FrameError, Request};
+
+/// Input buffer per connection; a typical sign request fits in one read.
+const READ_BUFFER: usize = 2048;
+/// A message buffer larger than this is released after use, so idle
+/// connections stay small.
+const KEEP_BUFFER: usize = 16 * 1024;
+
+/// Serves one connection until the client leaves, errs, idles out, or the
+/// daemon shuts down.
+pub async fn serve(
+    stream: UnixStream,
+    caller: Caller,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    let mut upstream: Option<Upstream> = None;
+    let mut buf = Vec::new();
+    loop {
+        let rt = Arc::clone(&shared.runtime.borrow());
+        let idle = rt.limits.idle_timeout;
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, protocol::read_frame(&mut reader, &mut buf)) => r,
+            () = super::stopped(&mut shutdown) => break,
+        };
+        match read {
+            Ok(Ok(())) => {}
+            Ok(Err(FrameError::Closed)) => break,
+            Ok(Err(e)) => {
+                tracing::info!(
+                    "closing connection of uid={} pid={}: {e}",
+                    caller.uid,
+                    caller.pid.unwrap_or(0)
+                );
+                break;
+            }
+            Err(_) => {
+                tracing::debug!("closing idle connection of uid={}", caller.uid);
+                break;
+            }
+        }
+        let request = protocol::classify(&buf);
+        if buf.capacity() > KEEP_BUFFER {
+            buf = Vec::new();
+        }
+        let upstream = upstream.get_or_insert_with(|| {
+            Upstream::new(rt.agent_socket.clone(), rt.limits.upstream_timeout)
+        });
+        let reply = handle(&rt, &shared, &caller, request, upstream).await;
+        match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+}
+
+/// Decides and carries out one request; returns the framed answer.
+async fn handle(
+    rt: &super::Runtime,
+    shared: &Shared,
+    caller: &Caller,
+    request: Request,
+    upstream: &mut Upstream,
+) -> Vec<u8> {
+    let decision = policy::decide(&rt.policy, caller, &request);
+    if let Some(line) = audit::line(caller, &decision) {
+        tracing::info!(target: audit::TARGET, "{line}");
+    } else if let Decision::Refuse { reason, .. } = &decision {
+        tracing::debug!("refused uid={}: {reason}", caller.uid);
+    }
+    let answer = match (decision, request) {
+        (Decision::List, _) => upstream
+            .identities()
+            .await
+            .map(|ids| Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))),
+        (Decision::Sign { key, .. }, Request::Sign(sign)) => {
+            let result = upstream.sign(sign).await.map(Response::SignResponse);
+            if let Err(e) = &result {
+                tracing::warn!(
+                    "sign with key={} for uid={} failed upstream: {e}",
+                    key.name,
+                    caller.uid
+                );
+            }
+            result
+        }
+        (Decision::ForwardExtension, Request::Extension(ext)) => {
+            upstream.extension(ext).await.map(|reply| match reply {
+                None => Response::Success,
+                Some(ext) => Response::ExtensionResponse(ext),
+            })
+        }
+        (Decision::Query, _) => Ok(query_response()),
+        (Decision::Status, _) => {
+            let ids = upstream.identities().await;
+            if let Err(e) = &ids {
+                note_upstream_error(shared, e);
+            }
+            let report = policy::status_report(&rt.policy, ids.as_deref().ok());
+            Ok(extension_response(status::NAME, &report))
+        }
+        // Refusals, and decisions that do not match their request (which
+        // `decide` never produces).
+        _ => Ok(Response::Failure),
+    };
+    match answer {
+        Ok(response) => response::encode(&response),
+        Err(e) => {
+            note_upstream_error(shared, &e);
+            response::FAILURE.to_vec()
+        }
+    }
+}
+
+fn note_upstream_error(shared: &Shared, e: &UpstreamError) {
+    if matches!(e, UpstreamError::Refused) {
+        return;
+    }
+    if let Some(suppressed) = shared.upstream_errors.hit() {
+        tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
+    }
+}
+
+fn query_response() -> Response {
+    let names = SUPPORTED_EXTENSIONS.iter().map(|s| s.to_string()).collect();
+    extension_response(policy::QUERY, &QueryResponse { extensions: names })
+}
+
+fn extension_response(name: &str, body: &impl Encode) -> Response {
+    let mut details = Vec::new();
+    match body.encode(&mut details) {
+        Ok(()) => Response::ExtensionResponse(Extension {
+            name: name.to_owned(),
+            details: details.into(),
+        }),
+        Err(_) => Response::Failure,
+    }
+}

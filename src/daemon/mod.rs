@@ -1,0 +1,339 @@
+//! `keyholder daemon`: wires the pieces together.
+//!
+//! Binds the proxy socket, starts (or finds) the upstream agent, and runs
+//! the accept loop: each accepted connection is admitted by the [`limits`],
+//! its caller resolved ([`caller`]), then served ([`connection`]) in its own
+//! task. A shutdown signal every task watches ends them all on SIGTERM or
+//! SIGINT; SIGHUP reloads the configuration (a bad one leaves the last good
+//! one in force). The decision itself lives in [`crate::policy`].
+
+pub mod audit;
+pub mod caller;
+pub mod connection;
+pub mod limits;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::supervisor::{remove_socket, Supervisor};
+use crate::config::{Config, Limits, LogTarget};
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use limits::{LimitHit, Limiter, SharedBurstLog};
+
+/// How long open connections get to finish on shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Quiet window of once-per-burst log lines.
+const BURST_WINDOW: Duration = Duration::from_secs(10);
+/// Accept-error backoff bounds.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The settings requests are handled under; replaced whole on reload.
+#[derive(Debug)]
+pub struct Runtime {
+    /// Keys and groups.
+    pub policy: Policy,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// The upstream agent socket.
+    pub agent_socket: PathBuf,
+}
+
+impl From<&Config> for Runtime {
+    fn from(config: &Config) -> Self {
+        Self {
+            policy: Policy::from(config),
+            limits: config.limits,
+            agent_socket: config.agent.socket.clone(),
+        }
+    }
+}
+
+/// State shared by all connection tasks.
+#[derive(Debug)]
+pub struct Shared {
+    /// The settings in force.
+    pub runtime: watch::Receiver<Arc<Runtime>>,
+    /// Once-per-burst logging of upstream failures.
+    pub upstream_errors: SharedBurstLog,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
+    crate::require_root("keyholder daemon")?;
+    let config = Config::load(config_path)?;
+    crate::logging::init(log.unwrap_or(config.log))?;
+    let hardening = crate::hardening::apply()?;
+    if let Err(why) = &hardening.mlock {
+        tracing::warn!("memory not locked: {why}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyholder")
+        .thread_stack_size(512 * 1024)
+        .max_blocking_threads(64)
+        .build()
+        .map_err(|e| Error::msg(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(serve(config));
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    result
+}
+
+async fn serve(mut config: Config) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sigterm = signal_stream(SignalKind::terminate())?;
+    let mut sigint = signal_stream(SignalKind::interrupt())?;
+    let mut sighup = signal_stream(SignalKind::hangup())?;
+
+    ensure_runtime_dir(&config.socket)?;
+    let supervisor = if config.agent.spawn {
+        ensure_runtime_dir(&config.agent.socket)?;
+        let sup = Supervisor::start(config.agent.clone()).await?;
+        tracing::info!(
+            "upstream agent {} started (pid {}) on {}",
+            config.agent.program.display(),
+            sup.pid().unwrap_or(0),
+            config.agent.socket.display()
+        );
+        Some(tokio::spawn(sup.run(stop_rx.clone())))
+    } else {
+        tracing::info!("using the upstream agent at {}", config.agent.socket.display());
+        None
+    };
+
+    let listener = match bind_proxy(&config.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            if let Some(sup) = supervisor {
+                let _ = sup.await;
+            }
+            return Err(e);
+        }
+    };
+    let limiter = Limiter::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_user,
+    );
+    let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
+    let shared = Arc::new(Shared {
+        runtime: runtime_rx,
+        upstream_errors: SharedBurstLog::new(BURST_WINDOW),
+    });
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
+    let user_limit_log = SharedBurstLog::new(BURST_WINDOW);
+    let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
+
+    crate::notify::notify("READY=1");
+    tracing::info!(
+        "keyholder {} listening on {} with {} configured key(s): {}",
+        env!("CARGO_PKG_VERSION"),
+        config.socket.display(),
+        config.keys.len(),
+        key_names(&config)
+    );
+
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    admit(stream, &limiter, &shared, &stop_rx, &done_tx, &total_limit_log, &user_limit_log);
+                }
+                Err(e) => {
+                    if let Some(n) = accept_error_log.hit() {
+                        tracing::error!("accept failed: {e}; retrying ({n} similar errors not logged)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
+                    config = new;
+                }
+            }
+        }
+    }
+
+    tracing::info!("shutting down");
+    crate::notify::notify("STOPPING=1");
+    let _ = stop_tx.send(true);
+    drop(listener);
+    remove_socket(&config.socket);
+    drop(done_tx);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx.recv()).await;
+    if let Some(sup) = supervisor {
+        let _ = sup.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Admits (or refuses) one accepted connection and spawns its task.
+fn admit(
+    stream: UnixStream,
+    limiter: &Arc<Limiter>,
+    shared: &Arc<Shared>,
+    stop: &watch::Receiver<bool>,
+    done: &mpsc::Sender<()>,
+    total_limit_log: &SharedBurstLog,
+    user_limit_log: &SharedBurstLog,
+) {
+    let Ok(cred) = stream.peer_cred() else {
+        return;
+    };
+    let (uid, pid) = (cred.uid(), cred.pid());
+    let admission = match limiter.admit(uid) {
+        Ok(a) => a,
+        Err(hit) => {
+            let (log, what) = match hit {
+                LimitHit::Total => (total_limit_log, "max_connections"),
+                LimitHit::PerUser => (user_limit_log, "max_connections_per_user"),
+            };
+            if let Some(n) = log.hit() {
+                tracing::warn!(
+                    "connection limit {what} reached: closing new connection of uid={uid} pid={} \
+                     ({n} more refused since the last report)",
+                    pid.unwrap_or(0)
+                );
+            }
+            return;
+        }
+    };
+    let shared = Arc::clone(shared);
+    let stop = stop.clone();
+    let done = done.clone();
+    tokio::spawn(async move {
+        let caller = tokio::task::spawn_blocking(move || caller::resolve(uid, pid)).await;
+        if let Ok(caller) = caller {
+            connection::serve(stream, caller, shared, stop).await;
+        }
+        drop(admission);
+        drop(done);
+    });
+}
+
+/// Re-reads the configuration. Returns the new one when it loaded.
+fn reload(
+    current: &Config,
+    limiter: &Limiter,
+    runtime: &watch::Sender<Arc<Runtime>>,
+) -> Option<Config> {
+    let new = match Config::load(&current.path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload failed, keeping the last good configuration: {e}");
+            return None;
+        }
+    };
+    let restart_only = [
+        ("socket", current.socket != new.socket),
+        ("agent", current.agent != new.agent),
+        ("log", current.log != new.log),
+        (
+            "limits.max_connections",
+            current.limits.max_connections != new.limits.max_connections,
+        ),
+    ];
+    for (field, changed) in restart_only {
+        if changed {
+            tracing::warn!("{field} changed: takes effect at the next restart, not on reload");
+        }
+    }
+    limiter.set_max_per_user(new.limits.max_connections_per_user);
+    let mut next = Runtime::from(&new);
+    next.agent_socket = current.agent.socket.clone();
+    runtime.send_replace(Arc::new(next));
+    tracing::info!(
+        "configuration reloaded from {}: {} key(s): {}",
+        new.path.display(),
+        new.keys.len(),
+        key_names(&new)
+    );
+    let mut kept = new;
+    kept.socket = current.socket.clone();
+    kept.agent = current.agent.clone();
+    kept.log = current.log;
+    kept.limits.max_connections = current.limits.max_connections;
+    Some(kept)
+}
+
+/// Resolves when the shutdown signal has been given (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+fn key_names(config: &Config) -> String {
+    if config.keys.is_empty() {
+        return "none".to_owned();
+    }
+    config
+        .keys
+        .iter()
+        .map(|k| k.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn signal_stream(kind: SignalKind) -> Result<tokio::signal::unix::Signal> {
+    signal(kind).map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))
+}
+
+/// Creates the socket's directory (root-owned, 0755) when it is missing.
+fn ensure_runtime_dir(socket: &Path) -> Result<()> {
+    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))
+}
+
+/// Binds the proxy socket (mode 0666), replacing a stale socket left by a
+/// crash. Refuses to replace anything that is not a socket, or a socket
+/// another process still listens on.
+fn bind_proxy(path: &Path) -> Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::msg(format!(
+                    "{} is in use by another process (is keyholder already running?)",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(|e| {
+                Error::msg(format!("cannot remove stale socket {}: {e}", path.display()))
+            })?;
+            tracing::info!("replaced stale socket {}", path.display());
+        }
+        Ok(_) => {
+            return Err(Error::msg(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::msg(format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| Error::msg(format!("cannot chmod {}: {e}", path.display())))?;
+    Ok(listener)
+}

@@ -1,0 +1,34 @@
+//! keyholder: a privileged ssh-agent proxy that lets a group of people share
+//! a deploy key without ever holding it.
+//!
+//! Where things are:
+//! - [`protocol`]: bytes to typed requests and back (framing, 256 KiB cap,
+//!   classification, the few bodies the proxy parses).
+//! - [`policy`]: the security decision, pure and exhaustively tested.
+//! - [`backend`]: the upstream agent (client connections, supervision).
+//! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
+//! - [`commands`]: the admin and monitoring commands.
+//! - [`config`]: the configuration file.
+
+pub mod backend;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod hardening;
+pub mod logging;
+pub mod notify;
+pub mod policy;
+pub mod protocol;
+
+/// Fails with a one-line error unless the effective uid is 0.
+pub fn require_root(what: &str) -> error::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(error::Error::msg(format!(
+            "{what} must be run as root (uid {} is not)",
+            nix::unistd::geteuid()
+        )))
+    }
+}

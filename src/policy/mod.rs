@@ -1,0 +1,283 @@
+//! The security decision, in one place.
+//!
+//! Pure functions from (policy, caller, request) to a [`Decision`]: no I/O, no
+//! clock, no global state. The daemon carries a decision out; it never decides.
+//!
+//! The rules (from the contract):
+//! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
+//!   caller may use ([`filter_identities`]). A certificate counts as the key it
+//!   certifies.
+//! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
+//!   use it, and the data is an SSH user-authentication request (unless the key
+//!   sets `allow_any_data`).
+//! - EXTENSION: `session-bind@openssh.com` forwarded; `query` and
+//!   `status@keyholder` answered by the daemon; anything else refused.
+//! - Admin requests: refused for everyone, root included.
+//! - Unknown types and malformed bodies: refused.
+//!
+//! A caller may use a key when its uid is 0, or when one of its groups (from
+//! the user database, resolved by the daemon) is listed in the key's `groups`.
+
+use ssh_agent_lib::proto::{Extension, Identity, SignRequest};
+use ssh_key::public::KeyData;
+
+use crate::config::Config;
+use crate::protocol::request::Request;
+use crate::protocol::status::{self, KeyStatus, StatusReport};
+use crate::protocol::{userauth, AdminOp};
+
+/// The extension OpenSSH's `ssh` sends to bind a connection to a host key.
+pub const SESSION_BIND: &str = "session-bind@openssh.com";
+/// The extension that lists supported extensions.
+pub const QUERY: &str = "query";
+/// Extensions the proxy supports, as answered to `query`.
+pub const SUPPORTED_EXTENSIONS: [&str; 3] = [QUERY, SESSION_BIND, status::NAME];
+
+/// One key the proxy may let callers use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRule {
+    /// Configured name.
+    pub name: String,
+    /// The public key.
+    pub key: KeyData,
+    /// `SHA256:…`
+    pub fingerprint: String,
+    /// Groups whose members may use it.
+    pub groups: Vec<String>,
+    /// Sign any data, not only user-authentication requests.
+    pub allow_any_data: bool,
+}
+
+/// The rules in force: the configured keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Keys in configuration order.
+    pub keys: Vec<KeyRule>,
+}
+
+impl From<&Config> for Policy {
+    fn from(config: &Config) -> Self {
+        Self {
+            keys: config
+                .keys
+                .iter()
+                .map(|k| KeyRule {
+                    name: k.name.clone(),
+                    key: k.public_key.clone(),
+                    fingerprint: k.fingerprint.clone(),
+                    groups: k.groups.clone(),
+                    allow_any_data: k.allow_any_data,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Policy {
+    /// The configured key matching `key`, if any.
+    pub fn key(&self, key: &KeyData) -> Option<&KeyRule> {
+        self.keys.iter().find(|k| &k.key == key)
+    }
+}
+
+/// Who is asking, as resolved by the daemon from `SO_PEERCRED` and the user
+/// database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's uid.
+    pub uid: u32,
+    /// The peer's pid at connect time (for logs only).
+    pub pid: Option<i32>,
+    /// The user name, when the uid has a passwd entry.
+    pub user: Option<String>,
+    /// Names of the user's primary and supplementary groups from the user
+    /// database; empty when the uid has no passwd entry.
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    /// Whether this caller may use `key`.
+    pub fn may_use(&self, key: &KeyRule) -> bool {
+        self.uid == 0 || key.groups.iter().any(|g| self.groups.contains(g))
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// An administrative request (add, remove, lock, …).
+    AdminRequest(AdminOp),
+    /// The key is not one the configuration knows.
+    UnknownKey,
+    /// The key is configured but none of the caller's groups may use it.
+    NotInGroup,
+    /// The data to sign is not an SSH user-authentication request.
+    NotUserAuth(&'static str),
+    /// An extension the proxy does not support.
+    UnknownExtension,
+    /// A message type the proxy does not know.
+    UnknownType(u8),
+    /// A malformed message.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AdminRequest(op) => write!(f, "admin-request:{}", op.name()),
+            Self::UnknownKey => f.write_str("key-not-configured"),
+            Self::NotInGroup => f.write_str("not-in-allowed-group"),
+            Self::NotUserAuth(why) => write!(f, "not-ssh-userauth ({why})"),
+            Self::UnknownExtension => f.write_str("unsupported-extension"),
+            Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
+            Self::Malformed(why) => write!(f, "malformed ({why})"),
+        }
+    }
+}
+
+/// What the daemon must do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'p> {
+    /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
+    List,
+    /// Forward the sign request unchanged.
+    Sign {
+        /// The configured key it uses.
+        key: &'p KeyRule,
+        /// The remote user name in the user-auth request (absent for
+        /// `allow_any_data` keys signing other data).
+        remote_user: Option<String>,
+    },
+    /// Forward the extension on the caller's own upstream connection.
+    ForwardExtension,
+    /// Answer `query` with [`SUPPORTED_EXTENSIONS`].
+    Query,
+    /// Answer `status@keyholder` with [`status_report`].
+    Status,
+    /// Answer FAILURE.
+    Refuse {
+        /// Why.
+        reason: Reason,
+        /// For sign requests: the configured key asked for, if any.
+        key: Option<&'p KeyRule>,
+        /// For sign requests: the requested key's fingerprint.
+        fingerprint: Option<String>,
+        /// For sign requests: the remote user, when the data says.
+        remote_user: Option<String>,
+    },
+}
+
+impl Decision<'_> {
+    /// Whether this decision belongs in the audit log (every sign decision and
+    /// every refused admin request).
+    pub fn is_audited(&self) -> bool {
+        match self {
+            Self::Sign { .. } => true,
+            Self::Refuse { reason, .. } => matches!(
+                reason,
+                Reason::AdminRequest(_)
+                    | Reason::UnknownKey
+                    | Reason::NotInGroup
+                    | Reason::NotUserAuth(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+fn refuse<'p>(reason: Reason) -> Decision<'p> {
+    Decision::Refuse {
+        reason,
+        key: None,
+        fingerprint: None,
+        remote_user: None,
+    }
+}
+
+/// Decides what to do with `request` from `caller` under `policy`.
+pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Decision<'p> {
+    match request {
+        Request::RequestIdentities => Decision::List,
+        Request::Sign(sign) => decide_sign(policy, caller, sign),
+        Request::Extension(ext) => decide_extension(ext),
+        Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
+        Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
+        Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> Decision<'p> {
+    let wanted = sign.credential.key_data();
+    let auth = userauth::parse(&sign.data, wanted);
+    let remote_user = auth.as_ref().ok().map(|a| a.user.clone());
+    let refusal = |reason, key| Decision::Refuse {
+        reason,
+        key,
+        fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
+        remote_user: remote_user.clone(),
+    };
+    let Some(key) = policy.key(wanted) else {
+        return refusal(Reason::UnknownKey, None);
+    };
+    if !caller.may_use(key) {
+        return refusal(Reason::NotInGroup, Some(key));
+    }
+    match auth {
+        Ok(auth) => Decision::Sign {
+            key,
+            remote_user: Some(auth.user),
+        },
+        Err(_) if key.allow_any_data => Decision::Sign {
+            key,
+            remote_user: None,
+        },
+        Err(why) => refusal(Reason::NotUserAuth(why), Some(key)),
+    }
+}
+
+fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
+    match ext.name.as_str() {
+        SESSION_BIND => Decision::ForwardExtension,
+        QUERY => Decision::Query,
+        status::NAME => Decision::Status,
+        _ => refuse(Reason::UnknownExtension),
+    }
+}
+
+/// The upstream agent's identities that `caller` may use, in upstream order.
+pub fn filter_identities(
+    policy: &Policy,
+    caller: &Caller,
+    identities: Vec<Identity>,
+) -> Vec<Identity> {
+    identities
+        .into_iter()
+        .filter(|id| {
+            policy
+                .key(id.credential.key_data())
+                .is_some_and(|k| caller.may_use(k))
+        })
+        .collect()
+}
+
+/// Which configured keys are armed, given the upstream agent's identities
+/// (`None` when the upstream agent could not be asked).
+pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusReport {
+    StatusReport {
+        upstream_reachable: upstream.is_some(),
+        keys: policy
+            .keys
+            .iter()
+            .map(|k| KeyStatus {
+                name: k.name.clone(),
+                fingerprint: k.fingerprint.clone(),
+                armed: upstream.is_some_and(|ids| {
+                    ids.iter().any(|id| id.credential.key_data() == &k.key)
+                }),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

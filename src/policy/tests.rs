@@ -1,0 +1,314 @@
+//! Every row of the contract's request table, for root, members, non-members
+//! and callers with no passwd entry.
+
+use super::*;
+use crate::protocol::classify;
+use crate::protocol::userauth::tests::{build, key};
+use crate::protocol::userauth::{PUBLICKEY, PUBLICKEY_HOSTBOUND};
+use ssh_agent_lib::proto::PublicCredential;
+use ssh_key::certificate::{Builder, CertType};
+use ssh_key::private::Ed25519Keypair;
+use ssh_key::PrivateKey;
+
+fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
+    let key = key(seed);
+    KeyRule {
+        name: name.into(),
+        fingerprint: key.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
+        key,
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        allow_any_data: any,
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        keys: vec![
+            rule("deploy", 1, &["deployers", "ops"], false),
+            rule("phab", 2, &["phab-admins"], false),
+            rule("signer", 3, &["signers"], true),
+        ],
+    }
+}
+
+fn caller(uid: u32, groups: &[&str]) -> Caller {
+    Caller {
+        uid,
+        pid: Some(4242),
+        user: Some(format!("u{uid}")),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+fn sign(credential: PublicCredential, data: Vec<u8>, flags: u32) -> Request {
+    Request::Sign(SignRequest {
+        credential,
+        data,
+        flags,
+    })
+}
+
+fn userauth_sign(seed: u8, user: &str) -> Request {
+    sign(
+        PublicCredential::Key(key(seed)),
+        build(&key(seed), user, PUBLICKEY, None),
+        0,
+    )
+}
+
+fn identity(credential: PublicCredential) -> Identity {
+    Identity {
+        credential,
+        comment: "c".into(),
+    }
+}
+
+fn certificate(seed: u8) -> PublicCredential {
+    let ca = PrivateKey::from(Ed25519Keypair::from_seed(&[9; 32]));
+    let mut b = Builder::new([0u8; 16], key(seed), 0, 4_000_000_000).unwrap();
+    b.cert_type(CertType::User).unwrap();
+    b.valid_principal("deploy").unwrap();
+    PublicCredential::Cert(Box::new(b.sign(&ca).unwrap()))
+}
+
+fn refused(d: &Decision<'_>) -> Option<Reason> {
+    match d {
+        Decision::Refuse { reason, .. } => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn listing_is_always_forwarded() {
+    let p = policy();
+    for c in [caller(0, &[]), caller(1000, &["deployers"]), caller(1001, &[])] {
+        assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
+    }
+}
+
+#[test]
+fn member_of_an_allowed_group_may_sign_userauth() {
+    let p = policy();
+    for g in ["deployers", "ops"] {
+        let d = decide(&p, &caller(1000, &["users", g]), &userauth_sign(1, "deploy"));
+        match d {
+            Decision::Sign { key, remote_user } => {
+                assert_eq!(key.name, "deploy");
+                assert_eq!(remote_user.as_deref(), Some("deploy"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn hostbound_userauth_is_signed() {
+    let p = policy();
+    let req = sign(
+        PublicCredential::Key(key(1)),
+        build(&key(1), "git", PUBLICKEY_HOSTBOUND, Some(b"hk")),
+        0,
+    );
+    assert!(matches!(
+        decide(&p, &caller(1000, &["ops"]), &req),
+        Decision::Sign { .. }
+    ));
+}
+
+#[test]
+fn rsa_flags_do_not_change_the_decision() {
+    let p = policy();
+    for flags in [0, 2, 4, 6, 0xffff_ffff] {
+        let req = sign(
+            PublicCredential::Key(key(1)),
+            build(&key(1), "u", PUBLICKEY, None),
+            flags,
+        );
+        assert!(matches!(
+            decide(&p, &caller(1000, &["ops"]), &req),
+            Decision::Sign { .. }
+        ));
+    }
+}
+
+#[test]
+fn non_member_is_refused_with_the_key_named() {
+    let p = policy();
+    let d = decide(&p, &caller(1000, &["phab-admins"]), &userauth_sign(1, "deploy"));
+    assert_eq!(refused(&d), Some(Reason::NotInGroup));
+    let Decision::Refuse {
+        key,
+        fingerprint,
+        remote_user,
+        ..
+    } = d
+    else {
+        unreachable!()
+    };
+    assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+    assert!(fingerprint.is_some_and(|f| f.starts_with("SHA256:")));
+    assert_eq!(remote_user.as_deref(), Some("deploy"));
+}
+
+#[test]
+fn caller_without_passwd_entry_has_no_groups() {
+    let p = policy();
+    let c = Caller {
+        uid: 54321,
+        pid: None,
+        user: None,
+        groups: vec![],
+    };
+    assert_eq!(
+        refused(&decide(&p, &c, &userauth_sign(1, "x"))),
+        Some(Reason::NotInGroup)
+    );
+    assert!(filter_identities(&p, &c, vec![identity(PublicCredential::Key(key(1)))]).is_empty());
+}
+
+#[test]
+fn root_may_use_every_configured_key_but_no_other() {
+    let p = policy();
+    let root = caller(0, &[]);
+    for seed in [1, 2, 3] {
+        assert!(matches!(
+            decide(&p, &root, &userauth_sign(seed, "x")),
+            Decision::Sign { .. }
+        ));
+    }
+    assert_eq!(
+        refused(&decide(&p, &root, &userauth_sign(77, "x"))),
+        Some(Reason::UnknownKey)
+    );
+}
+
+#[test]
+fn unconfigured_key_is_refused() {
+    let p = policy();
+    assert_eq!(
+        refused(&decide(&p, &caller(1000, &["ops"]), &userauth_sign(99, "x"))),
+        Some(Reason::UnknownKey)
+    );
+}
+
+#[test]
+fn non_userauth_data_is_refused_unless_allow_any_data() {
+    let p = policy();
+    let c = caller(1000, &["ops", "signers"]);
+    for data in [
+        b"SSHSIG\0\0\0\x01arbitrary".to_vec(),
+        vec![],
+        build(&key(1), "u", "password", None),
+        build(&key(2), "u", PUBLICKEY, None), // names another key
+    ] {
+        let d = decide(&p, &c, &sign(PublicCredential::Key(key(1)), data.clone(), 0));
+        assert!(matches!(refused(&d), Some(Reason::NotUserAuth(_))), "{d:?}");
+        // the allow_any_data key signs the same data
+        let d = decide(&p, &c, &sign(PublicCredential::Key(key(3)), data, 0));
+        assert!(
+            matches!(d, Decision::Sign { ref key, remote_user: None } if key.name == "signer"),
+            "{d:?}"
+        );
+    }
+}
+
+#[test]
+fn allow_any_data_does_not_widen_the_groups() {
+    let p = policy();
+    let d = decide(&p, &caller(1000, &["ops"]), &sign(PublicCredential::Key(key(3)), b"x".to_vec(), 0));
+    assert_eq!(refused(&d), Some(Reason::NotInGroup));
+}
+
+#[test]
+fn a_certificate_counts_as_the_key_it_certifies() {
+    let p = policy();
+    let cert = certificate(1);
+    let member = caller(1000, &["deployers"]);
+    let other = caller(1001, &["phab-admins"]);
+    let data = build(&key(1), "deploy", PUBLICKEY, None);
+    let req = sign(cert.clone(), data, 0);
+    assert!(matches!(decide(&p, &member, &req), Decision::Sign { .. }));
+    assert_eq!(refused(&decide(&p, &other, &req)), Some(Reason::NotInGroup));
+
+    let ids = vec![
+        identity(cert.clone()),
+        identity(PublicCredential::Key(key(2))),
+        identity(PublicCredential::Key(key(50))),
+    ];
+    let got = filter_identities(&p, &member, ids.clone());
+    assert_eq!(got, vec![identity(cert)]);
+    let got = filter_identities(&p, &other, ids.clone());
+    assert_eq!(got, vec![identity(PublicCredential::Key(key(2)))]);
+    // root sees the configured ones only, in upstream order
+    assert_eq!(filter_identities(&p, &caller(0, &[]), ids.clone()), ids[..2].to_vec());
+}
+
+#[test]
+fn admin_requests_are_refused_for_everyone_including_root() {
+    let p = policy();
+    for t in [17u8, 18, 19, 20, 21, 22, 23, 25, 26] {
+        let req = classify(&[t, 1, 2, 3]);
+        for c in [caller(0, &[]), caller(1000, &["deployers", "ops", "phab-admins"])] {
+            let d = decide(&p, &c, &req);
+            assert!(matches!(refused(&d), Some(Reason::AdminRequest(_))), "{t}");
+            assert!(d.is_audited());
+        }
+    }
+}
+
+#[test]
+fn unknown_types_and_malformed_bodies_are_refused() {
+    let p = policy();
+    let c = caller(0, &[]);
+    for t in [0u8, 1, 9, 12, 14, 24, 28, 99, 255] {
+        assert_eq!(refused(&decide(&p, &c, &classify(&[t]))), Some(Reason::UnknownType(t)));
+    }
+    assert!(matches!(
+        refused(&decide(&p, &c, &classify(&[13, 0, 0]))),
+        Some(Reason::Malformed(_))
+    ));
+    assert!(matches!(
+        refused(&decide(&p, &c, &classify(&[11, 0]))),
+        Some(Reason::Malformed(_))
+    ));
+}
+
+#[test]
+fn extensions() {
+    let p = policy();
+    let c = caller(1000, &[]);
+    let ext = |name: &str| {
+        Request::Extension(Extension {
+            name: name.into(),
+            details: vec![].into(),
+        })
+    };
+    assert_eq!(decide(&p, &c, &ext(SESSION_BIND)), Decision::ForwardExtension);
+    assert_eq!(decide(&p, &c, &ext(QUERY)), Decision::Query);
+    assert_eq!(decide(&p, &c, &ext(status::NAME)), Decision::Status);
+    for other in ["restrict-destination-v00@openssh.com", "x@y", "QUERY"] {
+        assert_eq!(refused(&decide(&p, &c, &ext(other))), Some(Reason::UnknownExtension));
+    }
+}
+
+#[test]
+fn audit_covers_sign_decisions_only_besides_admin() {
+    let p = policy();
+    let c = caller(1000, &["ops"]);
+    assert!(decide(&p, &c, &userauth_sign(1, "x")).is_audited());
+    assert!(decide(&p, &c, &userauth_sign(2, "x")).is_audited());
+    assert!(!decide(&p, &c, &Request::RequestIdentities).is_audited());
+    assert!(!decide(&p, &c, &Request::Unknown(99)).is_audited());
+}
+
+#[test]
+fn status_report_marks_armed_keys() {
+    let p = policy();
+    let s = status_report(&p, Some(&[identity(PublicCredential::Key(key(2)))]));
+    assert!(s.upstream_reachable);
+    let armed: Vec<_> = s.keys.iter().map(|k| (k.name.as_str(), k.armed)).collect();
+    assert_eq!(armed, vec![("deploy", false), ("phab", true), ("signer", false)]);
+    let s = status_report(&p, None);
+    assert!(!s.upstream_reachable);
+    assert!(s.keys.iter().all(|k| !k.armed));
+}

@@ -1,0 +1,24 @@
+//! The agent wire protocol, as far as the proxy needs it: it turns bytes into
+//! typed requests and typed answers back into bytes.
+//!
+//! - [`frame`]: length-prefixed framing with the 256 KiB cap; nothing beyond
+//!   the cap is ever buffered.
+//! - [`request`]: classification by type byte, then parsing of the only bodies
+//!   the proxy acts on (list, sign, extension). Admin requests are recognised
+//!   by their type byte alone: a private key in an add request is never decoded.
+//! - [`userauth`]: parsing of the data in a sign request, to tell an SSH
+//!   user-authentication request from anything else.
+//! - [`response`]: encoding answers to the client.
+//! - [`status`]: the `status@keyholder` vendor extension's payload.
+//!
+//! Message types and bodies are ssh-agent-lib's; this module adds the parts
+//! its codec lacks (the length cap, strict trailing-byte checks).
+
+pub mod frame;
+pub mod request;
+pub mod response;
+pub mod status;
+pub mod userauth;
+
+pub use frame::{read_frame, FrameError, MAX_MESSAGE_LEN};
+pub use request::{classify, AdminOp, Request};

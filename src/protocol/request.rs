@@ -1,0 +1,228 @@
+//! Classification of a request by its type byte, and parsing of the bodies
+//! the proxy acts on.
+//!
+//! Only three bodies are ever decoded: REQUEST_IDENTITIES (must be empty),
+//! SIGN_REQUEST and EXTENSION. Everything else is decided on the type byte
+//! alone, so a private key sent in an add request is never parsed.
+
+use ssh_agent_lib::proto::{Extension, SignRequest};
+use ssh_encoding::{Decode, Reader};
+
+/// SSH_AGENTC_REQUEST_IDENTITIES
+pub const REQUEST_IDENTITIES: u8 = 11;
+/// SSH_AGENTC_SIGN_REQUEST
+pub const SIGN_REQUEST: u8 = 13;
+/// SSH_AGENTC_EXTENSION
+pub const EXTENSION: u8 = 27;
+
+/// An administrative request: refused for everyone, never forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminOp {
+    /// SSH_AGENTC_ADD_IDENTITY (17)
+    AddIdentity,
+    /// SSH_AGENTC_REMOVE_IDENTITY (18)
+    RemoveIdentity,
+    /// SSH_AGENTC_REMOVE_ALL_IDENTITIES (19)
+    RemoveAllIdentities,
+    /// SSH_AGENTC_ADD_SMARTCARD_KEY (20)
+    AddSmartcardKey,
+    /// SSH_AGENTC_REMOVE_SMARTCARD_KEY (21)
+    RemoveSmartcardKey,
+    /// SSH_AGENTC_LOCK (22)
+    Lock,
+    /// SSH_AGENTC_UNLOCK (23)
+    Unlock,
+    /// SSH_AGENTC_ADD_ID_CONSTRAINED (25)
+    AddIdConstrained,
+    /// SSH_AGENTC_ADD_SMARTCARD_KEY_CONSTRAINED (26)
+    AddSmartcardKeyConstrained,
+}
+
+impl AdminOp {
+    /// The admin operation for a type byte, if it is one.
+    pub fn from_type(byte: u8) -> Option<Self> {
+        Some(match byte {
+            17 => Self::AddIdentity,
+            18 => Self::RemoveIdentity,
+            19 => Self::RemoveAllIdentities,
+            20 => Self::AddSmartcardKey,
+            21 => Self::RemoveSmartcardKey,
+            22 => Self::Lock,
+            23 => Self::Unlock,
+            25 => Self::AddIdConstrained,
+            26 => Self::AddSmartcardKeyConstrained,
+            _ => return None,
+        })
+    }
+
+    /// A short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AddIdentity => "add-identity",
+            Self::RemoveIdentity => "remove-identity",
+            Self::RemoveAllIdentities => "remove-all-identities",
+            Self::AddSmartcardKey => "add-smartcard-key",
+            Self::RemoveSmartcardKey => "remove-smartcard-key",
+            Self::Lock => "lock",
+            Self::Unlock => "unlock",
+            Self::AddIdConstrained => "add-identity-constrained",
+            Self::AddSmartcardKeyConstrained => "add-smartcard-key-constrained",
+        }
+    }
+}
+
+/// A classified request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// REQUEST_IDENTITIES with an empty body.
+    RequestIdentities,
+    /// A well-formed SIGN_REQUEST.
+    Sign(SignRequest),
+    /// A well-formed EXTENSION (name and opaque contents).
+    Extension(Extension),
+    /// An administrative request (body not decoded).
+    Admin(AdminOp),
+    /// A type the proxy does not know (or a legacy SSH1 one).
+    Unknown(u8),
+    /// A known type whose body is malformed or has trailing bytes.
+    Malformed {
+        /// The type byte.
+        kind: u8,
+        /// What was wrong.
+        reason: &'static str,
+    },
+}
+
+/// Classifies one message body (type byte first, as returned by
+/// [`read_frame`](super::read_frame)). Never panics.
+pub fn classify(message: &[u8]) -> Request {
+    let Some((&kind, mut body)) = message.split_first() else {
+        return Request::Malformed {
+            kind: 0,
+            reason: "empty message",
+        };
+    };
+    match kind {
+        REQUEST_IDENTITIES if body.is_empty() => Request::RequestIdentities,
+        REQUEST_IDENTITIES => Request::Malformed {
+            kind,
+            reason: "trailing bytes",
+        },
+        SIGN_REQUEST => match decode_all::<SignRequest>(&mut body) {
+            Ok(sign) => Request::Sign(sign),
+            Err(reason) => Request::Malformed { kind, reason },
+        },
+        EXTENSION => match decode_extension(body) {
+            Ok(ext) => Request::Extension(ext),
+            Err(reason) => Request::Malformed { kind, reason },
+        },
+        _ => match AdminOp::from_type(kind) {
+            Some(op) => Request::Admin(op),
+            None => Request::Unknown(kind),
+        },
+    }
+}
+
+/// Decodes a `T` that must take up the whole of `body`.
+fn decode_all<T: Decode>(body: &mut &[u8]) -> Result<T, &'static str> {
+    let value = T::decode(body).map_err(|_| "malformed body")?;
+    if body.is_finished() {
+        Ok(value)
+    } else {
+        Err("trailing bytes")
+    }
+}
+
+/// An extension is `string name` then contents that belong to the extension;
+/// ssh-agent-lib keeps the contents opaque. The name must be valid UTF-8 and
+/// non-empty.
+fn decode_extension(mut body: &[u8]) -> Result<Extension, &'static str> {
+    let ext = Extension::decode(&mut body).map_err(|_| "malformed body")?;
+    if ext.name.is_empty() {
+        return Err("empty extension name");
+    }
+    Ok(ext)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign_body(key_blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
+        let mut m = vec![SIGN_REQUEST];
+        m.extend((key_blob.len() as u32).to_be_bytes());
+        m.extend(key_blob);
+        m.extend((data.len() as u32).to_be_bytes());
+        m.extend(data);
+        m.extend(flags.to_be_bytes());
+        m
+    }
+
+    fn ed25519_blob() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(11u32.to_be_bytes());
+        b.extend(b"ssh-ed25519");
+        b.extend(32u32.to_be_bytes());
+        b.extend([7u8; 32]);
+        b
+    }
+
+    #[test]
+    fn list_request() {
+        assert_eq!(classify(&[11]), Request::RequestIdentities);
+        assert!(matches!(classify(&[11, 0]), Request::Malformed { .. }));
+    }
+
+    #[test]
+    fn sign_request_is_parsed_with_flags() {
+        let m = sign_body(&ed25519_blob(), b"data", 4);
+        let Request::Sign(s) = classify(&m) else { panic!() };
+        assert_eq!(s.data, b"data");
+        assert_eq!(s.flags, 4);
+    }
+
+    #[test]
+    fn sign_request_with_trailing_or_missing_bytes_is_malformed() {
+        let mut m = sign_body(&ed25519_blob(), b"data", 0);
+        m.push(0);
+        assert_eq!(
+            classify(&m),
+            Request::Malformed { kind: 13, reason: "trailing bytes" }
+        );
+        let m = sign_body(&ed25519_blob(), b"data", 0);
+        for cut in 1..m.len() {
+            let got = classify(&m[..cut]);
+            assert!(matches!(got, Request::Malformed { kind: 13, .. }), "{cut}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn admin_types_are_not_decoded() {
+        // Garbage bodies: still recognised as admin requests, never parsed.
+        for t in [17u8, 18, 19, 20, 21, 22, 23, 25, 26] {
+            assert!(matches!(classify(&[t, 0xff, 0xff]), Request::Admin(_)), "{t}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_legacy_types() {
+        for t in [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 24, 28, 29, 30, 255] {
+            assert_eq!(classify(&[t]), Request::Unknown(t));
+        }
+    }
+
+    #[test]
+    fn extension_is_parsed() {
+        let mut m = vec![EXTENSION];
+        m.extend(5u32.to_be_bytes());
+        m.extend(b"query");
+        let Request::Extension(e) = classify(&m) else { panic!() };
+        assert_eq!(e.name, "query");
+        assert!(matches!(classify(&[EXTENSION, 0, 0]), Request::Malformed { .. }));
+        assert!(matches!(classify(&[EXTENSION, 0, 0, 0, 0]), Request::Malformed { .. }));
+        assert!(matches!(
+            classify(&[EXTENSION, 0, 0, 0, 1, 0xff]),
+            Request::Malformed { .. }
+        ));
+    }
+}

@@ -1,0 +1,161 @@
+//! Parsing of the data in a sign request as an SSH user-authentication
+//! request (RFC 4252 §7, and OpenSSH's `publickey-hostbound-v00@openssh.com`):
+//!
+//! ```text
+//! string  session identifier
+//! byte    SSH_MSG_USERAUTH_REQUEST (50)
+//! string  user name
+//! string  service name ("ssh-connection")
+//! string  "publickey" | "publickey-hostbound-v00@openssh.com"
+//! boolean TRUE
+//! string  public key algorithm name
+//! string  public key blob
+//! string  server host key               (hostbound only)
+//! ```
+//!
+//! The same checks as OpenSSH's `ssh-agent` (`parse_userauth_request`):
+//! non-empty session id, the right service, a signature flag of TRUE, a key
+//! blob that is the signing key, no trailing bytes.
+
+use ssh_agent_lib::proto::PublicCredential;
+use ssh_encoding::{Decode, Reader};
+use ssh_key::public::KeyData;
+
+/// SSH_MSG_USERAUTH_REQUEST
+const USERAUTH_REQUEST: u8 = 50;
+/// The method names accepted.
+pub const PUBLICKEY: &str = "publickey";
+/// OpenSSH 8.9+'s host-bound public key method.
+pub const PUBLICKEY_HOSTBOUND: &str = "publickey-hostbound-v00@openssh.com";
+
+/// The parts of a user-authentication request the proxy logs and checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAuth {
+    /// The user name on the remote host.
+    pub user: String,
+    /// Whether the host-bound method was used.
+    pub hostbound: bool,
+}
+
+/// Parses `data` as a public-key user-authentication request signed by
+/// `signing_key`. Returns why not, when it is not one.
+pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static str> {
+    let r = &mut &data[..];
+    let session_id = Vec::<u8>::decode(r).map_err(|_| "no session identifier")?;
+    if session_id.is_empty() {
+        return Err("empty session identifier");
+    }
+    if u8::decode(r).ok() != Some(USERAUTH_REQUEST) {
+        return Err("not an SSH_MSG_USERAUTH_REQUEST");
+    }
+    let user = String::decode(r).map_err(|_| "malformed user name")?;
+    let service = String::decode(r).map_err(|_| "malformed service name")?;
+    if service != "ssh-connection" {
+        return Err("service is not ssh-connection");
+    }
+    let method = String::decode(r).map_err(|_| "malformed method name")?;
+    let hostbound = match method.as_str() {
+        PUBLICKEY => false,
+        PUBLICKEY_HOSTBOUND => true,
+        _ => return Err("method is not publickey"),
+    };
+    if u8::decode(r).ok() != Some(1) {
+        return Err("signature flag is not TRUE");
+    }
+    String::decode(r).map_err(|_| "malformed algorithm name")?;
+    let key = r
+        .read_prefixed(PublicCredential::decode)
+        .map_err(|_| "malformed public key")?;
+    if key.key_data() != signing_key {
+        return Err("public key in request is not the signing key");
+    }
+    if hostbound {
+        let host_key = Vec::<u8>::decode(r).map_err(|_| "malformed host key")?;
+        if host_key.is_empty() {
+            return Err("empty host key");
+        }
+    }
+    if !r.is_finished() {
+        return Err("trailing bytes");
+    }
+    Ok(UserAuth { user, hostbound })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ssh_encoding::Encode;
+
+    /// Builds a user-auth request for tests elsewhere in the crate.
+    pub(crate) fn build(key: &KeyData, user: &str, method: &str, host_key: Option<&[u8]>) -> Vec<u8> {
+        let mut d = Vec::new();
+        vec![1u8; 32].encode(&mut d).unwrap();
+        d.push(USERAUTH_REQUEST);
+        user.encode(&mut d).unwrap();
+        "ssh-connection".encode(&mut d).unwrap();
+        method.encode(&mut d).unwrap();
+        d.push(1);
+        key.algorithm().as_str().encode(&mut d).unwrap();
+        key.encode_prefixed(&mut d).unwrap();
+        if let Some(h) = host_key {
+            h.encode(&mut d).unwrap();
+        }
+        d
+    }
+
+    pub(crate) fn key(seed: u8) -> KeyData {
+        KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([seed; 32]))
+    }
+
+    #[test]
+    fn publickey_request_is_accepted() {
+        let k = key(1);
+        let got = parse(&build(&k, "deploy", PUBLICKEY, None), &k).unwrap();
+        assert_eq!(got, UserAuth { user: "deploy".into(), hostbound: false });
+    }
+
+    #[test]
+    fn hostbound_request_is_accepted() {
+        let k = key(1);
+        let got = parse(&build(&k, "git", PUBLICKEY_HOSTBOUND, Some(b"hostkey")), &k).unwrap();
+        assert!(got.hostbound);
+        assert_eq!(got.user, "git");
+    }
+
+    #[test]
+    fn other_data_is_refused() {
+        let k = key(1);
+        assert!(parse(b"", &k).is_err());
+        assert!(parse(b"SSHSIG\0\0\0\x01", &k).is_err());
+        // wrong method
+        assert_eq!(
+            parse(&build(&k, "u", "password", None), &k),
+            Err("method is not publickey")
+        );
+        // a different key than the one signing
+        assert_eq!(
+            parse(&build(&key(2), "u", PUBLICKEY, None), &k),
+            Err("public key in request is not the signing key")
+        );
+        // hostbound without its host key
+        assert!(parse(&build(&k, "u", PUBLICKEY_HOSTBOUND, None), &k).is_err());
+        // trailing bytes
+        let mut d = build(&k, "u", PUBLICKEY, None);
+        d.push(0);
+        assert_eq!(parse(&d, &k), Err("trailing bytes"));
+        // every truncation
+        let d = build(&k, "u", PUBLICKEY, None);
+        for cut in 0..d.len() {
+            assert!(parse(&d[..cut], &k).is_err(), "{cut}");
+        }
+    }
+
+    #[test]
+    fn empty_session_id_is_refused() {
+        let k = key(1);
+        let mut d = build(&k, "u", PUBLICKEY, None);
+        // replace the 32-byte session id by an empty one
+        d.splice(0..36, 0u32.to_be_bytes());
+        assert_eq!(parse(&d, &k), Err("empty session identifier"));
+    }
+}
