@@ -183,7 +183,12 @@ impl Config {
                 .map(|s| text.get(..s.start).map_or(0, |t| t.lines().count().max(1)))
                 .map(|n| format!(" (line {n})"))
                 .unwrap_or_default();
-            let what = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
+            let what = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_owned();
             Error::msg(format!("{file}{line}: {what}"))
         })?;
 
@@ -224,7 +229,11 @@ impl Config {
             keys.push(load_key(path, &key_dir, name, key)?);
         }
         for (i, a) in keys.iter().enumerate() {
-            if let Some(b) = keys.iter().skip(i + 1).find(|b| b.public_key == a.public_key) {
+            if let Some(b) = keys
+                .iter()
+                .skip(i + 1)
+                .find(|b| b.public_key == a.public_key)
+            {
                 return Err(Error::msg(format!(
                     "{file}: keys.{} and keys.{} have the same public key ({})",
                     a.name, b.name, a.fingerprint
@@ -312,7 +321,11 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
     }
 
     let (text, source, field) = match raw.public_key {
-        Some(text) => (text, PublicKeySource::Inline, format!("keys.{name}.public_key")),
+        Some(text) => (
+            text,
+            PublicKeySource::Inline,
+            format!("keys.{name}.public_key"),
+        ),
         None => {
             let pub_path = key_dir.join(format!("{name}.pub"));
             let text = std::fs::read_to_string(&pub_path).map_err(|e| {
@@ -361,7 +374,8 @@ pub fn parse_public_key(text: &str) -> std::result::Result<KeyData, String> {
 mod tests {
     use super::*;
 
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
 
     fn parse(text: &str) -> Result<Config> {
         Config::parse(Path::new("/etc/keyholder/keyholder.toml"), text)
@@ -407,9 +421,11 @@ mod tests {
 
     #[test]
     fn empty_groups_is_an_error_naming_the_key() {
-        let e = parse(&format!("[keys.deploy]\npublic_key = \"{ED}\"\ngroups = []\n"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&format!(
+            "[keys.deploy]\npublic_key = \"{ED}\"\ngroups = []\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("keys.deploy.groups"), "{e}");
     }
 
@@ -455,8 +471,11 @@ mod tests {
 
     #[test]
     fn relative_paths_are_relative_to_the_config_file() {
-        let c = Config::parse(Path::new("/srv/kh/keyholder.toml"), "key_dir = \"keys\"\nsocket = \"p.sock\"\n")
-            .unwrap();
+        let c = Config::parse(
+            Path::new("/srv/kh/keyholder.toml"),
+            "key_dir = \"keys\"\nsocket = \"p.sock\"\n",
+        )
+        .unwrap();
         assert_eq!(c.key_dir, Path::new("/srv/kh/keys"));
         assert_eq!(c.socket, Path::new("/srv/kh/p.sock"));
     }

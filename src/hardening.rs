@@ -27,18 +27,23 @@ pub fn apply() -> crate::error::Result<Report> {
         .map_err(|e| crate::error::Error::msg(format!("cannot disable core dumps: {e}")))?;
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| crate::error::Error::msg(format!("cannot set PR_SET_DUMPABLE 0: {e}")))?;
-    Ok(Report { mlock: lock_memory() })
+    Ok(Report {
+        mlock: lock_memory(),
+    })
 }
 
 /// Locks memory when it is safe to: with MCL_FUTURE every later allocation
 /// must fit under RLIMIT_MEMLOCK, so without CAP_IPC_LOCK and with a finite
 /// limit, locking would turn into allocation failures later.
 fn lock_memory() -> Result<(), String> {
-    let unlimited = getrlimit(Resource::RLIMIT_MEMLOCK).is_ok_and(|(soft, _)| soft == RLIM_INFINITY);
+    let unlimited =
+        getrlimit(Resource::RLIMIT_MEMLOCK).is_ok_and(|(soft, _)| soft == RLIM_INFINITY);
     if !unlimited && !has_capability(CAP_IPC_LOCK) {
-        return Err("skipped: RLIMIT_MEMLOCK is finite and CAP_IPC_LOCK is missing \
+        return Err(
+            "skipped: RLIMIT_MEMLOCK is finite and CAP_IPC_LOCK is missing \
                     (set LimitMEMLOCK=infinity)"
-            .to_owned());
+                .to_owned(),
+        );
     }
     let flags = MlockAllFlags::MCL_CURRENT
         | MlockAllFlags::MCL_FUTURE

@@ -15,7 +15,12 @@ use keyholder::config::{LogTarget, DEFAULT_CONFIG};
 /// only SSH user-authentication requests; adding, removing and locking keys
 /// through the proxy is refused for everyone.
 #[derive(Debug, Parser)]
-#[command(name = "keyholder", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "keyholder",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short = 'c', global = true, env = "KEYHOLDER_CONFIG", default_value = DEFAULT_CONFIG, value_name = "FILE")]

@@ -130,7 +130,10 @@ async fn spawn_agent(config: &AgentConfig) -> Result<Child> {
     match std::fs::symlink_metadata(socket) {
         Ok(m) if m.file_type().is_socket() => {
             std::fs::remove_file(socket).map_err(|e| {
-                Error::msg(format!("cannot remove stale agent socket {}: {e}", socket.display()))
+                Error::msg(format!(
+                    "cannot remove stale agent socket {}: {e}",
+                    socket.display()
+                ))
             })?;
         }
         Ok(_) => {

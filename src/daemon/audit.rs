@@ -22,9 +22,8 @@ impl fmt::Display for Field<'_> {
             None => f.write_str("-"),
             Some(v)
                 if !v.is_empty()
-                    && v.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)
-                    }) =>
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)) =>
             {
                 f.write_str(v)
             }

@@ -87,10 +87,9 @@ async fn handle(
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
-        (Decision::List, _) => upstream
-            .identities()
-            .await
-            .map(|ids| Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))),
+        (Decision::List, _) => upstream.identities().await.map(|ids| {
+            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
+        }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
             let result = upstream.sign(sign).await.map(Response::SignResponse);
             if let Err(e) = &result {

@@ -106,7 +106,10 @@ async fn serve(mut config: Config) -> Result<()> {
         );
         Some(tokio::spawn(sup.run(stop_rx.clone())))
     } else {
-        tracing::info!("using the upstream agent at {}", config.agent.socket.display());
+        tracing::info!(
+            "using the upstream agent at {}",
+            config.agent.socket.display()
+        );
         None
     };
 
@@ -319,7 +322,10 @@ fn bind_proxy(path: &Path) -> Result<UnixListener> {
                 )));
             }
             std::fs::remove_file(path).map_err(|e| {
-                Error::msg(format!("cannot remove stale socket {}: {e}", path.display()))
+                Error::msg(format!(
+                    "cannot remove stale socket {}: {e}",
+                    path.display()
+                ))
             })?;
             tracing::info!("replaced stale socket {}", path.display());
         }

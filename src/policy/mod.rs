@@ -271,9 +271,8 @@ pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusRe
             .map(|k| KeyStatus {
                 name: k.name.clone(),
                 fingerprint: k.fingerprint.clone(),
-                armed: upstream.is_some_and(|ids| {
-                    ids.iter().any(|id| id.credential.key_data() == &k.key)
-                }),
+                armed: upstream
+                    .is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == &k.key)),
             })
             .collect(),
     }

@@ -81,7 +81,11 @@ fn refused(d: &Decision<'_>) -> Option<Reason> {
 #[test]
 fn listing_is_always_forwarded() {
     let p = policy();
-    for c in [caller(0, &[]), caller(1000, &["deployers"]), caller(1001, &[])] {
+    for c in [
+        caller(0, &[]),
+        caller(1000, &["deployers"]),
+        caller(1001, &[]),
+    ] {
         assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
     }
 }
@@ -90,7 +94,11 @@ fn listing_is_always_forwarded() {
 fn member_of_an_allowed_group_may_sign_userauth() {
     let p = policy();
     for g in ["deployers", "ops"] {
-        let d = decide(&p, &caller(1000, &["users", g]), &userauth_sign(1, "deploy"));
+        let d = decide(
+            &p,
+            &caller(1000, &["users", g]),
+            &userauth_sign(1, "deploy"),
+        );
         match d {
             Decision::Sign { key, remote_user } => {
                 assert_eq!(key.name, "deploy");
@@ -134,7 +142,11 @@ fn rsa_flags_do_not_change_the_decision() {
 #[test]
 fn non_member_is_refused_with_the_key_named() {
     let p = policy();
-    let d = decide(&p, &caller(1000, &["phab-admins"]), &userauth_sign(1, "deploy"));
+    let d = decide(
+        &p,
+        &caller(1000, &["phab-admins"]),
+        &userauth_sign(1, "deploy"),
+    );
     assert_eq!(refused(&d), Some(Reason::NotInGroup));
     let Decision::Refuse {
         key,
@@ -186,7 +198,11 @@ fn root_may_use_every_configured_key_but_no_other() {
 fn unconfigured_key_is_refused() {
     let p = policy();
     assert_eq!(
-        refused(&decide(&p, &caller(1000, &["ops"]), &userauth_sign(99, "x"))),
+        refused(&decide(
+            &p,
+            &caller(1000, &["ops"]),
+            &userauth_sign(99, "x")
+        )),
         Some(Reason::UnknownKey)
     );
 }
@@ -201,12 +217,16 @@ fn non_userauth_data_is_refused_unless_allow_any_data() {
         build(&key(1), "u", "password", None),
         build(&key(2), "u", PUBLICKEY, None), // names another key
     ] {
-        let d = decide(&p, &c, &sign(PublicCredential::Key(key(1)), data.clone(), 0));
+        let d = decide(
+            &p,
+            &c,
+            &sign(PublicCredential::Key(key(1)), data.clone(), 0),
+        );
         assert!(matches!(refused(&d), Some(Reason::NotUserAuth(_))), "{d:?}");
         // the allow_any_data key signs the same data
         let d = decide(&p, &c, &sign(PublicCredential::Key(key(3)), data, 0));
         assert!(
-            matches!(d, Decision::Sign { ref key, remote_user: None } if key.name == "signer"),
+            matches!(d, Decision::Sign { key, remote_user: None } if key.name == "signer"),
             "{d:?}"
         );
     }
@@ -215,7 +235,11 @@ fn non_userauth_data_is_refused_unless_allow_any_data() {
 #[test]
 fn allow_any_data_does_not_widen_the_groups() {
     let p = policy();
-    let d = decide(&p, &caller(1000, &["ops"]), &sign(PublicCredential::Key(key(3)), b"x".to_vec(), 0));
+    let d = decide(
+        &p,
+        &caller(1000, &["ops"]),
+        &sign(PublicCredential::Key(key(3)), b"x".to_vec(), 0),
+    );
     assert_eq!(refused(&d), Some(Reason::NotInGroup));
 }
 
@@ -240,7 +264,10 @@ fn a_certificate_counts_as_the_key_it_certifies() {
     let got = filter_identities(&p, &other, ids.clone());
     assert_eq!(got, vec![identity(PublicCredential::Key(key(2)))]);
     // root sees the configured ones only, in upstream order
-    assert_eq!(filter_identities(&p, &caller(0, &[]), ids.clone()), ids[..2].to_vec());
+    assert_eq!(
+        filter_identities(&p, &caller(0, &[]), ids.clone()),
+        ids[..2].to_vec()
+    );
 }
 
 #[test]
@@ -248,7 +275,10 @@ fn admin_requests_are_refused_for_everyone_including_root() {
     let p = policy();
     for t in [17u8, 18, 19, 20, 21, 22, 23, 25, 26] {
         let req = classify(&[t, 1, 2, 3]);
-        for c in [caller(0, &[]), caller(1000, &["deployers", "ops", "phab-admins"])] {
+        for c in [
+            caller(0, &[]),
+            caller(1000, &["deployers", "ops", "phab-admins"]),
+        ] {
             let d = decide(&p, &c, &req);
             assert!(matches!(refused(&d), Some(Reason::AdminRequest(_))), "{t}");
             assert!(d.is_audited());
@@ -261,7 +291,10 @@ fn unknown_types_and_malformed_bodies_are_refused() {
     let p = policy();
     let c = caller(0, &[]);
     for t in [0u8, 1, 9, 12, 14, 24, 28, 99, 255] {
-        assert_eq!(refused(&decide(&p, &c, &classify(&[t]))), Some(Reason::UnknownType(t)));
+        assert_eq!(
+            refused(&decide(&p, &c, &classify(&[t]))),
+            Some(Reason::UnknownType(t))
+        );
     }
     assert!(matches!(
         refused(&decide(&p, &c, &classify(&[13, 0, 0]))),
@@ -283,11 +316,17 @@ fn extensions() {
             details: vec![].into(),
         })
     };
-    assert_eq!(decide(&p, &c, &ext(SESSION_BIND)), Decision::ForwardExtension);
+    assert_eq!(
+        decide(&p, &c, &ext(SESSION_BIND)),
+        Decision::ForwardExtension
+    );
     assert_eq!(decide(&p, &c, &ext(QUERY)), Decision::Query);
     assert_eq!(decide(&p, &c, &ext(status::NAME)), Decision::Status);
     for other in ["restrict-destination-v00@openssh.com", "x@y", "QUERY"] {
-        assert_eq!(refused(&decide(&p, &c, &ext(other))), Some(Reason::UnknownExtension));
+        assert_eq!(
+            refused(&decide(&p, &c, &ext(other))),
+            Some(Reason::UnknownExtension)
+        );
     }
 }
 
@@ -307,7 +346,10 @@ fn status_report_marks_armed_keys() {
     let s = status_report(&p, Some(&[identity(PublicCredential::Key(key(2)))]));
     assert!(s.upstream_reachable);
     let armed: Vec<_> = s.keys.iter().map(|k| (k.name.as_str(), k.armed)).collect();
-    assert_eq!(armed, vec![("deploy", false), ("phab", true), ("signer", false)]);
+    assert_eq!(
+        armed,
+        vec![("deploy", false), ("phab", true), ("signer", false)]
+    );
     let s = status_report(&p, None);
     assert!(!s.upstream_reachable);
     assert!(s.keys.iter().all(|k| !k.armed));

@@ -67,10 +67,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// A message body and the bytes after it.
+pub type Split<'a> = (&'a [u8], &'a [u8]);
+
 /// Splits complete frames off the front of `bytes` (for synchronous callers
 /// and the fuzz target): `Ok(Some((body, rest)))`, `Ok(None)` when more bytes
 /// are needed, or the framing error.
-pub fn split_frame(bytes: &[u8]) -> Result<Option<(&[u8], &[u8])>, FrameError> {
+pub fn split_frame(bytes: &[u8]) -> Result<Option<Split<'_>>, FrameError> {
     let Some((header, rest)) = bytes.split_first_chunk::<4>() else {
         return Ok(None);
     };
@@ -101,7 +104,10 @@ mod tests {
     #[tokio::test]
     async fn truncated_header_and_body_are_errors() {
         assert!(matches!(read(&[0, 0]).await, Err(FrameError::Io(_))));
-        assert!(matches!(read(&[0, 0, 0, 5, 13]).await, Err(FrameError::Io(_))));
+        assert!(matches!(
+            read(&[0, 0, 0, 5, 13]).await,
+            Err(FrameError::Io(_))
+        ));
     }
 
     #[tokio::test]

@@ -176,7 +176,9 @@ mod tests {
     #[test]
     fn sign_request_is_parsed_with_flags() {
         let m = sign_body(&ed25519_blob(), b"data", 4);
-        let Request::Sign(s) = classify(&m) else { panic!() };
+        let Request::Sign(s) = classify(&m) else {
+            panic!()
+        };
         assert_eq!(s.data, b"data");
         assert_eq!(s.flags, 4);
     }
@@ -187,12 +189,18 @@ mod tests {
         m.push(0);
         assert_eq!(
             classify(&m),
-            Request::Malformed { kind: 13, reason: "trailing bytes" }
+            Request::Malformed {
+                kind: 13,
+                reason: "trailing bytes"
+            }
         );
         let m = sign_body(&ed25519_blob(), b"data", 0);
         for cut in 1..m.len() {
             let got = classify(&m[..cut]);
-            assert!(matches!(got, Request::Malformed { kind: 13, .. }), "{cut}: {got:?}");
+            assert!(
+                matches!(got, Request::Malformed { kind: 13, .. }),
+                "{cut}: {got:?}"
+            );
         }
     }
 
@@ -200,13 +208,18 @@ mod tests {
     fn admin_types_are_not_decoded() {
         // Garbage bodies: still recognised as admin requests, never parsed.
         for t in [17u8, 18, 19, 20, 21, 22, 23, 25, 26] {
-            assert!(matches!(classify(&[t, 0xff, 0xff]), Request::Admin(_)), "{t}");
+            assert!(
+                matches!(classify(&[t, 0xff, 0xff]), Request::Admin(_)),
+                "{t}"
+            );
         }
     }
 
     #[test]
     fn unknown_and_legacy_types() {
-        for t in [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 24, 28, 29, 30, 255] {
+        for t in [
+            0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 24, 28, 29, 30, 255,
+        ] {
             assert_eq!(classify(&[t]), Request::Unknown(t));
         }
     }
@@ -216,10 +229,18 @@ mod tests {
         let mut m = vec![EXTENSION];
         m.extend(5u32.to_be_bytes());
         m.extend(b"query");
-        let Request::Extension(e) = classify(&m) else { panic!() };
+        let Request::Extension(e) = classify(&m) else {
+            panic!()
+        };
         assert_eq!(e.name, "query");
-        assert!(matches!(classify(&[EXTENSION, 0, 0]), Request::Malformed { .. }));
-        assert!(matches!(classify(&[EXTENSION, 0, 0, 0, 0]), Request::Malformed { .. }));
+        assert!(matches!(
+            classify(&[EXTENSION, 0, 0]),
+            Request::Malformed { .. }
+        ));
+        assert!(matches!(
+            classify(&[EXTENSION, 0, 0, 0, 0]),
+            Request::Malformed { .. }
+        ));
         assert!(matches!(
             classify(&[EXTENSION, 0, 0, 0, 1, 0xff]),
             Request::Malformed { .. }

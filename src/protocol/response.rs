@@ -33,6 +33,9 @@ mod tests {
     fn failure_and_success_frames() {
         assert_eq!(encode(&Response::Failure), FAILURE);
         assert_eq!(encode(&Response::Success), SUCCESS);
-        assert_eq!(encode(&Response::IdentitiesAnswer(vec![])), [0, 0, 0, 5, 12, 0, 0, 0, 0]);
+        assert_eq!(
+            encode(&Response::IdentitiesAnswer(vec![])),
+            [0, 0, 0, 5, 12, 0, 0, 0, 0]
+        );
     }
 }

@@ -99,7 +99,11 @@ mod tests {
     fn round_trip() {
         let s = StatusReport {
             upstream_reachable: true,
-            keys: vec![KeyStatus { name: "deploy".into(), fingerprint: "SHA256:x".into(), armed: true }],
+            keys: vec![KeyStatus {
+                name: "deploy".into(),
+                fingerprint: "SHA256:x".into(),
+                armed: true,
+            }],
         };
         let mut buf = Vec::new();
         s.encode(&mut buf).unwrap();

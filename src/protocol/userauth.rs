@@ -87,7 +87,12 @@ pub(crate) mod tests {
     use ssh_encoding::Encode;
 
     /// Builds a user-auth request for tests elsewhere in the crate.
-    pub(crate) fn build(key: &KeyData, user: &str, method: &str, host_key: Option<&[u8]>) -> Vec<u8> {
+    pub(crate) fn build(
+        key: &KeyData,
+        user: &str,
+        method: &str,
+        host_key: Option<&[u8]>,
+    ) -> Vec<u8> {
         let mut d = Vec::new();
         vec![1u8; 32].encode(&mut d).unwrap();
         d.push(USERAUTH_REQUEST);
@@ -111,7 +116,13 @@ pub(crate) mod tests {
     fn publickey_request_is_accepted() {
         let k = key(1);
         let got = parse(&build(&k, "deploy", PUBLICKEY, None), &k).unwrap();
-        assert_eq!(got, UserAuth { user: "deploy".into(), hostbound: false });
+        assert_eq!(
+            got,
+            UserAuth {
+                user: "deploy".into(),
+                hostbound: false
+            }
+        );
     }
 
     #[test]

@@ -1,0 +1,780 @@
+//! Shared test harness: real OpenSSH `ssh-agent`, `ssh-add`, `ssh`, `sshd`,
+//! real throwaway Unix users and groups (prefix `kht-`), and the real
+//! `keyholder` binary.
+//!
+//! Everything is unique per test (directories, sockets, ports, user names),
+//! so tests run in parallel. Tests that need root call [`require_root!`],
+//! which prints a loud SKIPPED line and returns when not root.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const KEYHOLDER: &str = env!("CARGO_BIN_EXE_keyholder");
+
+/// Returns from the test, loudly, unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::common::is_root() {
+            eprintln!(
+                "\n*** SKIPPED {}:{}: needs root (real users, groups, sockets owned by root) ***\n",
+                file!(),
+                line!()
+            );
+            return;
+        }
+    };
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique across parallel tests and test binaries.
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{tag}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A temporary directory (0755, so test users can reach the sockets in it),
+/// removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("kht-{}", unique(tag)));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command, returns its output; panics if it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits until `f` holds, up to `timeout`.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Generates a key pair `dir/name`, `dir/name.pub`. `kind` is `ed25519`,
+/// `rsa`, or `ecdsa`; `passphrase` empty for none.
+pub fn keygen(dir: &Path, name: &str, kind: &str, passphrase: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", name, "-f"])
+        .arg(&path);
+    if kind == "rsa" {
+        cmd.args(["-b", "2048"]);
+    }
+    let o = run(&mut cmd);
+    assert!(o.status.success(), "ssh-keygen: {}", stderr(&o));
+    std::fs::set_permissions(
+        path.with_extension("pub")
+            .with_file_name(format!("{name}.pub")),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    path
+}
+
+/// A real OpenSSH `ssh-agent` started by the test.
+pub struct Agent {
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    pub fn start(dir: &TempDir) -> Self {
+        let socket = dir.join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("ssh-agent");
+        assert!(
+            wait_for(Duration::from_secs(10), || UnixStream::connect(&socket)
+                .is_ok()),
+            "ssh-agent did not start"
+        );
+        Self { socket, child }
+    }
+
+    /// `ssh-add` run as root directly against the agent.
+    pub fn ssh_add(&self, args: &[&str]) -> Output {
+        run(Command::new("ssh-add")
+            .args(args)
+            .env("SSH_AUTH_SOCK", &self.socket))
+    }
+
+    pub fn add(&self, key: &Path) {
+        let o = self.ssh_add(&[key.to_str().unwrap()]);
+        assert!(o.status.success(), "ssh-add: {}", stderr(&o));
+    }
+
+    /// The agent's public keys (`ssh-add -L`), sorted: what "unchanged" is checked against.
+    pub fn keys(&self) -> Vec<String> {
+        let o = self.ssh_add(&["-L"]);
+        let mut v: Vec<String> = stdout(&o)
+            .lines()
+            .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `keyholder daemon` under test, with its stderr log captured.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes `config_body` (which must set `socket` to `dir/proxy.sock`…
+    /// see [`Daemon::config`]) and starts the daemon on it.
+    pub fn start_with(dir: &TempDir, config_body: &str) -> Self {
+        let config = dir.join("keyholder.toml");
+        std::fs::write(&config, config_body).unwrap();
+        let socket = dir.join("proxy.sock");
+        let log = dir.join("daemon.log");
+        let logfile = std::fs::File::create(&log).unwrap();
+        let child = Command::new(KEYHOLDER)
+            .args(["daemon", "--log", "stderr", "--config"])
+            .arg(&config)
+            .env("KEYHOLDER_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("keyholder daemon");
+        let mut d = Self {
+            socket,
+            config,
+            log,
+            child: Some(child),
+        };
+        let up = wait_for(Duration::from_secs(15), || {
+            UnixStream::connect(&d.socket).is_ok()
+        });
+        if !up {
+            let status = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            panic!("daemon did not start ({status:?}):\n{}", d.log_text());
+        }
+        d
+    }
+
+    /// A configuration for `dir` with an external agent at `agent`, plus `extra` TOML.
+    pub fn config(dir: &TempDir, agent: &Path, extra: &str) -> String {
+        format!(
+            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nsocket = \"{}\"\nspawn = false\n\n{extra}",
+            dir.join("proxy.sock").display(),
+            dir.path().display(),
+            agent.display()
+        )
+    }
+
+    /// A daemon in front of `agent`, keys in `dir`, with `extra` TOML.
+    pub fn start(dir: &TempDir, agent: &Agent, extra: &str) -> Self {
+        Self::start_with(dir, &Self::config(dir, &agent.socket, extra))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        wait_for(Duration::from_secs(10), || self.log_text().contains(needle))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        child.wait().unwrap()
+    }
+
+    /// `SSH_AUTH_SOCK=proxy ssh-add ARGS` as `who`.
+    pub fn ssh_add(&self, who: &As, args: &[&str]) -> Output {
+        run(who
+            .command("ssh-add")
+            .args(args)
+            .env("SSH_AUTH_SOCK", &self.socket))
+    }
+
+    /// Public keys listed through the proxy for `who` (`ssh-add -L`).
+    pub fn listed(&self, who: &As) -> Vec<String> {
+        let o = self.ssh_add(who, &["-L"]);
+        let mut v: Vec<String> = stdout(&o)
+            .lines()
+            .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Users and groups
+
+/// useradd/groupadd lock /etc/passwd and /etc/group; serialise them within a
+/// test binary and retry across binaries.
+static USERDB: Mutex<()> = Mutex::new(());
+
+fn userdb(args: &[&str]) {
+    let _guard = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 0..50 {
+        let o = run(Command::new(args[0]).args(&args[1..]));
+        if o.status.success() {
+            return;
+        }
+        let err = stderr(&o);
+        if attempt < 49 && (err.contains("lock") || err.contains("try again")) {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        panic!("{args:?}: {err}");
+    }
+}
+
+/// A throwaway Unix group, deleted on drop.
+pub struct TestGroup {
+    pub name: String,
+}
+
+impl TestGroup {
+    pub fn create(tag: &str) -> Self {
+        let name = format!("kht-{}", unique(tag));
+        userdb(&["groupadd", &name]);
+        Self { name }
+    }
+    pub fn gid(&self) -> u32 {
+        nix::unistd::Group::from_name(&self.name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _guard = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = run(Command::new("groupdel").arg(&self.name));
+    }
+}
+
+/// A throwaway Unix user (own primary group, shell /bin/sh, no home), deleted on drop.
+pub struct TestUser {
+    pub name: String,
+}
+
+impl TestUser {
+    /// Creates a user that is a member of `groups` (supplementary).
+    pub fn create(tag: &str, groups: &[&TestGroup]) -> Self {
+        let name = format!("kht-{}", unique(tag));
+        // `-p *`: no password, but not "locked" (sshd without PAM refuses locked accounts).
+        let mut args = vec![
+            "useradd",
+            "-M",
+            "-U",
+            "-p",
+            "*",
+            "-d",
+            "/nonexistent",
+            "-s",
+            "/bin/sh",
+        ];
+        let list = groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        if !list.is_empty() {
+            args.push("-G");
+            args.push(&list);
+        }
+        args.push(&name);
+        userdb(&args);
+        Self { name }
+    }
+
+    pub fn uid(&self) -> u32 {
+        nix::unistd::User::from_name(&self.name)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw()
+    }
+
+    pub fn gid(&self) -> u32 {
+        nix::unistd::User::from_name(&self.name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    }
+
+    /// Adds the user to `group` in the user database.
+    pub fn join(&self, group: &TestGroup) {
+        userdb(&["gpasswd", "-a", &self.name, &group.name]);
+    }
+
+    /// Removes the user from `group` in the user database.
+    pub fn leave(&self, group: &TestGroup) {
+        userdb(&["gpasswd", "-d", &self.name, &group.name]);
+    }
+
+    /// Runs as this user with the groups of the user database.
+    pub fn as_user(&self) -> As {
+        As::User(self.name.clone())
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _guard = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = run(Command::new("userdel").arg(&self.name));
+        let _ = run(Command::new("groupdel").arg(&self.name));
+    }
+}
+
+/// Who a client command runs as.
+#[derive(Debug, Clone)]
+pub enum As {
+    /// The test process itself (root).
+    Root,
+    /// A user, with its user-database groups (`setpriv --init-groups`).
+    User(String),
+    /// Raw ids: uid, gid and no supplementary groups, whatever the user
+    /// database says (a setgid-style process, or a uid with no passwd entry).
+    Ids { uid: u32, gid: u32 },
+}
+
+impl As {
+    /// A command that runs `program` as this identity.
+    pub fn command(&self, program: &str) -> Command {
+        match self {
+            As::Root => Command::new(program),
+            As::User(name) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={name}"),
+                    &format!("--regid={name}"),
+                    "--init-groups",
+                    "--",
+                    program,
+                ])
+                .env("HOME", "/nonexistent");
+                c
+            }
+            As::Ids { uid, gid } => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    "--",
+                    program,
+                ])
+                .env("HOME", "/nonexistent");
+                c
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// sshd
+
+/// A real `sshd` on 127.0.0.1, with its own host key and config. Accounts
+/// log in with the keys in `authorized_keys/<user>`.
+pub struct Sshd {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Sshd {
+    pub fn start(dir: &TempDir) -> Self {
+        let root = dir.join("sshd");
+        std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            root.join("authorized_keys"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let _ = std::fs::create_dir_all("/run/sshd");
+        keygen(&root, "host_ed25519", "ed25519", "");
+        let port = free_port();
+        let config = root.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/host_ed25519\nPidFile none\n\
+                 AuthorizedKeysFile {root}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n",
+                root = root.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(root.join("sshd.log")).unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sshd (apt-get install openssh-server)");
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok()),
+            "sshd did not start: {}",
+            std::fs::read_to_string(root.join("sshd.log")).unwrap_or_default()
+        );
+        Self {
+            port,
+            dir: root,
+            child,
+        }
+    }
+
+    /// Lets `account` log in with the public keys in `pubkeys`.
+    pub fn authorize(&self, account: &str, pubkeys: &[&Path]) {
+        let mut text = String::new();
+        for p in pubkeys {
+            text.push_str(&std::fs::read_to_string(p).unwrap());
+        }
+        let path = self.dir.join("authorized_keys").join(account);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// `ssh account@127.0.0.1 COMMAND` as `who` through `auth_sock`, with
+    /// `extra` ssh options; agent only, no files from a home directory.
+    pub fn ssh(
+        &self,
+        who: &As,
+        auth_sock: &Path,
+        account: &str,
+        extra: &[&str],
+        command: &str,
+    ) -> Output {
+        let mut c = who.command("ssh");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(extra)
+        .arg(format!("{account}@127.0.0.1"))
+        .arg(command)
+        .env("SSH_AUTH_SOCK", auth_sock);
+        run(&mut c)
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------------------
+// Raw protocol client (for hostile input and precise assertions)
+
+pub const FAILURE: u8 = 5;
+pub const SUCCESS: u8 = 6;
+pub const IDENTITIES_ANSWER: u8 = 12;
+pub const SIGN_RESPONSE: u8 = 14;
+pub const EXTENSION_RESPONSE: u8 = 29;
+
+pub struct Raw(pub UnixStream);
+
+impl Raw {
+    pub fn connect(socket: &Path) -> Self {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Self(s)
+    }
+
+    /// Sends raw bytes.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+    }
+
+    /// Sends one framed message (type byte + body).
+    pub fn send(&mut self, message: &[u8]) {
+        let mut m = (message.len() as u32).to_be_bytes().to_vec();
+        m.extend_from_slice(message);
+        self.send_bytes(&m);
+    }
+
+    /// Reads one framed answer; `None` when the connection was closed.
+    pub fn recv(&mut self) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.0.read_exact(&mut body).ok()?;
+        Some(body)
+    }
+
+    /// Sends and returns the answer.
+    pub fn call(&mut self, message: &[u8]) -> Option<Vec<u8>> {
+        self.send(message);
+        self.recv()
+    }
+
+    /// Whether the daemon closed the connection (EOF within the timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        match self.0.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// An SSH string.
+pub fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut v = (bytes.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// The wire blob of an OpenSSH public key file.
+pub fn pubkey_blob(pub_path: &Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(pub_path).unwrap();
+    let key = ssh_key::PublicKey::from_openssh(text.trim()).unwrap();
+    key.to_bytes().unwrap()
+}
+
+/// A SIGN_REQUEST message for `blob` over `data`.
+pub fn sign_request(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
+    let mut m = vec![13u8];
+    m.extend(string(blob));
+    m.extend(string(data));
+    m.extend(flags.to_be_bytes());
+    m
+}
+
+/// A well-formed SSH user-auth request for `blob` (method `publickey`).
+pub fn userauth_data(blob: &[u8], user: &str, alg: &str) -> Vec<u8> {
+    let mut d = string(&[7u8; 32]);
+    d.push(50);
+    d.extend(string(user.as_bytes()));
+    d.extend(string(b"ssh-connection"));
+    d.extend(string(b"publickey"));
+    d.push(1);
+    d.extend(string(alg.as_bytes()));
+    d.extend(string(blob));
+    d
+}
+
+/// The `keyholder` binary as `who`, with `args`.
+pub fn keyholder(who: &As, args: &[&str]) -> Output {
+    run(who.command(KEYHOLDER).args(args))
+}
+
+// ---------------------------------------------------------------------------
+// Raw protocol client as another user: the test binary re-runs itself under
+// `setpriv` and executes only the helper test defined by `raw_client_helper!`.
+
+const RAW_SOCKET_ENV: &str = "KHT_RAW_CLIENT_SOCKET";
+const RAW_MESSAGES_ENV: &str = "KHT_RAW_CLIENT_MESSAGES";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Sends each message on one connection as `who`; returns each answer
+/// (`None` once the daemon closed the connection).
+pub fn raw_as(who: &As, socket: &Path, messages: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+    let exe = std::env::current_exe().unwrap();
+    let joined = messages
+        .iter()
+        .map(|m| hex(m))
+        .collect::<Vec<_>>()
+        .join(",");
+    let o = run(who
+        .command(exe.to_str().unwrap())
+        .args([
+            "--exact",
+            "raw_client_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RAW_SOCKET_ENV, socket)
+        .env(RAW_MESSAGES_ENV, joined));
+    assert!(
+        o.status.success(),
+        "raw client failed: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let answers: Vec<Option<Vec<u8>>> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.split_once("ANSWER ").map(|(_, a)| a))
+        .map(|a| (a != "closed").then(|| unhex(a)))
+        .collect();
+    assert_eq!(answers.len(), messages.len(), "{}", stdout(&o));
+    answers
+}
+
+/// The body of the helper test: does nothing unless re-run by [`raw_as`].
+pub fn raw_client_main() {
+    let (Ok(socket), Ok(messages)) = (
+        std::env::var(RAW_SOCKET_ENV),
+        std::env::var(RAW_MESSAGES_ENV),
+    ) else {
+        return;
+    };
+    let mut raw = Raw::connect(Path::new(&socket));
+    for m in messages.split(',').filter(|m| !m.is_empty()) {
+        match raw.call(&unhex(m)) {
+            Some(a) => println!("ANSWER {}", hex(&a)),
+            None => println!("ANSWER closed"),
+        }
+    }
+}
+
+/// Defines the helper test that [`raw_as`] runs; put it in each test file that uses it.
+#[macro_export]
+macro_rules! raw_client_helper {
+    () => {
+        #[test]
+        fn raw_client_helper() {
+            $crate::common::raw_client_main();
+        }
+    };
+}
