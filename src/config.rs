@@ -480,3 +480,18 @@ mod tests {
         assert_eq!(c.socket, Path::new("/srv/kh/p.sock"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example documents the defaults: loading it gives exactly
+    /// what an empty file gives (apart from where it was read from).
+    #[test]
+    fn example_config_loads_and_matches_the_defaults() {
+        let path = Path::new("/etc/keyholder/keyholder.toml");
+        let example = Config::parse(path, include_str!("../keyholder.toml.example")).unwrap();
+        let empty = Config::parse(path, "").unwrap();
+        assert_eq!(example, empty);
+    }
+}

@@ -146,6 +146,13 @@ async fn serve(mut config: Config) -> Result<()> {
         key_names(&config)
     );
 
+    if config.keys.is_empty() {
+        tracing::warn!(
+            "no keys configured in {}: every sign request will be refused",
+            config.path.display()
+        );
+    }
+
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         tokio::select! {
