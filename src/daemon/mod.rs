@@ -85,6 +85,8 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
+    // Do not wait for a user-database lookup stuck in a blocking thread.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
