@@ -187,7 +187,13 @@ fn real_ssh_logins_through_the_proxy() {
             &h.member.as_user(),
             &h.daemon.socket,
             &remote.name,
-            &["-i", pubfile.to_str().unwrap(), "-o", "IdentitiesOnly=yes"],
+            &[
+                "-vvv",
+                "-i",
+                pubfile.to_str().unwrap(),
+                "-o",
+                "IdentitiesOnly=yes",
+            ],
             "id -un",
         );
         assert!(
@@ -198,7 +204,24 @@ fn real_ssh_logins_through_the_proxy() {
             sshd.log_text()
         );
         assert_eq!(stdout(&o).trim(), remote.name);
+        // OpenSSH 9 uses the host-bound method against an OpenSSH 9 server.
+        assert!(
+            stderr(&o).contains("publickey-hostbound-v00@openssh.com"),
+            "{}",
+            stderr(&o)
+        );
     }
+    // ssh bound each session to the host key through the proxy, on the
+    // caller's own upstream connection, and the agent accepted it.
+    assert!(h
+        .daemon
+        .wait_log("forwarded session-bind@openssh.com for uid="));
+    assert!(
+        h.daemon
+            .log_text()
+            .contains("session-bind@openssh.com for uid=")
+            && h.daemon.log_text().contains(": SUCCESS")
+    );
     // RSA was signed with SHA-2 (OpenSSH 9 refuses ssh-rsa/SHA-1): flags preserved.
     assert!(
         sshd.log_text().contains("RSA SHA256:") || sshd.log_text().contains("rsa-sha2"),

@@ -102,7 +102,14 @@ async fn handle(
             result
         }
         (Decision::ForwardExtension, Request::Extension(ext)) => {
-            upstream.extension(ext).await.map(|reply| match reply {
+            let name = ext.name.clone();
+            let reply = upstream.extension(ext).await;
+            tracing::debug!(
+                "forwarded {name} for uid={}: {}",
+                caller.uid,
+                if reply.is_ok() { "SUCCESS" } else { "FAILURE" }
+            );
+            reply.map(|reply| match reply {
                 None => Response::Success,
                 Some(ext) => Response::ExtensionResponse(ext),
             })
