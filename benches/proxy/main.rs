@@ -1,0 +1,806 @@
+//! keyholder's overhead against the ssh-agent it fronts.
+//!
+//! ```sh
+//! cargo bench --bench proxy          # as root; about 2.5 minutes on 2 cores
+//! ```
+//!
+//! Builds the daemon in release mode (cargo's bench profile inherits
+//! `[profile.release]`) and, as root, sets up:
+//! - a throwaway group and two users in it (`kht-bench<PID>{g,a,b}`);
+//! - ONE OpenSSH `ssh-agent`, running as bench user `a`, holding a fresh
+//!   Ed25519 key. ssh-agent accepts its own uid and root, so the same agent
+//!   process serves both sides: the "direct" side (user `a` connects to it)
+//!   and the proxy (the root daemon connects to it as its upstream,
+//!   `spawn = false`). Same program, same key, same process: the only
+//!   difference between the two sides is the proxy;
+//! - `keyholder daemon` (the real binary) with the key configured for the
+//!   group, default limits, `log = "stderr"` at the default INFO level (one
+//!   audit line per signature, written to a file).
+//!
+//! The load generator is this binary re-executed as user `a` under
+//! `setpriv --init-groups` (see `load.rs`). Each scenario runs in windows of
+//! `KH_BENCH_SECS` (5) seconds after a 0.5 s warm-up, direct and proxy back
+//! to back, the order swapped every round, for `KH_BENCH_ROUNDS` (3) rounds;
+//! the report gives medians over rounds and total failures, as a Markdown
+//! table on stdout (progress goes to stderr). Then the memory phase holds
+//! `KH_BENCH_IDLE` (1000) idle connections, half from each user (the default
+//! `max_connections_per_user` of 512 is kept), and reads the daemon's VmRSS.
+//!
+//! Everything is removed on exit, failure or Ctrl-C; every child has a
+//! parent-death signal, and users left by a run killed with SIGKILL are
+//! removed by the next run. `KH_BENCH_ONLY=sign1,sign16,connect16,list16,memory`
+//! selects parts (for profiling: the daemon's pid is printed at start).
+
+mod load;
+mod setup;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use load::{HoldSpec, Op, RunResult, RunSpec, SPEC_ENV, WORKER_ENV};
+use setup::{
+    children_cpu_us, cpu_us, proc_kib, run, wait_for, wait_socket, Account, Proc, Result, TempDir,
+    PREFIX,
+};
+
+/// The daemon under test, built by cargo for this bench (release settings).
+const KEYHOLDER: &str = env!("CARGO_BIN_EXE_keyholder");
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn main() -> ExitCode {
+    if let Ok(mode) = std::env::var(WORKER_ENV) {
+        return match load::worker_main(&mode) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // `cargo test --all-targets` runs bench targets without `--bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("proxy benchmark: run it with `cargo bench --bench proxy` (as root)");
+        return ExitCode::SUCCESS;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("the proxy benchmark needs root (it creates users and runs the daemon)");
+        return ExitCode::FAILURE;
+    }
+    install_signal_handlers();
+    match bench() {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\nbench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_signal_handlers() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Settings from the environment.
+struct Settings {
+    window_ms: u64,
+    warmup_ms: u64,
+    rounds: usize,
+    idle: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self> {
+        fn num(name: &str, default: f64) -> Result<f64> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| *n > 0.0)
+                    .ok_or_else(|| format!("{name}={v:?}: not a positive number")),
+                Err(_) => Ok(default),
+            }
+        }
+        Ok(Self {
+            window_ms: (num("KH_BENCH_SECS", 5.0)? * 1000.0) as u64,
+            warmup_ms: 500,
+            rounds: num("KH_BENCH_ROUNDS", 3.0)? as usize,
+            idle: num("KH_BENCH_IDLE", 1000.0)? as usize,
+            only: std::env::var("KH_BENCH_ONLY")
+                .ok()
+                .map(|s| s.split(',').map(|p| p.trim().to_owned()).collect()),
+        })
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == part))
+    }
+}
+
+struct Scenario {
+    id: &'static str,
+    label: &'static str,
+    op: Op,
+    conns: usize,
+    /// Minimum proxy/direct throughput ratio.
+    target: f64,
+}
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario {
+        id: "sign1",
+        label: "`sign`, 1 connection",
+        op: Op::Sign,
+        conns: 1,
+        target: 0.90,
+    },
+    Scenario {
+        id: "sign16",
+        label: "`sign`, 16 connections",
+        op: Op::Sign,
+        conns: 16,
+        target: 0.95,
+    },
+    Scenario {
+        id: "connect16",
+        label: "`connect` (connect, list, sign, close), 16 concurrent",
+        op: Op::Connect,
+        conns: 16,
+        target: 0.90,
+    },
+    Scenario {
+        id: "list16",
+        label: "`list`, 16 connections",
+        op: Op::List,
+        conns: 16,
+        target: 0.50,
+    },
+];
+
+/// RSS target with 1000 idle connections.
+const RSS_TARGET_MIB: f64 = 40.0;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Direct,
+    Proxy,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Direct => "direct",
+            Side::Proxy => "proxy",
+        }
+    }
+}
+
+/// The running setup. Fields drop in order: daemon, agent, users, group,
+/// directory.
+struct Bench {
+    daemon: Proc,
+    agent: Proc,
+    user_a: Account,
+    user_b: Account,
+    _group: Account,
+    dir: TempDir,
+    direct: PathBuf,
+    proxy: PathBuf,
+    log: PathBuf,
+    /// The framed SIGN_REQUEST (a valid user-auth request for the key).
+    sign: Vec<u8>,
+}
+
+impl Bench {
+    fn start() -> Result<Self> {
+        let pid = std::process::id();
+        let dir = TempDir::create(std::env::temp_dir().join(format!("{PREFIX}{pid}")))?;
+        let group = Account::group(&format!("{PREFIX}{pid}g"))?;
+        let user_a = Account::user(&format!("{PREFIX}{pid}a"), &[&group])?;
+        let user_b = Account::user(&format!("{PREFIX}{pid}b"), &[&group])?;
+
+        let key = dir.join("bench");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .arg(&key))?;
+        let pub_path = dir.join("bench.pub");
+        std::fs::set_permissions(&pub_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
+
+        // The one ssh-agent, as user a, in a directory only a (and root) can enter.
+        let agent_dir = dir.join("agent");
+        std::fs::create_dir(&agent_dir).map_err(|e| e.to_string())?;
+        nix::unistd::chown(
+            &agent_dir,
+            Some(nix::unistd::Uid::from_raw(user_a.id()?)),
+            None,
+        )
+        .map_err(|e| format!("chown {}: {e}", agent_dir.display()))?;
+        std::fs::set_permissions(&agent_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+        let direct = agent_dir.join("agent.sock");
+        let agent = Proc {
+            name: "ssh-agent",
+            child: user_a
+                .command(Path::new("ssh-agent"))
+                .arg("-D")
+                .arg("-a")
+                .arg(&direct)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start ssh-agent: {e}"))?,
+        };
+        if !wait_socket(&direct) {
+            return Err("ssh-agent did not start".into());
+        }
+        run(Command::new("ssh-add")
+            .arg("-q")
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", &direct))?;
+
+        let proxy = dir.join("proxy.sock");
+        let config = dir.join("keyholder.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "# keyholder proxy benchmark; [limits] are the defaults\n\
+                 socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n\
+                 [agent]\nsocket = \"{}\"\nspawn = false\n\n\
+                 [keys.bench]\ngroups = [\"{}\"]\n",
+                proxy.display(),
+                dir.0.display(),
+                direct.display(),
+                group.name
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let log = dir.join("daemon.log");
+        let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let daemon = Proc {
+            name: "keyholder daemon",
+            child: Command::new("setpriv")
+                .args(["--pdeathsig=TERM", "--", KEYHOLDER, "daemon", "--config"])
+                .arg(&config)
+                .env_remove("KEYHOLDER_LOG_LEVEL")
+                .env_remove("KEYHOLDER_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(logfile)
+                .spawn()
+                .map_err(|e| format!("cannot start {KEYHOLDER}: {e}"))?,
+        };
+        if !wait_socket(&proxy) {
+            return Err(format!(
+                "the daemon did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        let sign = sign_request(&pub_path)?;
+        Ok(Self {
+            daemon,
+            agent,
+            user_a,
+            user_b,
+            _group: group,
+            dir,
+            direct,
+            proxy,
+            log,
+            sign,
+        })
+    }
+
+    fn socket(&self, side: Side) -> &Path {
+        match side {
+            Side::Direct => &self.direct,
+            Side::Proxy => &self.proxy,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Errs when the daemon or the agent died.
+    fn check_alive(&mut self) -> Result<()> {
+        if !self.agent.alive() {
+            return Err("ssh-agent died".into());
+        }
+        if !self.daemon.alive() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            return Err(format!(
+                "the daemon died; its log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one window as user a.
+    fn window(
+        &mut self,
+        side: Side,
+        op: Op,
+        conns: usize,
+        warmup_ms: u64,
+        window_ms: u64,
+    ) -> Result<Window> {
+        check_interrupted()?;
+        let spec = RunSpec {
+            socket: self.socket(side).to_owned(),
+            op,
+            conns,
+            warmup_ms,
+            window_ms,
+            sign: self.sign.clone(),
+        };
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let cpu = |b: &Self| {
+            [
+                cpu_us(b.agent.pid()).unwrap_or(0.0),
+                cpu_us(b.daemon.pid()).unwrap_or(0.0),
+                children_cpu_us(),
+            ]
+        };
+        let before = cpu(self);
+        let out = self
+            .user_a
+            .command(&exe)
+            .env(WORKER_ENV, "run")
+            .env(
+                SPEC_ENV,
+                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+            )
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot start the load generator: {e}"))?;
+        let after = cpu(self);
+        check_interrupted()?;
+        self.check_alive()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        let r: RunResult = serde_json::from_str(line)
+            .map_err(|e| format!("load generator ({}): {e}: {text:?}", out.status))?;
+        let per_op = |i: usize| (after[i] - before[i]) / r.all_ops.max(1) as f64;
+        Ok(Window {
+            cpu_us: [per_op(0), per_op(1), per_op(2)],
+            r,
+        })
+    }
+}
+
+/// One window's result, with the CPU time each process spent per
+/// operation (agent, daemon, load generator), in µs.
+struct Window {
+    r: RunResult,
+    cpu_us: [f64; 3],
+}
+
+/// A framed SIGN_REQUEST whose data is an SSH user-authentication request
+/// (method `publickey`) for the key in `pub_path`, as `ssh` sends it.
+fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
+    fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend((bytes.len() as u32).to_be_bytes());
+        out.extend(bytes);
+    }
+    let text = std::fs::read_to_string(pub_path).map_err(|e| e.to_string())?;
+    let key = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| e.to_string())?;
+    let blob = key.to_bytes().map_err(|e| e.to_string())?;
+    let mut data = Vec::new();
+    string(&mut data, &[0x5a; 32]); // session id: a SHA-256 exchange hash
+    data.push(50); // SSH_MSG_USERAUTH_REQUEST
+    string(&mut data, b"deploy");
+    string(&mut data, b"ssh-connection");
+    string(&mut data, b"publickey");
+    data.push(1);
+    string(&mut data, key.algorithm().as_str().as_bytes());
+    string(&mut data, &blob);
+    let mut body = vec![13u8]; // SSH_AGENTC_SIGN_REQUEST
+    string(&mut body, &blob);
+    string(&mut body, &data);
+    body.extend(0u32.to_be_bytes()); // flags
+    let mut msg = (body.len() as u32).to_be_bytes().to_vec();
+    msg.extend(body);
+    Ok(msg)
+}
+
+fn bench() -> Result<String> {
+    let settings = Settings::from_env()?;
+    setup::sweep_stale();
+    let load_before = loadavg();
+    let mut b = Bench::start()?;
+    let rss_start = wait_rss(&b);
+    eprintln!(
+        "keyholder daemon pid {} ({KEYHOLDER}), ssh-agent pid {} (user {}), dir {}",
+        b.daemon.pid(),
+        b.agent.pid(),
+        b.user_a.name,
+        b.dir.0.display()
+    );
+
+    // Fail fast, before minutes of measuring, if either side cannot serve.
+    for side in [Side::Direct, Side::Proxy] {
+        let r = b.window(side, Op::Connect, 1, 0, 200)?.r;
+        if r.failures > 0 || r.ops == 0 {
+            return Err(format!(
+                "{} side does not work: {:?}\n{}",
+                side.name(),
+                r.first_error,
+                b.log_text()
+            ));
+        }
+    }
+
+    let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| settings.wants(s.id)).collect();
+    let mut results: BTreeMap<(usize, Side), Vec<Window>> = BTreeMap::new();
+    for round in 0..settings.rounds {
+        for (i, s) in scenarios.iter().enumerate() {
+            let order = if round % 2 == 0 {
+                [Side::Direct, Side::Proxy]
+            } else {
+                [Side::Proxy, Side::Direct]
+            };
+            for side in order {
+                let w = b.window(side, s.op, s.conns, settings.warmup_ms, settings.window_ms)?;
+                let r = &w.r;
+                eprintln!(
+                    "round {}/{} {:<10} {:<6} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  \
+                     CPU µs/op agent {:.1} daemon {:.1} client {:.1}  failures {}{}",
+                    round + 1,
+                    settings.rounds,
+                    s.id,
+                    side.name(),
+                    r.ops_per_sec(),
+                    us(r.p50_ns),
+                    us(r.p99_ns),
+                    w.cpu_us[0],
+                    w.cpu_us[1],
+                    w.cpu_us[2],
+                    r.failures,
+                    r.first_error
+                        .as_ref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                );
+                results.entry((i, side)).or_default().push(w);
+            }
+        }
+    }
+    let rss_after_load = proc_kib(b.daemon.pid(), "VmRSS");
+
+    let memory = if settings.wants("memory") {
+        Some(memory_phase(&mut b, settings.idle)?)
+    } else {
+        None
+    };
+    let hwm = proc_kib(b.daemon.pid(), "VmHWM");
+    b.check_alive()?;
+    let log = b.log_text();
+    let load_after = loadavg();
+
+    let mut out = String::new();
+    out += &machine_line();
+    out += &format!(
+        "Run: {} s windows after a {} s warm-up, {} round(s); in each round direct and proxy \
+         back to back, the order swapped every round; medians over rounds, failures summed. \
+         Load average (1 min) before/after: {load_before} / {load_after}.\n\n",
+        settings.window_ms as f64 / 1000.0,
+        settings.warmup_ms as f64 / 1000.0,
+        settings.rounds
+    );
+    if !scenarios.is_empty() {
+        out += "| benchmark | direct ops/s | proxy ops/s | proxy/direct | target | \
+                direct p50 / p99 (µs) | proxy p50 / p99 (µs) | failures (direct / proxy) | ratio per round |\n\
+                |---|---:|---:|---:|---|---:|---:|---:|---|\n";
+        for (i, s) in scenarios.iter().enumerate() {
+            let d: Vec<&RunResult> = results[&(i, Side::Direct)].iter().map(|w| &w.r).collect();
+            let p: Vec<&RunResult> = results[&(i, Side::Proxy)].iter().map(|w| &w.r).collect();
+            let (dops, pops) = (
+                median(&d, |r| r.ops_per_sec()),
+                median(&p, |r| r.ops_per_sec()),
+            );
+            let ratio = pops / dops;
+            let per_round: Vec<String> = d
+                .iter()
+                .zip(&p)
+                .map(|(d, p)| format!("{:.2}", p.ops_per_sec() / d.ops_per_sec()))
+                .collect();
+            out += &format!(
+                "| {} | {:.0} | {:.0} | **{:.2}** | ≥ {:.2} {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |\n",
+                s.label,
+                dops,
+                pops,
+                ratio,
+                s.target,
+                if ratio >= s.target { "met" } else { "**MISSED**" },
+                median(&d, |r| us(r.p50_ns)),
+                median(&d, |r| us(r.p99_ns)),
+                median(&p, |r| us(r.p50_ns)),
+                median(&p, |r| us(r.p99_ns)),
+                d.iter().map(|r| r.failures).sum::<u64>(),
+                p.iter().map(|r| r.failures).sum::<u64>(),
+                per_round.join(" "),
+            );
+        }
+        out += "\nCPU time per operation (µs, medians over rounds; from /proc/PID/stat and the \
+                load generator's rusage, warm-up included):\n\n\
+                | benchmark | side | ssh-agent | keyholder daemon | load generator |\n\
+                |---|---|---:|---:|---:|\n";
+        for (i, s) in scenarios.iter().enumerate() {
+            for side in [Side::Direct, Side::Proxy] {
+                let w = &results[&(i, side)];
+                let cpu = |k: usize| {
+                    let mut v: Vec<f64> = w.iter().map(|w| w.cpu_us[k]).collect();
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                out += &format!(
+                    "| {} | {} | {:.1} | {:.1} | {:.1} |\n",
+                    s.id,
+                    side.name(),
+                    cpu(0),
+                    cpu(1),
+                    cpu(2)
+                );
+            }
+        }
+        out += "\n";
+    }
+    out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
+    out += &format!("| started, no client yet | {} | |\n", mib(rss_start));
+    out += &format!(
+        "| after the throughput runs, no connection open | {} | |\n",
+        mib(rss_after_load)
+    );
+    if let Some(m) = &memory {
+        out += &m.rows;
+    }
+    out += &format!("| peak over the whole run (VmHWM) | {} | |\n\n", mib(hwm));
+
+    let granted = log.matches("decision=granted").count();
+    let problems: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    out += &format!(
+        "Daemon log: {granted} audit lines `decision=granted`, {} warning/error lines{}\n",
+        problems.len(),
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", first: `{}`",
+                problems.first().copied().unwrap_or_default()
+            )
+        }
+    );
+    Ok(out)
+}
+
+struct Memory {
+    rows: String,
+}
+
+/// Holds `idle` connections (half per user), reads RSS before and after one
+/// REQUEST_IDENTITIES on each, and after they close.
+fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
+    check_interrupted()?;
+    let pid = b.daemon.pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let base_fds = fds();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let per_user = [idle / 2, idle - idle / 2];
+    let mut holders: Vec<Holder> = Vec::new();
+    for (user, n) in [&b.user_a, &b.user_b].into_iter().zip(per_user) {
+        let spec = HoldSpec {
+            socket: b.proxy.clone(),
+            conns: n,
+        };
+        let mut child = user
+            .command(&exe)
+            .env(WORKER_ENV, "hold")
+            .env(
+                SPEC_ENV,
+                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the holder: {e}"))?;
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let stdin = child.stdin.take().expect("piped");
+        holders.push((
+            Proc {
+                name: "holder",
+                child,
+            },
+            stdin,
+            stdout,
+        ));
+    }
+    let (opened, open_failed) = read_counts(&mut holders, "open")?;
+    // Connected is not yet accepted: wait for the daemon to hold them all.
+    wait_for(Duration::from_secs(10), || {
+        fds() >= base_fds + opened as usize
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle = proc_kib(pid, "VmRSS");
+    let fds_idle = fds();
+    for (_, stdin, _) in &mut holders {
+        stdin
+            .write_all(b"list\n")
+            .and_then(|()| stdin.flush())
+            .map_err(|e| e.to_string())?;
+    }
+    let (listed, list_failed) = read_counts(&mut holders, "listed")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_used = proc_kib(pid, "VmRSS");
+    let fds_used = fds();
+    for (mut proc, stdin, _) in holders {
+        drop(stdin);
+        wait_for(Duration::from_secs(10), || !proc.alive());
+    }
+    wait_for(Duration::from_secs(10), || fds() <= base_fds);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_closed = proc_kib(pid, "VmRSS");
+    b.check_alive()?;
+
+    let verdict = |kib: Option<u64>| match kib {
+        Some(k) if (k as f64 / 1024.0) < RSS_TARGET_MIB => {
+            format!("target < {RSS_TARGET_MIB} MiB met")
+        }
+        _ => format!("target < {RSS_TARGET_MIB} MiB **MISSED**"),
+    };
+    let mut rows = String::new();
+    rows += &format!(
+        "| {opened} idle connections ({} + {} from 2 users), no request yet ({open_failed} failed to open); {} | **{}** | {fds_idle} |\n",
+        per_user[0],
+        per_user[1],
+        verdict(rss_idle),
+        mib(rss_idle)
+    );
+    rows += &format!(
+        "| the same after one `list` each ({listed} answered, {list_failed} failed): upstream connections open too; {} | **{}** | {fds_used} |\n",
+        verdict(rss_used),
+        mib(rss_used)
+    );
+    rows += &format!("| all closed again | {} | {} |\n", mib(rss_closed), fds());
+    if open_failed > 0 || list_failed > 0 || opened as usize != idle {
+        eprintln!(
+            "memory phase: {open_failed} connections failed to open, {list_failed} lists failed"
+        );
+    }
+    Ok(Memory { rows })
+}
+
+type Holder = (
+    Proc,
+    std::process::ChildStdin,
+    BufReader<std::process::ChildStdout>,
+);
+
+/// Reads one `WHAT OK FAILED` line from each holder; returns the sums.
+fn read_counts(holders: &mut [Holder], what: &str) -> Result<(u64, u64)> {
+    let (mut ok, mut bad) = (0, 0);
+    for (_, _, out) in holders.iter_mut() {
+        let mut line = String::new();
+        out.read_line(&mut line).map_err(|e| e.to_string())?;
+        let mut parts = line.split_whitespace();
+        if parts.next() != Some(what) {
+            return Err(format!("holder said {line:?}, expected {what}"));
+        }
+        let mut n = || {
+            parts
+                .next()
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ok += n();
+        bad += n();
+    }
+    Ok((ok, bad))
+}
+
+/// Waits for the daemon's RSS to settle after start.
+fn wait_rss(b: &Bench) -> Option<u64> {
+    std::thread::sleep(Duration::from_millis(300));
+    proc_kib(b.daemon.pid(), "VmRSS")
+}
+
+fn median(runs: &[&RunResult], f: impl Fn(&RunResult) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// One line about the machine and the software measured.
+fn machine_line() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let openssh = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_default();
+    let commit = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "Machine: {cores} cores (`nproc`), {cpu}, Linux {kernel}. {openssh}. \
+         keyholder {commit}, release build.\n\n"
+    )
+}

@@ -1,0 +1,271 @@
+//! The bench's environment: a temporary directory, throwaway users and a
+//! group, and child processes, each removed by its guard's `Drop` (also when
+//! the bench fails or is interrupted). Every child is started with a
+//! parent-death signal, so even a bench killed with SIGKILL leaves no
+//! process behind; users and directories such a run leaves are swept by the
+//! next run ([`sweep_stale`]).
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Prefix of everything the bench creates: users, groups, directories.
+/// (`kht-` is the test suite's prefix for throwaway users.)
+pub const PREFIX: &str = "kht-bench";
+
+pub type Result<T> = std::result::Result<T, String>;
+
+/// Runs a command to completion; error unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if o.status.success() {
+        Ok(o)
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Waits until `f` holds, up to `timeout`.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Waits until something listens on `socket`.
+pub fn wait_socket(socket: &Path) -> bool {
+    wait_for(Duration::from_secs(15), || {
+        UnixStream::connect(socket).is_ok()
+    })
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn create(path: PathBuf) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A throwaway user (with its own primary group) or group, deleted on drop.
+pub struct Account {
+    pub name: String,
+    group: bool,
+}
+
+impl Account {
+    /// A group named `name`.
+    pub fn group(name: &str) -> Result<Self> {
+        run(Command::new("groupadd").arg(name))?;
+        Ok(Self {
+            name: name.to_owned(),
+            group: true,
+        })
+    }
+
+    /// A user named `name` (primary group of the same name, no home, no
+    /// password), member of `groups`.
+    pub fn user(name: &str, groups: &[&Account]) -> Result<Self> {
+        let list = groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = Command::new("useradd");
+        cmd.args(["-M", "-U", "-d", "/nonexistent", "-s", "/usr/sbin/nologin"]);
+        if !list.is_empty() {
+            cmd.args(["-G", &list]);
+        }
+        run(cmd.arg(name))?;
+        Ok(Self {
+            name: name.to_owned(),
+            group: false,
+        })
+    }
+
+    /// uid (users) or gid (groups).
+    pub fn id(&self) -> Result<u32> {
+        let id = if self.group {
+            nix::unistd::Group::from_name(&self.name)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        } else {
+            nix::unistd::User::from_name(&self.name)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        };
+        id.ok_or_else(|| format!("{} not in the user database", self.name))
+    }
+
+    /// A command that runs `program` as this user, with the user database's
+    /// groups, killed when the bench dies.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", self.name))
+            .arg(format!("--regid={}", self.name))
+            .args(["--init-groups", "--pdeathsig=TERM", "--"])
+            .arg(program)
+            .env("HOME", "/nonexistent");
+        c
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        if self.group {
+            let _ = run(Command::new("groupdel").arg(&self.name));
+        } else {
+            let _ = run(Command::new("userdel").arg(&self.name));
+            // userdel removes the user's own group; make sure.
+            let _ = Command::new("groupdel")
+                .arg(&self.name)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A child process: SIGTERM on drop, SIGKILL if it does not exit in 5 s.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if !wait_for(Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A field of /proc/PID/status in KiB (`VmRSS`, `VmHWM`).
+pub fn proc_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The pid embedded in a name this bench made (`kht-bench1234a`), if any.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Removes users, groups and directories left by bench runs that are gone
+/// (killed with SIGKILL, machine rebooted mid-run). Their processes died
+/// with them (parent-death signal).
+pub fn sweep_stale() {
+    let dead = |name: &str| {
+        owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let names = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .filter(|n| dead(n))
+            .map(str::to_owned)
+            .collect()
+    };
+    for user in names("/etc/passwd") {
+        eprintln!("removing user {user} left by an earlier run");
+        let _ = run(Command::new("userdel").arg(&user));
+    }
+    for group in names("/etc/group") {
+        eprintln!("removing group {group} left by an earlier run");
+        let _ = run(Command::new("groupdel").arg(&group));
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_str().is_some_and(dead) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in microseconds.
+pub fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces): state is
+    // field 3, utime and stime are fields 14 and 15.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Some((utime + stime) as f64 * 1e6 / tick as f64)
+}
+
+/// CPU time used by waited-for children (the load generators), in
+/// microseconds.
+pub fn children_cpu_us() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 * 1e6 + tv.tv_usec() as f64;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
