@@ -29,7 +29,8 @@
 //! Everything is removed on exit, failure or Ctrl-C; every child has a
 //! parent-death signal, and users left by a run killed with SIGKILL are
 //! removed by the next run. `KH_BENCH_ONLY=sign1,sign16,connect16,list16,memory`
-//! selects parts (for profiling: the daemon's pid is printed at start).
+//! selects parts (for profiling: the daemon's pid is printed at start);
+//! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups.
 
 mod load;
 mod setup;
@@ -116,6 +117,8 @@ struct Settings {
     warmup_ms: u64,
     rounds: usize,
     idle: usize,
+    /// Groups each bench user is in besides its own and the key's.
+    extra_groups: usize,
     only: Option<Vec<String>>,
 }
 
@@ -136,6 +139,12 @@ impl Settings {
             warmup_ms: 500,
             rounds: num("KH_BENCH_ROUNDS", 3.0)? as usize,
             idle: num("KH_BENCH_IDLE", 1000.0)? as usize,
+            extra_groups: match std::env::var("KH_BENCH_EXTRA_GROUPS") {
+                Ok(v) => v
+                    .parse()
+                    .map_err(|_| format!("KH_BENCH_EXTRA_GROUPS={v:?}: not a number"))?,
+                Err(_) => 0,
+            },
             only: std::env::var("KH_BENCH_ONLY")
                 .ok()
                 .map(|s| s.split(',').map(|p| p.trim().to_owned()).collect()),
@@ -215,6 +224,7 @@ struct Bench {
     user_a: Account,
     user_b: Account,
     _group: Account,
+    _extra_groups: Vec<Account>,
     dir: TempDir,
     direct: PathBuf,
     proxy: PathBuf,
@@ -224,12 +234,16 @@ struct Bench {
 }
 
 impl Bench {
-    fn start() -> Result<Self> {
+    fn start(extra_groups: usize) -> Result<Self> {
         let pid = std::process::id();
         let dir = TempDir::create(std::env::temp_dir().join(format!("{PREFIX}{pid}")))?;
         let group = Account::group(&format!("{PREFIX}{pid}g"))?;
-        let user_a = Account::user(&format!("{PREFIX}{pid}a"), &[&group])?;
-        let user_b = Account::user(&format!("{PREFIX}{pid}b"), &[&group])?;
+        let extra = (0..extra_groups)
+            .map(|i| Account::group(&format!("{PREFIX}{pid}x{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let groups: Vec<&Account> = std::iter::once(&group).chain(&extra).collect();
+        let user_a = Account::user(&format!("{PREFIX}{pid}a"), &groups)?;
+        let user_b = Account::user(&format!("{PREFIX}{pid}b"), &groups)?;
 
         let key = dir.join("bench");
         run(Command::new("ssh-keygen")
@@ -315,6 +329,7 @@ impl Bench {
             user_a,
             user_b,
             _group: group,
+            _extra_groups: extra,
             dir,
             direct,
             proxy,
@@ -443,7 +458,7 @@ fn bench() -> Result<String> {
     let settings = Settings::from_env()?;
     setup::sweep_stale();
     let load_before = loadavg();
-    let mut b = Bench::start()?;
+    let mut b = Bench::start(settings.extra_groups)?;
     let rss_start = wait_rss(&b);
     eprintln!(
         "keyholder daemon pid {} ({KEYHOLDER}), ssh-agent pid {} (user {}), dir {}",
@@ -518,10 +533,13 @@ fn bench() -> Result<String> {
     out += &format!(
         "Run: {} s windows after a {} s warm-up, {} round(s); in each round direct and proxy \
          back to back, the order swapped every round; medians over rounds, failures summed. \
-         Load average (1 min) before/after: {load_before} / {load_after}.\n\n",
+         Load average (1 min) before/after: {load_before} / {load_after}. \
+         The bench users are in {} groups (their own, the key's, {} more).\n\n",
         settings.window_ms as f64 / 1000.0,
         settings.warmup_ms as f64 / 1000.0,
-        settings.rounds
+        settings.rounds,
+        2 + settings.extra_groups,
+        settings.extra_groups,
     );
     if !scenarios.is_empty() {
         out += "| benchmark | direct ops/s | proxy ops/s | proxy/direct | target | \

@@ -5,9 +5,10 @@
 //! nothing. A uid with no passwd entry has no groups. Looked up afresh for
 //! every connection, so group changes apply to the next connection.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
-use nix::unistd::{getgrouplist, Group, Uid, User};
+use nix::errno::Errno;
+use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::policy::Caller;
 
@@ -25,7 +26,7 @@ pub fn resolve(uid: u32, pid: Option<i32>) -> Caller {
     };
     let gids = CString::new(user.name.as_bytes())
         .ok()
-        .and_then(|name| getgrouplist(&name, user.gid).ok())
+        .and_then(|name| group_list(&name, user.gid).ok())
         .unwrap_or_else(|| vec![user.gid]);
     let mut groups: Vec<String> = gids
         .into_iter()
@@ -42,6 +43,39 @@ pub fn resolve(uid: u32, pid: Option<i32>) -> Caller {
     }
 }
 
+/// getgrouplist(3): `user`'s groups, `group` included, in one pass over the
+/// user database for users in up to 64 groups (two otherwise).
+///
+/// Not nix's wrapper: it starts with room for 8 groups and doubles, calling
+/// getgrouplist again, a full pass over every NSS module, each time (a user
+/// in 12 groups cost two passes, in 40 four), and reads
+/// /proc/sys/kernel/ngroups_max on every call. glibc says how many groups
+/// there are when the buffer is too small; this uses that.
+fn group_list(user: &CStr, group: Gid) -> nix::Result<Vec<Gid>> {
+    /// Linux's NGROUPS_MAX.
+    const MAX: usize = 65_536;
+    let mut gids: Vec<nix::libc::gid_t> = vec![0; 64];
+    // Membership may grow between two calls: a few tries.
+    for _ in 0..4 {
+        let mut n = nix::libc::c_int::try_from(gids.len()).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `gids` has room for `n` gids; getgrouplist writes at most
+        // `n` of them and sets `n` to the number of groups the user has.
+        let ret = unsafe {
+            nix::libc::getgrouplist(user.as_ptr(), group.as_raw(), gids.as_mut_ptr(), &mut n)
+        };
+        let n = usize::try_from(n).map_err(|_| Errno::EINVAL)?;
+        if ret >= 0 {
+            gids.truncate(n);
+            return Ok(gids.into_iter().map(Gid::from_raw).collect());
+        }
+        if gids.len() >= MAX {
+            break;
+        }
+        gids.resize(n.max(gids.len() * 2).min(MAX), 0);
+    }
+    Err(Errno::EINVAL)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +85,18 @@ mod tests {
         let c = resolve(0, Some(1));
         assert_eq!(c.user.as_deref(), Some("root"));
         assert!(c.groups.iter().any(|g| g == "root"), "{:?}", c.groups);
+    }
+
+    #[test]
+    fn group_list_includes_the_given_group_and_agrees_with_nix() {
+        let name = CString::new("root").unwrap();
+        let ours = group_list(&name, Gid::from_raw(12_345)).unwrap();
+        assert!(ours.contains(&Gid::from_raw(12_345)), "{ours:?}");
+        let mut ours = group_list(&name, Gid::from_raw(0)).unwrap();
+        let mut theirs = nix::unistd::getgrouplist(&name, Gid::from_raw(0)).unwrap();
+        ours.sort_by_key(|g| g.as_raw());
+        theirs.sort_by_key(|g| g.as_raw());
+        assert_eq!(ours, theirs);
     }
 
     #[test]
