@@ -30,7 +30,9 @@
 //! parent-death signal, and users left by a run killed with SIGKILL are
 //! removed by the next run. `KH_BENCH_ONLY=sign1,sign16,connect16,list16,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
-//! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups.
+//! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
+//! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
+//! their cost; the default is the daemon's default, INFO).
 
 mod load;
 mod setup;
@@ -310,6 +312,11 @@ impl Bench {
                 .arg(&config)
                 .env_remove("KEYHOLDER_LOG_LEVEL")
                 .env_remove("KEYHOLDER_CONFIG")
+                .envs(
+                    std::env::var("KH_BENCH_LOG_LEVEL")
+                        .ok()
+                        .map(|level| ("KEYHOLDER_LOG_LEVEL", level)),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(logfile)
