@@ -1,9 +1,10 @@
 //! The bench's environment: a temporary directory, throwaway users and a
 //! group, and child processes, each removed by its guard's `Drop` (also when
 //! the bench fails or is interrupted). Every child is started with a
-//! parent-death signal, so even a bench killed with SIGKILL leaves no
-//! process behind; users and directories such a run leaves are swept by the
-//! next run ([`sweep_stale`]).
+//! parent-death signal, so a bench killed with SIGKILL leaves no daemon or
+//! load generator behind; ssh-agent drops that signal (it resets its
+//! credentials), so the next run ends it, and removes the users and
+//! directories such a run left ([`sweep_stale`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -211,9 +212,10 @@ fn owner_pid(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// Removes users, groups and directories left by bench runs that are gone
-/// (killed with SIGKILL, machine rebooted mid-run). Their processes died
-/// with them (parent-death signal).
+/// Removes what bench runs that are gone (killed with SIGKILL, machine
+/// rebooted mid-run) left behind: processes of their users (ssh-agent
+/// drops the parent-death signal the others die of), users, groups,
+/// directories.
 pub fn sweep_stale() {
     let dead = |name: &str| {
         owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
@@ -228,11 +230,16 @@ pub fn sweep_stale() {
             .collect()
     };
     for user in names("/etc/passwd") {
-        eprintln!("removing user {user} left by an earlier run");
-        let _ = run(Command::new("userdel").arg(&user));
+        eprintln!("removing user {user}, left by an earlier run");
+        if let Some(uid) = nix::unistd::User::from_name(&user).ok().flatten() {
+            end_processes_of(uid.uid.as_raw());
+        }
+        if let Err(e) = run(Command::new("userdel").arg(&user)) {
+            eprintln!("{e}");
+        }
     }
     for group in names("/etc/group") {
-        eprintln!("removing group {group} left by an earlier run");
+        eprintln!("removing group {group}, left by an earlier run");
         let _ = run(Command::new("groupdel").arg(&group));
     }
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
@@ -241,6 +248,43 @@ pub fn sweep_stale() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// Ends the processes whose real uid is `uid` (a stale bench user's: only
+/// processes an earlier bench run started), SIGTERM then SIGKILL.
+fn end_processes_of(uid: u32) {
+    let pids = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("Uid:"))
+                            .and_then(|ids| ids.split_whitespace().next()?.parse::<u32>().ok())
+                    })
+                    == Some(uid)
+            })
+            .collect()
+    };
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let left = pids();
+        if left.is_empty() {
+            return;
+        }
+        for pid in left {
+            eprintln!("ending process {pid} of uid {uid} ({signal}), left by an earlier run");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+        wait_for(Duration::from_secs(2), || pids().is_empty());
     }
 }
 
