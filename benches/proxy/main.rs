@@ -19,10 +19,12 @@
 //!
 //! The load generator is this binary re-executed as user `a` under
 //! `setpriv --init-groups` (see `load.rs`). Each scenario runs in windows of
-//! `KH_BENCH_SECS` (5) seconds after a 0.5 s warm-up, direct and proxy back
-//! to back, the order swapped every round, for `KH_BENCH_ROUNDS` (3) rounds;
-//! the report gives medians over rounds and total failures, as a Markdown
-//! table on stdout (progress goes to stderr). Then the memory phase holds
+//! `KH_BENCH_SECS` (3) seconds after a 0.5 s warm-up, direct and proxy back
+//! to back, the order swapped every round, for `KH_BENCH_ROUNDS` (5) rounds;
+//! the report gives medians over rounds (for proxy/direct, the median of
+//! each round's paired ratio), total failures, the CPU time per operation of
+//! each process and how busy the rest of the machine was, as Markdown on
+//! stdout (progress goes to stderr). Then the memory phase holds
 //! `KH_BENCH_IDLE` (1000) idle connections, half from each user (the default
 //! `max_connections_per_user` of 512 is kept), and reads the daemon's VmRSS.
 //!
@@ -43,12 +45,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use load::{HoldSpec, Op, RunResult, RunSpec, SPEC_ENV, WORKER_ENV};
 use setup::{
-    children_cpu_us, cpu_us, proc_kib, run, wait_for, wait_socket, Account, Proc, Result, TempDir,
-    PREFIX,
+    children_cpu_us, cpu_us, machine_busy_us, proc_kib, run, wait_for, wait_socket, Account, Proc,
+    Result, TempDir, PREFIX,
 };
 
 /// The daemon under test, built by cargo for this bench (release settings).
@@ -137,9 +139,9 @@ impl Settings {
             }
         }
         Ok(Self {
-            window_ms: (num("KH_BENCH_SECS", 5.0)? * 1000.0) as u64,
+            window_ms: (num("KH_BENCH_SECS", 3.0)? * 1000.0) as u64,
             warmup_ms: 500,
-            rounds: num("KH_BENCH_ROUNDS", 3.0)? as usize,
+            rounds: num("KH_BENCH_ROUNDS", 5.0)? as usize,
             idle: num("KH_BENCH_IDLE", 1000.0)? as usize,
             extra_groups: match std::env::var("KH_BENCH_EXTRA_GROUPS") {
                 Ok(v) => v
@@ -396,8 +398,10 @@ impl Bench {
                 cpu_us(b.agent.pid()).unwrap_or(0.0),
                 cpu_us(b.daemon.pid()).unwrap_or(0.0),
                 children_cpu_us(),
+                machine_busy_us(),
             ]
         };
+        let started = Instant::now();
         let before = cpu(self);
         let out = self
             .user_a
@@ -412,15 +416,20 @@ impl Bench {
             .output()
             .map_err(|e| format!("cannot start the load generator: {e}"))?;
         let after = cpu(self);
+        let elapsed_us = started.elapsed().as_secs_f64() * 1e6;
         check_interrupted()?;
         self.check_alive()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or_default();
         let r: RunResult = serde_json::from_str(line)
             .map_err(|e| format!("load generator ({}): {e}: {text:?}", out.status))?;
-        let per_op = |i: usize| (after[i] - before[i]) / r.all_ops.max(1) as f64;
+        let delta = |i: usize| after[i] - before[i];
+        let per_op = |i: usize| delta(i) / r.all_ops.max(1) as f64;
+        // Everything else the machine ran meanwhile, in cores.
+        let others = (delta(3) - delta(0) - delta(1) - delta(2)).max(0.0) / elapsed_us;
         Ok(Window {
             cpu_us: [per_op(0), per_op(1), per_op(2)],
+            others,
             r,
         })
     }
@@ -431,6 +440,8 @@ impl Bench {
 struct Window {
     r: RunResult,
     cpu_us: [f64; 3],
+    /// CPU the rest of the machine used during the window, in cores.
+    others: f64,
 }
 
 /// A framed SIGN_REQUEST whose data is an SSH user-authentication request
@@ -502,7 +513,7 @@ fn bench() -> Result<String> {
                 let r = &w.r;
                 eprintln!(
                     "round {}/{} {:<10} {:<6} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  \
-                     CPU µs/op agent {:.1} daemon {:.1} client {:.1}  failures {}{}",
+                     CPU µs/op agent {:.1} daemon {:.1} client {:.1}  others {:.2} cores  failures {}{}",
                     round + 1,
                     settings.rounds,
                     s.id,
@@ -513,6 +524,7 @@ fn bench() -> Result<String> {
                     w.cpu_us[0],
                     w.cpu_us[1],
                     w.cpu_us[2],
+                    w.others,
                     r.failures,
                     r.first_error
                         .as_ref()
@@ -539,7 +551,8 @@ fn bench() -> Result<String> {
     out += &machine_line();
     out += &format!(
         "Run: {} s windows after a {} s warm-up, {} round(s); in each round direct and proxy \
-         back to back, the order swapped every round; medians over rounds, failures summed. \
+         back to back, the order swapped every round; medians over rounds (proxy/direct: the \
+         median of the rounds' ratios), failures summed. \
          Load average (1 min) before/after: {load_before} / {load_after}. \
          The bench users are in {} groups (their own, the key's, {} more).\n\n",
         settings.window_ms as f64 / 1000.0,
@@ -559,12 +572,16 @@ fn bench() -> Result<String> {
                 median(&d, |r| r.ops_per_sec()),
                 median(&p, |r| r.ops_per_sec()),
             );
-            let ratio = pops / dops;
-            let per_round: Vec<String> = d
+            // Each round's direct and proxy windows ran back to back: their
+            // ratio is the paired measurement, less exposed to load that
+            // comes and goes on the machine than a ratio of medians.
+            let ratios: Vec<f64> = d
                 .iter()
                 .zip(&p)
-                .map(|(d, p)| format!("{:.2}", p.ops_per_sec() / d.ops_per_sec()))
+                .map(|(d, p)| p.ops_per_sec() / d.ops_per_sec())
                 .collect();
+            let ratio = median_of(ratios.clone());
+            let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             out += &format!(
                 "| {} | {:.0} | {:.0} | **{:.2}** | ≥ {:.2} {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |\n",
                 s.label,
@@ -584,8 +601,8 @@ fn bench() -> Result<String> {
         }
         out += "\nCPU time per operation (µs, medians over rounds; from /proc/PID/stat and the \
                 load generator's rusage, warm-up included):\n\n\
-                | benchmark | side | ssh-agent | keyholder daemon | load generator |\n\
-                |---|---|---:|---:|---:|\n";
+                | benchmark | side | ssh-agent | keyholder daemon | load generator | rest of the machine (cores busy) |\n\
+                |---|---|---:|---:|---:|---:|\n";
         for (i, s) in scenarios.iter().enumerate() {
             for side in [Side::Direct, Side::Proxy] {
                 let w = &results[&(i, side)];
@@ -595,12 +612,13 @@ fn bench() -> Result<String> {
                     v[v.len() / 2]
                 };
                 out += &format!(
-                    "| {} | {} | {:.1} | {:.1} | {:.1} |\n",
+                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
                     s.id,
                     side.name(),
                     cpu(0),
                     cpu(1),
-                    cpu(2)
+                    cpu(2),
+                    median_of(w.iter().map(|w| w.others).collect()),
                 );
             }
         }
@@ -768,7 +786,10 @@ fn wait_rss(b: &Bench) -> Option<u64> {
 }
 
 fn median(runs: &[&RunResult], f: impl Fn(&RunResult) -> f64) -> f64 {
-    let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+    median_of(runs.iter().map(|r| f(r)).collect())
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,

@@ -313,3 +313,28 @@ pub fn children_cpu_us() -> f64 {
         t(u.user_time()) + t(u.system_time())
     })
 }
+
+/// CPU time the whole machine has spent busy (not idle, not waiting for
+/// I/O), in microseconds, from /proc/stat.
+pub fn machine_busy_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.parse::<u64>().ok())
+                .enumerate()
+                // user nice system idle iowait irq softirq steal: skip idle, iowait
+                .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0);
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks as f64 * 1e6 / tick as f64
+}
