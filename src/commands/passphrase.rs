@@ -194,13 +194,15 @@ impl Tty {
 
     /// Shows `prompt` and reads one line with echo off.
     pub fn prompt(&self, prompt: &str) -> Result<Passphrase> {
-        write_all(&self.0, prompt.as_bytes())
-            .map_err(|e| Error::msg(format!("/dev/tty: cannot write: {e}")))?;
         CAUGHT.store(0, Ordering::SeqCst);
         let result = {
             let _handlers = Handlers::install();
+            // Echo off first (which discards input typed ahead, and echoed),
+            // then the prompt: what is typed after it is never shown.
             let _echo = EchoOff::new(&self.0)?;
-            read_line(&self.0)
+            write_all(&self.0, prompt.as_bytes())
+                .map_err(|e| Error::msg(format!("/dev/tty: cannot write: {e}")))
+                .and_then(|()| read_line(&self.0))
         };
         // Echo was off, so the user's Enter did not move to a new line.
         self.say("\n");
@@ -282,7 +284,7 @@ impl<'a> EchoOff<'a> {
 
 impl Drop for EchoOff<'_> {
     fn drop(&mut self) {
-        let _ = termios::tcsetattr(self.file.as_fd(), SetArg::TCSAFLUSH, &self.saved);
+        let _ = termios::tcsetattr(self.file.as_fd(), SetArg::TCSANOW, &self.saved);
     }
 }
 
