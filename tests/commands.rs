@@ -903,3 +903,18 @@ fn arm_on_a_terminal_prompts_without_echo() {
     assert!(!screen.contains("wrong"), "echoed: {screen:?}");
     assert_eq!(s.upstream(), s.expect(&["deploy", "ec", "phab"]));
 }
+
+#[test]
+fn usage_errors_of_status_are_unknown_to_monitoring() {
+    let o = keyholder(&As::Root, &["status", "--bogus"]);
+    assert_eq!(o.status.code(), Some(3), "{}", both(&o));
+    let o = keyholder(&As::Root, &["list", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2), "{}", both(&o));
+    for args in [["status", "--help"], ["arm", "--help"]] {
+        let o = keyholder(&As::Root, &args);
+        assert_eq!(o.status.code(), Some(0), "{}", both(&o));
+    }
+    let o = keyholder(&As::Root, &["--version"]);
+    assert_eq!(o.status.code(), Some(0), "{}", both(&o));
+    assert!(stdout(&o).starts_with("keyholder "), "{}", both(&o));
+}

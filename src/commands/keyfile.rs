@@ -96,7 +96,9 @@ pub fn read(path: &Path) -> Result<(Metadata, Zeroizing<String>), ReadError> {
     let capacity = usize::try_from(meta.len()).unwrap_or(0).saturating_add(1);
     let mut text = Zeroizing::new(String::with_capacity(capacity));
     handle
-        .take(MAX_KEY_FILE)
+        // No more than stat said: the buffer never grows (and leaves no
+        // copy behind) even if the file does.
+        .take(meta.len())
         .read_to_string(&mut text)
         .map_err(|e| ReadError::Other(format!("cannot read {file}: {e}")))?;
     Ok((meta, text))

@@ -26,6 +26,9 @@ use super::ClientConfig;
 use crate::config::PublicKeySource;
 use crate::error::{Error, Result};
 
+/// Added to the daemon's upstream timeout for this command's deadline.
+const LIST_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Lists the keys the caller may use.
 pub fn run(config_path: &Path) -> Result<u8> {
     let config = ClientConfig::load(config_path)?;
@@ -34,9 +37,11 @@ pub fn run(config_path: &Path) -> Result<u8> {
     }
     let socket_path = config.socket();
     let socket = socket_path.display();
-    let timeout = config
-        .config()
-        .map_or(super::status::TIMEOUT, |c| c.limits.upstream_timeout);
+    // Longer than the daemon's own upstream deadline, so that its FAILURE
+    // (upstream too slow) arrives before this gives up.
+    let timeout = config.config().map_or(super::status::TIMEOUT, |c| {
+        c.limits.upstream_timeout + LIST_MARGIN
+    });
     let mut client = AgentClient::connect(&socket_path, timeout)
         .map_err(|e| Error::msg(format!("daemon unreachable at {socket}: {e}")))?;
     let ids = match client.call(&Request::RequestIdentities) {

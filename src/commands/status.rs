@@ -201,7 +201,7 @@ fn evaluate(config_path: &Path) -> Found {
         )),
         Err(e @ (ClientError::Timeout(_) | ClientError::Io(_) | ClientError::Connect(_))) => {
             found.state = State::Critical;
-            found.message = format!("CRITICAL: daemon at {socket} did not answer: {e}");
+            found.message = format!("CRITICAL: no answer from the daemon at {socket}: {e}");
             return found;
         }
         Err(e) => Err(format!("the daemon at {socket} sent an {e}")),
