@@ -52,7 +52,7 @@ enum State {
 
 /// Arms every configured key; returns the exit code (0: all armed).
 pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
-    crate::require_root("keyholder arm")?;
+    crate::require_root("arm")?;
     crate::hardening::apply()?;
     let config = Config::load(config_path)?;
     if config.keys.is_empty() {
@@ -208,7 +208,11 @@ fn unlock(config: &Config, states: &mut [State], source: &Source) {
         }
         Source::Unavailable(why) => {
             eprintln!("keyholder: {why}");
-            fail_locked(states, &format!("not decrypted: {why}"), None);
+            fail_locked(
+                states,
+                "encrypted, and there is no passphrase source (see above)",
+                None,
+            );
         }
     }
 }

@@ -22,26 +22,34 @@ use super::keyfile::{self, ReadError};
 use crate::config::{Config, KeyConfig, PublicKeySource};
 use crate::error::Result;
 
-/// What was found.
+/// What was found; messages wait in `pending` until [`Findings::flush`],
+/// so that they follow the description of what they are about.
 #[derive(Debug, Default)]
 struct Findings {
     errors: usize,
     warnings: usize,
+    pending: Vec<String>,
 }
 
 impl Findings {
     fn error(&mut self, message: String) {
         self.errors += 1;
-        println!("error: {message}");
+        self.pending.push(format!("error: {message}"));
     }
 
     fn warning(&mut self, message: String) {
         self.warnings += 1;
-        println!("warning: {message}");
+        self.pending.push(format!("warning: {message}"));
     }
 
     fn note(&mut self, message: String) {
-        println!("note: {message}");
+        self.pending.push(format!("note: {message}"));
+    }
+
+    fn flush(&mut self) {
+        for line in self.pending.drain(..) {
+            println!("{line}");
+        }
     }
 }
 
@@ -69,21 +77,27 @@ pub fn run(path: &Path) -> Result<u8> {
             path.display()
         ));
     }
+    found.flush();
     let root = nix::unistd::geteuid().is_root();
     for key in &config.keys {
-        let state = check_key(&config, key, root, &mut found);
         let public = match &key.source {
             PublicKeySource::Inline => format!("keys.{}.public_key", key.name),
             PublicKeySource::File(p) => p.display().to_string(),
         };
         println!(
-            "{}: {} groups={} allow_any_data={}; public key {public}; private key {} ({state})",
+            "{}: {} groups={} allow_any_data={}",
             key.name,
             key.fingerprint,
             key.groups.join(","),
             key.allow_any_data,
+        );
+        println!("  public key: {public}");
+        let state = check_key(&config, key, root, &mut found);
+        println!(
+            "  private key: {} ({state})",
             key.private_key_path.display()
         );
+        found.flush();
     }
     if found.errors == 0 {
         println!(

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// Removes every identity from the upstream agent.
 pub fn run(config_path: &Path) -> Result<u8> {
-    crate::require_root("keyholder disarm")?;
+    crate::require_root("disarm")?;
     let config = Config::load(config_path)?;
     let socket = config.agent.socket.display();
     let mut client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)

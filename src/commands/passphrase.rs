@@ -241,7 +241,7 @@ fn read_line(file: &File) -> Result<Passphrase> {
         match nix::unistd::read(file.as_fd(), &mut byte[..]) {
             Ok(0) => break,
             Ok(_) => {
-                let b = byte[0];
+                let [b] = *byte;
                 if b == b'\n' || b == b'\r' {
                     break;
                 }
