@@ -47,33 +47,51 @@ pub enum Command {
     },
     /// Decrypt every configured key found in key_dir and add it to the upstream agent. Root only.
     ///
+    /// Keys the upstream agent already holds count as armed and need no passphrase, so arm is
+    /// idempotent. Each other key is read from key_dir/NAME, which must be a regular file owned
+    /// by root with no group or other permissions, hold the configured public key, and be
+    /// encrypted when require_encrypted = true.
+    ///
     /// Asks for the passphrase on the terminal (one prompt serves every key it opens; it asks
     /// again for keys it could not open), or reads it from --passphrase-file, or from
-    /// $CREDENTIALS_DIRECTORY/keyholder-passphrase (systemd credentials). Idempotent.
-    /// Exit 0 when every configured key is armed, 1 otherwise (each failure named).
+    /// $CREDENTIALS_DIRECTORY/keyholder-passphrase (systemd credentials). Prints one line per
+    /// key and a summary. Exit 0 when every configured key is armed, 1 otherwise (each failure
+    /// named).
     Arm {
         /// Read the passphrase from this file (first line) instead of the terminal.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
     },
     /// Remove every identity from the upstream agent. Root only.
+    ///
+    /// Talks to agent.socket directly (the proxy refuses removals for everyone). Exit 0 when the
+    /// agent confirmed, 1 otherwise.
     Disarm,
     /// Report whether the daemon is reachable and which configured keys are armed.
     ///
-    /// Works for any user. Exit codes follow the monitoring-plugin convention:
-    /// 0 OK (all keys armed), 1 WARNING (some armed), 2 CRITICAL (none armed, or daemon or
-    /// upstream agent unreachable), 3 UNKNOWN.
+    /// Works for any user; asks the daemon over the proxy socket, within 10 s. The first line
+    /// is a one-line summary ("OK: 2/2 keys armed"), then one line per key. Exit codes follow
+    /// the monitoring-plugin convention: 0 OK (all keys armed), 1 WARNING (some armed),
+    /// 2 CRITICAL (none armed, or daemon or upstream agent unreachable), 3 UNKNOWN
+    /// (configuration error, no keys configured, an answer that cannot be understood).
+    /// When this user may not read the configuration, the default socket is asked.
     Status {
-        /// Print a stable JSON document instead of text.
+        /// Print a stable JSON document instead of text (same exit codes).
         #[arg(long)]
         json: bool,
     },
     /// List the keys you may use, with names, fingerprints and public key paths.
     ///
-    /// Select one identity with `ssh -i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`.
-    /// Exit 1 when there is none.
+    /// One line per armed key your groups allow: NAME, SHA256 fingerprint, algorithm, and the
+    /// public key file (or "(inline)"). Select one identity with
+    /// `ssh -i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`. Exit 1 when there is none.
     List,
     /// Validate the configuration and key files. Exit 1 with precise messages on error.
+    ///
+    /// Checks every private key file as arm will: present, a regular file owned by root,
+    /// no group or other permissions, holding the configured public key, encrypted when
+    /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
+    /// that need their contents are skipped with a note.
     CheckConfig,
 }
 

@@ -6,7 +6,22 @@ use clap::Parser;
 use keyholder::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors. A usage error of `status`
+            // is UNKNOWN (3) to monitoring, not CRITICAL (clap's 2).
+            let code = if !e.use_stderr() {
+                0
+            } else if std::env::args_os().skip(1).any(|a| a == "status") {
+                3
+            } else {
+                2
+            };
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Daemon { log } => keyholder::daemon::run(&cli.config, log).map(|()| 0),
         Command::Arm { passphrase_file } => {
