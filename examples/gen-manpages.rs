@@ -2,7 +2,7 @@
 //! definition ([`keyholder::cli::command`]), for the Debian package.
 //!
 //! ```sh
-//! cargo run --release --example gen-manpages -- target/assets
+//! cargo run --example gen-manpages -- target/assets
 //! ```
 //!
 //! writes `OUT/man/keyholder.1` and one `keyholder-SUBCOMMAND.1` per

@@ -26,10 +26,12 @@ fi
 export SOURCE_DATE_EPOCH
 
 # The generator writes where Cargo.toml's assets expect it (relative to the
-# crate root, whatever CARGO_TARGET_DIR is). Release profile: it shares the
-# compiled dependencies with the package build that follows.
+# crate root, whatever CARGO_TARGET_DIR is). Dev profile: `cargo test` has
+# usually built it already (examples are part of the test build), and its
+# dev-dependencies' features would not let it share a release build with the
+# package's binary anyway.
 rm -rf target/assets
-cargo run --quiet --release --locked --example gen-manpages -- target/assets >/dev/null
+cargo run --quiet --locked --example gen-manpages -- target/assets >/dev/null
 
 rm -f target/debian/keyholder_*.deb
 cargo deb --locked
