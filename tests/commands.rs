@@ -918,3 +918,27 @@ fn usage_errors_of_status_are_unknown_to_monitoring() {
     assert_eq!(o.status.code(), Some(0), "{}", both(&o));
     assert!(stdout(&o).starts_with("keyholder "), "{}", both(&o));
 }
+
+/// A monitoring pipeline that stops reading (`keyholder status | head -0`)
+/// must not turn the status into a panic: the exit code still tells.
+#[test]
+fn status_survives_a_closed_stdout() {
+    let dir = TempDir::new("pipe");
+    let config = dir.join("keyholder.toml");
+    std::fs::write(
+        &config,
+        format!("socket = \"{}\"\n", dir.join("absent.sock").display()),
+    )
+    .unwrap();
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    drop(read_end);
+    let o = std::process::Command::new(KEYHOLDER)
+        .args(["status", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}

@@ -56,7 +56,7 @@ pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
     crate::hardening::apply()?;
     let config = Config::load(config_path)?;
     if config.keys.is_empty() {
-        println!(
+        say!(
             "{}: no keys configured; nothing to arm",
             config.path.display()
         );
@@ -91,10 +91,10 @@ pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
     for (key, state) in config.keys.iter().zip(&states) {
         let armed = loaded.contains(&key.public_key);
         match state {
-            State::AlreadyArmed if armed => println!("{}: already armed", key.name),
-            State::Armed if armed => println!("{}: armed ({})", key.name, key.fingerprint),
-            State::Failed(why) => println!("{}: FAILED: {why}", key.name),
-            _ => println!(
+            State::AlreadyArmed if armed => say!("{}: already armed", key.name),
+            State::Armed if armed => say!("{}: armed ({})", key.name, key.fingerprint),
+            State::Failed(why) => say!("{}: FAILED: {why}", key.name),
+            _ => say!(
                 "{}: FAILED: the upstream agent does not hold it after arming",
                 key.name
             ),
@@ -105,10 +105,10 @@ pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
     }
     let total = config.keys.len();
     if failed.is_empty() {
-        println!("all {total} key(s) armed");
+        say!("all {total} key(s) armed");
         Ok(0)
     } else {
-        println!(
+        say!(
             "{}/{total} key(s) armed; not armed: {}",
             total - failed.len(),
             failed.join(", ")

@@ -48,7 +48,7 @@ impl Findings {
 
     fn flush(&mut self) {
         for line in self.pending.drain(..) {
-            println!("{line}");
+            say!("{line}");
         }
     }
 }
@@ -57,7 +57,7 @@ impl Findings {
 pub fn run(path: &Path) -> Result<u8> {
     let config = Config::load(path)?;
     let mut found = Findings::default();
-    println!(
+    say!(
         "{}: loaded: {} key(s); proxy socket {}; upstream agent {} ({}); require_encrypted = {}",
         path.display(),
         config.keys.len(),
@@ -84,32 +84,33 @@ pub fn run(path: &Path) -> Result<u8> {
             PublicKeySource::Inline => format!("keys.{}.public_key", key.name),
             PublicKeySource::File(p) => p.display().to_string(),
         };
-        println!(
+        say!(
             "{}: {} groups={} allow_any_data={}",
             key.name,
             key.fingerprint,
             key.groups.join(","),
             key.allow_any_data,
         );
-        println!("  public key: {public}");
+        say!("  public key: {public}");
         let state = check_key(&config, key, root, &mut found);
-        println!(
+        say!(
             "  private key: {} ({state})",
             key.private_key_path.display()
         );
         found.flush();
     }
     if found.errors == 0 {
-        println!(
+        say!(
             "check-config: OK ({} key(s), {} warning(s))",
             config.keys.len(),
             found.warnings
         );
         Ok(0)
     } else {
-        println!(
+        say!(
             "check-config: {} error(s), {} warning(s)",
-            found.errors, found.warnings
+            found.errors,
+            found.warnings
         );
         Ok(1)
     }

@@ -30,10 +30,10 @@ pub fn run(config_path: &Path) -> Result<u8> {
         Ok(Response::Success) => {
             match before {
                 Some(n) => {
-                    println!("disarmed: removed {n} identities from the upstream agent at {socket}")
+                    say!("disarmed: removed {n} identities from the upstream agent at {socket}")
                 }
                 None => {
-                    println!("disarmed: removed all identities from the upstream agent at {socket}")
+                    say!("disarmed: removed all identities from the upstream agent at {socket}")
                 }
             }
             Ok(0)

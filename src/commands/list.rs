@@ -77,7 +77,7 @@ pub fn run(config_path: &Path) -> Result<u8> {
     for row in &rows {
         let [name, fingerprint, algorithm, path] = row;
         let [w0, w1, w2] = widths;
-        println!("{name:<w0$}  {fingerprint:<w1$}  {algorithm:<w2$}  {path}");
+        say!("{name:<w0$}  {fingerprint:<w1$}  {algorithm:<w2$}  {path}");
     }
     Ok(0)
 }

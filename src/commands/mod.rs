@@ -6,6 +6,16 @@
 //! with deadlines), [`keyfile`] (private key file checks), [`passphrase`]
 //! (where `arm` gets passphrases).
 
+/// `println!` that does not panic when stdout is gone (`keyholder status |
+/// head -1`, a monitoring agent that stopped reading): output is best
+/// effort, the exit code is what counts.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod arm;
 pub mod check_config;
 pub mod client;

@@ -126,26 +126,26 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
             notes: found.notes.clone(),
         };
         match serde_json::to_string_pretty(&doc) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => say!("{text}"),
             Err(e) => {
-                println!(
+                say!(
                     "{{\"status\":\"UNKNOWN\",\"code\":3,\"message\":\"cannot encode JSON: {e}\"}}"
                 );
                 return State::Unknown.code();
             }
         }
     } else {
-        println!("{}", found.message);
+        say!("{}", found.message);
         let width = keys.iter().map(|k| k.name.len()).max().unwrap_or(0);
         for k in &keys {
             let armed = if k.armed { "armed" } else { "NOT ARMED" };
-            println!("{:<width$}  {armed:<9}  {}", k.name, k.fingerprint);
+            say!("{:<width$}  {armed:<9}  {}", k.name, k.fingerprint);
         }
         if found.state != State::Ok && !keys.is_empty() && keys.iter().any(|k| !k.armed) {
-            println!("to arm: run `keyholder arm` as root");
+            say!("to arm: run `keyholder arm` as root");
         }
         for note in &found.notes {
-            println!("note: {note}");
+            say!("note: {note}");
         }
     }
     found.state.code()
