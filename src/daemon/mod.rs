@@ -147,9 +147,26 @@ async fn serve(mut config: Config) -> Result<()> {
     );
 
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    // After an accept error (EMFILE, ENFILE…) accepting pauses for `backoff`:
+    // the listener stays readable while the error lasts, so retrying at once
+    // would spin. The pause is a branch of its own rather than a sleep in
+    // the accept branch, so signals are still handled during it.
+    let mut paused_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            // Signals first: a pending SIGTERM must not lose the draw, time
+            // after time, to an accept that is always ready and failing.
+            biased;
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
+                    config = new;
+                }
+            }
+            () = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
+                if paused_until.is_some() => paused_until = None,
+            accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
                     admit(stream, &limiter, &shared, &stop_rx, &done_tx, &total_limit_log, &user_limit_log);
@@ -158,17 +175,10 @@ async fn serve(mut config: Config) -> Result<()> {
                     if let Some(n) = accept_error_log.hit() {
                         tracing::error!("accept failed: {e}; retrying ({n} similar errors not logged)");
                     }
-                    tokio::time::sleep(backoff).await;
+                    paused_until = Some(tokio::time::Instant::now() + backoff);
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
-                    config = new;
-                }
-            }
         }
     }
 
