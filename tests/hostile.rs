@@ -1241,3 +1241,89 @@ fn without_cap_ipc_lock_memory_is_not_locked_and_the_daemon_says_so() {
         Some(w.blobs(&["deploy", "deploy2", "phab"]))
     );
 }
+
+// ---------------------------------------------------------------------------
+// Canonical encodings
+
+/// The key type name at the start of a key blob.
+fn blob_type(blob: &[u8]) -> String {
+    let (name, _) = take_string(blob).unwrap();
+    String::from_utf8(name.to_vec()).unwrap()
+}
+
+#[test]
+fn openssh_key_blobs_pass_and_non_canonical_ones_are_refused() {
+    require_root!();
+    let dir = TempDir::new("c");
+    let agent = Agent::start(&dir);
+    for (name, kind) in [("ed", "ed25519"), ("rsa", "rsa"), ("ec", "ecdsa")] {
+        keygen(dir.path(), name, kind, "");
+    }
+    // A user certificate for `ed`: ssh-add loads ed-cert.pub along with ed.
+    let ca = keygen(dir.path(), "ca", "ed25519", "");
+    let o = run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca)
+        .args(["-I", "kht", "-n", "u", "-V", "+1h"])
+        .arg(dir.join("ed.pub")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["ed", "rsa", "ec"] {
+        agent.add(&dir.join(name));
+    }
+    let before = agent.keys();
+    let d = Daemon::start(
+        &dir,
+        &agent,
+        "[keys.ed]\ngroups = [\"root\"]\n[keys.rsa]\ngroups = [\"root\"]\n[keys.ec]\ngroups = [\"root\"]\n",
+    );
+    let mut c = connect(&d.socket);
+    // Every identity as OpenSSH encodes it (ed25519, RSA, ECDSA, and the
+    // certificate, which counts as the key it certifies) signs.
+    let blobs = listed_blobs(&call(&mut c, &[11]).unwrap()).unwrap();
+    let types: Vec<String> = blobs.iter().map(|b| blob_type(b)).collect();
+    assert_eq!(blobs.len(), 4, "{types:?}");
+    assert!(types.contains(&"ssh-ed25519-cert-v01@openssh.com".to_owned()));
+    for blob in &blobs {
+        let (alg, flags) = match blob_type(blob).as_str() {
+            "ssh-rsa" => ("rsa-sha2-256".to_owned(), 2),
+            t => (t.to_owned(), 0),
+        };
+        let data = userauth_data(blob, "u", &alg);
+        let a = call(&mut c, &sign_request(blob, &data, flags)).unwrap();
+        assert_eq!(a[0], SIGN_RESPONSE, "{alg}");
+        if alg == "ssh-ed25519" {
+            verify_signature(blob, &data, &a).unwrap();
+        }
+    }
+    // The ed25519 key with its inner length disagreeing with the blob, or
+    // with bytes left inside the blob: malformed, refused, not normalised
+    // and forwarded.
+    let ed = blobs
+        .iter()
+        .find(|b| blob_type(b) == "ssh-ed25519")
+        .unwrap();
+    let mut bad_len = ed.clone();
+    bad_len[15..19].copy_from_slice(&40u32.to_be_bytes());
+    let data = userauth_data(ed, "u", "ssh-ed25519");
+    assert_eq!(
+        call(&mut c, &sign_request(&bad_len, &data, 0)),
+        Some(vec![FAILURE])
+    );
+    let mut stuffed = ed.clone();
+    stuffed.extend(string(b"x"));
+    assert_eq!(
+        call(&mut c, &sign_request(&stuffed, &data, 0)),
+        Some(vec![FAILURE])
+    );
+    // The same in the user-auth data's key blob.
+    let stuffed_data = userauth_data(&stuffed, "u", "ssh-ed25519");
+    assert_eq!(
+        call(&mut c, &sign_request(ed, &stuffed_data, 0)),
+        Some(vec![FAILURE])
+    );
+    assert!(d.wait_log("malformed (non-canonical encoding)"));
+    assert!(d
+        .log_text()
+        .contains("not-ssh-userauth (malformed public key)"));
+    assert_eq!(agent.keys(), before);
+}
