@@ -63,6 +63,8 @@ pub struct Shared {
     pub runtime: watch::Receiver<Arc<Runtime>>,
     /// Once-per-burst logging of upstream failures.
     pub upstream_errors: SharedBurstLog,
+    /// Once-per-burst logging of user database errors.
+    pub lookup_errors: SharedBurstLog,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -89,6 +91,8 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
 }
 
 async fn serve(mut config: Config) -> Result<()> {
+    // First, so that a spawned agent inherits the raised descriptor limit.
+    let max_connections = limits::fit_descriptors(config.limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sigterm = signal_stream(SignalKind::terminate())?;
     let mut sigint = signal_stream(SignalKind::interrupt())?;
@@ -123,14 +127,12 @@ async fn serve(mut config: Config) -> Result<()> {
             return Err(e);
         }
     };
-    let limiter = Limiter::new(
-        config.limits.max_connections,
-        config.limits.max_connections_per_user,
-    );
+    let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
+        lookup_errors: SharedBurstLog::new(BURST_WINDOW),
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
@@ -232,8 +234,18 @@ fn admit(
     let done = done.clone();
     tokio::spawn(async move {
         let caller = tokio::task::spawn_blocking(move || caller::resolve(uid, pid)).await;
-        if let Ok(caller) = caller {
-            connection::serve(stream, caller, shared, stop).await;
+        match caller {
+            Ok(Ok(caller)) => connection::serve(stream, caller, shared, stop).await,
+            // Who the caller is is unknown: close rather than guess.
+            Ok(Err(e)) => {
+                if let Some(n) = shared.lookup_errors.hit() {
+                    tracing::error!(
+                        "cannot look up uid={uid} in the user database: {e}; closing its \
+                         connection ({n} similar errors not logged)"
+                    );
+                }
+            }
+            Err(_) => {}
         }
         drop(admission);
         drop(done);
