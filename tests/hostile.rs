@@ -842,6 +842,50 @@ fn accept_errors_are_logged_once_per_burst_and_never_stop_the_daemon() {
     );
 }
 
+/// `rounds` times, `n` concurrent `ssh-add -L` as `who`; returns
+/// (successful listings, "no identities" answers).
+fn concurrent_listings(who: &As, socket: &Path, n: usize, rounds: usize) -> (usize, usize) {
+    let script = format!(
+        "for i in $(seq {n}); do SSH_AUTH_SOCK='{}' timeout 10 ssh-add -L & done; wait",
+        socket.display()
+    );
+    let (mut ok, mut empty) = (0, 0);
+    for _ in 0..rounds {
+        let o = run(who.command("sh").args(["-c", &script]));
+        let out = stdout(&o);
+        ok += out.lines().filter(|l| l.starts_with("ssh-ed25519")).count() / 2;
+        empty += out.matches("has no identities").count();
+    }
+    (ok, empty)
+}
+
+#[test]
+fn a_low_descriptor_limit_lowers_max_connections_instead_of_running_out() {
+    require_root!();
+    let w = World::new();
+    let member = TestUser::create("mem", &[&w.deployers]);
+    let body = Daemon::config(&w.dir, &w.agent.socket, &w.keys_toml());
+    let d = Daemon::start_via(&w.dir, &body, &["prlimit", "--nofile=300:300", "--"]);
+    // (300 - 256 spare) / 2 descriptors per connection.
+    assert!(d.wait_log("max_connections 4096 lowered to 22: RLIMIT_NOFILE 300"));
+    // The limit, not the descriptors, runs out: excess connections are
+    // closed at once, the daemon never fails to accept.
+    let held = hold(&d.socket, 30);
+    assert_eq!((held.kept.len(), held.refused), (22, 8));
+    let (ok, empty) = concurrent_listings(&member.as_user(), &d.socket, 10, 1);
+    assert_eq!((ok, empty), (0, 0));
+    drop(held);
+    // With the slots free, every listing is complete: the user-database
+    // lookups always had descriptors (glibc would report a failed one as
+    // "no such user", and the caller would get an empty list).
+    let (ok, empty) = concurrent_listings(&member.as_user(), &d.socket, 20, 3);
+    assert_eq!((ok, empty), (60, 0), "{}", d.log_text());
+    assert!(d
+        .log_text()
+        .contains("connection limit max_connections reached"));
+    assert!(!d.log_text().contains("accept failed"), "{}", d.log_text());
+}
+
 // ---------------------------------------------------------------------------
 // Upstream agent gone or hung
 
