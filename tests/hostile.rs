@@ -1127,6 +1127,7 @@ fn concurrent_clients_of_several_users_get_exactly_the_right_answers() {
     let (root_ops, root_bad) = stress(&spec(&["deploy", "deploy2", "phab"]));
     assert!(root_bad.is_empty(), "root: {root_bad:#?}");
     let mut total = root_ops;
+    let mut each = vec![format!("root {root_ops}")];
     for (who, child) in &mut workers {
         let line = read_line_with(child, "STRESS ");
         let (ops, bad) = (field(&line, "ops"), field(&line, "bad"));
@@ -1134,8 +1135,12 @@ fn concurrent_clients_of_several_users_get_exactly_the_right_answers() {
         assert_eq!(bad, 0, "{who}: {line}");
         assert!(ops > 100, "{who}: {line}");
         total += ops as usize;
+        each.push(format!("{who} {ops}"));
     }
-    eprintln!("stress: {total} requests checked, all answers right");
+    eprintln!(
+        "stress: {total} requests checked in {duration:?} ({}), all answers right",
+        each.join(", ")
+    );
     assert_eq!(w.agent.keys(), before, "the upstream agent changed");
     // Not locked either: signing still works.
     let mut c = connect(&d.socket);
