@@ -911,7 +911,7 @@ fn upstream_agent_gone_gets_failure_promptly_and_service_resumes_by_itself() {
                 let start = Instant::now();
                 assert_eq!(call(conn, &msg), Some(vec![FAILURE]), "{what} {round}");
                 assert!(
-                    start.elapsed() < Duration::from_millis(500),
+                    start.elapsed() < Duration::from_millis(800),
                     "{what} {round}"
                 );
             }
@@ -987,7 +987,7 @@ fn a_spawned_agent_that_dies_is_restarted_and_service_resumes_on_open_connection
     // Until it is back (and re-armed) every sign gets FAILURE, promptly.
     let start = Instant::now();
     assert_eq!(call(&mut conn, &sign), Some(vec![FAILURE]));
-    assert!(start.elapsed() < Duration::from_millis(500));
+    assert!(start.elapsed() < Duration::from_millis(800));
     assert!(d.wait_log("upstream agent restarted"));
     assert!(wait_for(Duration::from_secs(10), || UnixStream::connect(
         &agent_sock
@@ -1048,7 +1048,7 @@ fn a_hung_upstream_times_out_per_request_and_blocks_nobody_else() {
     assert_eq!(call(&mut other, &[200]), Some(vec![FAILURE]));
     assert_eq!(call(&mut other, &[19]), Some(vec![FAILURE]));
     assert!(
-        t.elapsed() < Duration::from_millis(300),
+        t.elapsed() < Duration::from_millis(700),
         "{:?}",
         t.elapsed()
     );
