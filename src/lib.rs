@@ -9,8 +9,10 @@
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
+//! - [`cli`]: the command line definition (binary, man page, completions).
 
 pub mod backend;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -1,82 +1,27 @@
-//! The `keyholder` command line.
+//! The `keyholder` command line (defined in [`keyholder::cli`]).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use keyholder::config::{LogTarget, DEFAULT_CONFIG};
-
-/// Privileged ssh-agent proxy: lets a group of people use a deploy key
-/// without ever holding it.
-///
-/// Deployers point SSH_AUTH_SOCK at the proxy socket (default
-/// /run/keyholder/proxy.sock) and run plain ssh, scp, rsync or git. The
-/// daemon lists and signs only with the keys their Unix groups may use, and
-/// only SSH user-authentication requests; adding, removing and locking keys
-/// through the proxy is refused for everyone.
-#[derive(Debug, Parser)]
-#[command(
-    name = "keyholder",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
-struct Cli {
-    /// Configuration file.
-    #[arg(long, short = 'c', global = true, env = "KEYHOLDER_CONFIG", default_value = DEFAULT_CONFIG, value_name = "FILE")]
-    config: PathBuf,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the proxy (and the supervised upstream ssh-agent) in the foreground. Root only.
-    ///
-    /// Listens on `socket` (mode 0666), starts `ssh-agent -D -a agent.socket` when
-    /// agent.spawn = true, and serves until SIGTERM or SIGINT (exit 0, socket removed).
-    /// SIGHUP reloads the configuration; a configuration that fails to load leaves the
-    /// last good one in force. Under systemd it reports readiness with sd_notify.
-    Daemon {
-        /// Where logs go; overrides `log` in the configuration.
-        #[arg(long, value_enum, value_name = "TARGET")]
-        log: Option<LogTarget>,
-    },
-    /// Decrypt every configured key found in key_dir and add it to the upstream agent. Root only.
-    ///
-    /// Asks for the passphrase on the terminal (one prompt serves every key it opens; it asks
-    /// again for keys it could not open), or reads it from --passphrase-file, or from
-    /// $CREDENTIALS_DIRECTORY/keyholder-passphrase (systemd credentials). Idempotent.
-    /// Exit 0 when every configured key is armed, 1 otherwise (each failure named).
-    Arm {
-        /// Read the passphrase from this file (first line) instead of the terminal.
-        #[arg(long, value_name = "FILE")]
-        passphrase_file: Option<PathBuf>,
-    },
-    /// Remove every identity from the upstream agent. Root only.
-    Disarm,
-    /// Report whether the daemon is reachable and which configured keys are armed.
-    ///
-    /// Works for any user. Exit codes follow the monitoring-plugin convention:
-    /// 0 OK (all keys armed), 1 WARNING (some armed), 2 CRITICAL (none armed, or daemon or
-    /// upstream agent unreachable), 3 UNKNOWN.
-    Status {
-        /// Print a stable JSON document instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List the keys you may use, with names, fingerprints and public key paths.
-    ///
-    /// Select one identity with `ssh -i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`.
-    /// Exit 1 when there is none.
-    List,
-    /// Validate the configuration and key files. Exit 1 with precise messages on error.
-    CheckConfig,
-}
+use clap::Parser;
+use keyholder::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors. A usage error of `status`
+            // is UNKNOWN (3) to monitoring, not CRITICAL (clap's 2).
+            let code = if !e.use_stderr() {
+                0
+            } else if std::env::args_os().skip(1).any(|a| a == "status") {
+                3
+            } else {
+                2
+            };
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Daemon { log } => keyholder::daemon::run(&cli.config, log).map(|()| 0),
         Command::Arm { passphrase_file } => {

@@ -1,28 +1,230 @@
 //! `keyholder check-config`: loads the configuration exactly as the daemon
-//! would, and reports what it found.
+//! would (an error there is the command's one-line error, exit 1), then
+//! checks what `arm` will need, key by key:
+//! - `key_dir/NAME` exists, is a regular file owned by root, and neither
+//!   group nor others have any permission on it;
+//! - the public key embedded in it (OpenSSH private key files carry it in
+//!   cleartext) is the configured one;
+//! - it is encrypted, when `require_encrypted = true`.
+//!
+//! Findings are errors (exit 1), warnings (exit 0: `key_dir` writable by
+//! group or others or not owned by root; `NAME.pub` not world-readable; a
+//! missing private key with `agent.spawn = false`, where the agent may get
+//! the key another way), or notes. Run by a user who can read the
+//! configuration but not the private keys (they are root's), the contents
+//! checks cannot be made: that is a note, not an error; type, owner and mode
+//! are still checked, since `stat` needs no read permission.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::config::{Config, PublicKeySource};
+use super::keyfile::{self, ReadError};
+use crate::config::{Config, KeyConfig, PublicKeySource};
 use crate::error::Result;
 
-/// Validates the configuration; prints a summary. Exit 0, or an error.
+/// What was found; messages wait in `pending` until [`Findings::flush`],
+/// so that they follow the description of what they are about.
+#[derive(Debug, Default)]
+struct Findings {
+    errors: usize,
+    warnings: usize,
+    pending: Vec<String>,
+}
+
+impl Findings {
+    fn error(&mut self, message: String) {
+        self.errors += 1;
+        self.pending.push(format!("error: {message}"));
+    }
+
+    fn warning(&mut self, message: String) {
+        self.warnings += 1;
+        self.pending.push(format!("warning: {message}"));
+    }
+
+    fn note(&mut self, message: String) {
+        self.pending.push(format!("note: {message}"));
+    }
+
+    fn flush(&mut self) {
+        for line in self.pending.drain(..) {
+            say!("{line}");
+        }
+    }
+}
+
+/// Validates the configuration and key files. Exit 0, or 1 with the errors.
 pub fn run(path: &Path) -> Result<u8> {
     let config = Config::load(path)?;
-    println!("{}: OK ({} key(s))", path.display(), config.keys.len());
+    let mut found = Findings::default();
+    say!(
+        "{}: loaded: {} key(s); proxy socket {}; upstream agent {} ({}); require_encrypted = {}",
+        path.display(),
+        config.keys.len(),
+        config.socket.display(),
+        config.agent.socket.display(),
+        if config.agent.spawn {
+            "spawned by the daemon"
+        } else {
+            "run by someone else"
+        },
+        config.require_encrypted
+    );
+    check_key_dir(&config, &mut found);
+    if config.keys.is_empty() {
+        found.warning(format!(
+            "{}: no [keys.NAME] configured: the daemon will serve no keys",
+            path.display()
+        ));
+    }
+    found.flush();
+    let root = nix::unistd::geteuid().is_root();
     for key in &config.keys {
-        let source = match &key.source {
-            PublicKeySource::Inline => "inline public_key".to_owned(),
+        let public = match &key.source {
+            PublicKeySource::Inline => format!("keys.{}.public_key", key.name),
             PublicKeySource::File(p) => p.display().to_string(),
         };
-        println!(
-            "  {} {} groups={} allow_any_data={} public key: {}",
+        say!(
+            "{}: {} groups={} allow_any_data={}",
             key.name,
             key.fingerprint,
             key.groups.join(","),
             key.allow_any_data,
-            source
         );
+        say!("  public key: {public}");
+        let state = check_key(&config, key, root, &mut found);
+        say!(
+            "  private key: {} ({state})",
+            key.private_key_path.display()
+        );
+        found.flush();
     }
-    Ok(0)
+    if found.errors == 0 {
+        say!(
+            "check-config: OK ({} key(s), {} warning(s))",
+            config.keys.len(),
+            found.warnings
+        );
+        Ok(0)
+    } else {
+        say!(
+            "check-config: {} error(s), {} warning(s)",
+            found.errors,
+            found.warnings
+        );
+        Ok(1)
+    }
+}
+
+fn check_key_dir(config: &Config, found: &mut Findings) {
+    let dir = config.key_dir.display();
+    match std::fs::metadata(&config.key_dir) {
+        Ok(meta) if !meta.is_dir() => {
+            found.error(format!("key_dir {dir} is not a directory"));
+        }
+        Ok(meta) => {
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                found.warning(format!(
+                    "key_dir {dir} is group- or world-writable (mode {mode:04o}): whoever may \
+                     write there can replace key files (chmod 755 {dir})"
+                ));
+            }
+            if meta.uid() != 0 {
+                found.warning(format!(
+                    "key_dir {dir} is owned by uid {}, not root",
+                    meta.uid()
+                ));
+            }
+        }
+        Err(e) if config.keys.is_empty() => {
+            found.note(format!("key_dir {dir}: {e}"));
+        }
+        Err(e) => found.error(format!("key_dir {dir}: {e}")),
+    }
+}
+
+/// Checks one key's files; returns a word on the private key's state.
+fn check_key(config: &Config, key: &KeyConfig, root: bool, found: &mut Findings) -> String {
+    let name = &key.name;
+    if let PublicKeySource::File(public) = &key.source {
+        if let Ok(meta) = std::fs::metadata(public) {
+            if meta.mode() & 0o004 == 0 {
+                found.warning(format!(
+                    "keys.{name}: {} is not world-readable (mode {:04o}): deployers cannot select \
+                     the key with `ssh -i {0} -o IdentitiesOnly=yes`",
+                    public.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+    }
+
+    let path = &key.private_key_path;
+    let file = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !config.agent.spawn => {
+            found.warning(format!(
+                "keys.{name}: private key {file} does not exist: `keyholder arm` cannot load it \
+                 (fine if the upstream agent gets the key another way)"
+            ));
+            return "missing".to_owned();
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            found.error(format!(
+                "keys.{name}: private key {file} does not exist (`keyholder arm` loads it from there)"
+            ));
+            return "missing".to_owned();
+        }
+        Err(e) => {
+            found.error(format!("keys.{name}: private key {file}: {e}"));
+            return "not inspected".to_owned();
+        }
+    };
+    let problems = keyfile::problems(path, &meta);
+    let bad_type = !meta.file_type().is_file();
+    for p in problems {
+        found.error(format!("keys.{name}: {p}"));
+    }
+    if bad_type {
+        return "not a regular file".to_owned();
+    }
+
+    let text = match keyfile::read(path) {
+        Ok((_, text)) => text,
+        Err(ReadError::Denied(e)) if !root => {
+            found.note(format!(
+                "keys.{name}: {file}: not readable as uid {} ({e}): whether it holds the \
+                 configured key and is encrypted was not checked (run check-config as root)",
+                nix::unistd::geteuid()
+            ));
+            return "contents not checked".to_owned();
+        }
+        Err(e) => {
+            found.error(format!("keys.{name}: {e}"));
+            return "unreadable".to_owned();
+        }
+    };
+    let private = match keyfile::parse(key, path, &text) {
+        Ok(p) => p,
+        Err(e) => {
+            found.error(format!("keys.{name}: {e}"));
+            return "invalid".to_owned();
+        }
+    };
+    if private.is_encrypted() {
+        "encrypted".to_owned()
+    } else if config.require_encrypted {
+        found.error(format!(
+            "keys.{name}: {file} is not encrypted, but require_encrypted = true \
+             (set a passphrase with: ssh-keygen -p -f {file})"
+        ));
+        "NOT encrypted".to_owned()
+    } else {
+        found.note(format!(
+            "keys.{name}: {file} is not encrypted (allowed by require_encrypted = false)"
+        ));
+        "not encrypted".to_owned()
+    }
 }

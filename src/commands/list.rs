@@ -1,10 +1,138 @@
-//! `keyholder list`: not implemented yet.
+//! `keyholder list`: the keys the caller may use, like `ssh-add -l` with
+//! key names. Asks the proxy for its identities (the daemon already filters
+//! them by the caller's groups and drops unarmed keys) and names each by the
+//! configured key with the same public key:
+//!
+//! ```text
+//! deploy  SHA256:…  ED25519  /etc/keyholder.d/deploy.pub
+//! phab    SHA256:…  ECDSA    (inline)
+//! ```
+//!
+//! The last column is the public key file to select the key with
+//! (`ssh -i FILE -o IdentitiesOnly=yes`), or `(inline)` when the public key
+//! is written in the configuration. An identity that matches no configured
+//! key (the daemon runs another configuration, or this one is unreadable)
+//! is shown as `?` with the agent's comment. Exit 1, with a message on
+//! stderr, when there is none.
 
 use std::path::Path;
 
+use ssh_agent_lib::proto::{Identity, Request, Response};
+use ssh_key::public::KeyData;
+use ssh_key::{Algorithm, HashAlg};
+
+use super::client::{describe, AgentClient};
+use super::ClientConfig;
+use crate::config::PublicKeySource;
 use crate::error::{Error, Result};
 
+/// Added to the daemon's upstream timeout for this command's deadline.
+const LIST_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Lists the keys the caller may use.
-pub fn run(_config: &Path) -> Result<u8> {
-    Err(Error::msg("list is not implemented yet"))
+pub fn run(config_path: &Path) -> Result<u8> {
+    let config = ClientConfig::load(config_path)?;
+    if let Some(note) = config.note() {
+        eprintln!("keyholder: note: {note}");
+    }
+    let socket_path = config.socket();
+    let socket = socket_path.display();
+    // Longer than the daemon's own upstream deadline, so that its FAILURE
+    // (upstream too slow) arrives before this gives up.
+    let timeout = config.config().map_or(super::status::TIMEOUT, |c| {
+        c.limits.upstream_timeout + LIST_MARGIN
+    });
+    let mut client = AgentClient::connect(&socket_path, timeout)
+        .map_err(|e| Error::msg(format!("daemon unreachable at {socket}: {e}")))?;
+    let ids = match client.call(&Request::RequestIdentities) {
+        Ok(Response::IdentitiesAnswer(ids)) => ids,
+        Ok(other) => {
+            return Err(Error::msg(format!(
+                "daemon at {socket} answered {} to a request for identities",
+                describe(&other)
+            )))
+        }
+        Err(e) => return Err(Error::msg(format!("daemon at {socket}: {e}"))),
+    };
+
+    let rows = rows(config.config(), &ids);
+    if rows.is_empty() {
+        let who = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map_or_else(String::new, |u| format!("{} ", u.name));
+        eprintln!(
+            "keyholder: no keys available to you ({who}uid {}): your groups grant none of the \
+             configured keys, or none of yours is armed (see `keyholder status`)",
+            nix::unistd::getuid()
+        );
+        return Ok(1);
+    }
+    let widths = [0, 1, 2].map(|i| {
+        rows.iter()
+            .map(|r| r.get(i).map_or(0, String::len))
+            .max()
+            .unwrap_or(0)
+    });
+    for row in &rows {
+        let [name, fingerprint, algorithm, path] = row;
+        let [w0, w1, w2] = widths;
+        say!("{name:<w0$}  {fingerprint:<w1$}  {algorithm:<w2$}  {path}");
+    }
+    Ok(0)
+}
+
+/// One row per identity: name, fingerprint, algorithm, public key path;
+/// configured keys first, in configuration order.
+fn rows(config: Option<&crate::config::Config>, ids: &[Identity]) -> Vec<[String; 4]> {
+    let mut rows = Vec::new();
+    let mut matched = vec![false; ids.len()];
+    if let Some(config) = config {
+        for key in &config.keys {
+            let Some(i) = ids
+                .iter()
+                .position(|id| id.credential.key_data() == &key.public_key)
+            else {
+                continue;
+            };
+            if let Some(m) = matched.get_mut(i) {
+                *m = true;
+            }
+            let path = match &key.source {
+                PublicKeySource::File(p) => p.display().to_string(),
+                PublicKeySource::Inline => "(inline)".to_owned(),
+            };
+            rows.push([
+                key.name.clone(),
+                key.fingerprint.clone(),
+                algorithm(&key.public_key),
+                path,
+            ]);
+        }
+    }
+    for (id, seen) in ids.iter().zip(matched) {
+        if !seen {
+            let key = id.credential.key_data();
+            rows.push([
+                "?".to_owned(),
+                key.fingerprint(HashAlg::Sha256).to_string(),
+                algorithm(key),
+                format!("(not in this configuration; comment {:?})", id.comment),
+            ]);
+        }
+    }
+    rows
+}
+
+/// The algorithm as `ssh-add -l` shows it.
+fn algorithm(key: &KeyData) -> String {
+    match key.algorithm() {
+        Algorithm::Ed25519 => "ED25519".to_owned(),
+        Algorithm::Rsa { .. } => "RSA".to_owned(),
+        Algorithm::Ecdsa { .. } => "ECDSA".to_owned(),
+        Algorithm::Dsa => "DSA".to_owned(),
+        Algorithm::SkEcdsaSha2NistP256 => "ECDSA-SK".to_owned(),
+        Algorithm::SkEd25519 => "ED25519-SK".to_owned(),
+        other => other.as_str().to_uppercase(),
+    }
 }

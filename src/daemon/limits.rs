@@ -90,6 +90,45 @@ impl Drop for Admission {
     }
 }
 
+/// Descriptors kept free beyond the two per connection (client and
+/// upstream): the listener, the log, the runtime's own, a spawned agent's
+/// pipes, and user-database lookups running at once (up to the blocking
+/// pool's 64 threads, each may open files or sockets). Those lookups must
+/// not run out: glibc reports a database it could not open as "no such
+/// user" (see `caller::resolve`).
+pub const SPARE_DESCRIPTORS: u64 = 256;
+
+/// How many connections fit in `nofile` descriptors: `max`, or fewer (at
+/// least one) when two per connection plus the spare do not fit.
+pub fn connections_that_fit(max: u32, nofile: u64) -> u32 {
+    let room = nofile.saturating_sub(SPARE_DESCRIPTORS) / 2;
+    u32::try_from(room).unwrap_or(u32::MAX).clamp(1, max.max(1))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (systemd starts services
+/// with a soft limit of 1024 unless told otherwise) and returns how many of
+/// `max_connections` fit, logging when that is fewer: the connection limit
+/// then refuses connections before the daemon runs out of descriptors.
+pub fn fit_descriptors(max_connections: u32) -> u32 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let fit = connections_that_fit(max_connections, soft);
+    if fit < max_connections {
+        tracing::warn!(
+            "max_connections {max_connections} lowered to {fit}: RLIMIT_NOFILE {soft} leaves room \
+             for {fit} (two descriptors each, {SPARE_DESCRIPTORS} spare); raise LimitNOFILE"
+        );
+    }
+    fit
+}
+
 /// Says when an event of a recurring kind should be logged: the first of a
 /// burst at once, then at most once per `window`, with how many were not
 /// logged in between.
@@ -173,6 +212,16 @@ mod tests {
         assert!(l.admit(6).is_ok());
         drop(a);
         assert_eq!(l.open_by(5), 0);
+    }
+
+    #[test]
+    fn connections_fit_the_descriptor_limit() {
+        assert_eq!(connections_that_fit(4096, 65536), 4096);
+        assert_eq!(connections_that_fit(4096, 2 * 4096 + 256), 4096);
+        assert_eq!(connections_that_fit(4096, 2 * 4096 + 255), 4095);
+        assert_eq!(connections_that_fit(4096, 1024), 384);
+        assert_eq!(connections_that_fit(4096, 100), 1);
+        assert_eq!(connections_that_fit(10, u64::MAX), 10);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct Shared {
     pub runtime: watch::Receiver<Arc<Runtime>>,
     /// Once-per-burst logging of upstream failures.
     pub upstream_errors: SharedBurstLog,
+    /// Once-per-burst logging of user database errors.
+    pub lookup_errors: SharedBurstLog,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -91,6 +93,8 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
 }
 
 async fn serve(mut config: Config) -> Result<()> {
+    // First, so that a spawned agent inherits the raised descriptor limit.
+    let max_connections = limits::fit_descriptors(config.limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sigterm = signal_stream(SignalKind::terminate())?;
     let mut sigint = signal_stream(SignalKind::interrupt())?;
@@ -125,14 +129,12 @@ async fn serve(mut config: Config) -> Result<()> {
             return Err(e);
         }
     };
-    let limiter = Limiter::new(
-        config.limits.max_connections,
-        config.limits.max_connections_per_user,
-    );
+    let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
+        lookup_errors: SharedBurstLog::new(BURST_WINDOW),
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
@@ -156,9 +158,26 @@ async fn serve(mut config: Config) -> Result<()> {
     }
 
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    // After an accept error (EMFILE, ENFILE…) accepting pauses for `backoff`:
+    // the listener stays readable while the error lasts, so retrying at once
+    // would spin. The pause is a branch of its own rather than a sleep in
+    // the accept branch, so signals are still handled during it.
+    let mut paused_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            // Signals first: a pending SIGTERM must not lose the draw, time
+            // after time, to an accept that is always ready and failing.
+            biased;
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
+                    config = new;
+                }
+            }
+            () = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
+                if paused_until.is_some() => paused_until = None,
+            accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
                     admit(stream, &limiter, &shared, &stop_rx, &done_tx, &total_limit_log, &user_limit_log);
@@ -167,17 +186,10 @@ async fn serve(mut config: Config) -> Result<()> {
                     if let Some(n) = accept_error_log.hit() {
                         tracing::error!("accept failed: {e}; retrying ({n} similar errors not logged)");
                     }
-                    tokio::time::sleep(backoff).await;
+                    paused_until = Some(tokio::time::Instant::now() + backoff);
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
-                    config = new;
-                }
-            }
         }
     }
 
@@ -231,8 +243,18 @@ fn admit(
     let done = done.clone();
     tokio::spawn(async move {
         let caller = tokio::task::spawn_blocking(move || caller::resolve(uid, pid)).await;
-        if let Ok(caller) = caller {
-            connection::serve(stream, caller, shared, stop).await;
+        match caller {
+            Ok(Ok(caller)) => connection::serve(stream, caller, shared, stop).await,
+            // Who the caller is is unknown: close rather than guess.
+            Ok(Err(e)) => {
+                if let Some(n) = shared.lookup_errors.hit() {
+                    tracing::error!(
+                        "cannot look up uid={uid} in the user database: {e}; closing its \
+                         connection ({n} similar errors not logged)"
+                    );
+                }
+            }
+            Err(_) => {}
         }
         drop(admission);
         drop(done);

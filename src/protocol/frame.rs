@@ -7,6 +7,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// The largest message accepted, as in OpenSSH's `ssh-agent` (256 KiB).
 pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
 
+/// How much a message buffer grows at a time while the body arrives.
+const READ_STEP: usize = 16 * 1024;
+
 /// Why no message could be read.
 #[derive(Debug)]
 pub enum FrameError {
@@ -61,9 +64,28 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
     }
     let len = check_len(header)?;
+    // The buffer grows with the bytes that actually arrive, not with the
+    // length announced: a client that sends a 256 KiB header and then stalls
+    // costs a few KiB, not the cap. Growth doubles (for few reallocations)
+    // but never past `len`, and unread capacity is never written to.
     buf.clear();
-    buf.resize(len, 0);
-    reader.read_exact(buf).await.map_err(FrameError::Io)?;
+    while buf.len() < len {
+        let got = buf.len();
+        let want = (len - got).min(READ_STEP);
+        if buf.capacity() == got {
+            let target = buf.capacity().saturating_mul(2).max(got + want).min(len);
+            buf.reserve_exact(target - got);
+        }
+        let rest = u64::try_from(len - got).unwrap_or(u64::MAX);
+        let n = (&mut *reader)
+            .take(rest)
+            .read_buf(buf)
+            .await
+            .map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
     Ok(())
 }
 
@@ -120,6 +142,56 @@ mod tests {
         ));
         let over = (MAX_MESSAGE_LEN as u32 + 1).to_be_bytes();
         assert!(matches!(read(&over).await, Err(FrameError::TooLong(_))));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_message_costs_what_was_sent_not_what_was_announced() {
+        // Announces the cap, sends 100 bytes, then stalls (the mock reader
+        // would block forever after its script).
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut msg = (MAX_MESSAGE_LEN as u32).to_be_bytes().to_vec();
+        msg.extend([13u8; 100]);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &msg)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            read_frame(&mut server, &mut buf),
+        )
+        .await;
+        assert!(read.is_err(), "still waiting for the rest");
+        assert_eq!(buf.len(), 100);
+        assert!(buf.capacity() <= READ_STEP, "{}", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn capacity_never_exceeds_the_message() {
+        // Also with a buffer left over from an earlier, smaller message.
+        let mut buf: Vec<u8> = Vec::with_capacity(10_000);
+        for len in [
+            1,
+            100,
+            READ_STEP - 1,
+            READ_STEP,
+            READ_STEP + 1,
+            100_000,
+            MAX_MESSAGE_LEN - 1,
+            MAX_MESSAGE_LEN,
+        ] {
+            let mut msg = (len as u32).to_be_bytes().to_vec();
+            msg.resize(4 + len, 9);
+            let before = buf.capacity();
+            let mut r = &msg[..];
+            read_frame(&mut r, &mut buf).await.unwrap();
+            assert_eq!(buf.len(), len);
+            assert!(
+                buf.capacity() <= len.max(before) && buf.capacity() <= MAX_MESSAGE_LEN,
+                "{len}: {before} -> {}",
+                buf.capacity()
+            );
+            assert!(buf.iter().all(|&b| b == 9));
+        }
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! alone, so a private key sent in an add request is never parsed.
 
 use ssh_agent_lib::proto::{Extension, SignRequest};
-use ssh_encoding::{Decode, Reader};
+use ssh_encoding::{Decode, Encode, Reader};
 
 /// SSH_AGENTC_REQUEST_IDENTITIES
 pub const REQUEST_IDENTITIES: u8 = 11;
@@ -123,14 +123,29 @@ pub fn classify(message: &[u8]) -> Request {
     }
 }
 
-/// Decodes a `T` that must take up the whole of `body`.
-fn decode_all<T: Decode>(body: &mut &[u8]) -> Result<T, &'static str> {
+/// Decodes a `T` that must take up the whole of `body`, in canonical form:
+/// it must encode back to exactly `body`. ssh-encoding does not check that a
+/// length-prefixed field is consumed whole, so a key blob whose inner lengths
+/// disagree with its own decodes "successfully" (and the bytes left in it
+/// are then read as the next field). The daemon forwards what it decoded;
+/// only a canonical request is thus forwarded unchanged, as the contract
+/// says, and the upstream agent sees exactly what the policy judged.
+fn decode_all<T: Decode + Encode>(body: &mut &[u8]) -> Result<T, &'static str> {
+    let whole = *body;
     let value = T::decode(body).map_err(|_| "malformed body")?;
-    if body.is_finished() {
-        Ok(value)
-    } else {
-        Err("trailing bytes")
+    if !body.is_finished() {
+        return Err("trailing bytes");
     }
+    if !encodes_to(&value, whole) {
+        return Err("non-canonical encoding");
+    }
+    Ok(value)
+}
+
+/// Whether `value` encodes to exactly `bytes`.
+pub(crate) fn encodes_to(value: &impl Encode, bytes: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(bytes.len());
+    value.encode(&mut out).is_ok() && out == bytes
 }
 
 /// An extension is `string name` then contents that belong to the extension;
@@ -202,6 +217,36 @@ mod tests {
                 "{cut}: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn sign_request_must_be_canonical() {
+        // The ed25519 key's inner length says 40 where the blob holds 32:
+        // ssh-encoding alone would accept it and re-encode it differently.
+        let mut blob = ed25519_blob();
+        blob[15..19].copy_from_slice(&40u32.to_be_bytes());
+        assert_eq!(
+            classify(&sign_body(&blob, b"data", 0)),
+            Request::Malformed {
+                kind: 13,
+                reason: "non-canonical encoding"
+            }
+        );
+        // Bytes left inside the key blob would be read as the data field.
+        let mut blob = ed25519_blob();
+        blob.extend(4u32.to_be_bytes());
+        blob.extend(b"evil");
+        let mut m = vec![SIGN_REQUEST];
+        m.extend((blob.len() as u32).to_be_bytes());
+        m.extend(&blob);
+        m.extend(0u32.to_be_bytes());
+        assert!(matches!(classify(&m), Request::Malformed { kind: 13, .. }));
+        // The canonical form is accepted and round-trips.
+        let good = sign_body(&ed25519_blob(), b"data", 0);
+        let Request::Sign(s) = classify(&good) else {
+            panic!()
+        };
+        assert!(encodes_to(&s, &good[1..]));
     }
 
     #[test]

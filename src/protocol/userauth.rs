@@ -63,9 +63,13 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
         return Err("signature flag is not TRUE");
     }
     String::decode(r).map_err(|_| "malformed algorithm name")?;
-    let key = r
-        .read_prefixed(PublicCredential::decode)
-        .map_err(|_| "malformed public key")?;
+    // The blob whole, then the key from it, canonical (see
+    // `request::decode_all`: nested lengths are not checked by the decoder).
+    let blob = Vec::<u8>::decode(r).map_err(|_| "malformed public key")?;
+    let key = PublicCredential::decode(&mut blob.as_slice())
+        .ok()
+        .filter(|k| super::request::encodes_to(k, &blob))
+        .ok_or("malformed public key")?;
     if key.key_data() != signing_key {
         return Err("public key in request is not the signing key");
     }
@@ -159,6 +163,24 @@ pub(crate) mod tests {
         for cut in 0..d.len() {
             assert!(parse(&d[..cut], &k).is_err(), "{cut}");
         }
+    }
+
+    #[test]
+    fn key_blob_must_be_canonical() {
+        let k = key(1);
+        let good = build(&k, "u", PUBLICKEY, None);
+        // The blob is the last field: 4 + (4 + 11 + 4 + 32) bytes.
+        let at = good.len() - 55;
+        // Junk inside the blob after the key.
+        let mut d = good[..at].to_vec();
+        d.extend(59u32.to_be_bytes());
+        d.extend(&good[at + 4..]);
+        d.extend([0u8; 4]);
+        assert_eq!(parse(&d, &k), Err("malformed public key"));
+        // The key's inner length disagreeing with the blob.
+        let mut d = good.clone();
+        d[at + 19..at + 23].copy_from_slice(&40u32.to_be_bytes());
+        assert_eq!(parse(&d, &k), Err("malformed public key"));
     }
 
     #[test]

@@ -778,3 +778,122 @@ macro_rules! raw_client_helper {
         }
     };
 }
+
+// ---------------------------------------------------------------------------
+// Hostile-user and fault tests (tests/hostile.rs): a daemon started through a
+// wrapper, /proc readings, long-running helper processes as other users.
+
+impl Daemon {
+    /// Like [`Daemon::start_with`], but runs the daemon through `wrapper`
+    /// (e.g. `["prlimit", "--nofile=64:64", "--"]` or a `setpriv` line),
+    /// which must exec it so that [`Daemon::pid`] is the daemon's pid.
+    pub fn start_via(dir: &TempDir, config_body: &str, wrapper: &[&str]) -> Self {
+        let config = dir.join("keyholder.toml");
+        std::fs::write(&config, config_body).unwrap();
+        let socket = dir.join("proxy.sock");
+        let log = dir.join("daemon.log");
+        let logfile = std::fs::File::create(&log).unwrap();
+        let (program, args) = wrapper.split_first().expect("a wrapper program");
+        let child = Command::new(program)
+            .args(args)
+            .arg(KEYHOLDER)
+            .args(["daemon", "--log", "stderr", "--config"])
+            .arg(&config)
+            .env("KEYHOLDER_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        let mut d = Self {
+            socket,
+            config,
+            log,
+            child: Some(child),
+        };
+        let up = wait_for(Duration::from_secs(15), || {
+            UnixStream::connect(&d.socket).is_ok()
+        });
+        if !up {
+            let status = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            panic!("daemon did not start ({status:?}):\n{}", d.log_text());
+        }
+        d
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+/// A field of `/proc/PID/status` (`VmRSS`, `Umask`, …), value trimmed.
+pub fn proc_status(pid: u32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// A `/proc/PID/status` memory field (`VmRSS`, `VmLck`, …) in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    proc_status(pid, field)
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Starts the test binary again as `who`, running only the test `helper`
+/// (which does nothing unless it finds its environment), with `env` set and
+/// stdin/stdout piped: the helper reports on stdout and may wait for its
+/// stdin to close before exiting.
+pub fn spawn_helper_as(who: &As, helper: &str, env: &[(&str, String)]) -> Child {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = who.command(exe.to_str().unwrap());
+    cmd.args(["--exact", helper, "--nocapture", "--test-threads=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start helper {helper}: {e}"))
+}
+
+/// Reads `child`'s stdout until a line containing `prefix`; returns the
+/// rest of that line. Panics if the child ends first.
+pub fn read_line_with(child: &mut Child, prefix: &str) -> String {
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut seen = String::new();
+    loop {
+        // Byte by byte, so nothing after the line is consumed.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match out.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) => line.push(byte[0]),
+                _ => panic!("helper ended before printing {prefix}:\n{seen}"),
+            }
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        // libtest may print "test NAME ... " on the same line first.
+        if let Some((_, rest)) = line.split_once(prefix) {
+            return rest.to_owned();
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+}

@@ -1,0 +1,109 @@
+//! The command line definition, shared by the `keyholder` binary and the
+//! man page and shell completion generator (`examples/gen-manpages.rs`), so
+//! that both describe the same interface.
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::config::{LogTarget, DEFAULT_CONFIG};
+
+/// Privileged ssh-agent proxy: lets a group of people use a deploy key
+/// without ever holding it.
+///
+/// Deployers point SSH_AUTH_SOCK at the proxy socket (default
+/// /run/keyholder/proxy.sock) and run plain ssh, scp, rsync or git. The
+/// daemon lists and signs only with the keys their Unix groups may use, and
+/// only SSH user-authentication requests; adding, removing and locking keys
+/// through the proxy is refused for everyone.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyholder",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', global = true, env = "KEYHOLDER_CONFIG", default_value = DEFAULT_CONFIG, value_name = "FILE")]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (and the supervised upstream ssh-agent) in the foreground. Root only.
+    ///
+    /// Listens on `socket` (mode 0666), starts `ssh-agent -D -a agent.socket` when
+    /// agent.spawn = true, and serves until SIGTERM or SIGINT (exit 0, socket removed).
+    /// SIGHUP reloads the configuration; a configuration that fails to load leaves the
+    /// last good one in force. Under systemd it reports readiness with sd_notify.
+    Daemon {
+        /// Where logs go; overrides `log` in the configuration.
+        #[arg(long, value_enum, value_name = "TARGET")]
+        log: Option<LogTarget>,
+    },
+    /// Decrypt every configured key found in key_dir and add it to the upstream agent. Root only.
+    ///
+    /// Keys the upstream agent already holds count as armed and need no passphrase, so arm is
+    /// idempotent. Each other key is read from key_dir/NAME, which must be a regular file owned
+    /// by root with no group or other permissions, hold the configured public key, and be
+    /// encrypted when require_encrypted = true.
+    ///
+    /// Asks for the passphrase on the terminal (one prompt serves every key it opens; it asks
+    /// again for keys it could not open), or reads it from --passphrase-file, or from
+    /// $CREDENTIALS_DIRECTORY/keyholder-passphrase (systemd credentials). Prints one line per
+    /// key and a summary. Exit 0 when every configured key is armed, 1 otherwise (each failure
+    /// named).
+    Arm {
+        /// Read the passphrase from this file (first line) instead of the terminal.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Remove every identity from the upstream agent. Root only.
+    ///
+    /// Talks to agent.socket directly (the proxy refuses removals for everyone). Exit 0 when the
+    /// agent confirmed, 1 otherwise.
+    Disarm,
+    /// Report whether the daemon is reachable and which configured keys are armed.
+    ///
+    /// Works for any user; asks the daemon over the proxy socket, within 10 s. The first line
+    /// is a one-line summary ("OK: 2/2 keys armed"), then one line per key. Exit codes follow
+    /// the monitoring-plugin convention: 0 OK (all keys armed), 1 WARNING (some armed),
+    /// 2 CRITICAL (none armed, or daemon or upstream agent unreachable), 3 UNKNOWN
+    /// (configuration error, no keys configured, an answer that cannot be understood).
+    /// When this user may not read the configuration, the default socket is asked.
+    Status {
+        /// Print a stable JSON document instead of text (same exit codes).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the keys you may use, with names, fingerprints and public key paths.
+    ///
+    /// One line per armed key your groups allow: NAME, SHA256 fingerprint, algorithm, and the
+    /// public key file (or "(inline)"). Select one identity with
+    /// `ssh -i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`. Exit 1 when there is none.
+    List,
+    /// Validate the configuration and key files. Exit 1 with precise messages on error.
+    ///
+    /// Checks every private key file as arm will: present, a regular file owned by root,
+    /// no group or other permissions, holding the configured public key, encrypted when
+    /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
+    /// that need their contents are skipped with a note.
+    CheckConfig,
+}
+
+/// The clap command tree of `keyholder` (for man pages and completions).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_definition_is_consistent() {
+        super::command().debug_assert();
+    }
+}
