@@ -61,6 +61,11 @@ impl Upstream {
         }
     }
 
+    /// Sets the deadline of later calls (after a configuration reload).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Connects now (if not connected yet), within the timeout.
     pub async fn connect(&mut self) -> Result<&mut Client<UnixStream>, UpstreamError> {
         let client = match self.client.take() {

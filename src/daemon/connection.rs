@@ -64,6 +64,8 @@ pub async fn serve(
         let upstream = upstream.get_or_insert_with(|| {
             Upstream::new(rt.agent_socket.clone(), rt.limits.upstream_timeout)
         });
+        // A reload may have changed the timeout; it applies to the next call.
+        upstream.set_timeout(rt.limits.upstream_timeout);
         let reply = handle(&rt, &shared, &caller, request, upstream).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
