@@ -194,34 +194,7 @@ impl Daemon {
     /// Writes `config_body` (which must set `socket` to `dir/proxy.sock`…
     /// see [`Daemon::config`]) and starts the daemon on it.
     pub fn start_with(dir: &TempDir, config_body: &str) -> Self {
-        let config = dir.join("keyholder.toml");
-        std::fs::write(&config, config_body).unwrap();
-        let socket = dir.join("proxy.sock");
-        let log = dir.join("daemon.log");
-        let logfile = std::fs::File::create(&log).unwrap();
-        let child = Command::new(KEYHOLDER)
-            .args(["daemon", "--log", "stderr", "--config"])
-            .arg(&config)
-            .env("KEYHOLDER_LOG_LEVEL", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .expect("keyholder daemon");
-        let mut d = Self {
-            socket,
-            config,
-            log,
-            child: Some(child),
-        };
-        let up = wait_for(Duration::from_secs(15), || {
-            UnixStream::connect(&d.socket).is_ok()
-        });
-        if !up {
-            let status = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            panic!("daemon did not start ({status:?}):\n{}", d.log_text());
-        }
-        d
+        Self::start_via(dir, config_body, &[])
     }
 
     /// A configuration for `dir` with an external agent at `agent`, plus `extra` TOML.
@@ -786,17 +759,20 @@ macro_rules! raw_client_helper {
 impl Daemon {
     /// Like [`Daemon::start_with`], but runs the daemon through `wrapper`
     /// (e.g. `["prlimit", "--nofile=64:64", "--"]` or a `setpriv` line),
-    /// which must exec it so that [`Daemon::pid`] is the daemon's pid.
+    /// which must exec it so that [`Daemon::pid`] is the daemon's pid. An
+    /// empty wrapper runs it directly.
     pub fn start_via(dir: &TempDir, config_body: &str, wrapper: &[&str]) -> Self {
         let config = dir.join("keyholder.toml");
         std::fs::write(&config, config_body).unwrap();
         let socket = dir.join("proxy.sock");
         let log = dir.join("daemon.log");
         let logfile = std::fs::File::create(&log).unwrap();
-        let (program, args) = wrapper.split_first().expect("a wrapper program");
-        let child = Command::new(program)
-            .args(args)
-            .arg(KEYHOLDER)
+        let (program, args) = wrapper.split_first().unwrap_or((&KEYHOLDER, &[]));
+        let mut command = Command::new(program);
+        if !wrapper.is_empty() {
+            command.args(args).arg(KEYHOLDER);
+        }
+        let child = command
             .args(["daemon", "--log", "stderr", "--config"])
             .arg(&config)
             .env("KEYHOLDER_LOG_LEVEL", "debug")
