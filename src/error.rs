@@ -13,11 +13,6 @@ impl Error {
     pub fn msg(message: impl Into<String>) -> Self {
         Self(message.into())
     }
-
-    /// The message, for callers that want to show it without the type.
-    pub fn message(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Display for Error {
