@@ -404,6 +404,7 @@ fn hostile_bytes_get_failure_or_a_closed_connection_and_change_nothing() {
 fn query_and_status_extensions_are_answered_by_the_daemon() {
     require_root!();
     let h = Host::new("");
+    let before = h.agent.keys();
     let mut raw = Raw::connect(&h.daemon.socket);
     let answer = raw.call(&[vec![27u8], string(b"query")].concat()).unwrap();
     assert_eq!(answer[0], EXTENSION_RESPONSE);
@@ -433,6 +434,7 @@ fn query_and_status_extensions_are_answered_by_the_daemon() {
     ]
     .concat();
     assert_eq!(raw.call(&bind), Some(vec![FAILURE]));
+    assert_eq!(h.agent.keys(), before);
 }
 
 #[test]
