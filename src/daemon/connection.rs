@@ -35,8 +35,7 @@ pub async fn serve(
     let mut upstream: Option<Upstream> = None;
     let mut buf = Vec::new();
     loop {
-        let rt = Arc::clone(&shared.runtime.borrow());
-        let idle = rt.limits.idle_timeout;
+        let idle = shared.runtime.borrow().limits.idle_timeout;
         let read = tokio::select! {
             r = tokio::time::timeout(idle, protocol::read_frame(&mut reader, &mut buf)) => r,
             () = super::stopped(&mut shutdown) => break,
@@ -57,6 +56,9 @@ pub async fn serve(
                 break;
             }
         }
+        // The settings in force now, not when the read began: a reload
+        // while the connection waited applies to this request.
+        let rt = Arc::clone(&shared.runtime.borrow());
         let request = protocol::classify(&buf);
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
