@@ -625,3 +625,65 @@ fn non_root_cannot_run_the_daemon() {
     assert!(err.contains("must be run as root"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_reload_revokes_at_once_and_new_groups_count_from_the_next_connection() {
+    require_root!();
+    let h = Host::new("");
+    let newcomers = TestGroup::create("new");
+    let user = TestUser::create("n", &[&h.deployers, &newcomers]);
+    let reached = std::env::temp_dir().join(unique("reached"));
+    let go = std::env::temp_dir().join(unique("go"));
+    let script = [
+        Step::Send(vec![11]),
+        Step::Mark(reached.clone()),
+        Step::Wait(go.clone()),
+        Step::Send(vec![11]),
+    ];
+    let (who, socket) = (user.as_user(), h.daemon.socket.clone());
+    let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
+    assert!(wait_for(Duration::from_secs(30), || reached.exists()));
+
+    // deploy moves from deployers to newcomers, a group no key named when
+    // the connection was made; phab gains newcomers too.
+    let config = Daemon::config(
+        &h.dir,
+        &h.agent.socket,
+        &format!(
+            "[keys.deploy]\ngroups = [\"{n}\"]\n\n[keys.deployrsa]\ngroups = [\"{d}\"]\n\n\
+             [keys.phab]\ngroups = [\"{p}\", \"{n}\"]\n",
+            n = newcomers.name,
+            d = h.deployers.name,
+            p = h.phab_admins.name
+        ),
+    );
+    std::fs::write(&h.daemon.config, config).unwrap();
+    h.daemon.signal(Signal::SIGHUP);
+    assert!(h.daemon.wait_log("configuration reloaded"));
+    std::fs::write(&go, "").unwrap();
+    let answers = client.join().unwrap();
+    let _ = std::fs::remove_file(&reached);
+    let _ = std::fs::remove_file(&go);
+
+    let blobs = |names: &[&str]| {
+        let mut v: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| pubkey_blob(&h.dir.join(&format!("{n}.pub"))))
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let open: Vec<_> = answers
+        .iter()
+        .map(|a| listed_blobs(a.as_deref().unwrap()))
+        .collect();
+    assert_eq!(open[0], blobs(&["deploy", "deployrsa"]));
+    // The open connection loses deploy at once, and gains nothing through
+    // newcomers: its groups were looked up when it connected.
+    assert_eq!(open[1], blobs(&["deployrsa"]));
+    // The next connection has everything newcomers now grants.
+    assert_eq!(
+        h.listed(&user.as_user()),
+        h.expect(&["deploy", "deployrsa", "phab"])
+    );
+}

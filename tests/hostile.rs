@@ -88,30 +88,6 @@ fn status_reachable(answer: &[u8]) -> Option<bool> {
     answer.get(offset).map(|&b| b != 0)
 }
 
-/// An SSH string at the start of `bytes`, and the rest.
-fn take_string(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (len, rest) = bytes.split_first_chunk::<4>()?;
-    rest.split_at_checked(u32::from_be_bytes(*len) as usize)
-}
-
-/// The key blobs of an IDENTITIES_ANSWER, sorted.
-fn listed_blobs(answer: &[u8]) -> Option<Vec<Vec<u8>>> {
-    let (&kind, rest) = answer.split_first()?;
-    if kind != IDENTITIES_ANSWER {
-        return None;
-    }
-    let (n, mut rest) = rest.split_first_chunk::<4>()?;
-    let mut blobs = Vec::new();
-    for _ in 0..u32::from_be_bytes(*n) {
-        let (blob, r) = take_string(rest)?;
-        let (_comment, r) = take_string(r)?;
-        blobs.push(blob.to_vec());
-        rest = r;
-    }
-    blobs.sort();
-    rest.is_empty().then_some(blobs)
-}
-
 /// Checks a SIGN_RESPONSE: a signature by `blob` over `data`.
 fn verify_signature(blob: &[u8], data: &[u8], answer: &[u8]) -> Result<(), String> {
     use signature::Verifier;

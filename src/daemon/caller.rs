@@ -4,6 +4,11 @@
 //! The peer process's own gids are never used: a setgid program gains
 //! nothing. A uid with no passwd entry has no groups. Looked up afresh for
 //! every connection, so group changes apply to the next connection.
+//!
+//! Membership is decided by gid: getgrouplist gives the user's gids, and each
+//! group the configuration names is looked up by name (getgrnam) and kept if
+//! its gid is among them. Groups the configuration does not name are never
+//! looked up, which matters for directory users in dozens of groups.
 
 use std::ffi::{CStr, CString};
 
@@ -12,15 +17,15 @@ use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::policy::Caller;
 
-/// Resolves `uid`'s name and groups. Blocking (NSS may ask a directory
-/// server): run it off the async workers.
+/// Resolves `uid`'s name and which of `configured` (group names) it is in.
+/// Blocking (NSS may ask a directory server): run it off the async workers.
 ///
 /// An error of the user database, as opposed to "no such user or group", is
 /// returned rather than taken for "no groups": answering as if the caller
 /// had no keys would be a wrong answer (and a misleading audit line). Seen
 /// under descriptor exhaustion, where getpwuid_r fails with EMFILE. glibc's
 /// getgrouplist reports no such errors; it can only be taken as it is.
-pub fn resolve(uid: u32, pid: Option<i32>) -> nix::Result<Caller> {
+pub fn resolve(uid: u32, pid: Option<i32>, configured: &[String]) -> nix::Result<Caller> {
     let Some(user) = User::from_uid(Uid::from_raw(uid))? else {
         descriptors_left()?;
         return Ok(Caller {
@@ -36,14 +41,14 @@ pub fn resolve(uid: u32, pid: Option<i32>) -> nix::Result<Caller> {
         // is then all that is known.
         Err(_) => vec![user.gid],
     };
-    let mut groups = Vec::with_capacity(gids.len());
-    for gid in gids {
-        if let Some(group) = Group::from_gid(gid)? {
-            groups.push(group.name);
+    let mut groups = Vec::new();
+    for name in configured {
+        if let Some(group) = Group::from_name(name)? {
+            if gids.contains(&group.gid) {
+                groups.push(name.clone());
+            }
         }
     }
-    groups.sort();
-    groups.dedup();
     descriptors_left()?;
     Ok(Caller {
         uid,
@@ -106,10 +111,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_resolves_with_its_primary_group() {
-        let c = resolve(0, Some(1)).unwrap();
+    fn root_is_in_its_primary_group_and_only_configured_groups_are_listed() {
+        let configured = ["root".to_owned(), "kht-no-such-group".to_owned()];
+        let c = resolve(0, Some(1), &configured).unwrap();
         assert_eq!(c.user.as_deref(), Some("root"));
-        assert!(c.groups.iter().any(|g| g == "root"), "{:?}", c.groups);
+        assert_eq!(c.groups, ["root"]);
+        assert!(resolve(0, None, &[]).unwrap().groups.is_empty());
     }
 
     #[test]
@@ -126,7 +133,7 @@ mod tests {
 
     #[test]
     fn uid_without_passwd_entry_has_no_groups() {
-        let c = resolve(3_999_999_999, None).unwrap();
+        let c = resolve(3_999_999_999, None, &["root".to_owned()]).unwrap();
         assert_eq!(c.user, None);
         assert!(c.groups.is_empty());
     }

@@ -44,12 +44,17 @@ pub struct Runtime {
     pub limits: Limits,
     /// The upstream agent socket.
     pub agent_socket: PathBuf,
+    /// The groups the keys name: a caller's membership is looked up for
+    /// these, when it connects.
+    pub groups: Arc<[String]>,
 }
 
 impl From<&Config> for Runtime {
     fn from(config: &Config) -> Self {
+        let policy = Policy::from(config);
         Self {
-            policy: Policy::from(config),
+            groups: policy.group_names().into(),
+            policy,
             limits: config.limits,
             agent_socket: config.agent.socket.clone(),
         }
@@ -83,7 +88,13 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
         .max_blocking_threads(64)
         .build()
         .map_err(|e| Error::msg(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(serve(config));
+    // The accept loop runs on a worker, not on this thread: an accepted
+    // connection is then handed on without waking another thread first.
+    let result = runtime.block_on(async {
+        tokio::spawn(serve(config))
+            .await
+            .unwrap_or_else(|e| Err(Error::msg(format!("the daemon's main task failed: {e}"))))
+    });
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
@@ -241,23 +252,29 @@ fn admit(
     let shared = Arc::clone(shared);
     let stop = stop.clone();
     let done = done.clone();
-    tokio::spawn(async move {
-        let caller = tokio::task::spawn_blocking(move || caller::resolve(uid, pid)).await;
-        match caller {
-            Ok(Ok(caller)) => connection::serve(stream, caller, shared, stop).await,
-            // Who the caller is is unknown: close rather than guess.
-            Ok(Err(e)) => {
-                if let Some(n) = shared.lookup_errors.hit() {
-                    tracing::error!(
-                        "cannot look up uid={uid} in the user database: {e}; closing its \
-                         connection ({n} similar errors not logged)"
-                    );
-                }
-            }
-            Err(_) => {}
+    let runtime = tokio::runtime::Handle::current();
+    let configured = Arc::clone(&shared.runtime.borrow().groups);
+    // The lookup may block (NSS may ask a directory server), so it runs on a
+    // blocking thread, which then starts the connection's task itself: one
+    // hand-off between threads each way, not two.
+    tokio::task::spawn_blocking(move || match caller::resolve(uid, pid, &configured) {
+        Ok(caller) => {
+            runtime.spawn(async move {
+                connection::serve(stream, caller, shared, stop).await;
+                drop(admission);
+                drop(done);
+            });
         }
-        drop(admission);
-        drop(done);
+        // Who the caller is is unknown: close rather than guess.
+        Err(e) => {
+            if let Some(n) = shared.lookup_errors.hit() {
+                tracing::error!(
+                    "cannot look up uid={uid} in the user database: {e}; closing its \
+                     connection ({n} similar errors not logged)"
+                );
+            }
+            drop((stream, admission, done));
+        }
     });
 }
 

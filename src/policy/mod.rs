@@ -74,6 +74,19 @@ impl From<&Config> for Policy {
 }
 
 impl Policy {
+    /// Every group named by some key, sorted, without duplicates: the only
+    /// groups a caller's membership is looked up for.
+    pub fn group_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .keys
+            .iter()
+            .flat_map(|k| k.groups.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The configured key matching `key`, if any.
     pub fn key(&self, key: &KeyData) -> Option<&KeyRule> {
         self.keys.iter().find(|k| &k.key == key)
@@ -90,8 +103,10 @@ pub struct Caller {
     pub pid: Option<i32>,
     /// The user name, when the uid has a passwd entry.
     pub user: Option<String>,
-    /// Names of the user's primary and supplementary groups from the user
-    /// database; empty when the uid has no passwd entry.
+    /// The configured groups (see [`Policy::group_names`]) the user is in,
+    /// by its primary and supplementary groups from the user database; empty
+    /// when the uid has no passwd entry. Groups the configuration does not
+    /// name are not looked up, so they are not listed.
     pub groups: Vec<String>,
 }
 

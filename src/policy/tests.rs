@@ -354,3 +354,14 @@ fn status_report_marks_armed_keys() {
     assert!(!s.upstream_reachable);
     assert!(s.keys.iter().all(|k| !k.armed));
 }
+
+#[test]
+fn group_names_are_every_configured_group_once() {
+    let mut p = policy();
+    p.keys.push(rule("again", 4, &["ops", "deployers"], false));
+    assert_eq!(
+        p.group_names(),
+        ["deployers", "ops", "phab-admins", "signers"]
+    );
+    assert!(Policy::default().group_names().is_empty());
+}

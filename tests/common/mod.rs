@@ -646,6 +646,30 @@ pub fn pubkey_blob(pub_path: &Path) -> Vec<u8> {
     key.to_bytes().unwrap()
 }
 
+/// An SSH string at the start of `bytes`, and the rest.
+pub fn take_string(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    rest.split_at_checked(u32::from_be_bytes(*len) as usize)
+}
+
+/// The key blobs of an IDENTITIES_ANSWER, sorted.
+pub fn listed_blobs(answer: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let (&kind, rest) = answer.split_first()?;
+    if kind != IDENTITIES_ANSWER {
+        return None;
+    }
+    let (n, mut rest) = rest.split_first_chunk::<4>()?;
+    let mut blobs = Vec::new();
+    for _ in 0..u32::from_be_bytes(*n) {
+        let (blob, r) = take_string(rest)?;
+        let (_comment, r) = take_string(r)?;
+        blobs.push(blob.to_vec());
+        rest = r;
+    }
+    blobs.sort();
+    rest.is_empty().then_some(blobs)
+}
+
 /// A SIGN_REQUEST message for `blob` over `data`.
 pub fn sign_request(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
     let mut m = vec![13u8];
@@ -690,15 +714,37 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// One step of a raw client's script.
+pub enum Step {
+    /// Send a message and read its answer.
+    Send(Vec<u8>),
+    /// Create this file (to tell the test how far the client got).
+    Mark(PathBuf),
+    /// Wait until this file exists (for the test to go on).
+    Wait(PathBuf),
+}
+
 /// Sends each message on one connection as `who`; returns each answer
 /// (`None` once the daemon closed the connection).
 pub fn raw_as(who: &As, socket: &Path, messages: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+    let steps: Vec<Step> = messages.iter().cloned().map(Step::Send).collect();
+    raw_script_as(who, socket, &steps)
+}
+
+/// Runs `steps` on one connection as `who`; returns the answer of each
+/// [`Step::Send`] (`None` once the daemon closed the connection).
+pub fn raw_script_as(who: &As, socket: &Path, steps: &[Step]) -> Vec<Option<Vec<u8>>> {
     let exe = std::env::current_exe().unwrap();
-    let joined = messages
+    let joined = steps
         .iter()
-        .map(|m| hex(m))
+        .map(|step| match step {
+            Step::Send(m) => hex(m),
+            Step::Mark(p) => format!("mark:{}", p.display()),
+            Step::Wait(p) => format!("wait:{}", p.display()),
+        })
         .collect::<Vec<_>>()
         .join(",");
+    let sends = steps.iter().filter(|s| matches!(s, Step::Send(_))).count();
     let o = run(who
         .command(exe.to_str().unwrap())
         .args([
@@ -720,7 +766,7 @@ pub fn raw_as(who: &As, socket: &Path, messages: &[Vec<u8>]) -> Vec<Option<Vec<u
         .filter_map(|l| l.split_once("ANSWER ").map(|(_, a)| a))
         .map(|a| (a != "closed").then(|| unhex(a)))
         .collect();
-    assert_eq!(answers.len(), messages.len(), "{}", stdout(&o));
+    assert_eq!(answers.len(), sends, "{}", stdout(&o));
     answers
 }
 
@@ -734,6 +780,14 @@ pub fn raw_client_main() {
     };
     let mut raw = Raw::connect(Path::new(&socket));
     for m in messages.split(',').filter(|m| !m.is_empty()) {
+        if let Some(path) = m.strip_prefix("mark:") {
+            std::fs::write(path, "").unwrap();
+            continue;
+        }
+        if let Some(path) = m.strip_prefix("wait:") {
+            assert!(wait_for(Duration::from_secs(30), || Path::new(path).exists()));
+            continue;
+        }
         match raw.call(&unhex(m)) {
             Some(a) => println!("ANSWER {}", hex(&a)),
             None => println!("ANSWER closed"),
