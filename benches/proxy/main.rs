@@ -49,12 +49,14 @@ use std::time::{Duration, Instant};
 
 use load::{HoldSpec, Op, RunResult, RunSpec, SPEC_ENV, WORKER_ENV};
 use setup::{
-    children_cpu_us, cpu_us, machine_busy_us, proc_kib, run, wait_for, wait_socket, Account, Proc,
+    children_cpu_us, cpu_us, machine_cpu_us, proc_kib, run, wait_for, wait_socket, Account, Proc,
     Result, TempDir, PREFIX,
 };
 
 /// The daemon under test, built by cargo for this bench (release settings).
 const KEYHOLDER: &str = env!("CARGO_BIN_EXE_keyholder");
+/// Host steal, in cores, above which the report says the host was busy.
+const STEAL_WARN: f64 = 0.05;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -394,11 +396,13 @@ impl Bench {
         };
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let cpu = |b: &Self| {
+            let (busy, steal) = machine_cpu_us();
             [
                 cpu_us(b.agent.pid()).unwrap_or(0.0),
                 cpu_us(b.daemon.pid()).unwrap_or(0.0),
                 children_cpu_us(),
-                machine_busy_us(),
+                busy,
+                steal,
             ]
         };
         let started = Instant::now();
@@ -430,6 +434,7 @@ impl Bench {
         Ok(Window {
             cpu_us: [per_op(0), per_op(1), per_op(2)],
             others,
+            steal: delta(4) / elapsed_us,
             r,
         })
     }
@@ -442,6 +447,10 @@ struct Window {
     cpu_us: [f64; 3],
     /// CPU the rest of the machine used during the window, in cores.
     others: f64,
+    /// CPU time the hypervisor took from this VM during the window, in
+    /// cores: the host's other tenants. Windows with much of it are not
+    /// comparable with each other.
+    steal: f64,
 }
 
 /// A framed SIGN_REQUEST whose data is an SSH user-authentication request
@@ -513,7 +522,7 @@ fn bench() -> Result<String> {
                 let r = &w.r;
                 eprintln!(
                     "round {}/{} {:<10} {:<6} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  \
-                     CPU µs/op agent {:.1} daemon {:.1} client {:.1}  others {:.2} cores  failures {}{}",
+                     CPU µs/op agent {:.1} daemon {:.1} client {:.1}  others {:.2} steal {:.2} cores  failures {}{}",
                     round + 1,
                     settings.rounds,
                     s.id,
@@ -525,6 +534,7 @@ fn bench() -> Result<String> {
                     w.cpu_us[1],
                     w.cpu_us[2],
                     w.others,
+                    w.steal,
                     r.failures,
                     r.first_error
                         .as_ref()
@@ -599,10 +609,24 @@ fn bench() -> Result<String> {
                 per_round.join(" "),
             );
         }
+        let steals: Vec<f64> = results.values().flatten().map(|w| w.steal).collect();
+        let worst = steals.iter().copied().fold(0.0, f64::max);
+        out += &format!(
+            "\nHost steal (CPU time the hypervisor gave to other tenants), over all windows: \
+             median {:.2} cores, worst {:.2}.{}\n",
+            median_of(steals),
+            worst,
+            if worst > STEAL_WARN {
+                " **The host was busy: the agent's own CPU per operation rises with steal, \
+                 and ratios from such windows are noisy. Rerun on a quiet host.**"
+            } else {
+                ""
+            }
+        );
         out += "\nCPU time per operation (µs, medians over rounds; from /proc/PID/stat and the \
                 load generator's rusage, warm-up included):\n\n\
-                | benchmark | side | ssh-agent | keyholder daemon | load generator | rest of the machine (cores busy) |\n\
-                |---|---|---:|---:|---:|---:|\n";
+                | benchmark | side | ssh-agent | keyholder daemon | load generator | rest of the machine (cores busy) | host steal (cores) |\n\
+                |---|---|---:|---:|---:|---:|---:|\n";
         for (i, s) in scenarios.iter().enumerate() {
             for side in [Side::Direct, Side::Proxy] {
                 let w = &results[&(i, side)];
@@ -612,13 +636,14 @@ fn bench() -> Result<String> {
                     v[v.len() / 2]
                 };
                 out += &format!(
-                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |\n",
                     s.id,
                     side.name(),
                     cpu(0),
                     cpu(1),
                     cpu(2),
                     median_of(w.iter().map(|w| w.others).collect()),
+                    median_of(w.iter().map(|w| w.steal).collect()),
                 );
             }
         }

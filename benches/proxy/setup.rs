@@ -315,26 +315,27 @@ pub fn children_cpu_us() -> f64 {
 }
 
 /// CPU time the whole machine has spent busy (not idle, not waiting for
-/// I/O), in microseconds, from /proc/stat.
-pub fn machine_busy_us() -> f64 {
+/// I/O), and the time the hypervisor gave this VM's CPUs to someone else
+/// (steal), in microseconds, from /proc/stat.
+pub fn machine_cpu_us() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: u64 = stat
+    // user nice system idle iowait irq softirq steal …
+    let fields: Vec<u64> = stat
         .lines()
         .next()
         .and_then(|l| l.strip_prefix("cpu "))
         .map(|l| {
             l.split_whitespace()
-                .filter_map(|f| f.parse::<u64>().ok())
-                .enumerate()
-                // user nice system idle iowait irq softirq steal: skip idle, iowait
-                .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
-                .map(|(_, v)| v)
-                .sum()
+                .filter_map(|f| f.parse().ok())
+                .collect()
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let busy: u64 = [0, 1, 2, 5, 6].into_iter().map(field).sum();
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100);
-    ticks as f64 * 1e6 / tick as f64
+    let us = |ticks: u64| ticks as f64 * 1e6 / tick as f64;
+    (us(busy), us(field(7)))
 }
