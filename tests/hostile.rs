@@ -326,16 +326,6 @@ fn stress(spec: &StressSpec) -> (usize, Vec<String>) {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
 /// A stress helper process as another user.
 fn start_stress_as(who: &As, spec: &StressSpec) -> Child {
     let keys = spec

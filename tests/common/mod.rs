@@ -704,11 +704,13 @@ pub fn keyholder(who: &As, args: &[&str]) -> Output {
 const RAW_SOCKET_ENV: &str = "KHT_RAW_CLIENT_SOCKET";
 const RAW_MESSAGES_ENV: &str = "KHT_RAW_CLIENT_MESSAGES";
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Vec<u8> {
+/// Lowercase hex back to bytes.
+pub fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
         .collect()
