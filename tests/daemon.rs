@@ -538,15 +538,7 @@ fn sighup_applies_a_good_config_and_keeps_the_last_good_one_on_error() {
 fn spawned_agent_is_supervised_and_everything_is_cleaned_up_on_sigterm() {
     require_root!();
     let dir = TempDir::new("sp");
-    let agent_sock = dir.join("agent.sock");
-    let key = keygen(dir.path(), "deploy", "ed25519", "");
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\n[agent]\nsocket = \"{}\"\nspawn = true\n\n\
-         [keys.deploy]\ngroups = [\"root\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        agent_sock.display()
-    );
+    let (config, agent_sock, key) = spawning_config(&dir);
     let mut d = Daemon::start_with(&dir, &config);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&agent_sock), 0o600);

@@ -920,15 +920,7 @@ fn upstream_agent_gone_gets_failure_promptly_and_service_resumes_by_itself() {
 fn a_spawned_agent_that_dies_is_restarted_and_service_resumes_on_open_connections() {
     require_root!();
     let dir = TempDir::new("sp");
-    let agent_sock = dir.join("agent.sock");
-    let key = keygen(dir.path(), "deploy", "ed25519", "");
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\n[agent]\nsocket = \"{}\"\nspawn = true\n\n\
-         [keys.deploy]\ngroups = [\"root\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        agent_sock.display()
-    );
+    let (config, agent_sock, key) = spawning_config(&dir);
     let d = Daemon::start_with(&dir, &config);
     let arm = || {
         let o = run(Command::new("ssh-add")

@@ -161,13 +161,7 @@ impl Agent {
     /// The agent's public keys (`ssh-add -L`), sorted: what "unchanged" is checked against.
     pub fn keys(&self) -> Vec<String> {
         let o = self.ssh_add(&["-L"]);
-        let mut v: Vec<String> = stdout(&o)
-            .lines()
-            .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
-            .map(str::to_owned)
-            .collect();
-        v.sort();
-        v
+        key_lines(&o)
     }
 
     pub fn pid(&self) -> u32 {
@@ -250,13 +244,7 @@ impl Daemon {
     /// Public keys listed through the proxy for `who` (`ssh-add -L`).
     pub fn listed(&self, who: &As) -> Vec<String> {
         let o = self.ssh_add(who, &["-L"]);
-        let mut v: Vec<String> = stdout(&o)
-            .lines()
-            .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
-            .map(str::to_owned)
-            .collect();
-        v.sort();
-        v
+        key_lines(&o)
     }
 }
 
@@ -301,6 +289,33 @@ fn userdb(args: &[&str]) {
         }
         panic!("{args:?}: {err}");
     }
+}
+
+/// The public key lines of `ssh-add -L` output, sorted.
+pub fn key_lines(o: &Output) -> Vec<String> {
+    let mut v: Vec<String> = stdout(o)
+        .lines()
+        .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+/// A daemon configuration with `spawn = true` in `dir`, and one key,
+/// `deploy` (ed25519, root's group): returns the config text, the spawned
+/// agent's socket and the private key file.
+pub fn spawning_config(dir: &TempDir) -> (String, PathBuf, PathBuf) {
+    let agent_sock = dir.join("agent.sock");
+    let key = keygen(dir.path(), "deploy", "ed25519", "");
+    let config = format!(
+        "socket = \"{}\"\nkey_dir = \"{}\"\n[agent]\nsocket = \"{}\"\nspawn = true\n\n\
+         [keys.deploy]\ngroups = [\"root\"]\n",
+        dir.join("proxy.sock").display(),
+        dir.path().display(),
+        agent_sock.display()
+    );
+    (config, agent_sock, key)
 }
 
 /// A throwaway Unix group, deleted on drop.
