@@ -10,6 +10,7 @@
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
 //! - [`cli`]: the command line definition (binary, man page, completions).
+//! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 
 pub mod backend;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod protocol;
+pub mod shutdown;
 
 /// Fails with a one-line error unless the effective uid is 0.
 pub fn require_root(what: &str) -> error::Result<()> {

@@ -68,7 +68,7 @@ impl Supervisor {
                          is run again; restarting it"
                     );
                 }
-                () = crate::daemon::stopped(&mut shutdown) => {
+                () = crate::shutdown::stopped(&mut shutdown) => {
                     self.stop().await;
                     return;
                 }
@@ -79,7 +79,7 @@ impl Supervisor {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = crate::daemon::stopped(&mut shutdown) => {
+                    () = crate::shutdown::stopped(&mut shutdown) => {
                         remove_socket(&self.config.socket);
                         return;
                     }

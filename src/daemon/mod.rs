@@ -323,10 +323,7 @@ fn reload(
     Some(kept)
 }
 
-/// Resolves when the shutdown signal has been given (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&stop| stop).await;
-}
+pub use crate::shutdown::stopped;
 
 fn key_names(config: &Config) -> String {
     if config.keys.is_empty() {
