@@ -1,0 +1,391 @@
+//! `agent.socket` when the builtin backend holds the keys: the admin side of
+//! the agent protocol, served by the daemon itself, to root only.
+//!
+//! Served: REQUEST_IDENTITIES, ADD_IDENTITY, ADD_ID_CONSTRAINED with a
+//! lifetime, REMOVE_IDENTITY, REMOVE_ALL_IDENTITIES, SIGN_REQUEST, so that
+//! `keyholder arm/disarm` and `ssh-add -l/-L/-d/-D/-t` work unchanged.
+//! Refused with FAILURE and a log line saying why: confirm, destination and
+//! every other constraint, smartcard keys, lock/unlock, extensions, unknown
+//! types. A peer whose SO_PEERCRED uid is not 0 is logged and disconnected
+//! before anything is read.
+//!
+//! This module owns its accept loop (never ssh-agent-lib's server loop). It
+//! must never log key material or passphrases, and never keep a copy of a
+//! received message: each one is read into a buffer allocated once at its
+//! full size (so it never reallocates) and zeroized after use.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssh_agent_lib::proto::{
+    AddIdentity, Identity, PrivateCredential, PublicCredential, RemoveIdentity, Request, Response,
+};
+use ssh_encoding::{Decode, Reader};
+use ssh_key::HashAlg;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+use zeroize::{Zeroize, Zeroizing};
+
+use super::key::HeldKey;
+use super::{Inner, SignError};
+use crate::error::{Error, Result};
+use crate::protocol::{read_frame, response, FrameError, MAX_MESSAGE_LEN};
+
+/// Admin connections served at once (root's `ssh-add`, `keyholder arm`…).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// An admin connection with no complete request for this long is closed.
+const ADMIN_IDLE: Duration = Duration::from_secs(300);
+/// Accept-error backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// SSH_AGENT_CONSTRAIN_LIFETIME, _CONFIRM, _MAXSIGN, _EXTENSION.
+const CONSTRAIN_LIFETIME: u8 = 1;
+const CONSTRAIN_CONFIRM: u8 = 2;
+const CONSTRAIN_MAXSIGN: u8 = 3;
+const CONSTRAIN_EXTENSION: u8 = 255;
+
+/// Binds `agent.socket` (mode 0600). Its directory must be owned by root and
+/// writable by root only. A stale socket is replaced; a socket something
+/// answers on, or a file that is not a socket, is an error.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| Error::msg(format!("agent.socket {shown}: {}: {e}", dir.display())))?;
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(Error::msg(format!(
+                "agent.socket {shown}: its directory {} must be owned by root and writable \
+                 by root only (it is uid {} mode {:o})",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::msg(format!(
+                    "agent.socket {shown} is in use by another process \
+                     (is keyholder or an ssh-agent already running there?)"
+                )));
+            }
+            std::fs::remove_file(path).map_err(|e| {
+                Error::msg(format!("cannot remove stale agent.socket {shown}: {e}"))
+            })?;
+        }
+        Ok(_) => {
+            return Err(Error::msg(format!(
+                "agent.socket {shown} exists and is not a socket; refusing to replace it"
+            )))
+        }
+        Err(_) => {}
+    }
+    // umask 077 (hardening) keeps others out between bind and chmod.
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::msg(format!("cannot listen on agent.socket {shown}: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::msg(format!("cannot chmod agent.socket {shown}: {e}")))?;
+    Ok(listener)
+}
+
+/// Accepts admin connections until shutdown; then removes the socket.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    inner: Arc<Inner>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = crate::shutdown::stopped(&mut shutdown) => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = BACKOFF_MIN;
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::warn!(
+                        "agent.socket: {MAX_ADMIN_CONNECTIONS} admin connections open; \
+                         closing a new one"
+                    );
+                    continue;
+                };
+                let inner = Arc::clone(&inner);
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    connection(stream, inner, stop).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                tracing::error!("agent.socket: accept failed: {e}; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = crate::shutdown::stopped(&mut shutdown) => break,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    drop(listener);
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+async fn connection(stream: UnixStream, inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let (uid, pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
+        Err(e) => {
+            tracing::warn!("agent.socket: cannot get the peer's credentials ({e}); closing");
+            return;
+        }
+    };
+    if uid != 0 {
+        tracing::warn!(
+            "agent.socket: refused connection of uid={uid} pid={pid}: only root may use \
+             the builtin backend's admin socket; closed"
+        );
+        return;
+    }
+    let mut stream = stream;
+    // Allocated once at the cap: read_frame never reallocates it, so no
+    // stale copy of a private key is left behind in freed memory.
+    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_MESSAGE_LEN));
+    loop {
+        let read = tokio::select! {
+            r = tokio::time::timeout(ADMIN_IDLE, read_frame(&mut stream, &mut buf)) => r,
+            () = crate::shutdown::stopped(&mut shutdown) => break,
+        };
+        match read {
+            Ok(Ok(())) => {}
+            Ok(Err(FrameError::Closed)) | Err(_) => break,
+            Ok(Err(e)) => {
+                tracing::info!("agent.socket: closing connection of pid={pid}: {e}");
+                break;
+            }
+        }
+        let reply = handle(&inner, &buf, pid).await;
+        buf.zeroize();
+        if stream.write_all(&reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One request from root; returns the framed answer.
+async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
+    let Some((&kind, body)) = message.split_first() else {
+        return response::FAILURE.to_vec();
+    };
+    match kind {
+        // Decoded by hand: ssh-agent-lib's decoder cannot say which
+        // constraint it did not understand.
+        17 | 25 => return add(inner, body, kind == 25, pid),
+        20 | 21 | 26 => {
+            tracing::warn!(
+                "agent.socket: refused a smartcard request (type {kind}) from pid={pid}: \
+                 the builtin backend holds no smartcard keys"
+            );
+            return response::FAILURE.to_vec();
+        }
+        22 | 23 => {
+            tracing::warn!(
+                "agent.socket: refused a {} request from pid={pid}: the builtin backend \
+                 cannot be locked (disarm it with `keyholder disarm`)",
+                if kind == 22 { "lock" } else { "unlock" }
+            );
+            return response::FAILURE.to_vec();
+        }
+        _ => {}
+    }
+    let request = match Request::decode(&mut &*message) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                "agent.socket: refused a malformed or unknown request (type {kind}) from \
+                 pid={pid}: {e}"
+            );
+            return response::FAILURE.to_vec();
+        }
+    };
+    let answer = match request {
+        Request::RequestIdentities => Response::IdentitiesAnswer(identities(inner)),
+        Request::SignRequest(sign) => match inner.sign(&sign).await {
+            Ok(blob) => return super::sign_response(&blob),
+            Err(e) => {
+                if !matches!(e, SignError::NotHeld) {
+                    tracing::warn!("agent.socket: sign for pid={pid} failed: {e}");
+                }
+                Response::Failure
+            }
+        },
+        Request::RemoveIdentity(RemoveIdentity { credential }) => remove(inner, &credential, pid),
+        Request::RemoveAllIdentities => {
+            let n = inner.store.remove_all();
+            tracing::info!("agent.socket: removed all keys ({n}) for pid={pid}");
+            Response::Success
+        }
+        Request::Extension(ext) => {
+            tracing::debug!(
+                "agent.socket: refused extension {:?} from pid={pid}: not supported by the \
+                 builtin backend",
+                ext.name
+            );
+            Response::Failure
+        }
+        other => {
+            tracing::warn!(
+                "agent.socket: refused request type {} from pid={pid}: not supported by the \
+                 builtin backend",
+                other.message_id()
+            );
+            Response::Failure
+        }
+    };
+    response::encode(&answer)
+}
+
+fn identities(inner: &Inner) -> Vec<Identity> {
+    inner
+        .store
+        .list()
+        .into_iter()
+        .map(|(key, comment)| Identity {
+            credential: PublicCredential::Key(key),
+            comment,
+        })
+        .collect()
+}
+
+fn remove(inner: &Inner, credential: &PublicCredential, pid: i32) -> Response {
+    let PublicCredential::Key(key) = credential else {
+        return Response::Failure;
+    };
+    if inner.store.remove(key) {
+        tracing::info!(
+            "agent.socket: removed key {} for pid={pid}",
+            key.fingerprint(HashAlg::Sha256)
+        );
+        Response::Success
+    } else {
+        Response::Failure
+    }
+}
+
+/// ADD_IDENTITY / ADD_ID_CONSTRAINED.
+fn add(inner: &Inner, body: &[u8], constrained: bool, pid: i32) -> Vec<u8> {
+    match parse_add(body, constrained).and_then(|(identity, lifetime)| {
+        let PrivateCredential::Key { privkey, comment } = identity.credential else {
+            return Err(
+                "certificates are not held by the builtin backend (keyholder mints its own: \
+                 see [certificates]); add the plain key"
+                    .to_owned(),
+            );
+        };
+        let key = HeldKey::new(&privkey).map_err(|e| e.0)?;
+        Ok((key, comment, lifetime))
+    }) {
+        Ok((key, comment, lifetime)) => {
+            let fingerprint = key.public().fingerprint(HashAlg::Sha256);
+            let (kind, bits) = (key.type_name(), key.bits());
+            let added = inner.store.add(
+                key,
+                comment,
+                lifetime.map(|s| Duration::from_secs(s.into())),
+            );
+            let life =
+                lifetime.map_or_else(|| "no lifetime".to_owned(), |s| format!("lifetime {s} s"));
+            tracing::info!(
+                "agent.socket: {} key {kind} {bits} bits {fingerprint} ({life}) for pid={pid}",
+                if added == super::store::Added::New {
+                    "added"
+                } else {
+                    "replaced"
+                }
+            );
+            if !inner.memory_locked {
+                tracing::error!(
+                    "the builtin backend holds keys but the daemon's memory is not locked \
+                     (mlockall failed or was skipped): key material may be swapped out; \
+                     run the daemon with LimitMEMLOCK=infinity or CAP_IPC_LOCK"
+                );
+            }
+            response::SUCCESS.to_vec()
+        }
+        Err(why) => {
+            tracing::warn!("agent.socket: refused to add a key for pid={pid}: {why}");
+            response::FAILURE.to_vec()
+        }
+    }
+}
+
+/// The identity of an add request and its lifetime constraint, or why the
+/// request is refused (one line, naming the key type or the constraint).
+fn parse_add(
+    body: &[u8],
+    constrained: bool,
+) -> std::result::Result<(AddIdentity, Option<u32>), String> {
+    let mut reader = body;
+    let identity = AddIdentity::decode(&mut reader).map_err(|e| {
+        let name = key_type_name(body);
+        format!("cannot use a key of type {name:?}: {e} (the builtin backend holds Ed25519, RSA 2048-16384 and ECDSA P-256/384/521 keys)")
+    })?;
+    let mut lifetime = None;
+    while !reader.is_finished() {
+        if !constrained {
+            return Err("trailing bytes after the key".to_owned());
+        }
+        let kind = u8::decode(&mut reader).map_err(|e| format!("malformed constraint: {e}"))?;
+        match kind {
+            CONSTRAIN_LIFETIME => {
+                let secs =
+                    u32::decode(&mut reader).map_err(|e| format!("malformed lifetime: {e}"))?;
+                if lifetime.replace(secs).is_some() {
+                    return Err("lifetime constraint given twice".to_owned());
+                }
+            }
+            CONSTRAIN_CONFIRM => {
+                return Err(
+                    "the confirm constraint (ssh-add -c) is not supported by the builtin backend"
+                        .to_owned(),
+                )
+            }
+            CONSTRAIN_MAXSIGN => {
+                return Err(
+                    "the maximum-signatures constraint is not supported by the builtin backend"
+                        .to_owned(),
+                )
+            }
+            CONSTRAIN_EXTENSION => {
+                let name = String::decode(&mut reader).unwrap_or_else(|_| "(malformed)".to_owned());
+                let what = if name.starts_with("restrict-destination") {
+                    " (destination constraints, ssh-add -h)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "constraint {name:?}{what} is not supported by the builtin backend"
+                ));
+            }
+            other => return Err(format!("unknown constraint type {other}")),
+        }
+    }
+    Ok((identity, lifetime))
+}
+
+/// The key type name at the start of an add request, for the log.
+fn key_type_name(body: &[u8]) -> String {
+    let mut reader = body;
+    match String::decode(&mut reader) {
+        Ok(name) if name.len() <= 64 => name,
+        _ => "(malformed)".to_owned(),
+    }
+}
