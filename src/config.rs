@@ -56,9 +56,31 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
+    backend: Option<BackendKind>,
     socket: Option<PathBuf>,
     spawn: Option<bool>,
     program: Option<PathBuf>,
+}
+
+/// Which backend holds the keys (`[agent] backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// An ssh-agent (spawned or external) holds the keys.
+    #[default]
+    Upstream,
+    /// keyholder holds the keys itself and serves `agent.socket`.
+    Builtin,
+}
+
+impl BackendKind {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::Builtin => "builtin",
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,7 +104,10 @@ struct RawKey {
 /// The upstream agent settings (`[agent]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// The upstream agent's socket.
+    /// Which backend holds the keys.
+    pub backend: BackendKind,
+    /// The upstream agent's socket (with `backend = "builtin"`: the admin
+    /// socket the daemon serves itself).
     pub socket: PathBuf,
     /// Whether the daemon starts and supervises the agent itself.
     pub spawn: bool,
@@ -241,6 +266,22 @@ impl Config {
             }
         }
 
+        let backend = raw.agent.backend.unwrap_or_default();
+        if backend == BackendKind::Builtin {
+            for (field, set) in [
+                ("spawn", raw.agent.spawn.is_some()),
+                ("program", raw.agent.program.is_some()),
+            ] {
+                if set {
+                    return Err(Error::msg(format!(
+                        "{file}: agent.{field}: does not apply with agent.backend = \"builtin\" \
+                         (keyholder serves agent.socket itself, no ssh-agent is started); \
+                         remove it"
+                    )));
+                }
+            }
+        }
+
         Ok(Self {
             path: path.to_owned(),
             socket: resolve(raw.socket.unwrap_or_else(|| DEFAULT_SOCKET.into())),
@@ -248,12 +289,13 @@ impl Config {
             log: raw.log.unwrap_or(LogTarget::Syslog),
             require_encrypted: raw.require_encrypted.unwrap_or(true),
             agent: AgentConfig {
+                backend,
                 socket: resolve(
                     raw.agent
                         .socket
                         .unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()),
                 ),
-                spawn: raw.agent.spawn.unwrap_or(true),
+                spawn: raw.agent.spawn.unwrap_or(backend == BackendKind::Upstream),
                 program: raw
                     .agent
                     .program
@@ -467,6 +509,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("same public key"), "{e}");
+    }
+
+    #[test]
+    fn backend_defaults_to_upstream_and_builtin_rejects_spawn_and_program() {
+        assert_eq!(parse("").unwrap().agent.backend, BackendKind::Upstream);
+        let c = parse("[agent]\nbackend = \"builtin\"\nsocket = \"/run/k/agent.sock\"\n").unwrap();
+        assert_eq!(c.agent.backend, BackendKind::Builtin);
+        assert!(!c.agent.spawn);
+        for field in ["spawn = true", "spawn = false", "program = \"/bin/x\""] {
+            let e = parse(&format!("[agent]\nbackend = \"builtin\"\n{field}\n"))
+                .unwrap_err()
+                .to_string();
+            let name = field.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("agent.{name}")) && e.contains("builtin"),
+                "{e}"
+            );
+        }
+        let e = parse("[agent]\nbackend = \"gpg\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend") || e.contains("gpg"), "{e}");
     }
 
     #[test]

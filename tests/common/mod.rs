@@ -121,13 +121,93 @@ pub fn keygen(dir: &Path, name: &str, kind: &str, passphrase: &str) -> PathBuf {
     path
 }
 
-/// A real OpenSSH `ssh-agent` started by the test.
+// ---------------------------------------------------------------------------
+// Backends: every test that starts a daemon runs against both.
+
+/// Which backend a daemon under test holds its keys in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A real OpenSSH `ssh-agent` started by the test (`spawn = false`).
+    Upstream,
+    /// `backend = "builtin"`: the daemon holds the keys and serves
+    /// `agent.socket` itself; keys are added with `ssh-add` to it.
+    Builtin,
+}
+
+/// Set to `upstream` or `builtin` to run only that backend's half of the
+/// parametrized tests.
+pub const BACKEND_ENV: &str = "KHT_BACKEND";
+
+impl Backend {
+    /// Both backends, or only the one `$KHT_BACKEND` names.
+    pub fn all() -> Vec<Self> {
+        match std::env::var(BACKEND_ENV).as_deref() {
+            Ok("upstream") => vec![Self::Upstream],
+            Ok("builtin") => vec![Self::Builtin],
+            _ => vec![Self::Upstream, Self::Builtin],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::Builtin => "builtin",
+        }
+    }
+
+    /// The `[agent]` table for a daemon using this backend with `socket`.
+    /// Upstream: an external agent there (`spawn = false`); builtin: the
+    /// daemon's own admin socket.
+    pub fn agent_toml(self, socket: &Path) -> String {
+        match self {
+            Self::Upstream => format!(
+                "[agent]\nsocket = \"{}\"\nspawn = false\n",
+                socket.display()
+            ),
+            Self::Builtin => format!(
+                "[agent]\nbackend = \"builtin\"\nsocket = \"{}\"\n",
+                socket.display()
+            ),
+        }
+    }
+}
+
+/// Runs `body` once per backend ([`Backend::all`]), saying which on stderr
+/// (a failure's output then names the backend). The one fixture for
+/// parametrized tests:
+///
+/// ```ignore
+/// #[test]
+/// fn something() {
+///     require_root!();
+///     each_backend(|backend| {
+///         let dir = TempDir::new("x");
+///         let agent = Agent::new(&dir, backend);   // ssh-agent, or nothing yet
+///         let daemon = Daemon::start(&dir, &agent, "…keys…");
+///         agent.add(&key);                          // after the daemon starts
+///         …
+///     });
+/// }
+/// ```
+pub fn each_backend(mut body: impl FnMut(Backend)) {
+    for backend in Backend::all() {
+        eprintln!("=== backend {} ===", backend.name());
+        body(backend);
+    }
+}
+
+/// Where the keys live: a real OpenSSH `ssh-agent` started by the test, or
+/// (builtin backend) the daemon's own `agent.socket`, which exists once the
+/// daemon runs. Either way root reaches it with `ssh-add` on [`Agent::socket`],
+/// and "the agent is unchanged" is checked with [`Agent::keys`].
 pub struct Agent {
     pub socket: PathBuf,
-    child: Child,
+    pub backend: Backend,
+    child: Option<Child>,
 }
 
 impl Agent {
+    /// A real OpenSSH `ssh-agent` (upstream backend).
     pub fn start(dir: &TempDir) -> Self {
         let socket = dir.join("agent.sock");
         let child = Command::new("ssh-agent")
@@ -143,7 +223,24 @@ impl Agent {
                 .is_ok()),
             "ssh-agent did not start"
         );
-        Self { socket, child }
+        Self {
+            socket,
+            backend: Backend::Upstream,
+            child: Some(child),
+        }
+    }
+
+    /// The key holder for `backend`: a started ssh-agent, or the path the
+    /// builtin daemon will serve (add keys only after [`Daemon::start`]).
+    pub fn new(dir: &TempDir, backend: Backend) -> Self {
+        match backend {
+            Backend::Upstream => Self::start(dir),
+            Backend::Builtin => Self {
+                socket: dir.join("agent.sock"),
+                backend,
+                child: None,
+            },
+        }
     }
 
     /// `ssh-add` run as root directly against the agent.
@@ -164,15 +261,18 @@ impl Agent {
         key_lines(&o)
     }
 
+    /// The ssh-agent's pid (upstream only; 0 for builtin).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -201,9 +301,32 @@ impl Daemon {
         )
     }
 
-    /// A daemon in front of `agent`, keys in `dir`, with `extra` TOML.
+    /// A configuration for `dir` using `agent`'s backend, plus `extra` TOML.
+    pub fn config_for(dir: &TempDir, agent: &Agent, extra: &str) -> String {
+        format!(
+            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n{}\n{extra}",
+            dir.join("proxy.sock").display(),
+            dir.path().display(),
+            agent.backend.agent_toml(&agent.socket)
+        )
+    }
+
+    /// A daemon in front of `agent` (or, builtin, holding the keys itself),
+    /// keys in `dir`, with `extra` TOML. With the builtin backend the daemon
+    /// is started with `KEYHOLDER_BUILTIN_*` knobs from the environment.
     pub fn start(dir: &TempDir, agent: &Agent, extra: &str) -> Self {
-        Self::start_with(dir, &Self::config(dir, &agent.socket, extra))
+        let d = Self::start_with(dir, &Self::config_for(dir, agent, extra));
+        if agent.backend == Backend::Builtin {
+            assert!(
+                wait_for(Duration::from_secs(10), || UnixStream::connect(
+                    &agent.socket
+                )
+                .is_ok()),
+                "builtin agent.socket did not appear:\n{}",
+                d.log_text()
+            );
+        }
+        d
     }
 
     pub fn pid(&self) -> u32 {
@@ -478,6 +601,12 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(dir: &TempDir) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// Like [`Sshd::start`], with `extra` sshd_config lines (e.g.
+    /// `PubkeyAcceptedAlgorithms +ssh-rsa`).
+    pub fn start_with(dir: &TempDir, extra: &str) -> Self {
         let root = dir.join("sshd");
         std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -496,7 +625,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/host_ed25519\nPidFile none\n\
                  AuthorizedKeysFile {root}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n",
+                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n{extra}\n",
                 root = root.display()
             ),
         )
