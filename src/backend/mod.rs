@@ -29,7 +29,10 @@ use std::time::Duration;
 
 use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, SignRequest};
 
-use crate::config::Config;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{BackendKind, Config};
 
 pub use upstream::UpstreamBackend;
 
@@ -102,11 +105,45 @@ impl std::fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-/// The backend the configuration asks for.
-pub fn open(config: &Config) -> Arc<dyn Backend> {
-    Arc::new(UpstreamBackend::new(
-        config.agent.socket.clone(),
-        config.limits.upstream_timeout,
-        config.limits.max_connections,
-    ))
+/// What a backend may need from the daemon when it is opened.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    /// The daemon's stop signal: a backend's own tasks end on it.
+    pub shutdown: watch::Receiver<bool>,
+    /// Whether the daemon's memory is locked (`mlockall`).
+    pub memory_locked: bool,
+}
+
+/// An opened backend, and the task that runs its own services (if any).
+pub type Opened = (Arc<dyn Backend>, Option<JoinHandle<()>>);
+
+/// The backend the configuration asks for, and the task (if any) that runs
+/// its own services until shutdown (await it before exiting: the builtin
+/// backend drops its keys there).
+pub fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opened> {
+    match config.agent.backend {
+        BackendKind::Upstream => {
+            if !config.agent.spawn {
+                tracing::info!(
+                    "using the upstream agent at {}",
+                    config.agent.socket.display()
+                );
+            }
+            let backend = UpstreamBackend::new(
+                config.agent.socket.clone(),
+                config.limits.upstream_timeout,
+                config.limits.max_connections,
+            );
+            Ok((Arc::new(backend), None))
+        }
+        BackendKind::Builtin => {
+            let settings = builtin::Settings {
+                socket: config.agent.socket.clone(),
+                timeout: config.limits.upstream_timeout,
+                memory_locked: context.memory_locked,
+            };
+            let (backend, task) = builtin::Builtin::start(&settings, context.shutdown)?;
+            Ok((Arc::new(backend), Some(task)))
+        }
+    }
 }

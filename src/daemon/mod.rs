@@ -94,7 +94,7 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     // The accept loop runs on a worker, not on this thread: an accepted
     // connection is then handed on without waking another thread first.
     let result = runtime.block_on(async {
-        tokio::spawn(serve(config))
+        tokio::spawn(serve(config, hardening.mlock.is_ok()))
             .await
             .unwrap_or_else(|e| Err(Error::msg(format!("the daemon's main task failed: {e}"))))
     });
@@ -106,7 +106,7 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     result
 }
 
-async fn serve(mut config: Config) -> Result<()> {
+async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     // First, so that a spawned agent inherits the raised descriptor limit.
     let max_connections = limits::fit_descriptors(config.limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -126,10 +126,6 @@ async fn serve(mut config: Config) -> Result<()> {
         );
         Some(tokio::spawn(sup.run(stop_rx.clone())))
     } else {
-        tracing::info!(
-            "using the upstream agent at {}",
-            config.agent.socket.display()
-        );
         None
     };
 
@@ -143,11 +139,27 @@ async fn serve(mut config: Config) -> Result<()> {
             return Err(e);
         }
     };
+    let context = crate::backend::OpenContext {
+        shutdown: stop_rx.clone(),
+        memory_locked,
+    };
+    let (backend, backend_task) = match crate::backend::open(&config, context) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            drop(listener);
+            remove_socket(&config.socket);
+            if let Some(sup) = supervisor {
+                let _ = sup.await;
+            }
+            return Err(e);
+        }
+    };
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
-        backend: crate::backend::open(&config),
+        backend,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
     });
@@ -218,6 +230,9 @@ async fn serve(mut config: Config) -> Result<()> {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx.recv()).await;
     if let Some(sup) = supervisor {
         let _ = sup.await;
+    }
+    if let Some(task) = backend_task {
+        let _ = task.await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ssh_agent_lib::proto::{
-    AddIdentity, Identity, PrivateCredential, PublicCredential, RemoveIdentity, Request, Response,
+    AddIdentity, Identity, PublicCredential, RemoveIdentity, Request, Response,
 };
 use ssh_encoding::{Decode, Reader};
 use ssh_key::HashAlg;
@@ -29,7 +29,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::key::HeldKey;
 use super::{Inner, SignError};
 use crate::error::{Error, Result};
 use crate::protocol::{read_frame, response, FrameError, MAX_MESSAGE_LEN};
@@ -54,6 +53,15 @@ const CONSTRAIN_EXTENSION: u8 = 255;
 pub fn bind(path: &Path) -> Result<UnixListener> {
     let shown = path.display();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            // Created root-only (umask 077).
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::msg(format!(
+                    "agent.socket {shown}: cannot create {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
         let meta = std::fs::metadata(dir)
             .map_err(|e| Error::msg(format!("agent.socket {shown}: {}: {e}", dir.display())))?;
         if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
@@ -189,6 +197,15 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
         // Decoded by hand: ssh-agent-lib's decoder cannot say which
         // constraint it did not understand.
         17 | 25 => return add(inner, body, kind == 25, pid),
+        // SSH_AGENTC_REMOVE_ALL_RSA_IDENTITIES: `ssh-add -D` still sends it
+        // after the SSH2 one, and OpenSSH's agent treats it as remove-all.
+        9 if body.is_empty() => {
+            let n = inner.store.remove_all();
+            if n > 0 {
+                tracing::info!("agent.socket: removed all keys ({n}) for pid={pid}");
+            }
+            return response::SUCCESS.to_vec();
+        }
         20 | 21 | 26 => {
             tracing::warn!(
                 "agent.socket: refused a smartcard request (type {kind}) from pid={pid}: \
@@ -219,7 +236,7 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
     let answer = match request {
         Request::RequestIdentities => Response::IdentitiesAnswer(identities(inner)),
         Request::SignRequest(sign) => match inner.sign(&sign).await {
-            Ok(blob) => return super::sign_response(&blob),
+            Ok(blob) => return response::sign_response(&blob),
             Err(e) => {
                 if !matches!(e, SignError::NotHeld) {
                     tracing::warn!("agent.socket: sign for pid={pid} failed: {e}");
@@ -282,44 +299,15 @@ fn remove(inner: &Inner, credential: &PublicCredential, pid: i32) -> Response {
 
 /// ADD_IDENTITY / ADD_ID_CONSTRAINED.
 fn add(inner: &Inner, body: &[u8], constrained: bool, pid: i32) -> Vec<u8> {
-    match parse_add(body, constrained).and_then(|(identity, lifetime)| {
-        let PrivateCredential::Key { privkey, comment } = identity.credential else {
-            return Err(
-                "certificates are not held by the builtin backend (keyholder mints its own: \
-                 see [certificates]); add the plain key"
-                    .to_owned(),
-            );
-        };
-        let key = HeldKey::new(&privkey).map_err(|e| e.0)?;
-        Ok((key, comment, lifetime))
-    }) {
-        Ok((key, comment, lifetime)) => {
-            let fingerprint = key.public().fingerprint(HashAlg::Sha256);
-            let (kind, bits) = (key.type_name(), key.bits());
-            let added = inner.store.add(
-                key,
-                comment,
-                lifetime.map(|s| Duration::from_secs(s.into())),
-            );
-            let life =
-                lifetime.map_or_else(|| "no lifetime".to_owned(), |s| format!("lifetime {s} s"));
-            tracing::info!(
-                "agent.socket: {} key {kind} {bits} bits {fingerprint} ({life}) for pid={pid}",
-                if added == super::store::Added::New {
-                    "added"
-                } else {
-                    "replaced"
-                }
-            );
-            if !inner.memory_locked {
-                tracing::error!(
-                    "the builtin backend holds keys but the daemon's memory is not locked \
-                     (mlockall failed or was skipped): key material may be swapped out; \
-                     run the daemon with LimitMEMLOCK=infinity or CAP_IPC_LOCK"
-                );
-            }
-            response::SUCCESS.to_vec()
-        }
+    let result = parse_add(body, constrained).and_then(|(identity, lifetime)| {
+        inner.add_key(
+            identity.credential,
+            lifetime,
+            &format!("pid={pid} on agent.socket"),
+        )
+    });
+    match result {
+        Ok(()) => response::SUCCESS.to_vec(),
         Err(why) => {
             tracing::warn!("agent.socket: refused to add a key for pid={pid}: {why}");
             response::FAILURE.to_vec()

@@ -19,13 +19,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssh_agent_lib::proto::{Identity, PublicCredential, SignRequest};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ssh_agent_lib::proto::{
+    AddIdentityConstrained, Identity, KeyConstraint, PrivateCredential, PublicCredential,
+    SignRequest,
+};
+use ssh_key::HashAlg;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::{Backend, BackendError, BackendFuture, BackendStatus};
 use crate::error::{Error, Result};
+use key::HeldKey;
 use pool::{Pool, PoolError};
-use store::KeyStore;
+use store::{Added, KeyStore};
 
 /// Environment knob: number of signing threads (default: one per core).
 pub const WORKERS_ENV: &str = "KEYHOLDER_BUILTIN_WORKERS";
@@ -36,6 +45,8 @@ pub const QUEUE_ENV: &str = "KEYHOLDER_BUILTIN_QUEUE";
 pub const QUEUE_PER_WORKER: usize = 64;
 /// How often expired keys are looked for.
 const REAP_EVERY: Duration = Duration::from_millis(500);
+/// At most one "queue full" line per this long (with the count since).
+const BUSY_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the builtin backend gave no signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,9 +87,76 @@ pub struct Inner {
     pool: Pool,
     timeout_ms: AtomicU64,
     memory_locked: bool,
+    /// When a "queue full" line was last written, and how many since.
+    busy_log: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Inner {
+    /// Converts and holds a key (`lifetime` in seconds), logging what it
+    /// did; or the one-line reason it is refused (logged by the caller).
+    fn add_key(
+        &self,
+        credential: PrivateCredential,
+        lifetime: Option<u32>,
+        who: &str,
+    ) -> std::result::Result<(), String> {
+        let PrivateCredential::Key { privkey, comment } = credential else {
+            return Err(
+                "certificates are not held by the builtin backend (keyholder mints its own: \
+                 see [certificates]); add the plain key"
+                    .to_owned(),
+            );
+        };
+        let key = HeldKey::new(&privkey).map_err(|e| e.0)?;
+        drop(privkey);
+        let fingerprint = key.public().fingerprint(HashAlg::Sha256);
+        let (kind, bits) = (key.type_name(), key.bits());
+        let added = self.store.add(
+            key,
+            comment,
+            lifetime.map(|s| Duration::from_secs(s.into())),
+        );
+        let life = lifetime.map_or_else(|| "no lifetime".to_owned(), |s| format!("lifetime {s} s"));
+        tracing::info!(
+            "builtin backend: {} key {kind} {bits} bits {fingerprint} ({life}) for {who}",
+            if added == Added::New {
+                "added"
+            } else {
+                "replaced"
+            }
+        );
+        if !self.memory_locked {
+            tracing::error!(
+                "builtin backend: holding keys but the daemon's memory is not locked \
+                 (mlockall failed or was skipped): key material may be swapped out; run the \
+                 daemon with LimitMEMLOCK=infinity or CAP_IPC_LOCK"
+            );
+        }
+        Ok(())
+    }
+
+    /// Logs a sign that waited for the full queue, at most once per window.
+    fn note_busy(&self, e: &SignError) {
+        let mut log = self.busy_log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log
+            .0
+            .is_some_and(|t| now.duration_since(t) < BUSY_LOG_EVERY)
+        {
+            log.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut log.1);
+        log.0 = Some(now);
+        drop(log);
+        tracing::warn!(
+            "{e}: answering FAILURE ({} workers, queue of {}; {suppressed} more since the \
+             last report)",
+            self.pool.workers(),
+            self.pool.capacity()
+        );
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
@@ -89,14 +167,19 @@ impl Inner {
         };
         let key = self.store.get(public).ok_or(SignError::NotHeld)?;
         let timeout = self.timeout();
-        self.pool
+        let result = self
+            .pool
             .sign(key, request.data.clone(), request.flags, timeout)
             .await
             .map_err(|e| match e {
                 PoolError::Busy => SignError::Busy(timeout),
                 PoolError::Timeout => SignError::Timeout(timeout),
                 other => SignError::Failed(other.to_string()),
-            })
+            });
+        if let Err(e @ (SignError::Busy(_) | SignError::Timeout(_))) = &result {
+            self.note_busy(e);
+        }
+        result
     }
 }
 
@@ -148,6 +231,7 @@ impl Builtin {
             pool,
             timeout_ms: AtomicU64::new(millis(settings.timeout)),
             memory_locked: settings.memory_locked,
+            busy_log: Mutex::new((None, 0)),
         });
         let server = tokio::spawn(admin::serve(
             listener,
@@ -186,14 +270,74 @@ impl Builtin {
     pub async fn sign(&self, request: &SignRequest) -> std::result::Result<Vec<u8>, SignError> {
         self.inner.sign(request).await
     }
+}
 
-    /// Removes every key; returns how many there were.
-    pub fn remove_all(&self) -> usize {
-        self.inner.store.remove_all()
+impl Backend for Builtin {
+    fn name(&self) -> &'static str {
+        "builtin"
     }
 
-    /// Sets the deadline of later sign requests (after a reload).
-    pub fn set_timeout(&self, timeout: Duration) {
+    fn identities(&self) -> BackendFuture<'_, Vec<Identity>> {
+        let ids = Builtin::identities(self);
+        Box::pin(async move { Ok(ids) })
+    }
+
+    fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>> {
+        Box::pin(async move {
+            self.inner.sign(&request).await.map_err(|e| match e {
+                SignError::NotHeld => BackendError::Refused,
+                SignError::Busy(_) | SignError::Timeout(_) => BackendError::Timeout,
+                SignError::Failed(e) => BackendError::Broken(e),
+            })
+        })
+    }
+
+    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            let mut lifetime = None;
+            for constraint in &identity.constraints {
+                match constraint {
+                    KeyConstraint::Lifetime(s) if lifetime.is_none() => lifetime = Some(*s),
+                    other => {
+                        tracing::warn!(
+                            "builtin backend: refused to add a key: constraint {other:?} is \
+                             not supported"
+                        );
+                        return Err(BackendError::Refused);
+                    }
+                }
+            }
+            self.inner
+                .add_key(identity.identity.credential, lifetime, "the daemon")
+                .map_err(|why| {
+                    tracing::warn!("builtin backend: refused to add a key: {why}");
+                    BackendError::Refused
+                })
+        })
+    }
+
+    fn remove(&self, key: PublicCredential) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            match &key {
+                PublicCredential::Key(k) if self.inner.store.remove(k) => Ok(()),
+                _ => Err(BackendError::Refused),
+            }
+        })
+    }
+
+    fn remove_all(&self) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.store.remove_all();
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> BackendFuture<'_, BackendStatus> {
+        let identities = Builtin::identities(self);
+        Box::pin(async move { Ok(BackendStatus { identities }) })
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
         self.inner
             .timeout_ms
             .store(millis(timeout), Ordering::Relaxed);
@@ -209,19 +353,6 @@ fn knob(name: &str) -> Option<usize> {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-}
-
-/// SIGN_RESPONSE framed around a signature blob, byte for byte.
-pub fn sign_response(blob: &[u8]) -> Vec<u8> {
-    let Ok(inner_len) = u32::try_from(blob.len()) else {
-        return crate::protocol::response::FAILURE.to_vec();
-    };
-    let mut out = Vec::with_capacity(blob.len() + 9);
-    out.extend_from_slice(&(inner_len + 5).to_be_bytes());
-    out.push(14);
-    out.extend_from_slice(&inner_len.to_be_bytes());
-    out.extend_from_slice(blob);
-    out
 }
 
 async fn reap(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
