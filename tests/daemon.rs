@@ -28,18 +28,19 @@ struct Host {
 }
 
 impl Host {
-    fn new(extra: &str) -> Self {
+    /// With `backend` holding the keys (added once the daemon runs).
+    fn new(backend: Backend, extra: &str) -> Self {
         let dir = TempDir::new("h");
-        let agent = Agent::start(&dir);
-        for (name, kind) in [
+        let agent = Agent::new(&dir, backend);
+        let keys: Vec<_> = [
             ("deploy", "ed25519"),
             ("deployrsa", "rsa"),
             ("phab", "ecdsa"),
             ("stray", "ed25519"),
-        ] {
-            let key = keygen(dir.path(), name, kind, "");
-            agent.add(&key);
-        }
+        ]
+        .into_iter()
+        .map(|(name, kind)| keygen(dir.path(), name, kind, ""))
+        .collect();
         let deployers = TestGroup::create("dep");
         let phab_admins = TestGroup::create("pha");
         let member = TestUser::create("m", &[&deployers]);
@@ -52,6 +53,9 @@ impl Host {
             p = phab_admins.name
         );
         let daemon = Daemon::start(&dir, &agent, &config);
+        for key in &keys {
+            agent.add(key);
+        }
         Self {
             dir,
             agent,
@@ -95,346 +99,361 @@ impl Host {
 #[test]
 fn listing_is_filtered_by_the_callers_groups() {
     require_root!();
-    let h = Host::new("");
-    assert_eq!(
-        h.listed(&h.member.as_user()),
-        h.expect(&["deploy", "deployrsa"])
-    );
-    assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
-    assert_eq!(h.listed(&h.outsider.as_user()), Vec::<String>::new());
-    // root: every configured key, never the unconfigured one
-    assert_eq!(
-        h.listed(&As::Root),
-        h.expect(&["deploy", "deployrsa", "phab"])
-    );
-    // `ssh-add -l` exits 1 with "no identities" for the outsider
-    let o = h.daemon.ssh_add(&h.outsider.as_user(), &["-l"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        assert_eq!(
+            h.listed(&h.member.as_user()),
+            h.expect(&["deploy", "deployrsa"])
+        );
+        assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
+        assert_eq!(h.listed(&h.outsider.as_user()), Vec::<String>::new());
+        // root: every configured key, never the unconfigured one
+        assert_eq!(
+            h.listed(&As::Root),
+            h.expect(&["deploy", "deployrsa", "phab"])
+        );
+        // `ssh-add -l` exits 1 with "no identities" for the outsider
+        let o = h.daemon.ssh_add(&h.outsider.as_user(), &["-l"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    });
 }
 
 #[test]
 fn admin_requests_are_refused_for_everyone_and_the_agent_is_unchanged() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    assert_eq!(before.len(), 4);
-    let newkey = keygen(h.dir.path(), "intruder", "ed25519", "");
-    let deploy_pub = h.dir.join("deploy.pub");
-    for who in [As::Root, h.member.as_user(), h.outsider.as_user()] {
-        for args in [
-            vec!["-D"],
-            vec!["-d", deploy_pub.to_str().unwrap()],
-            vec![newkey.to_str().unwrap()],
-            vec!["-t", "60", newkey.to_str().unwrap()],
-        ] {
-            let o = h.daemon.ssh_add(&who, &args);
-            assert!(!o.status.success(), "{who:?} ssh-add {args:?} succeeded");
-            assert_eq!(
-                h.agent.keys(),
-                before,
-                "agent changed by {who:?} ssh-add {args:?}"
-            );
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        assert_eq!(before.len(), 4);
+        let newkey = keygen(h.dir.path(), "intruder", "ed25519", "");
+        let deploy_pub = h.dir.join("deploy.pub");
+        for who in [As::Root, h.member.as_user(), h.outsider.as_user()] {
+            for args in [
+                vec!["-D"],
+                vec!["-d", deploy_pub.to_str().unwrap()],
+                vec![newkey.to_str().unwrap()],
+                vec!["-t", "60", newkey.to_str().unwrap()],
+            ] {
+                let o = h.daemon.ssh_add(&who, &args);
+                assert!(!o.status.success(), "{who:?} ssh-add {args:?} succeeded");
+                assert_eq!(
+                    h.agent.keys(),
+                    before,
+                    "agent changed by {who:?} ssh-add {args:?}"
+                );
+            }
         }
-    }
-    // lock/unlock and the smartcard requests, raw, as root
-    let mut raw = Raw::connect(&h.daemon.socket);
-    for msg in [
-        [vec![22u8], string(b"pw")].concat(),
-        [vec![23u8], string(b"pw")].concat(),
-        [
-            vec![20u8],
-            string(b"/usr/lib/opensc-pkcs11.so"),
-            string(b""),
-        ]
-        .concat(),
-        [
-            vec![21u8],
-            string(b"/usr/lib/opensc-pkcs11.so"),
-            string(b""),
-        ]
-        .concat(),
-        vec![26u8, 0, 0],
-        vec![25u8, 1, 2, 3],
-        vec![19u8],
-    ] {
-        assert_eq!(raw.call(&msg), Some(vec![FAILURE]), "type {}", msg[0]);
-    }
-    assert_eq!(h.agent.keys(), before);
-    // still a working agent behind the proxy: not locked
-    assert_eq!(h.listed(&As::Root).len(), 3);
-    assert!(h
-        .daemon
-        .wait_log("decision=refused reason=admin-request:remove-all-identities"));
-    assert!(h.daemon.log_text().contains("reason=admin-request:lock"));
+        // lock/unlock and the smartcard requests, raw, as root
+        let mut raw = Raw::connect(&h.daemon.socket);
+        for msg in [
+            [vec![22u8], string(b"pw")].concat(),
+            [vec![23u8], string(b"pw")].concat(),
+            [
+                vec![20u8],
+                string(b"/usr/lib/opensc-pkcs11.so"),
+                string(b""),
+            ]
+            .concat(),
+            [
+                vec![21u8],
+                string(b"/usr/lib/opensc-pkcs11.so"),
+                string(b""),
+            ]
+            .concat(),
+            vec![26u8, 0, 0],
+            vec![25u8, 1, 2, 3],
+            vec![19u8],
+        ] {
+            assert_eq!(raw.call(&msg), Some(vec![FAILURE]), "type {}", msg[0]);
+        }
+        assert_eq!(h.agent.keys(), before);
+        // still a working agent behind the proxy: not locked
+        assert_eq!(h.listed(&As::Root).len(), 3);
+        assert!(h
+            .daemon
+            .wait_log("decision=refused reason=admin-request:remove-all-identities"));
+        assert!(h.daemon.log_text().contains("reason=admin-request:lock"));
+    });
 }
 
 #[test]
 fn real_ssh_logins_through_the_proxy() {
     require_root!();
-    let h = Host::new("");
-    let sshd = Sshd::start(&h.dir);
-    let remote = TestUser::create("r", &[]);
-    sshd.authorize(
-        &remote.name,
-        &[&h.dir.join("deploy.pub"), &h.dir.join("deployrsa.pub")],
-    );
-    let before = h.agent.keys();
-
-    // The member logs in with each key (ed25519; RSA with rsa-sha2-* flags).
-    for key in ["deploy", "deployrsa"] {
-        let pubfile = h.dir.join(&format!("{key}.pub"));
-        let o = sshd.ssh(
-            &h.member.as_user(),
-            &h.daemon.socket,
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let sshd = Sshd::start(&h.dir);
+        let remote = TestUser::create("r", &[]);
+        sshd.authorize(
             &remote.name,
-            &[
-                "-vvv",
-                "-i",
-                pubfile.to_str().unwrap(),
-                "-o",
-                "IdentitiesOnly=yes",
-            ],
-            "id -un",
+            &[&h.dir.join("deploy.pub"), &h.dir.join("deployrsa.pub")],
         );
+        let before = h.agent.keys();
+
+        // The member logs in with each key (ed25519; RSA with rsa-sha2-* flags).
+        for key in ["deploy", "deployrsa"] {
+            let pubfile = h.dir.join(&format!("{key}.pub"));
+            let o = sshd.ssh(
+                &h.member.as_user(),
+                &h.daemon.socket,
+                &remote.name,
+                &[
+                    "-vvv",
+                    "-i",
+                    pubfile.to_str().unwrap(),
+                    "-o",
+                    "IdentitiesOnly=yes",
+                ],
+                "id -un",
+            );
+            assert!(
+                o.status.success(),
+                "{key}: {}\n{}\n{}",
+                stderr(&o),
+                h.daemon.log_text(),
+                sshd.log_text()
+            );
+            assert_eq!(stdout(&o).trim(), remote.name);
+            // OpenSSH 9 uses the host-bound method against an OpenSSH 9 server.
+            assert!(
+                stderr(&o).contains("publickey-hostbound-v00@openssh.com"),
+                "{}",
+                stderr(&o)
+            );
+        }
+        // ssh bound each session to the host key through the proxy; the daemon
+        // answered it itself (upstream connections are shared: never forwarded).
+        assert!(h.daemon.wait_log("session-bind@openssh.com for uid="));
+        assert!(h.daemon.log_text().contains("answered locally"));
+        // RSA was signed with SHA-2, as ssh asked (OpenSSH 8.8+ clients and
+        // servers no longer use ssh-rsa/SHA-1 by default; the agent itself still
+        // signs it, see `rsa_signs_with_every_flag_exactly_as_the_agent_does`):
+        // flags preserved.
         assert!(
-            o.status.success(),
-            "{key}: {}\n{}\n{}",
-            stderr(&o),
-            h.daemon.log_text(),
+            sshd.log_text().contains("RSA SHA256:") || sshd.log_text().contains("rsa-sha2"),
+            "{}",
             sshd.log_text()
         );
-        assert_eq!(stdout(&o).trim(), remote.name);
-        // OpenSSH 9 uses the host-bound method against an OpenSSH 9 server.
-        assert!(
-            stderr(&o).contains("publickey-hostbound-v00@openssh.com"),
-            "{}",
-            stderr(&o)
-        );
-    }
-    // ssh bound each session to the host key through the proxy; the daemon
-    // answered it itself (upstream connections are shared: never forwarded).
-    assert!(h.daemon.wait_log("session-bind@openssh.com for uid="));
-    assert!(h.daemon.log_text().contains("answered locally"));
-    // RSA was signed with SHA-2, as ssh asked (OpenSSH 8.8+ clients and
-    // servers no longer use ssh-rsa/SHA-1 by default; the agent itself still
-    // signs it, see `rsa_signs_with_every_flag_exactly_as_the_agent_does`):
-    // flags preserved.
-    assert!(
-        sshd.log_text().contains("RSA SHA256:") || sshd.log_text().contains("rsa-sha2"),
-        "{}",
-        sshd.log_text()
-    );
 
-    // Others cannot log in: no key offered, and nothing signed.
-    for who in [h.phab_user.as_user(), h.outsider.as_user()] {
-        let o = sshd.ssh(&who, &h.daemon.socket, &remote.name, &[], "true");
-        assert!(!o.status.success(), "{who:?} logged in");
-    }
-    let log = h.daemon.log_text();
-    assert!(
-        log.contains(&format!("sign user={} ", h.member.name)) && log.contains("decision=granted"),
-        "{log}"
-    );
-    assert!(
-        log.contains(&format!("remote_user={}", remote.name)),
-        "{log}"
-    );
-    assert_eq!(h.agent.keys(), before);
+        // Others cannot log in: no key offered, and nothing signed.
+        for who in [h.phab_user.as_user(), h.outsider.as_user()] {
+            let o = sshd.ssh(&who, &h.daemon.socket, &remote.name, &[], "true");
+            assert!(!o.status.success(), "{who:?} logged in");
+        }
+        let log = h.daemon.log_text();
+        assert!(
+            log.contains(&format!("sign user={} ", h.member.name))
+                && log.contains("decision=granted"),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("remote_user={}", remote.name)),
+            "{log}"
+        );
+        assert_eq!(h.agent.keys(), before);
+    });
 }
 
 #[test]
 fn sign_requests_are_granted_by_group_and_refused_otherwise() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    let blob = pubkey_blob(&h.dir.join("deploy.pub"));
-    let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
-    // The member's own connection: granted.
-    let answers = raw_as(
-        &h.member.as_user(),
-        &h.daemon.socket,
-        std::slice::from_ref(&sign),
-    );
-    assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(SIGN_RESPONSE));
-    // Other users, sending the very same request: FAILURE.
-    for who in [h.phab_user.as_user(), h.outsider.as_user()] {
-        let answers = raw_as(&who, &h.daemon.socket, &[sign.clone(), vec![11]]);
-        assert_eq!(answers[0], Some(vec![FAILURE]), "{who:?}");
-        // the connection stays usable
-        assert_eq!(answers[1].as_ref().map(|a| a[0]), Some(IDENTITIES_ANSWER));
-    }
-    assert!(h.daemon.wait_log("reason=not-in-allowed-group"));
-    assert!(h
-        .daemon
-        .log_text()
-        .contains(&format!("sign user={} ", h.outsider.name)));
-    // Root may use every configured key, but never an unconfigured one.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    assert_eq!(raw.call(&sign).unwrap()[0], SIGN_RESPONSE);
-    let stray = pubkey_blob(&h.dir.join("stray.pub"));
-    let answer = raw
-        .call(&sign_request(
-            &stray,
-            &userauth_data(&stray, "x", "ssh-ed25519"),
-            0,
-        ))
-        .unwrap();
-    assert_eq!(answer, vec![FAILURE]);
-    assert!(h.daemon.wait_log("reason=key-not-configured"));
-    assert_eq!(h.agent.keys(), before);
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        let blob = pubkey_blob(&h.dir.join("deploy.pub"));
+        let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
+        // The member's own connection: granted.
+        let answers = raw_as(
+            &h.member.as_user(),
+            &h.daemon.socket,
+            std::slice::from_ref(&sign),
+        );
+        assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(SIGN_RESPONSE));
+        // Other users, sending the very same request: FAILURE.
+        for who in [h.phab_user.as_user(), h.outsider.as_user()] {
+            let answers = raw_as(&who, &h.daemon.socket, &[sign.clone(), vec![11]]);
+            assert_eq!(answers[0], Some(vec![FAILURE]), "{who:?}");
+            // the connection stays usable
+            assert_eq!(answers[1].as_ref().map(|a| a[0]), Some(IDENTITIES_ANSWER));
+        }
+        assert!(h.daemon.wait_log("reason=not-in-allowed-group"));
+        assert!(h
+            .daemon
+            .log_text()
+            .contains(&format!("sign user={} ", h.outsider.name)));
+        // Root may use every configured key, but never an unconfigured one.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        assert_eq!(raw.call(&sign).unwrap()[0], SIGN_RESPONSE);
+        let stray = pubkey_blob(&h.dir.join("stray.pub"));
+        let answer = raw
+            .call(&sign_request(
+                &stray,
+                &userauth_data(&stray, "x", "ssh-ed25519"),
+                0,
+            ))
+            .unwrap();
+        assert_eq!(answer, vec![FAILURE]);
+        assert!(h.daemon.wait_log("reason=key-not-configured"));
+        assert_eq!(h.agent.keys(), before);
+    });
 }
 
 #[test]
 fn non_userauth_data_is_refused_unless_the_key_allows_any_data() {
     require_root!();
-    let signers = TestGroup::create("sig");
-    let h = Host::new("");
-    // ssh-keygen -Y sign sends SSHSIG data, not a user-auth request.
-    let msg = h.dir.join("msg.txt");
-    std::fs::write(&msg, "release v1\n").unwrap();
-    std::fs::set_permissions(&msg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let before = h.agent.keys();
-    let o = run(h
-        .member
-        .as_user()
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(h.dir.join("deploy.pub"))
-        .arg("-")
-        .env("SSH_AUTH_SOCK", &h.daemon.socket)
-        .stdin(std::process::Stdio::piped()));
-    assert!(!o.status.success(), "SSHSIG signed: {}", stdout(&o));
-    assert!(h.daemon.wait_log("reason=\"not-ssh-userauth"));
-    assert_eq!(h.agent.keys(), before);
-    drop(h);
+    each_backend(|backend| {
+        let signers = TestGroup::create("sig");
+        let h = Host::new(backend, "");
+        // ssh-keygen -Y sign sends SSHSIG data, not a user-auth request.
+        let msg = h.dir.join("msg.txt");
+        std::fs::write(&msg, "release v1\n").unwrap();
+        std::fs::set_permissions(&msg, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let before = h.agent.keys();
+        let o = run(h
+            .member
+            .as_user()
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(h.dir.join("deploy.pub"))
+            .arg("-")
+            .env("SSH_AUTH_SOCK", &h.daemon.socket)
+            .stdin(std::process::Stdio::piped()));
+        assert!(!o.status.success(), "SSHSIG signed: {}", stdout(&o));
+        assert!(h.daemon.wait_log("reason=\"not-ssh-userauth"));
+        assert_eq!(h.agent.keys(), before);
+        drop(h);
 
-    // The same with allow_any_data = true on a separate host.
-    let dir = TempDir::new("any");
-    let agent = Agent::start(&dir);
-    let key = keygen(dir.path(), "gitsign", "ed25519", "");
-    agent.add(&key);
-    let user = TestUser::create("s", &[&signers]);
-    let daemon = Daemon::start(
-        &dir,
-        &agent,
-        &format!(
-            "[keys.gitsign]\ngroups = [\"{}\"]\nallow_any_data = true\n",
-            signers.name
-        ),
-    );
-    let data = dir.join("data");
-    std::fs::write(&data, "hello\n").unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let o = run(user
-        .as_user()
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(dir.join("gitsign.pub"))
-        .arg(&data)
-        .env("SSH_AUTH_SOCK", &daemon.socket));
-    assert!(o.status.success(), "{}\n{}", stderr(&o), daemon.log_text());
-    assert!(dir.join("data.sig").exists());
+        // The same with allow_any_data = true on a separate host.
+        let dir = TempDir::new("any");
+        let agent = Agent::new(&dir, backend);
+        let key = keygen(dir.path(), "gitsign", "ed25519", "");
+        let user = TestUser::create("s", &[&signers]);
+        let daemon = Daemon::start(
+            &dir,
+            &agent,
+            &format!(
+                "[keys.gitsign]\ngroups = [\"{}\"]\nallow_any_data = true\n",
+                signers.name
+            ),
+        );
+        agent.add(&key);
+        let data = dir.join("data");
+        std::fs::write(&data, "hello\n").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let o = run(user
+            .as_user()
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(dir.join("gitsign.pub"))
+            .arg(&data)
+            .env("SSH_AUTH_SOCK", &daemon.socket));
+        assert!(o.status.success(), "{}\n{}", stderr(&o), daemon.log_text());
+        assert!(dir.join("data.sig").exists());
+    });
 }
 
 #[test]
 fn hostile_bytes_get_failure_or_a_closed_connection_and_change_nothing() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    let blob = pubkey_blob(&h.dir.join("deploy.pub"));
-    let good = sign_request(&blob, &userauth_data(&blob, "u", "ssh-ed25519"), 0);
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        let blob = pubkey_blob(&h.dir.join("deploy.pub"));
+        let good = sign_request(&blob, &userauth_data(&blob, "u", "ssh-ed25519"), 0);
 
-    // On one connection: unknown types, trailing bytes, truncated bodies all
-    // get FAILURE and the connection stays usable.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    for t in [0u8, 1, 2, 9, 12, 14, 24, 28, 30, 200, 255] {
-        assert_eq!(raw.call(&[t]), Some(vec![FAILURE]), "type {t}");
-    }
-    let mut trailing = good.clone();
-    trailing.push(0);
-    assert_eq!(raw.call(&trailing), Some(vec![FAILURE]));
-    assert_eq!(raw.call(&[11, 0]), Some(vec![FAILURE]));
-    for cut in [1, 2, 5, 20, good.len() - 1] {
-        assert_eq!(raw.call(&good[..cut]), Some(vec![FAILURE]), "cut {cut}");
-    }
-    assert_eq!(raw.call(&[27, 0, 0, 0, 9]), Some(vec![FAILURE]));
-    assert_eq!(
-        raw.call(&[27, 0, 0, 0, 3, b'f', b'o', b'o']),
-        Some(vec![FAILURE])
-    );
-    // …and it still works
-    assert_eq!(raw.call(&good).unwrap()[0], SIGN_RESPONSE);
-    assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
+        // On one connection: unknown types, trailing bytes, truncated bodies all
+        // get FAILURE and the connection stays usable.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        for t in [0u8, 1, 2, 9, 12, 14, 24, 28, 30, 200, 255] {
+            assert_eq!(raw.call(&[t]), Some(vec![FAILURE]), "type {t}");
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(raw.call(&trailing), Some(vec![FAILURE]));
+        assert_eq!(raw.call(&[11, 0]), Some(vec![FAILURE]));
+        for cut in [1, 2, 5, 20, good.len() - 1] {
+            assert_eq!(raw.call(&good[..cut]), Some(vec![FAILURE]), "cut {cut}");
+        }
+        assert_eq!(raw.call(&[27, 0, 0, 0, 9]), Some(vec![FAILURE]));
+        assert_eq!(
+            raw.call(&[27, 0, 0, 0, 3, b'f', b'o', b'o']),
+            Some(vec![FAILURE])
+        );
+        // …and it still works
+        assert_eq!(raw.call(&good).unwrap()[0], SIGN_RESPONSE);
+        assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
 
-    // Zero length: closed.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    raw.send_bytes(&[0, 0, 0, 0]);
-    assert!(raw.closed());
-    // A 2 GiB length header: closed at once, nothing buffered.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    raw.send_bytes(&[0x80, 0, 0, 0, 13, 1, 2, 3]);
-    assert!(raw.closed());
-    // Just over 256 KiB: closed.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    raw.send_bytes(&(256 * 1024 + 1u32).to_be_bytes());
-    assert!(raw.closed());
-    // Exactly 256 KiB of a sign request with junk: FAILURE, not closed.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    let mut big = vec![13u8];
-    big.resize(256 * 1024, 0xAA);
-    assert_eq!(raw.call(&big), Some(vec![FAILURE]));
-    // A truncated frame followed by close: the daemon just drops it.
-    let mut raw = Raw::connect(&h.daemon.socket);
-    raw.send_bytes(&[0, 0, 0, 50, 13, 0]);
-    drop(raw);
+        // Zero length: closed.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        raw.send_bytes(&[0, 0, 0, 0]);
+        assert!(raw.closed());
+        // A 2 GiB length header: closed at once, nothing buffered.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        raw.send_bytes(&[0x80, 0, 0, 0, 13, 1, 2, 3]);
+        assert!(raw.closed());
+        // Just over 256 KiB: closed.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        raw.send_bytes(&(256 * 1024 + 1u32).to_be_bytes());
+        assert!(raw.closed());
+        // Exactly 256 KiB of a sign request with junk: FAILURE, not closed.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut big = vec![13u8];
+        big.resize(256 * 1024, 0xAA);
+        assert_eq!(raw.call(&big), Some(vec![FAILURE]));
+        // A truncated frame followed by close: the daemon just drops it.
+        let mut raw = Raw::connect(&h.daemon.socket);
+        raw.send_bytes(&[0, 0, 0, 50, 13, 0]);
+        drop(raw);
 
-    assert_eq!(h.agent.keys(), before);
-    // The daemon is still serving everyone.
-    assert_eq!(
-        h.listed(&h.member.as_user()),
-        h.expect(&["deploy", "deployrsa"])
-    );
+        assert_eq!(h.agent.keys(), before);
+        // The daemon is still serving everyone.
+        assert_eq!(
+            h.listed(&h.member.as_user()),
+            h.expect(&["deploy", "deployrsa"])
+        );
+    });
 }
 
 #[test]
 fn query_and_status_extensions_are_answered_by_the_daemon() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    let mut raw = Raw::connect(&h.daemon.socket);
-    let answer = raw.call(&[vec![27u8], string(b"query")].concat()).unwrap();
-    assert_eq!(answer[0], EXTENSION_RESPONSE);
-    let text = String::from_utf8_lossy(&answer);
-    for ext in ["query", "session-bind@openssh.com", "status@keyholder"] {
-        assert!(text.contains(ext), "{text}");
-    }
-    let answer = raw
-        .call(&[vec![27u8], string(b"status@keyholder")].concat())
-        .unwrap();
-    assert_eq!(answer[0], EXTENSION_RESPONSE);
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.contains("deploy") && text.contains("phab"), "{text}");
-    // An unknown extension is refused, never forwarded.
-    assert_eq!(
-        raw.call(&[vec![27u8], string(b"restrict-destination-v00@openssh.com")].concat()),
-        Some(vec![FAILURE])
-    );
-    // session-bind: answered by the daemon, never forwarded (SUCCESS for
-    // now; FAILURE once bindings are verified locally), and the connection
-    // goes on.
-    let bind = [
-        vec![27u8],
-        string(b"session-bind@openssh.com"),
-        string(&pubkey_blob(&h.dir.join("deploy.pub"))),
-        string(&[1u8; 32]),
-        string(&[string(b"ssh-ed25519"), string(&[0u8; 64])].concat()),
-        vec![0u8],
-    ]
-    .concat();
-    let answer = raw.call(&bind).unwrap();
-    assert!(answer == [SUCCESS] || answer == [FAILURE], "{answer:?}");
-    assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
-    assert_eq!(h.agent.keys(), before);
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        let mut raw = Raw::connect(&h.daemon.socket);
+        let answer = raw.call(&[vec![27u8], string(b"query")].concat()).unwrap();
+        assert_eq!(answer[0], EXTENSION_RESPONSE);
+        let text = String::from_utf8_lossy(&answer);
+        for ext in ["query", "session-bind@openssh.com", "status@keyholder"] {
+            assert!(text.contains(ext), "{text}");
+        }
+        let answer = raw
+            .call(&[vec![27u8], string(b"status@keyholder")].concat())
+            .unwrap();
+        assert_eq!(answer[0], EXTENSION_RESPONSE);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("deploy") && text.contains("phab"), "{text}");
+        // An unknown extension is refused, never forwarded.
+        assert_eq!(
+            raw.call(&[vec![27u8], string(b"restrict-destination-v00@openssh.com")].concat()),
+            Some(vec![FAILURE])
+        );
+        // session-bind: answered by the daemon, never forwarded (SUCCESS for
+        // now; FAILURE once bindings are verified locally), and the connection
+        // goes on.
+        let bind = [
+            vec![27u8],
+            string(b"session-bind@openssh.com"),
+            string(&pubkey_blob(&h.dir.join("deploy.pub"))),
+            string(&[1u8; 32]),
+            string(&[string(b"ssh-ed25519"), string(&[0u8; 64])].concat()),
+            vec![0u8],
+        ]
+        .concat();
+        let answer = raw.call(&bind).unwrap();
+        assert!(answer == [SUCCESS] || answer == [FAILURE], "{answer:?}");
+        assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
+        assert_eq!(h.agent.keys(), before);
+    });
 }
 
 /// The `string signature` of a SIGN_RESPONSE, and the algorithm name in it.
@@ -449,129 +468,139 @@ fn signature_algorithm(answer: &[u8]) -> String {
 #[test]
 fn rsa_signs_with_every_flag_exactly_as_the_agent_does() {
     require_root!();
-    let h = Host::new("");
-    let blob = pubkey_blob(&h.dir.join("deployrsa.pub"));
-    let mut direct = Raw::connect(&h.agent.socket);
-    let mut proxied = Raw::connect(&h.daemon.socket);
-    // flags 0 (ssh-rsa, SHA-1), 2 (SHA-256) and 4 (SHA-512), each on the
-    // same connection, so a failure would also show as a dropped upstream.
-    for (flags, alg) in [
-        (0, "ssh-rsa"),
-        (2, "rsa-sha2-256"),
-        (4, "rsa-sha2-512"),
-        (0, "ssh-rsa"),
-    ] {
-        let data = userauth_data(&blob, "deploy", alg);
-        let request = sign_request(&blob, &data, flags);
-        let want = direct.call(&request).unwrap();
-        assert_eq!(signature_algorithm(&want), alg);
-        let got = proxied.call(&request).unwrap();
-        assert_eq!(signature_algorithm(&got), alg, "flags {flags}");
-        // PKCS#1 v1.5 is deterministic: relayed byte for byte.
-        assert_eq!(got, want, "flags {flags}");
-    }
-    // Every one granted, none taken for an upstream failure.
-    let log = h.daemon.log_text();
-    assert!(!log.contains("failed upstream"), "{log}");
-    assert!(!log.contains("unreachable"), "{log}");
-    assert_eq!(log.matches("decision=granted").count(), 4, "{log}");
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let blob = pubkey_blob(&h.dir.join("deployrsa.pub"));
+        let mut direct = Raw::connect(&h.agent.socket);
+        let mut proxied = Raw::connect(&h.daemon.socket);
+        // flags 0 (ssh-rsa, SHA-1), 2 (SHA-256) and 4 (SHA-512), each on the
+        // same connection, so a failure would also show as a dropped upstream.
+        for (flags, alg) in [
+            (0, "ssh-rsa"),
+            (2, "rsa-sha2-256"),
+            (4, "rsa-sha2-512"),
+            (0, "ssh-rsa"),
+        ] {
+            let data = userauth_data(&blob, "deploy", alg);
+            let request = sign_request(&blob, &data, flags);
+            let want = direct.call(&request).unwrap();
+            assert_eq!(signature_algorithm(&want), alg);
+            let got = proxied.call(&request).unwrap();
+            assert_eq!(signature_algorithm(&got), alg, "flags {flags}");
+            // PKCS#1 v1.5 is deterministic: relayed byte for byte.
+            assert_eq!(got, want, "flags {flags}");
+        }
+        // Every one granted, none taken for an upstream failure.
+        let log = h.daemon.log_text();
+        assert!(!log.contains("failed upstream"), "{log}");
+        assert!(!log.contains("unreachable"), "{log}");
+        assert_eq!(log.matches("decision=granted").count(), 4, "{log}");
+    });
 }
 
 #[test]
 fn a_setgid_process_gains_nothing_from_its_own_gid() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    // The outsider's process runs with the deployers gid (as a setgid program
-    // would), but the user database says it is not a member.
-    let who = As::Ids {
-        uid: h.outsider.uid(),
-        gid: h.deployers.gid(),
-    };
-    let o = run(who.command("id").arg("-g"));
-    assert_eq!(stdout(&o).trim(), h.deployers.gid().to_string());
-    assert_eq!(h.listed(&who), Vec::<String>::new());
-    let blob = pubkey_blob(&h.dir.join("deploy.pub"));
-    let o = run(who
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(h.dir.join("deploy.pub"))
-        .arg("-")
-        .env("SSH_AUTH_SOCK", &h.daemon.socket));
-    assert!(!o.status.success());
-    assert!(!blob.is_empty());
-    assert_eq!(h.agent.keys(), before);
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        // The outsider's process runs with the deployers gid (as a setgid program
+        // would), but the user database says it is not a member.
+        let who = As::Ids {
+            uid: h.outsider.uid(),
+            gid: h.deployers.gid(),
+        };
+        let o = run(who.command("id").arg("-g"));
+        assert_eq!(stdout(&o).trim(), h.deployers.gid().to_string());
+        assert_eq!(h.listed(&who), Vec::<String>::new());
+        let blob = pubkey_blob(&h.dir.join("deploy.pub"));
+        let o = run(who
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(h.dir.join("deploy.pub"))
+            .arg("-")
+            .env("SSH_AUTH_SOCK", &h.daemon.socket));
+        assert!(!o.status.success());
+        assert!(!blob.is_empty());
+        assert_eq!(h.agent.keys(), before);
+    });
 }
 
 #[test]
 fn a_uid_without_passwd_entry_has_no_groups() {
     require_root!();
-    let h = Host::new("");
-    let before = h.agent.keys();
-    let who = As::Ids {
-        uid: 3_987_654,
-        gid: h.deployers.gid(),
-    };
-    assert_eq!(h.listed(&who), Vec::<String>::new());
-    let o = h.daemon.ssh_add(&who, &["-D"]);
-    assert!(!o.status.success());
-    assert_eq!(h.agent.keys(), before);
-    assert!(h.daemon.wait_log("uid=3987654"));
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let before = h.agent.keys();
+        let who = As::Ids {
+            uid: 3_987_654,
+            gid: h.deployers.gid(),
+        };
+        assert_eq!(h.listed(&who), Vec::<String>::new());
+        let o = h.daemon.ssh_add(&who, &["-D"]);
+        assert!(!o.status.success());
+        assert_eq!(h.agent.keys(), before);
+        assert!(h.daemon.wait_log("uid=3987654"));
+    });
 }
 
 #[test]
 fn group_changes_apply_to_the_next_connection_without_restart() {
     require_root!();
-    let h = Host::new("");
-    let user = TestUser::create("g", &[]);
-    assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
-    user.join(&h.deployers);
-    assert_eq!(
-        h.listed(&user.as_user()),
-        h.expect(&["deploy", "deployrsa"])
-    );
-    user.leave(&h.deployers);
-    assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
-    user.join(&h.phab_admins);
-    assert_eq!(h.listed(&user.as_user()), h.expect(&["phab"]));
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let user = TestUser::create("g", &[]);
+        assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
+        user.join(&h.deployers);
+        assert_eq!(
+            h.listed(&user.as_user()),
+            h.expect(&["deploy", "deployrsa"])
+        );
+        user.leave(&h.deployers);
+        assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
+        user.join(&h.phab_admins);
+        assert_eq!(h.listed(&user.as_user()), h.expect(&["phab"]));
+    });
 }
 
 #[test]
 fn sighup_applies_a_good_config_and_keeps_the_last_good_one_on_error() {
     require_root!();
-    let h = Host::new("");
-    assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
-    // Good: give phab-admins the deploy key too.
-    let good = Daemon::config(
-        &h.dir,
-        &h.agent.socket,
-        &format!(
-            "[keys.deploy]\ngroups = [\"{d}\", \"{p}\"]\n\n[keys.phab]\ngroups = [\"{p}\"]\n",
-            d = h.deployers.name,
-            p = h.phab_admins.name
-        ),
-    );
-    std::fs::write(&h.daemon.config, good).unwrap();
-    h.daemon.signal(Signal::SIGHUP);
-    assert!(h.daemon.wait_log("configuration reloaded"));
-    assert_eq!(
-        h.listed(&h.phab_user.as_user()),
-        h.expect(&["deploy", "phab"])
-    );
-    // deployrsa is no longer configured: the member loses it.
-    assert_eq!(h.listed(&h.member.as_user()), h.expect(&["deploy"]));
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
+        // Good: give phab-admins the deploy key too.
+        let good = Daemon::config_for(
+            &h.dir,
+            &h.agent,
+            &format!(
+                "[keys.deploy]\ngroups = [\"{d}\", \"{p}\"]\n\n[keys.phab]\ngroups = [\"{p}\"]\n",
+                d = h.deployers.name,
+                p = h.phab_admins.name
+            ),
+        );
+        std::fs::write(&h.daemon.config, good).unwrap();
+        h.daemon.signal(Signal::SIGHUP);
+        assert!(h.daemon.wait_log("configuration reloaded"));
+        assert_eq!(
+            h.listed(&h.phab_user.as_user()),
+            h.expect(&["deploy", "phab"])
+        );
+        // deployrsa is no longer configured: the member loses it.
+        assert_eq!(h.listed(&h.member.as_user()), h.expect(&["deploy"]));
 
-    // Broken: unknown field. The last good configuration stays in force.
-    std::fs::write(&h.daemon.config, "bogus_field = 1\n").unwrap();
-    h.daemon.signal(Signal::SIGHUP);
-    assert!(h
-        .daemon
-        .wait_log("reload failed, keeping the last good configuration"));
-    assert!(h.daemon.log_text().contains("bogus_field"));
-    assert_eq!(
-        h.listed(&h.phab_user.as_user()),
-        h.expect(&["deploy", "phab"])
-    );
+        // Broken: unknown field. The last good configuration stays in force.
+        std::fs::write(&h.daemon.config, "bogus_field = 1\n").unwrap();
+        h.daemon.signal(Signal::SIGHUP);
+        assert!(h
+            .daemon
+            .wait_log("reload failed, keeping the last good configuration"));
+        assert!(h.daemon.log_text().contains("bogus_field"));
+        assert_eq!(
+            h.listed(&h.phab_user.as_user()),
+            h.expect(&["deploy", "phab"])
+        );
+    });
 }
 
 #[test]
@@ -618,30 +647,32 @@ fn spawned_agent_is_supervised_and_everything_is_cleaned_up_on_sigterm() {
 #[test]
 fn a_stale_socket_is_replaced_and_a_regular_file_is_refused() {
     require_root!();
-    let dir = TempDir::new("st");
-    let agent = Agent::start(&dir);
-    // A stale socket from a crashed daemon: bound, then its listener gone.
-    let stale = std::os::unix::net::UnixListener::bind(dir.join("proxy.sock")).unwrap();
-    drop(stale);
-    assert!(std::fs::symlink_metadata(dir.join("proxy.sock"))
-        .unwrap()
-        .file_type()
-        .is_socket());
-    let d = Daemon::start(&dir, &agent, "");
-    assert!(d.wait_log("replaced stale socket"));
-    drop(d);
+    each_backend(|backend| {
+        let dir = TempDir::new("st");
+        let agent = Agent::new(&dir, backend);
+        // A stale socket from a crashed daemon: bound, then its listener gone.
+        let stale = std::os::unix::net::UnixListener::bind(dir.join("proxy.sock")).unwrap();
+        drop(stale);
+        assert!(std::fs::symlink_metadata(dir.join("proxy.sock"))
+            .unwrap()
+            .file_type()
+            .is_socket());
+        let d = Daemon::start(&dir, &agent, "");
+        assert!(d.wait_log("replaced stale socket"));
+        drop(d);
 
-    // A regular file at the socket path: an error, and the file stays.
-    std::fs::write(dir.join("proxy.sock"), "not a socket").unwrap();
-    let o = run(std::process::Command::new(KEYHOLDER)
-        .args(["daemon", "--log", "stderr", "--config"])
-        .arg(dir.join("keyholder.toml")));
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("is not a socket"), "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read_to_string(dir.join("proxy.sock")).unwrap(),
-        "not a socket"
-    );
+        // A regular file at the socket path: an error, and the file stays.
+        std::fs::write(dir.join("proxy.sock"), "not a socket").unwrap();
+        let o = run(std::process::Command::new(KEYHOLDER)
+            .args(["daemon", "--log", "stderr", "--config"])
+            .arg(dir.join("keyholder.toml")));
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("is not a socket"), "{}", stderr(&o));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("proxy.sock")).unwrap(),
+            "not a socket"
+        );
+    });
 }
 
 #[test]
@@ -661,61 +692,63 @@ fn non_root_cannot_run_the_daemon() {
 #[test]
 fn a_reload_revokes_at_once_and_new_groups_count_from_the_next_connection() {
     require_root!();
-    let h = Host::new("");
-    let newcomers = TestGroup::create("new");
-    let user = TestUser::create("n", &[&h.deployers, &newcomers]);
-    let reached = std::env::temp_dir().join(unique("reached"));
-    let go = std::env::temp_dir().join(unique("go"));
-    let script = [
-        Step::Send(vec![11]),
-        Step::Mark(reached.clone()),
-        Step::Wait(go.clone()),
-        Step::Send(vec![11]),
-    ];
-    let (who, socket) = (user.as_user(), h.daemon.socket.clone());
-    let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
-    assert!(wait_for(Duration::from_secs(30), || reached.exists()));
+    each_backend(|backend| {
+        let h = Host::new(backend, "");
+        let newcomers = TestGroup::create("new");
+        let user = TestUser::create("n", &[&h.deployers, &newcomers]);
+        let reached = std::env::temp_dir().join(unique("reached"));
+        let go = std::env::temp_dir().join(unique("go"));
+        let script = [
+            Step::Send(vec![11]),
+            Step::Mark(reached.clone()),
+            Step::Wait(go.clone()),
+            Step::Send(vec![11]),
+        ];
+        let (who, socket) = (user.as_user(), h.daemon.socket.clone());
+        let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
+        assert!(wait_for(Duration::from_secs(30), || reached.exists()));
 
-    // deploy moves from deployers to newcomers, a group no key named when
-    // the connection was made; phab gains newcomers too.
-    let config = Daemon::config(
-        &h.dir,
-        &h.agent.socket,
-        &format!(
-            "[keys.deploy]\ngroups = [\"{n}\"]\n\n[keys.deployrsa]\ngroups = [\"{d}\"]\n\n\
+        // deploy moves from deployers to newcomers, a group no key named when
+        // the connection was made; phab gains newcomers too.
+        let config = Daemon::config_for(
+            &h.dir,
+            &h.agent,
+            &format!(
+                "[keys.deploy]\ngroups = [\"{n}\"]\n\n[keys.deployrsa]\ngroups = [\"{d}\"]\n\n\
              [keys.phab]\ngroups = [\"{p}\", \"{n}\"]\n",
-            n = newcomers.name,
-            d = h.deployers.name,
-            p = h.phab_admins.name
-        ),
-    );
-    std::fs::write(&h.daemon.config, config).unwrap();
-    h.daemon.signal(Signal::SIGHUP);
-    assert!(h.daemon.wait_log("configuration reloaded"));
-    std::fs::write(&go, "").unwrap();
-    let answers = client.join().unwrap();
-    let _ = std::fs::remove_file(&reached);
-    let _ = std::fs::remove_file(&go);
+                n = newcomers.name,
+                d = h.deployers.name,
+                p = h.phab_admins.name
+            ),
+        );
+        std::fs::write(&h.daemon.config, config).unwrap();
+        h.daemon.signal(Signal::SIGHUP);
+        assert!(h.daemon.wait_log("configuration reloaded"));
+        std::fs::write(&go, "").unwrap();
+        let answers = client.join().unwrap();
+        let _ = std::fs::remove_file(&reached);
+        let _ = std::fs::remove_file(&go);
 
-    let blobs = |names: &[&str]| {
-        let mut v: Vec<Vec<u8>> = names
+        let blobs = |names: &[&str]| {
+            let mut v: Vec<Vec<u8>> = names
+                .iter()
+                .map(|n| pubkey_blob(&h.dir.join(&format!("{n}.pub"))))
+                .collect();
+            v.sort();
+            Some(v)
+        };
+        let open: Vec<_> = answers
             .iter()
-            .map(|n| pubkey_blob(&h.dir.join(&format!("{n}.pub"))))
+            .map(|a| listed_blobs(a.as_deref().unwrap()))
             .collect();
-        v.sort();
-        Some(v)
-    };
-    let open: Vec<_> = answers
-        .iter()
-        .map(|a| listed_blobs(a.as_deref().unwrap()))
-        .collect();
-    assert_eq!(open[0], blobs(&["deploy", "deployrsa"]));
-    // The open connection loses deploy at once, and gains nothing through
-    // newcomers: its groups were looked up when it connected.
-    assert_eq!(open[1], blobs(&["deployrsa"]));
-    // The next connection has everything newcomers now grants.
-    assert_eq!(
-        h.listed(&user.as_user()),
-        h.expect(&["deploy", "deployrsa", "phab"])
-    );
+        assert_eq!(open[0], blobs(&["deploy", "deployrsa"]));
+        // The open connection loses deploy at once, and gains nothing through
+        // newcomers: its groups were looked up when it connected.
+        assert_eq!(open[1], blobs(&["deployrsa"]));
+        // The next connection has everything newcomers now grants.
+        assert_eq!(
+            h.listed(&user.as_user()),
+            h.expect(&["deploy", "deployrsa", "phab"])
+        );
+    });
 }
