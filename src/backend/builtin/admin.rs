@@ -321,6 +321,8 @@ fn parse_add(
     body: &[u8],
     constrained: bool,
 ) -> std::result::Result<(AddIdentity, Option<u32>), String> {
+    let normalized = normalize_ecdsa(body);
+    let body = normalized.as_deref().map_or(body, Vec::as_slice);
     let mut reader = body;
     let identity = AddIdentity::decode(&mut reader).map_err(|e| {
         let name = key_type_name(body);
@@ -369,11 +371,127 @@ fn parse_add(
     Ok((identity, lifetime))
 }
 
+/// ECDSA private scalars are mpints, which drop leading zero bytes (one P-521
+/// key in two, one P-256 key in 256); ssh-key 0.6 decodes only full-width
+/// scalars. Returns the request with the scalar left-padded to the curve's
+/// width (in a zeroizing buffer), or None when nothing needs changing.
+fn normalize_ecdsa(body: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let mut reader = body;
+    let alg = take_string(&mut reader)?;
+    let width = match alg {
+        b"ecdsa-sha2-nistp256" => 32,
+        b"ecdsa-sha2-nistp384" => 48,
+        b"ecdsa-sha2-nistp521" => 66,
+        _ => return None,
+    };
+    let curve = take_string(&mut reader)?;
+    let point = take_string(&mut reader)?;
+    let scalar = take_string(&mut reader)?;
+    let digits = scalar.get(scalar.iter().position(|&b| b != 0)?..)?;
+    if digits.len() >= width {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(body.len() + width));
+    for field in [alg, curve, point] {
+        put_string(&mut out, field);
+    }
+    out.extend_from_slice(&u32::try_from(width).ok()?.to_be_bytes());
+    let padded = out.len() + width - digits.len();
+    out.resize(padded, 0);
+    out.extend_from_slice(digits);
+    out.extend_from_slice(reader);
+    Some(out)
+}
+
+fn take_string<'a>(reader: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, rest) = reader.split_first_chunk::<4>()?;
+    let (value, rest) = rest.split_at_checked(usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
+    *reader = rest;
+    Some(value)
+}
+
+fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
 /// The key type name at the start of an add request, for the log.
 fn key_type_name(body: &[u8]) -> String {
     let mut reader = body;
     match String::decode(&mut reader) {
         Ok(name) if name.len() <= 64 => name,
         _ => "(malformed)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openssl::bn::BigNumContext;
+    use openssl::ec::{EcGroup, EcKey, PointConversionForm};
+    use openssl::nid::Nid;
+    use ssh_agent_lib::proto::PrivateCredential;
+
+    /// An ADD_IDENTITY body for an ECDSA key whose scalar, written as
+    /// OpenSSH writes mpints, is shorter than the curve's width.
+    fn short_scalar_request(nid: Nid, name: &str, curve: &str, width: i32) -> Vec<u8> {
+        let group = EcGroup::from_curve_name(nid).unwrap();
+        let mut ctx = BigNumContext::new().unwrap();
+        loop {
+            let ec = EcKey::generate(&group).unwrap();
+            let mut scalar = ec.private_key().to_vec();
+            if scalar.first().is_some_and(|&b| b & 0x80 != 0) {
+                scalar.insert(0, 0);
+            }
+            if scalar.len() >= usize::try_from(width).unwrap() {
+                continue;
+            }
+            let point = ec
+                .public_key()
+                .to_bytes(&group, PointConversionForm::UNCOMPRESSED, &mut ctx)
+                .unwrap();
+            let mut body = Vec::new();
+            for field in [name.as_bytes(), curve.as_bytes(), &point, &scalar, b"c"] {
+                put_string(&mut body, field);
+            }
+            return body;
+        }
+    }
+
+    #[test]
+    fn ecdsa_scalars_with_leading_zero_bytes_are_accepted() {
+        // One P-521 key in two has a 65-byte scalar; for P-256 one in 256.
+        for (nid, name, curve, width) in [
+            (Nid::SECP521R1, "ecdsa-sha2-nistp521", "nistp521", 66),
+            (Nid::X9_62_PRIME256V1, "ecdsa-sha2-nistp256", "nistp256", 32),
+        ] {
+            let body = short_scalar_request(nid, name, curve, width);
+            let (identity, lifetime) = parse_add(&body, false).unwrap();
+            assert_eq!(lifetime, None);
+            let PrivateCredential::Key { privkey, comment } = identity.credential else {
+                panic!("not a key")
+            };
+            assert_eq!(comment, "c");
+            let key = HeldKeyForTest::new(&privkey).unwrap();
+            assert_eq!(key.type_name(), name);
+        }
+    }
+
+    use super::super::key::HeldKey as HeldKeyForTest;
+
+    #[test]
+    fn constraints_other_than_one_lifetime_are_refused_by_name() {
+        let body = short_scalar_request(Nid::SECP521R1, "ecdsa-sha2-nistp521", "nistp521", 66);
+        let with = |c: &[u8]| [body.as_slice(), c].concat();
+        assert_eq!(parse_add(&with(&[1, 0, 0, 0, 9]), true).unwrap().1, Some(9));
+        assert!(parse_add(&with(&[1, 0, 0, 0, 9]), false).is_err());
+        let e = parse_add(&with(&[2]), true).unwrap_err();
+        assert!(e.contains("confirm"), "{e}");
+        let mut ext = vec![255u8];
+        put_string(&mut ext, b"restrict-destination-v00@openssh.com");
+        let e = parse_add(&with(&ext), true).unwrap_err();
+        assert!(e.contains("destination"), "{e}");
+        let e = parse_add(&with(&[42]), true).unwrap_err();
+        assert!(e.contains("unknown constraint type 42"), "{e}");
     }
 }
