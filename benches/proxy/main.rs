@@ -251,9 +251,12 @@ impl Bench {
         let user_a = Account::user(&format!("{PREFIX}{pid}a"), &groups)?;
         let user_b = Account::user(&format!("{PREFIX}{pid}b"), &groups)?;
 
+        let choice = Choice::from_env()?;
         let key = dir.join("bench");
         run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .args(["-q", "-N", "", "-C", "bench"])
+            .args(choice.keygen_args())
+            .arg("-f")
             .arg(&key))?;
         let pub_path = dir.join("bench.pub");
         std::fs::set_permissions(&pub_path, std::fs::Permissions::from_mode(0o644))
@@ -293,16 +296,29 @@ impl Bench {
 
         let proxy = dir.join("proxy.sock");
         let config = dir.join("keyholder.toml");
+        // builtin: the daemon holds the same key itself, on its own
+        // root-only agent.socket; the ssh-agent then serves the direct side only.
+        let builtin_socket = dir.join("builtin-agent.sock");
+        let agent_table = if choice.builtin {
+            format!(
+                "[agent]\nbackend = \"builtin\"\nsocket = \"{}\"\n",
+                builtin_socket.display()
+            )
+        } else {
+            format!(
+                "[agent]\nsocket = \"{}\"\nspawn = false\n",
+                direct.display()
+            )
+        };
         std::fs::write(
             &config,
             format!(
                 "# keyholder proxy benchmark; [limits] are the defaults\n\
                  socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n\
-                 [agent]\nsocket = \"{}\"\nspawn = false\n\n\
+                 {agent_table}\n\
                  [keys.bench]\ngroups = [\"{}\"]\n",
                 proxy.display(),
                 dir.0.display(),
-                direct.display(),
                 group.name
             ),
         )
@@ -333,7 +349,17 @@ impl Bench {
                 std::fs::read_to_string(&log).unwrap_or_default()
             ));
         }
-        let sign = sign_request(&pub_path)?;
+        if choice.builtin {
+            if !wait_socket(&builtin_socket) {
+                return Err("the builtin backend's agent.socket did not appear".into());
+            }
+            run(Command::new("ssh-add")
+                .arg("-q")
+                .arg(&key)
+                .env("SSH_AUTH_SOCK", &builtin_socket))?;
+        }
+        eprintln!("backend {}, key {}", choice.backend_name(), choice.key);
+        let sign = sign_request(&pub_path, choice.rsa())?;
         Ok(Self {
             daemon,
             agent,
@@ -455,7 +481,55 @@ struct Window {
 
 /// A framed SIGN_REQUEST whose data is an SSH user-authentication request
 /// (method `publickey`) for the key in `pub_path`, as `ssh` sends it.
-fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
+/// The backend and key a run measures (`KH_BENCH_BACKEND`, `KH_BENCH_KEY`).
+///
+/// - `KH_BENCH_BACKEND=upstream` (default): the daemon fronts the same
+///   ssh-agent the direct side uses. `builtin`: the daemon holds the same
+///   key itself (`[agent] backend = "builtin"`), the ssh-agent serves only
+///   the direct side: keyholder's own signing against OpenSSH's agent.
+/// - `KH_BENCH_KEY=ed25519` (default) or `rsa3072` (signed with
+///   `rsa-sha2-512`, flags 4, as OpenSSH clients ask).
+struct Choice {
+    builtin: bool,
+    key: String,
+}
+
+impl Choice {
+    fn from_env() -> Result<Self> {
+        let builtin = match std::env::var("KH_BENCH_BACKEND").as_deref() {
+            Err(_) | Ok("upstream") => false,
+            Ok("builtin") => true,
+            Ok(other) => return Err(format!("KH_BENCH_BACKEND={other:?}: upstream or builtin")),
+        };
+        let key = std::env::var("KH_BENCH_KEY").unwrap_or_else(|_| "ed25519".to_owned());
+        if key != "ed25519" && key != "rsa3072" {
+            return Err(format!("KH_BENCH_KEY={key:?}: ed25519 or rsa3072"));
+        }
+        Ok(Self { builtin, key })
+    }
+
+    fn rsa(&self) -> bool {
+        self.key == "rsa3072"
+    }
+
+    fn keygen_args(&self) -> &'static [&'static str] {
+        if self.rsa() {
+            &["-t", "rsa", "-b", "3072"]
+        } else {
+            &["-t", "ed25519"]
+        }
+    }
+
+    fn backend_name(&self) -> &'static str {
+        if self.builtin {
+            "builtin"
+        } else {
+            "upstream"
+        }
+    }
+}
+
+fn sign_request(pub_path: &Path, rsa: bool) -> Result<Vec<u8>> {
     fn string(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend((bytes.len() as u32).to_be_bytes());
         out.extend(bytes);
@@ -470,12 +544,17 @@ fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
     string(&mut data, b"ssh-connection");
     string(&mut data, b"publickey");
     data.push(1);
-    string(&mut data, key.algorithm().as_str().as_bytes());
+    let (alg, flags) = if rsa {
+        ("rsa-sha2-512".to_owned(), 4u32) // SSH_AGENT_RSA_SHA2_512
+    } else {
+        (key.algorithm().as_str().to_owned(), 0)
+    };
+    string(&mut data, alg.as_bytes());
     string(&mut data, &blob);
     let mut body = vec![13u8]; // SSH_AGENTC_SIGN_REQUEST
     string(&mut body, &blob);
     string(&mut body, &data);
-    body.extend(0u32.to_be_bytes()); // flags
+    body.extend(flags.to_be_bytes());
     let mut msg = (body.len() as u32).to_be_bytes().to_vec();
     msg.extend(body);
     Ok(msg)
@@ -559,6 +638,12 @@ fn bench() -> Result<String> {
 
     let mut out = String::new();
     out += &machine_line();
+    let choice = Choice::from_env()?;
+    out += &format!(
+        "Backend: `{}`, key: {} (KH_BENCH_BACKEND, KH_BENCH_KEY).\n\n",
+        choice.backend_name(),
+        choice.key
+    );
     out += &format!(
         "Run: {} s windows after a {} s warm-up, {} round(s); in each round direct and proxy \
          back to back, the order swapped every round; medians over rounds (proxy/direct: the \
