@@ -37,7 +37,8 @@ pub enum Command {
     /// Run the proxy (and the supervised upstream ssh-agent) in the foreground. Root only.
     ///
     /// Listens on `socket` (mode 0666), starts `ssh-agent -D -a agent.socket` when
-    /// agent.spawn = true, and serves until SIGTERM or SIGINT (exit 0, socket removed).
+    /// agent.spawn = true (with agent.backend = "builtin" it holds the keys itself and serves
+    /// agent.socket, root only), and serves until SIGTERM or SIGINT (exit 0, socket removed).
     /// SIGHUP reloads the configuration; a configuration that fails to load leaves the
     /// last good one in force. Under systemd it reports readiness with sd_notify.
     Daemon {
@@ -46,6 +47,9 @@ pub enum Command {
         log: Option<LogTarget>,
     },
     /// Decrypt every configured key found in key_dir and add it to the upstream agent. Root only.
+    ///
+    /// The upstream agent is whatever serves agent.socket: an ssh-agent, or the daemon itself
+    /// with agent.backend = "builtin".
     ///
     /// Keys the upstream agent already holds count as armed and need no passphrase, so arm is
     /// idempotent. Each other key is read from key_dir/NAME, which must be a regular file owned

@@ -63,10 +63,11 @@ pub fn run(path: &Path) -> Result<u8> {
         config.keys.len(),
         config.socket.display(),
         config.agent.socket.display(),
-        if config.agent.spawn {
-            "spawned by the daemon"
-        } else {
-            "run by someone else"
+        match (config.agent.backend, config.agent.spawn) {
+            (crate::config::BackendKind::Builtin, _) =>
+                "backend = \"builtin\": served by the daemon, which holds the keys itself",
+            (_, true) => "spawned by the daemon",
+            (_, false) => "run by someone else",
         },
         config.require_encrypted
     );
