@@ -134,6 +134,9 @@ pub enum Reason {
     UnknownType(u8),
     /// A malformed message.
     Malformed(&'static str),
+    /// The caller's user-database lookup missed its deadline, so its groups
+    /// are unknown (see [`decide_unresolved`]).
+    LookupTimeout,
 }
 
 impl std::fmt::Display for Reason {
@@ -146,6 +149,7 @@ impl std::fmt::Display for Reason {
             Self::UnknownExtension => f.write_str("unsupported-extension"),
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
+            Self::LookupTimeout => f.write_str("user-lookup-timeout"),
         }
     }
 }
@@ -188,13 +192,19 @@ impl Decision<'_> {
     pub fn is_audited(&self) -> bool {
         match self {
             Self::Sign { .. } => true,
-            Self::Refuse { reason, .. } => matches!(
+            Self::Refuse {
                 reason,
+                fingerprint,
+                ..
+            } => match reason {
                 Reason::AdminRequest(_)
-                    | Reason::UnknownKey
-                    | Reason::NotInGroup
-                    | Reason::NotUserAuth(_)
-            ),
+                | Reason::UnknownKey
+                | Reason::NotInGroup
+                | Reason::NotUserAuth(_) => true,
+                // A sign request (which names a key); a refused listing is not.
+                Reason::LookupTimeout => fingerprint.is_some(),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -218,6 +228,37 @@ pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Dec
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+/// Decides for a caller whose user-database lookup missed its deadline:
+/// `caller` has no user name and no groups. What depends on the caller's
+/// groups (listing keys, signing with a configured key) is refused as
+/// [`Reason::LookupTimeout`]; root's requests never depend on them, and
+/// everything else is decided as usual.
+pub fn decide_unresolved<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    request: &Request,
+) -> Decision<'p> {
+    let decision = decide(policy, caller, request);
+    if caller.uid == 0 {
+        return decision;
+    }
+    match decision {
+        Decision::List => refuse(Reason::LookupTimeout),
+        Decision::Refuse {
+            reason: Reason::NotInGroup,
+            key,
+            fingerprint,
+            remote_user,
+        } => Decision::Refuse {
+            reason: Reason::LookupTimeout,
+            key,
+            fingerprint,
+            remote_user,
+        },
+        other => other,
     }
 }
 
