@@ -54,6 +54,9 @@ const MAX_PREFETCHES: usize = 64;
 const MAX_REMEMBERED: usize = 65_536;
 /// The cache is pruned of stale answers when it holds more than this.
 const PRUNE_AT: usize = 1024;
+/// Answers cached at most (beyond, new answers are not kept: a flood of
+/// distinct uids costs lookups, not memory).
+const MAX_CACHED: usize = 8192;
 /// Quiet window of the lookup-timeout warning.
 const WARN_WINDOW: Duration = Duration::from_secs(10);
 
@@ -301,7 +304,9 @@ impl Lookups {
         if self.prefetching.load(Ordering::Relaxed) >= MAX_PREFETCHES {
             return;
         }
-        if let Ok((flight, _)) = self.flight(uid, configured, cache, timeout, Instant::now()) {
+        // Not kept in the cache: what matters is that the uid is remembered.
+        if let Ok((flight, _)) = self.flight(uid, configured, cache, timeout, Instant::now(), false)
+        {
             self.prefetching.fetch_add(1, Ordering::Relaxed);
             let this = Arc::clone(self);
             let mut done = flight.done.clone();
@@ -330,7 +335,7 @@ impl Lookups {
             user: None,
             groups: Vec::new(),
         };
-        let flight = match self.flight(uid, configured, cache, timeout, arrived) {
+        let flight = match self.flight(uid, configured, cache, timeout, arrived, true) {
             Ok((flight, reused)) => {
                 if reused {
                     self.reused.fetch_add(1, Ordering::Relaxed);
@@ -342,12 +347,19 @@ impl Lookups {
                 return Who::TimedOut(unresolved());
             }
         };
-        let mut done = flight.done.clone();
-        let deadline = arrived.checked_add(timeout).unwrap_or(arrived);
-        let outcome = tokio::time::timeout_at(deadline.into(), async {
-            done.wait_for(Option::is_some).await.map(|d| d.clone())
-        })
-        .await;
+        // A cached answer: no timer needed.
+        let ready = flight.done.borrow().clone();
+        let outcome = match ready {
+            Some(done) => Ok(Ok(Some(done))),
+            None => {
+                let mut done = flight.done.clone();
+                let deadline = arrived.checked_add(timeout).unwrap_or(arrived);
+                tokio::time::timeout_at(deadline.into(), async {
+                    done.wait_for(Option::is_some).await.map(|d| d.clone())
+                })
+                .await
+            }
+        };
         match outcome {
             Ok(Ok(Some(Done::Found(entry)))) => Who::Known(entry.caller(uid, pid)),
             Ok(Ok(Some(Done::Failed(e)))) => Who::Failed(e),
@@ -378,7 +390,8 @@ impl Lookups {
     }
 
     /// A lookup whose answer a request arriving at `now` may use: one
-    /// already there (`true`), or a new one (`false`).
+    /// already there (`true`), or a new one (`false`), kept in the cache
+    /// when `keep`.
     fn flight(
         self: &Arc<Self>,
         uid: u32,
@@ -386,6 +399,7 @@ impl Lookups {
         cache: Duration,
         timeout: Duration,
         now: Instant,
+        keep: bool,
     ) -> Result<(Arc<Flight>, bool), Overdue> {
         let files = stamps();
         let mut st = self.lock();
@@ -410,9 +424,11 @@ impl Lookups {
             done: rx,
         });
         st.running.entry(uid).or_default().push((id, now));
-        if !cache.is_zero() {
-            st.latest.insert(uid, Arc::clone(&flight));
+        if keep && !cache.is_zero() {
             st.prune(now, cache);
+            if st.latest.len() < MAX_CACHED || st.latest.contains_key(&uid) {
+                st.latest.insert(uid, Arc::clone(&flight));
+            }
         }
         let slots = if st.listed(uid) {
             &self.listed_slots

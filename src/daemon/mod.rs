@@ -221,7 +221,14 @@ async fn serve(mut config: Config) -> Result<()> {
     if let Some(sup) = supervisor {
         let _ = sup.await;
     }
-    tracing::info!("stopped");
+    let lookups = shared.lookups.stats();
+    tracing::info!(
+        "stopped; user lookups since start: {} run, {} requests answered from the cache, \
+         {} timed out",
+        lookups.run,
+        lookups.reused,
+        lookups.timed_out
+    );
     Ok(())
 }
 
