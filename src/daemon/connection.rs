@@ -17,7 +17,7 @@ use super::limits::Admission;
 use super::lookups::Who;
 use super::{audit, Shared};
 use crate::backend::{Upstream, UpstreamError};
-use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
+use crate::policy::{self, Caller, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -80,23 +80,25 @@ pub async fn serve(
             w = tokio::time::timeout_at(deadline, lookup) => w,
             () = super::stopped(&mut shutdown) => break,
         };
-        let (caller, resolved) = match who {
+        let (caller, unresolved) = match who {
             Ok(Who::Known(caller)) => {
                 if caller.user.is_some() {
                     admission.move_to(uid);
                 }
-                (caller, true)
+                (caller, None)
             }
-            Ok(Who::TimedOut(caller)) => (caller, false),
-            // Who the caller is is unknown: close rather than guess.
-            Ok(Who::Failed(e)) => {
+            Ok(Who::TimedOut(caller)) => (caller, Some(Reason::LookupTimeout)),
+            // Who the caller is is unknown: refuse what depends on it
+            // rather than guess; the next request asks again.
+            Ok(Who::Failed(caller, e)) => {
                 if let Some(n) = shared.lookup_errors.hit() {
                     tracing::error!(
-                        "cannot look up uid={uid} in the user database: {e}; closing its \
-                         connection ({n} similar errors not logged)"
+                        "cannot look up uid={uid} in the user database: {e}; refusing its \
+                         requests that need its groups (user-lookup-error) ({n} similar errors \
+                         not logged)"
                     );
                 }
-                break;
+                (caller, Some(Reason::LookupError))
             }
             Err(_) => {
                 tracing::debug!("closing idle connection of uid={uid} (waiting for its lookup)");
@@ -112,7 +114,7 @@ pub async fn serve(
         });
         // A reload may have changed the timeout; it applies to the next call.
         upstream.set_timeout(rt.limits.upstream_timeout);
-        let reply = handle(&rt, &shared, &caller, resolved, request, upstream).await;
+        let reply = handle(&rt, &shared, &caller, unresolved, request, upstream).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -121,19 +123,18 @@ pub async fn serve(
 }
 
 /// Decides and carries out one request; returns the framed answer.
-/// `resolved`: false when the caller's lookup timed out.
+/// `unresolved`: why the caller's lookup gave no answer, if it did not.
 async fn handle(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
-    resolved: bool,
+    unresolved: Option<Reason>,
     request: Request,
     upstream: &mut Upstream,
 ) -> Vec<u8> {
-    let decision = if resolved {
-        policy::decide(&rt.policy, caller, &request)
-    } else {
-        policy::decide_unresolved(&rt.policy, caller, &request)
+    let decision = match unresolved {
+        None => policy::decide(&rt.policy, caller, &request),
+        Some(why) => policy::decide_unresolved(&rt.policy, caller, &request, why),
     };
     if let Some(line) = audit::line(caller, &decision) {
         tracing::info!(target: audit::TARGET, "{line}");

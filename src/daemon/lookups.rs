@@ -68,8 +68,9 @@ pub enum Who {
     /// The lookup missed its deadline: the caller, with no user name and
     /// no groups (see [`crate::policy::decide_unresolved`]).
     TimedOut(Caller),
-    /// The user database failed (rather than finding no such user).
-    Failed(Errno),
+    /// The user database failed (rather than finding no such user): the
+    /// caller with no user name and no groups, and the error.
+    Failed(Caller, Errno),
 }
 
 /// Counts since the daemon started.
@@ -362,9 +363,9 @@ impl Lookups {
         };
         match outcome {
             Ok(Ok(Some(Done::Found(entry)))) => Who::Known(entry.caller(uid, pid)),
-            Ok(Ok(Some(Done::Failed(e)))) => Who::Failed(e),
+            Ok(Ok(Some(Done::Failed(e)))) => Who::Failed(unresolved(), e),
             // The lookup task ended without an answer: only at shutdown.
-            Ok(Err(_)) => Who::Failed(Errno::ECANCELED),
+            Ok(Err(_)) => Who::Failed(unresolved(), Errno::ECANCELED),
             Ok(Ok(Some(Done::NoSlot) | None)) | Err(_) => {
                 self.note_timeout(uid, timeout, false);
                 Who::TimedOut(unresolved())

@@ -137,6 +137,9 @@ pub enum Reason {
     /// The caller's user-database lookup missed its deadline, so its groups
     /// are unknown (see [`decide_unresolved`]).
     LookupTimeout,
+    /// The user database failed (rather than finding no such user), so the
+    /// caller's groups are unknown (see [`decide_unresolved`]).
+    LookupError,
 }
 
 impl std::fmt::Display for Reason {
@@ -150,6 +153,7 @@ impl std::fmt::Display for Reason {
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
             Self::LookupTimeout => f.write_str("user-lookup-timeout"),
+            Self::LookupError => f.write_str("user-lookup-error"),
         }
     }
 }
@@ -202,7 +206,7 @@ impl Decision<'_> {
                 | Reason::NotInGroup
                 | Reason::NotUserAuth(_) => true,
                 // A sign request (which names a key); a refused listing is not.
-                Reason::LookupTimeout => fingerprint.is_some(),
+                Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
             },
             _ => false,
@@ -231,29 +235,31 @@ pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Dec
     }
 }
 
-/// Decides for a caller whose user-database lookup missed its deadline:
-/// `caller` has no user name and no groups. What depends on the caller's
-/// groups (listing keys, signing with a configured key) is refused as
-/// [`Reason::LookupTimeout`]; root's requests never depend on them, and
-/// everything else is decided as usual.
+/// Decides for a caller whose user-database lookup gave no answer, `why`
+/// being [`Reason::LookupTimeout`] or [`Reason::LookupError`]: `caller` has
+/// no user name and no groups. What depends on the caller's groups
+/// (listing keys, signing with a configured key) is refused for `why`, not
+/// answered as if the caller had no groups; root's requests never depend on
+/// them, and everything else is decided as usual.
 pub fn decide_unresolved<'p>(
     policy: &'p Policy,
     caller: &Caller,
     request: &Request,
+    why: Reason,
 ) -> Decision<'p> {
     let decision = decide(policy, caller, request);
     if caller.uid == 0 {
         return decision;
     }
     match decision {
-        Decision::List => refuse(Reason::LookupTimeout),
+        Decision::List => refuse(why),
         Decision::Refuse {
             reason: Reason::NotInGroup,
             key,
             fingerprint,
             remote_user,
         } => Decision::Refuse {
-            reason: Reason::LookupTimeout,
+            reason: why,
             key,
             fingerprint,
             remote_user,
