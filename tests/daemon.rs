@@ -499,7 +499,17 @@ fn group_changes_apply_to_the_next_connection_without_restart() {
 #[test]
 fn gpasswd_applies_to_the_next_request_on_an_open_connection() {
     require_root!();
-    let h = Host::new("");
+    gpasswd_on_an_open_connection("");
+}
+
+#[test]
+fn gpasswd_applies_to_the_next_request_without_a_lookup_cache() {
+    require_root!();
+    gpasswd_on_an_open_connection("[limits]\nlookup_cache_secs = 0\n");
+}
+
+fn gpasswd_on_an_open_connection(extra: &str) {
+    let h = Host::new(extra);
     let before = h.agent.keys();
     let user = TestUser::create("gp", &[&h.deployers]);
     let blob = pubkey_blob(&h.dir.join("deploy.pub"));
