@@ -14,6 +14,8 @@
 //!   answered by the daemon, never forwarded; anything else refused.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - A caller whose user lookup gave no answer (timed out or failed): what
+//!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
