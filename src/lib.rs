@@ -5,7 +5,8 @@
 //! - [`protocol`]: bytes to typed requests and back (framing, 256 KiB cap,
 //!   classification, the few bodies the proxy parses).
 //! - [`policy`]: the security decision, pure and exhaustively tested.
-//! - [`backend`]: the upstream agent (client connections, supervision).
+//! - [`backend`]: what holds the keys: the upstream agent (client
+//!   connections, supervision) or the builtin backend (in-process keys).
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
