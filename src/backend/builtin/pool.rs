@@ -159,12 +159,73 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
             let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
             rx.recv()
         };
-        let Ok(job) = job else { return };
+        let Ok(Job {
+            key,
+            data,
+            flags,
+            reply,
+            _slot: slot,
+        }) = job
+        else {
+            return;
+        };
         // The requester gave up (timeout, closed connection): skip the work.
-        if job.reply.is_closed() {
+        if reply.is_closed() {
             continue;
         }
-        let result = job.key.sign(&job.data, job.flags);
-        let _ = job.reply.send(result);
+        let result = key.sign(&data, flags);
+        // The slot and the key (possibly removed meanwhile: this may be its
+        // last reference) go before the answer, so that whoever gets it
+        // finds the slot free.
+        drop((slot, key));
+        let _ = reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssh_key::private::{Ed25519Keypair, KeypairData};
+
+    fn key() -> Arc<HeldKey> {
+        let kp = KeypairData::Ed25519(Ed25519Keypair::from_seed(&[5u8; 32]));
+        Arc::new(HeldKey::new(&kp).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_busy_until_the_deadline_then_serves_again() {
+        let pool = Pool::start(2, 3).unwrap();
+        assert_eq!((pool.workers(), pool.capacity()), (2, 3));
+        let ok = pool
+            .sign(key(), b"x".to_vec(), 0, Duration::from_secs(5))
+            .await;
+        assert!(ok.is_ok());
+        // Every slot taken (as by three signatures in progress).
+        let held = Arc::clone(&pool.slots).try_acquire_many_owned(3).unwrap();
+        let busy = pool
+            .sign(key(), b"x".to_vec(), 0, Duration::from_millis(50))
+            .await;
+        assert_eq!(busy, Err(PoolError::Busy));
+        // A waiter gets the first slot that frees up.
+        let waiter = pool.sign(key(), b"y".to_vec(), 0, Duration::from_secs(5));
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held);
+        };
+        let (signed, ()) = tokio::join!(waiter, release);
+        assert!(signed.is_ok());
+        pool.stop();
+        let stopped = pool
+            .sign(key(), b"z".to_vec(), 0, Duration::from_secs(1))
+            .await;
+        assert_eq!(stopped, Err(PoolError::Stopped));
+    }
+
+    #[test]
+    fn capacity_is_at_least_the_number_of_workers() {
+        let pool = Pool::start(3, 1).unwrap();
+        assert_eq!(pool.capacity(), 3);
+        let pool = Pool::start(0, 0).unwrap();
+        assert_eq!((pool.workers(), pool.capacity()), (1, 1));
     }
 }

@@ -131,3 +131,56 @@ impl KeyStore {
         (gone, next)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssh_key::private::{Ed25519Keypair, KeypairData};
+
+    fn key(seed: u8) -> HeldKey {
+        HeldKey::new(&KeypairData::Ed25519(Ed25519Keypair::from_seed(
+            &[seed; 32],
+        )))
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_are_listed_in_order_replaced_in_place_and_removed() {
+        let store = KeyStore::default();
+        assert_eq!(store.add(key(1), "one".into(), None), Added::New);
+        assert_eq!(store.add(key(2), "two".into(), None), Added::New);
+        assert_eq!(store.add(key(1), "uno".into(), None), Added::Replaced);
+        let list = store.list();
+        assert_eq!(
+            list.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>(),
+            ["uno", "two"]
+        );
+        let one = list[0].0.clone();
+        assert!(store.get(&one).is_some());
+        assert!(store.remove(&one));
+        assert!(!store.remove(&one));
+        assert!(store.get(&one).is_none());
+        assert_eq!(store.remove_all(), 1);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn an_expired_key_is_never_used_and_the_reaper_drops_it() {
+        let store = KeyStore::default();
+        store.add(key(1), "short".into(), Some(Duration::from_millis(30)));
+        store.add(key(2), "long".into(), Some(Duration::from_secs(3600)));
+        store.add(key(3), "forever".into(), None);
+        let short = store.list()[0].0.clone();
+        assert_eq!(store.len(), 3);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(store.len(), 2);
+        assert!(store.get(&short).is_none());
+        let (gone, next) = store.reap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1, "short");
+        assert!(next.is_some_and(|t| t > Instant::now()));
+        // Adding the expired key again makes it new, with a new lifetime.
+        assert_eq!(store.add(key(1), "again".into(), None), Added::New);
+        assert_eq!(store.len(), 3);
+    }
+}
