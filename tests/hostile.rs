@@ -415,10 +415,19 @@ const KEY_NAMES: [&str; 4] = ["deploy", "deploy2", "phab", "stray"];
 
 impl World {
     fn new() -> Self {
+        Self::with(Backend::Upstream)
+    }
+
+    /// With `backend` holding the keys: for builtin they are added by
+    /// [`World::daemon`] (or [`World::add_keys`]) once the daemon runs.
+    fn with(backend: Backend) -> Self {
         let dir = TempDir::new("w");
-        let agent = Agent::start(&dir);
+        let agent = Agent::new(&dir, backend);
         for name in KEY_NAMES {
-            agent.add(&keygen(dir.path(), name, "ed25519", ""));
+            let key = keygen(dir.path(), name, "ed25519", "");
+            if backend == Backend::Upstream {
+                agent.add(&key);
+            }
         }
         Self {
             dir,
@@ -440,11 +449,26 @@ impl World {
 
     /// A daemon in front of the agent with `limits` (TOML lines of `[limits]`).
     fn daemon(&self, limits: &str) -> Daemon {
-        Daemon::start(
+        let d = Daemon::start(
             &self.dir,
             &self.agent,
             &format!("[limits]\n{limits}\n\n{}", self.keys_toml()),
-        )
+        );
+        self.add_keys();
+        d
+    }
+
+    /// Builtin backend: adds the keys to the running daemon's agent.socket
+    /// (the upstream agent got them at start).
+    fn add_keys(&self) {
+        if self.agent.backend == Backend::Builtin {
+            assert!(wait_for(Duration::from_secs(10), || {
+                UnixStream::connect(&self.agent.socket).is_ok()
+            }));
+            for name in KEY_NAMES {
+                self.agent.add(&self.dir.join(name));
+            }
+        }
     }
 
     fn blob(&self, name: &str) -> Vec<u8> {
@@ -481,65 +505,67 @@ impl World {
 #[test]
 fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
     require_root!();
-    let w = World::new();
-    let d =
-        w.daemon("max_connections = 64\nmax_connections_per_user = 16\nidle_timeout_secs = 120");
-    let hog = TestUser::create("hog", &[]);
-    let member = TestUser::create("mem", &[&w.deployers]);
-    let third = TestUser::create("thr", &[]);
-    let late = TestUser::create("lat", &[&w.phabs]);
+    each_backend(|backend| {
+        let w = World::with(backend);
+        let d = w
+            .daemon("max_connections = 64\nmax_connections_per_user = 16\nidle_timeout_secs = 120");
+        let hog = TestUser::create("hog", &[]);
+        let member = TestUser::create("mem", &[&w.deployers]);
+        let third = TestUser::create("thr", &[]);
+        let late = TestUser::create("lat", &[&w.phabs]);
 
-    // One user opens 500 connections: 16 are served, every other one is
-    // closed at once (not left to idle out).
-    let hog_conns = Holder::start(&hog.as_user(), &d.socket, 500);
-    let r = &hog_conns.report;
-    assert_eq!((r.admitted, r.refused), (16, 484), "{r:?}");
-    assert!(r.slowest_refusal_ms < 1000, "{r:?}");
-    // Meanwhile another user is served, with exactly its keys.
-    let answers = raw_as(
-        &member.as_user(),
-        &d.socket,
-        &[vec![11], w.sign_msg("deploy")],
-    );
-    assert_eq!(
-        listed_blobs(answers[0].as_ref().unwrap()),
-        Some(w.blobs(&["deploy", "deploy2"]))
-    );
-    assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
-    // Logged once for the whole burst of 484 refusals.
-    let per_user = "connection limit max_connections_per_user reached";
-    assert!(d.wait_log(per_user));
-    assert_eq!(d.log_count(per_user), 1, "{}", d.log_text());
+        // One user opens 500 connections: 16 are served, every other one is
+        // closed at once (not left to idle out).
+        let hog_conns = Holder::start(&hog.as_user(), &d.socket, 500);
+        let r = &hog_conns.report;
+        assert_eq!((r.admitted, r.refused), (16, 484), "{r:?}");
+        assert!(r.slowest_refusal_ms < 1000, "{r:?}");
+        // Meanwhile another user is served, with exactly its keys.
+        let answers = raw_as(
+            &member.as_user(),
+            &d.socket,
+            &[vec![11], w.sign_msg("deploy")],
+        );
+        assert_eq!(
+            listed_blobs(answers[0].as_ref().unwrap()),
+            Some(w.blobs(&["deploy", "deploy2"]))
+        );
+        assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
+        // Logged once for the whole burst of 484 refusals.
+        let per_user = "connection limit max_connections_per_user reached";
+        assert!(d.wait_log(per_user));
+        assert_eq!(d.log_count(per_user), 1, "{}", d.log_text());
 
-    // Fill the total: root 16 + hog 16 + member 16 + third 16 = 64.
-    let root_conns = hold(&d.socket, 16);
-    assert_eq!(root_conns.kept.len(), 16);
-    let member_conns = Holder::start(&member.as_user(), &d.socket, 16);
-    assert_eq!(member_conns.report.admitted, 16);
-    let third_conns = Holder::start(&third.as_user(), &d.socket, 16);
-    assert_eq!(third_conns.report.admitted, 16);
-    // A fifth user is refused by max_connections, at once, logged once.
-    let late_conns = Holder::start(&late.as_user(), &d.socket, 30);
-    let r = &late_conns.report;
-    assert_eq!((r.admitted, r.refused), (0, 30), "{r:?}");
-    assert!(r.slowest_refusal_ms < 1000, "{r:?}");
-    assert_eq!(late_conns.release(), 0);
-    let total = "connection limit max_connections reached";
-    assert!(d.wait_log(total));
-    assert_eq!(d.log_count(total), 1, "{}", d.log_text());
+        // Fill the total: root 16 + hog 16 + member 16 + third 16 = 64.
+        let root_conns = hold(&d.socket, 16);
+        assert_eq!(root_conns.kept.len(), 16);
+        let member_conns = Holder::start(&member.as_user(), &d.socket, 16);
+        assert_eq!(member_conns.report.admitted, 16);
+        let third_conns = Holder::start(&third.as_user(), &d.socket, 16);
+        assert_eq!(third_conns.report.admitted, 16);
+        // A fifth user is refused by max_connections, at once, logged once.
+        let late_conns = Holder::start(&late.as_user(), &d.socket, 30);
+        let r = &late_conns.report;
+        assert_eq!((r.admitted, r.refused), (0, 30), "{r:?}");
+        assert!(r.slowest_refusal_ms < 1000, "{r:?}");
+        assert_eq!(late_conns.release(), 0);
+        let total = "connection limit max_connections reached";
+        assert!(d.wait_log(total));
+        assert_eq!(d.log_count(total), 1, "{}", d.log_text());
 
-    // Connections that were admitted kept working throughout.
-    assert_eq!(hog_conns.release(), 16);
-    assert_eq!(member_conns.release(), 16);
-    // Freed slots are reusable (the releases above closed 32).
-    let answers = raw_as(&late.as_user(), &d.socket, &[vec![11]]);
-    assert_eq!(
-        listed_blobs(answers[0].as_ref().unwrap()),
-        Some(w.blobs(&["deploy2", "phab"]))
-    );
-    assert_eq!(third_conns.release(), 16);
-    drop(root_conns);
-    assert_eq!(d.log_count(per_user), 1);
+        // Connections that were admitted kept working throughout.
+        assert_eq!(hog_conns.release(), 16);
+        assert_eq!(member_conns.release(), 16);
+        // Freed slots are reusable (the releases above closed 32).
+        let answers = raw_as(&late.as_user(), &d.socket, &[vec![11]]);
+        assert_eq!(
+            listed_blobs(answers[0].as_ref().unwrap()),
+            Some(w.blobs(&["deploy2", "phab"]))
+        );
+        assert_eq!(third_conns.release(), 16);
+        drop(root_conns);
+        assert_eq!(d.log_count(per_user), 1);
+    });
 }
 
 #[test]
@@ -1119,55 +1145,57 @@ fn a_hung_upstream_times_out_per_request_and_blocks_nobody_else() {
 #[test]
 fn concurrent_clients_of_several_users_get_exactly_the_right_answers() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("");
-    let member = TestUser::create("mem", &[&w.deployers]);
-    let phab = TestUser::create("pha", &[&w.phabs]);
-    let outsider = TestUser::create("out", &[]);
-    let before = w.agent.keys();
-    let duration = Duration::from_secs(3);
-    let spec = |keys: &[&str]| StressSpec {
-        socket: d.socket.clone(),
-        threads: 3,
-        duration,
-        keys: w.key_spec(keys),
-    };
-    let mut workers: Vec<(&str, Child)> = vec![
-        (
-            "member",
-            start_stress_as(&member.as_user(), &spec(&["deploy", "deploy2"])),
-        ),
-        (
-            "phab",
-            start_stress_as(&phab.as_user(), &spec(&["deploy2", "phab"])),
-        ),
-        ("outsider", start_stress_as(&outsider.as_user(), &spec(&[]))),
-    ];
-    // Root (every configured key, never `stray`) from this process.
-    let (root_ops, root_bad) = stress(&spec(&["deploy", "deploy2", "phab"]));
-    assert!(root_bad.is_empty(), "root: {root_bad:#?}");
-    let mut total = root_ops;
-    let mut each = vec![format!("root {root_ops}")];
-    for (who, child) in &mut workers {
-        let line = read_line_with(child, "STRESS ");
-        let (ops, bad) = (field(&line, "ops"), field(&line, "bad"));
-        assert!(child.wait().unwrap().success());
-        assert_eq!(bad, 0, "{who}: {line}");
-        assert!(ops > 100, "{who}: {line}");
-        total += ops as usize;
-        each.push(format!("{who} {ops}"));
-    }
-    eprintln!(
-        "stress: {total} requests checked in {duration:?} ({}), all answers right",
-        each.join(", ")
-    );
-    assert_eq!(w.agent.keys(), before, "the upstream agent changed");
-    // Not locked either: signing still works.
-    let mut c = connect(&d.socket);
-    assert_eq!(
-        call(&mut c, &w.sign_msg("deploy")).unwrap()[0],
-        SIGN_RESPONSE
-    );
+    each_backend(|backend| {
+        let w = World::with(backend);
+        let d = w.daemon("");
+        let member = TestUser::create("mem", &[&w.deployers]);
+        let phab = TestUser::create("pha", &[&w.phabs]);
+        let outsider = TestUser::create("out", &[]);
+        let before = w.agent.keys();
+        let duration = Duration::from_secs(3);
+        let spec = |keys: &[&str]| StressSpec {
+            socket: d.socket.clone(),
+            threads: 3,
+            duration,
+            keys: w.key_spec(keys),
+        };
+        let mut workers: Vec<(&str, Child)> = vec![
+            (
+                "member",
+                start_stress_as(&member.as_user(), &spec(&["deploy", "deploy2"])),
+            ),
+            (
+                "phab",
+                start_stress_as(&phab.as_user(), &spec(&["deploy2", "phab"])),
+            ),
+            ("outsider", start_stress_as(&outsider.as_user(), &spec(&[]))),
+        ];
+        // Root (every configured key, never `stray`) from this process.
+        let (root_ops, root_bad) = stress(&spec(&["deploy", "deploy2", "phab"]));
+        assert!(root_bad.is_empty(), "root: {root_bad:#?}");
+        let mut total = root_ops;
+        let mut each = vec![format!("root {root_ops}")];
+        for (who, child) in &mut workers {
+            let line = read_line_with(child, "STRESS ");
+            let (ops, bad) = (field(&line, "ops"), field(&line, "bad"));
+            assert!(child.wait().unwrap().success());
+            assert_eq!(bad, 0, "{who}: {line}");
+            assert!(ops > 100, "{who}: {line}");
+            total += ops as usize;
+            each.push(format!("{who} {ops}"));
+        }
+        eprintln!(
+            "stress: {total} requests checked in {duration:?} ({}), all answers right",
+            each.join(", ")
+        );
+        assert_eq!(w.agent.keys(), before, "the upstream agent changed");
+        // Not locked either: signing still works.
+        let mut c = connect(&d.socket);
+        assert_eq!(
+            call(&mut c, &w.sign_msg("deploy")).unwrap()[0],
+            SIGN_RESPONSE
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1190,12 +1218,14 @@ fn proc_file_gid(pid: u32) -> u32 {
 /// The daemon with egid `gid` (uid 0 and its capabilities unchanged), then
 /// `more` wrapper words.
 fn daemon_with_gid(w: &World, gid: u32, more: &[&str]) -> Daemon {
-    let body = Daemon::config(&w.dir, &w.agent.socket, &w.keys_toml());
+    let body = Daemon::config_for(&w.dir, &w.agent, &w.keys_toml());
     let regid = format!("--regid={gid}");
     let mut wrapper = vec!["setpriv", regid.as_str(), "--clear-groups"];
     wrapper.extend_from_slice(more);
     wrapper.push("--");
-    Daemon::start_via(&w.dir, &body, &wrapper)
+    let d = Daemon::start_via(&w.dir, &body, &wrapper);
+    w.add_keys();
+    d
 }
 
 fn has_cap_ipc_lock() -> bool {
@@ -1215,100 +1245,113 @@ fn memlock_unlimited() -> bool {
 #[test]
 fn the_running_daemon_is_hardened() {
     require_root!();
-    let w = World::new();
-    let group = TestGroup::create("dg");
-    let gid = group.gid();
-    let d = daemon_with_gid(&w, gid, &[]);
-    let pid = d.pid();
-    // No core dumps.
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let core = limits
-        .lines()
-        .find(|l| l.starts_with("Max core file size"))
-        .unwrap();
-    assert_eq!(
-        core.split_whitespace().collect::<Vec<_>>(),
-        ["Max", "core", "file", "size", "0", "0", "bytes"],
-        "{core}"
-    );
-    // umask 077.
-    assert_eq!(proc_status(pid, "Umask").as_deref(), Some("0077"));
-    // Not dumpable: runs with gid `gid`, yet its /proc files are root's,
-    // unlike those of a control process started the same way.
-    let gids = proc_status(pid, "Gid").unwrap();
-    assert!(gids.starts_with(&format!("{gid}\t")), "{gids}");
-    let mut control = Command::new("setpriv")
-        .args([
-            &format!("--regid={gid}"),
-            "--clear-groups",
-            "--",
-            "sleep",
-            "30",
-        ])
-        .spawn()
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(5), || proc_status(
-        control.id(),
-        "Name"
-    )
-    .as_deref()
-        == Some("sleep")));
-    let control_gid = proc_file_gid(control.id());
-    let _ = control.kill();
-    let _ = control.wait();
-    assert_eq!(control_gid, gid, "a dumpable process shows its own gid");
-    assert_eq!(proc_file_gid(pid), 0, "the daemon is dumpable");
-    // Another user cannot read its environment or memory map.
-    let user = TestUser::create("dmp", &[&group]);
-    for file in ["environ", "maps", "mem"] {
-        let o = run(user
-            .as_user()
-            .command("cat")
-            .arg(format!("/proc/{pid}/{file}")));
-        assert!(!o.status.success(), "{file} readable");
-    }
-    // Memory locked when it can be, otherwise said so in the log.
-    let locked = proc_kib(pid, "VmLck");
-    if has_cap_ipc_lock() || memlock_unlimited() {
-        assert!(locked > 0, "VmLck 0\n{}", d.log_text());
-        assert!(!d.log_text().contains("memory not locked"));
-    } else {
-        assert!(d.wait_log("memory not locked"));
-    }
-    // And it serves.
-    let mut c = connect(&d.socket);
-    assert_eq!(
-        call(&mut c, &w.sign_msg("deploy")).unwrap()[0],
-        SIGN_RESPONSE
-    );
+    each_backend(|backend| {
+        let w = World::with(backend);
+        let group = TestGroup::create("dg");
+        let gid = group.gid();
+        let d = daemon_with_gid(&w, gid, &[]);
+        let pid = d.pid();
+        // No core dumps.
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        assert_eq!(
+            core.split_whitespace().collect::<Vec<_>>(),
+            ["Max", "core", "file", "size", "0", "0", "bytes"],
+            "{core}"
+        );
+        // umask 077.
+        assert_eq!(proc_status(pid, "Umask").as_deref(), Some("0077"));
+        // Not dumpable: runs with gid `gid`, yet its /proc files are root's,
+        // unlike those of a control process started the same way.
+        let gids = proc_status(pid, "Gid").unwrap();
+        assert!(gids.starts_with(&format!("{gid}\t")), "{gids}");
+        let mut control = Command::new("setpriv")
+            .args([
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+            .unwrap();
+        assert!(wait_for(Duration::from_secs(5), || proc_status(
+            control.id(),
+            "Name"
+        )
+        .as_deref()
+            == Some("sleep")));
+        let control_gid = proc_file_gid(control.id());
+        let _ = control.kill();
+        let _ = control.wait();
+        assert_eq!(control_gid, gid, "a dumpable process shows its own gid");
+        assert_eq!(proc_file_gid(pid), 0, "the daemon is dumpable");
+        // Another user cannot read its environment or memory map.
+        let user = TestUser::create("dmp", &[&group]);
+        for file in ["environ", "maps", "mem"] {
+            let o = run(user
+                .as_user()
+                .command("cat")
+                .arg(format!("/proc/{pid}/{file}")));
+            assert!(!o.status.success(), "{file} readable");
+        }
+        // Memory locked when it can be, otherwise said so in the log.
+        let locked = proc_kib(pid, "VmLck");
+        if has_cap_ipc_lock() || memlock_unlimited() {
+            assert!(locked > 0, "VmLck 0\n{}", d.log_text());
+            assert!(!d.log_text().contains("memory not locked"));
+        } else {
+            assert!(d.wait_log("memory not locked"));
+        }
+        // And it serves.
+        let mut c = connect(&d.socket);
+        assert_eq!(
+            call(&mut c, &w.sign_msg("deploy")).unwrap()[0],
+            SIGN_RESPONSE
+        );
+    });
 }
 
 #[test]
 fn without_cap_ipc_lock_memory_is_not_locked_and_the_daemon_says_so() {
     require_root!();
-    let w = World::new();
-    let group = TestGroup::create("dg");
-    let d = daemon_with_gid(
-        &w,
-        group.gid(),
-        &[
-            "--bounding-set=-ipc_lock",
-            "--inh-caps=-ipc_lock",
-            "--",
-            "prlimit",
-            "--memlock=1048576:1048576",
-        ],
-    );
-    assert!(d.wait_log("memory not locked: skipped: RLIMIT_MEMLOCK is finite"));
-    assert_eq!(proc_kib(d.pid(), "VmLck"), 0);
-    // Everything else still applies, and it serves.
-    assert_eq!(proc_status(d.pid(), "Umask").as_deref(), Some("0077"));
-    assert_eq!(proc_file_gid(d.pid()), 0);
-    let mut c = connect(&d.socket);
-    assert_eq!(
-        listed_blobs(&call(&mut c, &[11]).unwrap()),
-        Some(w.blobs(&["deploy", "deploy2", "phab"]))
-    );
+    each_backend(|backend| {
+        let w = World::with(backend);
+        let group = TestGroup::create("dg");
+        let d = daemon_with_gid(
+            &w,
+            group.gid(),
+            &[
+                "--bounding-set=-ipc_lock",
+                "--inh-caps=-ipc_lock",
+                "--",
+                "prlimit",
+                "--memlock=1048576:1048576",
+            ],
+        );
+        assert!(d.wait_log("memory not locked: skipped: RLIMIT_MEMLOCK is finite"));
+        if backend == Backend::Builtin {
+            // Holding keys in unlocked memory is an error, said at start and
+            // with every key added.
+            assert!(d.wait_log("ERROR builtin backend: the daemon's memory is not locked"));
+            assert!(
+                d.log_count("holding keys but the daemon's memory is not locked")
+                    >= KEY_NAMES.len()
+            );
+        }
+        assert_eq!(proc_kib(d.pid(), "VmLck"), 0);
+        // Everything else still applies, and it serves.
+        assert_eq!(proc_status(d.pid(), "Umask").as_deref(), Some("0077"));
+        assert_eq!(proc_file_gid(d.pid()), 0);
+        let mut c = connect(&d.socket);
+        assert_eq!(
+            listed_blobs(&call(&mut c, &[11]).unwrap()),
+            Some(w.blobs(&["deploy", "deploy2", "phab"]))
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
