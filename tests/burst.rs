@@ -146,6 +146,9 @@ enum Ask {
     Sign,
     /// status@keyholder; the answer must say the agent is reachable.
     Status,
+    /// session-bind@openssh.com with an RSA host key and a junk signature;
+    /// answered SUCCESS or FAILURE.
+    Bind,
 }
 
 impl Ask {
@@ -154,6 +157,7 @@ impl Ask {
             Ask::List(n) => format!("l{n}"),
             Ask::Sign => "s".into(),
             Ask::Status => "t".into(),
+            Ask::Bind => "b".into(),
         }
     }
 }
@@ -310,6 +314,7 @@ fn one_client(
         let message = match ask.as_str() {
             "s" => sign.to_vec(),
             "t" => [vec![27u8], string(b"status@keyholder")].concat(),
+            "b" => session_bind(),
             _ => vec![11u8],
         };
         let mut framed = (message.len() as u32).to_be_bytes().to_vec();
@@ -328,6 +333,7 @@ fn one_client(
         let good = match ask.as_str() {
             "s" => body.first() == Some(&SIGN_RESPONSE),
             "t" => status_reachable(&body),
+            "b" => body == [SUCCESS] || body == [FAILURE],
             list => {
                 let want: u32 = list[1..].parse().unwrap();
                 body.first() == Some(&IDENTITIES_ANSWER)
@@ -348,6 +354,27 @@ fn assert_no_upstream_errors(daemon: &Daemon) {
         !log.contains("answering FAILURE") && !log.contains("failed upstream"),
         "{log}"
     );
+}
+
+/// A session-bind@openssh.com request: an RSA host key with a 3 072-bit
+/// public exponent (what makes verifying it expensive for the agent), a
+/// session id, a junk signature, not forwarded.
+fn session_bind() -> Vec<u8> {
+    let host_key = [
+        string(b"ssh-rsa"),
+        string(&[0x7f; 384]),
+        string(&[&[0u8][..], &[0xc5; 384]].concat()),
+    ]
+    .concat();
+    [
+        vec![27u8],
+        string(b"session-bind@openssh.com"),
+        string(&host_key),
+        string(&[3u8; 32]),
+        string(&[string(b"rsa-sha2-512"), string(&[1u8; 384])].concat()),
+        vec![0u8],
+    ]
+    .concat()
 }
 
 /// Whether a status@keyholder answer says the upstream agent is reachable.
@@ -508,4 +535,34 @@ fn pooled_connections_outlive_an_agent_restart() {
     );
     t.assert_all_served(8, &b.daemon.log_text());
     assert_no_upstream_errors(&b.daemon);
+}
+
+#[test]
+fn session_binds_never_reach_the_agent() {
+    require_root!();
+    raise_nofile(400);
+    let b = Burst::new("");
+    let binds = b.agent.requests(27);
+    // A no-key user's flood of expensive binds, while a member binds and
+    // signs: every one answered by the daemon, none forwarded.
+    let flood = start_burst(
+        &b.outsider.as_user(),
+        &b.daemon.socket,
+        200,
+        2,
+        &[Ask::Bind, Ask::Bind],
+        &[],
+    );
+    let member = burst_as(
+        &b.member.as_user(),
+        &b.daemon.socket,
+        4,
+        5,
+        &[Ask::Bind, Ask::List(1), Ask::Sign],
+        &b.sign(),
+    );
+    member.assert_all_served(20, &b.daemon.log_text());
+    finish_burst(flood).assert_all_served(400, "");
+    assert_eq!(b.agent.requests(27), binds);
+    assert_eq!(b.agent.requests(13), 20);
 }
