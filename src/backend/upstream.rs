@@ -140,14 +140,6 @@ impl UpstreamBackend {
         self.connect_retries.load(Ordering::Relaxed)
     }
 
-    /// Connections idle in the pool now (for tests).
-    pub fn idle_connections(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
     /// Sends one framed request and hands the answer's body to `parse`, all
     /// within the timeout. The connection goes back to the pool unless the
     /// exchange failed or `parse` found the answer out of step.
@@ -299,7 +291,7 @@ impl Conn {
         match read_frame(&mut self.stream, &mut self.buf).await {
             Ok(()) => Ok(()),
             Err(FrameError::Closed) => Err(Trip::ClosedBeforeAnswer("connection closed".into())),
-            Err(e @ FrameError::Io(_)) if matches!(&e, FrameError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset) => {
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 Err(Trip::ClosedBeforeAnswer(e.to_string()))
             }
             Err(e) => Err(Trip::Failed(e.to_string())),
