@@ -119,7 +119,9 @@ pub type Opened = (Arc<dyn Backend>, Option<JoinHandle<()>>);
 
 /// The backend the configuration asks for, and the task (if any) that runs
 /// its own services until shutdown (await it before exiting: the builtin
-/// backend drops its keys there).
+/// backend drops its keys there). Fallible, so that a backend that must
+/// bind, load or lock something at start reports it as one line without the
+/// daemon knowing which backend it is.
 pub fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opened> {
     match config.agent.backend {
         BackendKind::Upstream => {

@@ -136,6 +136,7 @@ async fn handle(
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
+        (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
         }),
