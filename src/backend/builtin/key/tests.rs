@@ -64,11 +64,13 @@ fn ecdsa_keypair(nid: Nid) -> KeypairData {
         48 => "ecdsa-sha2-nistp384",
         _ => "ecdsa-sha2-nistp521",
     };
-    // The OpenSSH private-key wire form: curve name, point, scalar (mpint).
+    // The private-key wire form: curve name, point, scalar at full width
+    // (ssh-key 0.6 reads only that; the admin socket pads OpenSSH's
+    // shorter mpints first, see admin.rs).
     let mut wire = Vec::new();
     ssh_string(&mut wire, name.as_bytes()[11..].as_ref());
     ssh_string(&mut wire, &public);
-    ssh_mpint(&mut wire, &private);
+    ssh_string(&mut wire, &private);
     let alg = Algorithm::new(name).unwrap();
     KeypairData::decode_as(&mut wire.as_slice(), alg).unwrap()
 }
