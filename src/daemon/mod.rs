@@ -81,6 +81,9 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     if let Err(why) = &hardening.mlock {
         tracing::warn!("memory not locked: {why}");
     }
+    if let Err(why) = crate::hardening::return_freed_memory() {
+        tracing::warn!("freed memory may stay resident: {why}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyholder")
