@@ -11,6 +11,7 @@
 //! - [`config`]: the configuration file.
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
+//! - [`ratelog`]: rate-limited logging of lines a flood could repeat, for both.
 
 pub mod backend;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod protocol;
+pub mod ratelog;
 pub mod shutdown;
 
 /// Fails with a one-line error unless the effective uid is 0.

@@ -15,6 +15,14 @@ use super::{audit, Shared};
 use crate::backend::{Upstream, UpstreamError};
 use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
+use crate::ratelog::{Kind, Who};
+
+/// Connections closed on a message that breaks the framing: rate-limited per uid.
+pub static BAD_MESSAGE: Kind = Kind {
+    name: "connections closed on a bad message",
+    burst: 3,
+    level: tracing::Level::INFO,
+};
 
 /// Input buffer per connection; a typical sign request fits in one read.
 const READ_BUFFER: usize = 2048;
@@ -44,11 +52,13 @@ pub async fn serve(
             Ok(Ok(())) => {}
             Ok(Err(FrameError::Closed)) => break,
             Ok(Err(e)) => {
-                tracing::info!(
-                    "closing connection of uid={} pid={}: {e}",
-                    caller.uid,
-                    caller.pid.unwrap_or(0)
-                );
+                if shared.log.allow(&BAD_MESSAGE, Who::Uid(caller.uid)) {
+                    tracing::info!(
+                        "closing connection of uid={} pid={}: {e}",
+                        caller.uid,
+                        caller.pid.unwrap_or(0)
+                    );
+                }
                 break;
             }
             Err(_) => {
@@ -85,10 +95,17 @@ async fn handle(
     upstream: &mut Upstream,
 ) -> Vec<u8> {
     let decision = policy::decide(&rt.policy, caller, &request);
+    // Refusals are rate-limited per uid; granted signs never are.
+    let refused = matches!(decision, Decision::Refuse { .. });
+    let who = Who::Uid(caller.uid);
     if let Some(line) = audit::line(caller, &decision) {
-        tracing::info!(target: audit::TARGET, "{line}");
+        if !refused || shared.log.allow(&audit::REFUSED, who) {
+            tracing::info!(target: audit::TARGET, "{line}");
+        }
     } else if let Decision::Refuse { reason, .. } = &decision {
-        tracing::debug!("refused uid={}: {reason}", caller.uid);
+        if shared.log.allow(&audit::REFUSED_UNAUDITED, who) {
+            tracing::debug!("refused uid={}: {reason}", caller.uid);
+        }
     }
     let answer = match (decision, request) {
         (Decision::List, _) => upstream.identities().await.map(|ids| {

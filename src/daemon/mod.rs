@@ -25,6 +25,7 @@ use crate::backend::supervisor::{remove_socket, Supervisor};
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::ratelog::{RateLog, Who};
 use limits::{LimitHit, Limiter, SharedBurstLog};
 
 /// How long open connections get to finish on shutdown.
@@ -70,6 +71,8 @@ pub struct Shared {
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
     pub lookup_errors: SharedBurstLog,
+    /// Per-uid rate limiting of refusals and other lines a flood repeats.
+    pub log: Arc<RateLog>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -114,10 +117,12 @@ async fn serve(mut config: Config) -> Result<()> {
     let mut sigint = signal_stream(SignalKind::interrupt())?;
     let mut sighup = signal_stream(SignalKind::hangup())?;
 
+    let log = RateLog::start(RateLog::window_from_env(), stop_rx.clone());
+
     ensure_runtime_dir(&config.socket)?;
     let supervisor = if config.agent.spawn {
         ensure_runtime_dir(&config.agent.socket)?;
-        let sup = Supervisor::start(config.agent.clone()).await?;
+        let sup = Supervisor::start(config.agent.clone(), Arc::clone(&log)).await?;
         tracing::info!(
             "upstream agent {} started (pid {}) on {}",
             config.agent.program.display(),
@@ -149,10 +154,9 @@ async fn serve(mut config: Config) -> Result<()> {
         runtime: runtime_rx,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
+        log,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
-    let user_limit_log = SharedBurstLog::new(BURST_WINDOW);
     let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
 
     crate::notify::notify("READY=1");
@@ -194,7 +198,7 @@ async fn serve(mut config: Config) -> Result<()> {
             accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
-                    admit(stream, &limiter, &shared, &stop_rx, &done_tx, &total_limit_log, &user_limit_log);
+                    admit(stream, &limiter, &shared, &stop_rx, &done_tx);
                 }
                 Err(e) => {
                     if let Some(n) = accept_error_log.hit() {
@@ -228,8 +232,6 @@ fn admit(
     shared: &Arc<Shared>,
     stop: &watch::Receiver<bool>,
     done: &mpsc::Sender<()>,
-    total_limit_log: &SharedBurstLog,
-    user_limit_log: &SharedBurstLog,
 ) {
     let Ok(cred) = stream.peer_cred() else {
         return;
@@ -238,14 +240,15 @@ fn admit(
     let admission = match limiter.admit(uid) {
         Ok(a) => a,
         Err(hit) => {
-            let (log, what) = match hit {
-                LimitHit::Total => (total_limit_log, "max_connections"),
-                LimitHit::PerUser => (user_limit_log, "max_connections_per_user"),
+            // Once per burst per uid; the count follows when the window ends.
+            let kind = match hit {
+                LimitHit::Total => &limits::TOTAL_REACHED,
+                LimitHit::PerUser => &limits::PER_USER_REACHED,
             };
-            if let Some(n) = log.hit() {
+            if shared.log.allow(kind, Who::Uid(uid)) {
                 tracing::warn!(
-                    "connection limit {what} reached: closing new connection of uid={uid} pid={} \
-                     ({n} more refused since the last report)",
+                    "{}: closing new connection of uid={uid} pid={}",
+                    kind.name,
                     pid.unwrap_or(0)
                 );
             }
