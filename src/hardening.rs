@@ -83,8 +83,16 @@ pub const TRIM_THRESHOLD: usize = 128 * 1024;
 /// refused setting is reported, never fatal.
 pub fn return_freed_memory() -> Result<(), String> {
     let settings = [
-        ("M_MMAP_THRESHOLD", nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        ("M_TRIM_THRESHOLD", nix::libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (
+            "M_MMAP_THRESHOLD",
+            nix::libc::M_MMAP_THRESHOLD,
+            MMAP_THRESHOLD,
+        ),
+        (
+            "M_TRIM_THRESHOLD",
+            nix::libc::M_TRIM_THRESHOLD,
+            TRIM_THRESHOLD,
+        ),
     ];
     for (name, param, value) in settings {
         let value = i32::try_from(value).map_err(|_| format!("{name} {value} out of range"))?;

@@ -187,7 +187,6 @@ impl Tracker {
     fn next_end(&self) -> Option<Instant> {
         self.buckets.values().map(|b| b.ends).min()
     }
-
 }
 
 fn summary_uid(who: Who) -> u32 {
@@ -365,7 +364,10 @@ mod tests {
         assert_eq!(writes(&mut t, &B, Who::Uid(2), 5, t0), 1);
         assert_eq!(writes(&mut t, &A, Who::Uid(1), 5, t0), 3);
         let s = t.expire(t0 + W);
-        let counts: Vec<_> = s.iter().map(|s| (s.kind.name, s.who, s.suppressed)).collect();
+        let counts: Vec<_> = s
+            .iter()
+            .map(|s| (s.kind.name, s.who, s.suppressed))
+            .collect();
         assert_eq!(
             counts,
             [
@@ -438,6 +440,7 @@ mod tests {
             who: Who::Unattributed,
             ..s
         };
-        assert!(summary_line(&s, Duration::from_millis(1500)).contains("reached: 483 more in the last 1500 ms"));
+        assert!(summary_line(&s, Duration::from_millis(1500))
+            .contains("reached: 483 more in the last 1500 ms"));
     }
 }

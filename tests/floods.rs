@@ -57,6 +57,7 @@ fn pipelined_failures(socket: &Path, messages: &[Vec<u8>]) -> usize {
 
 /// The helper's body: does nothing unless re-run by a test with its
 /// environment. Modes: `refuse` (threads × n refused requests, pipelined),
+/// `bad` (n connections, each closed by the daemon on a message of length 0),
 /// `sign` (n signatures one after the other), `hold` (n connections, each
 /// probed with `query`, held until stdin closes).
 fn worker_main() {
@@ -87,6 +88,16 @@ fn worker_main() {
                 .filter(|_| call(&mut s, &message).is_some_and(|a| a[0] == SIGN_RESPONSE))
                 .count();
             println!("SIGNED n={signed}");
+        }
+        "bad" => {
+            // A length of 0 ends the connection.
+            let closed = (0..n)
+                .filter(|_| {
+                    let mut s = connect(&socket);
+                    s.write_all(&[0, 0, 0, 0]).is_ok() && read_answer(&mut s).is_none()
+                })
+                .count();
+            println!("CLOSED n={closed}");
         }
         "hold" => {
             let mut kept = Vec::new();
@@ -251,7 +262,10 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
     };
     let accounted = wait_for(Duration::from_secs(20), || {
         let log = d.log_text();
-        written(&log) + summary_counts(&log, "audit: refused requests", fuid).iter().sum::<u64>()
+        written(&log)
+            + summary_counts(&log, "audit: refused requests", fuid)
+                .iter()
+                .sum::<u64>()
             == total
     });
     let log = d.log_text();
@@ -262,7 +276,10 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
         written(&log),
         log.lines().count()
     );
-    assert!(accounted, "refusals not accounted for: {summaries:?}\n{log}");
+    assert!(
+        accounted,
+        "refusals not accounted for: {summaries:?}\n{log}"
+    );
     // The first lines of the burst in full, then one summary per window.
     assert_eq!(written(&log), 10, "{log}");
     let windows = elapsed.as_millis() as usize / WINDOW_MS as usize + 2;
@@ -279,6 +296,44 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
         .count();
     assert_eq!(granted, SIGNS, "{log}");
     assert!(summary_counts(&log, "audit: refused requests", muid).is_empty());
+}
+
+#[test]
+fn connections_closed_on_bad_messages_are_logged_per_uid_with_a_count() {
+    require_root!();
+    const N: usize = 1000;
+    let dir = TempDir::new("bad");
+    let agent = Agent::start(&dir);
+    let d = daemon(&dir, &agent, "");
+    let user = TestUser::create("bad", &[]);
+    let mut child = spawn_helper_as(
+        &user.as_user(),
+        WORKER,
+        &[
+            ("KHT_F_MODE", "bad".into()),
+            ("KHT_F_SOCKET", d.socket.display().to_string()),
+            ("KHT_F_N", N.to_string()),
+        ],
+    );
+    let line = read_line_with(&mut child, "CLOSED ");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(field(&line, "n"), N as u64);
+    let uid = user.uid();
+    let subject = "connections closed on a bad message";
+    let full = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("closing connection of") && names_uid(l, uid))
+            .count() as u64
+    };
+    assert!(wait_for(Duration::from_secs(10), || {
+        let log = d.log_text();
+        full(&log) + summary_counts(&log, subject, uid).iter().sum::<u64>() == N as u64
+    }));
+    let log = d.log_text();
+    assert_eq!(full(&log), 3, "{log}");
+    // Served as before.
+    let mut c = Raw::connect(&d.socket);
+    assert_eq!(c.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
 }
 
 #[test]
@@ -313,8 +368,16 @@ fn limit_reached_is_logged_for_every_uid_with_its_count_when_the_window_ends() {
         held.push(child);
     }
     let cases = [
-        ("connection limit max_connections_per_user reached", &users[0], 27),
-        ("connection limit max_connections_per_user reached", &users[1], 27),
+        (
+            "connection limit max_connections_per_user reached",
+            &users[0],
+            27,
+        ),
+        (
+            "connection limit max_connections_per_user reached",
+            &users[1],
+            27,
+        ),
         ("connection limit max_connections reached", &users[2], 9),
         ("connection limit max_connections reached", &users[3], 9),
     ];
