@@ -27,7 +27,7 @@ use tracing::Level;
 /// The window when `$KEYHOLDER_LOG_WINDOW_MS` does not set one.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 /// (kind, uid) pairs tracked at once; beyond, uids share a bucket per kind.
-pub const MAX_TRACKED: usize = 256;
+pub const MAX_TRACKED: usize = 128;
 /// Test-only override of the window, in milliseconds (not a contract
 /// setting: the tests shorten the window to see summaries quickly).
 pub const WINDOW_ENV: &str = "KEYHOLDER_LOG_WINDOW_MS";
