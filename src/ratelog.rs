@@ -121,20 +121,12 @@ impl Tracker {
                 (false, false)
             }
             None => {
+                let write = kind.burst > 0;
                 let bucket = Bucket {
                     kind,
                     ends: now + self.window,
                     allowance: kind.burst.saturating_sub(1),
-                    suppressed: 0,
-                };
-                let write = kind.burst > 0;
-                let bucket = if write {
-                    bucket
-                } else {
-                    Bucket {
-                        suppressed: 1,
-                        ..bucket
-                    }
+                    suppressed: u64::from(!write),
                 };
                 self.buckets.insert((kind.name, who), bucket);
                 (write, true)
@@ -230,11 +222,7 @@ impl RateLog {
 
     /// Counts a line of `kind` for `who`; `true`: write it now.
     pub fn allow(&self, kind: &'static Kind, who: Who) -> bool {
-        let (write, new_window) = self
-            .tracker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .hit(kind, who, Instant::now());
+        let (write, new_window) = self.lock().hit(kind, who, Instant::now());
         if new_window {
             self.wake.notify_one();
         }
@@ -417,6 +405,48 @@ mod tests {
             }]
         );
         assert!(t.buckets.is_empty());
+    }
+
+    /// Log output captured for one test (tracing's writer).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_timer_writes_the_summary_without_a_further_line() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (stop, stopped) = watch::channel(false);
+        let log = RateLog::start(Duration::from_millis(50), stopped);
+        let written = (0..5).filter(|_| log.allow(&B, Who::Uid(1))).count();
+        assert_eq!(written, 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("WARN") && text.contains("b for uid=1: 4 more in the last 50 ms"),
+            "{text}"
+        );
+        // Pending counts are written at shutdown.
+        log.allow(&B, Who::Uid(2));
+        log.allow(&B, Who::Uid(2));
+        stop.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("b for uid=2: 1 more"), "{text}");
     }
 
     #[test]
