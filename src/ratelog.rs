@@ -11,7 +11,8 @@
 //! line is written in full again.
 //!
 //! Memory is bounded: at most [`MAX_TRACKED`] (kind, uid) pairs are tracked;
-//! lines of further uids share one bucket per kind ([`Who::Others`]).
+//! lines of further uids share one bucket per kind ([`Who::Others`]), and
+//! uids without a passwd entry share one ([`Who::Unlisted`]).
 //!
 //! It sits below `daemon/` and `backend/` so both can use it. It must never
 //! be used for lines that must always be written (granted or failed signs,
@@ -50,6 +51,9 @@ pub enum Who {
     Uid(u32),
     /// Every uid beyond [`MAX_TRACKED`].
     Others,
+    /// uids with no passwd entry, together (a user's subordinate uids must
+    /// not take a bucket each, or push others' uids out).
+    Unlisted,
     /// Lines that belong to no uid (the agent's stderr).
     Unattributed,
 }
@@ -59,6 +63,7 @@ impl std::fmt::Display for Who {
         match self {
             Self::Uid(uid) => write!(f, " for uid={uid}"),
             Self::Others => f.write_str(" for other uids"),
+            Self::Unlisted => f.write_str(" for uids without a passwd entry"),
             Self::Unattributed => Ok(()),
         }
     }
@@ -184,7 +189,7 @@ impl Tracker {
 fn summary_uid(who: Who) -> u32 {
     match who {
         Who::Uid(uid) => uid,
-        Who::Others | Who::Unattributed => u32::MAX,
+        Who::Others | Who::Unlisted | Who::Unattributed => u32::MAX,
     }
 }
 

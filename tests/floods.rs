@@ -21,6 +21,8 @@ fn floods_worker() {
     worker_main();
 }
 
+raw_client_helper!();
+
 fn framed(message: &[u8]) -> Vec<u8> {
     let mut m = (message.len() as u32).to_be_bytes().to_vec();
     m.extend_from_slice(message);
@@ -296,6 +298,34 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
         .count();
     assert_eq!(granted, SIGNS, "{log}");
     assert!(summary_counts(&log, "audit: refused requests", muid).is_empty());
+}
+
+#[test]
+fn uids_without_a_passwd_entry_share_one_log_bucket() {
+    require_root!();
+    let dir = TempDir::new("unl");
+    let agent = Agent::start(&dir);
+    let d = daemon(&dir, &agent, "");
+    // Two uids no passwd entry names (like a user's subordinate uids).
+    let base = 3_000_000_000 + std::process::id() * 4;
+    let uids = [base, base + 1];
+    for uid in uids {
+        assert!(nix::unistd::User::from_uid(uid.into()).unwrap().is_none());
+    }
+    let refusals = vec![vec![19u8]; 20];
+    for uid in uids {
+        let answers = raw_as(&As::Ids { uid, gid: uid }, &d.socket, &refusals);
+        assert!(answers.iter().all(|a| a.as_deref() == Some(&[FAILURE][..])));
+    }
+    let subject = "audit: refused requests for uids without a passwd entry: ";
+    assert!(d.wait_log(subject), "{}", d.log_text());
+    let log = d.log_text();
+    let written = log
+        .lines()
+        .filter(|l| l.contains("decision=refused") && uids.iter().any(|&u| names_uid(l, u)))
+        .count();
+    assert_eq!(written, 10, "{log}");
+    assert!(log.contains(&format!("{subject}30 more")), "{log}");
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub async fn serve(
             Ok(Ok(())) => {}
             Ok(Err(FrameError::Closed)) => break,
             Ok(Err(e)) => {
-                if shared.log.allow(&BAD_MESSAGE, Who::Uid(caller.uid)) {
+                if shared.log.allow(&BAD_MESSAGE, log_bucket(&caller)) {
                     tracing::info!(
                         "closing connection of uid={} pid={}: {e}",
                         caller.uid,
@@ -91,7 +91,7 @@ async fn handle(
     let decision = policy::decide(&rt.policy, caller, &request);
     // Refusals are rate-limited per uid; granted signs never are.
     let refused = matches!(decision, Decision::Refuse { .. });
-    let who = Who::Uid(caller.uid);
+    let who = log_bucket(caller);
     if let Some(line) = audit::line(caller, &decision) {
         if !refused || shared.log.allow(&audit::REFUSED, who) {
             tracing::info!(target: audit::TARGET, "{line}");
@@ -151,6 +151,16 @@ async fn handle(
             note_upstream_error(shared, &e);
             response::FAILURE.to_vec()
         }
+    }
+}
+
+/// Whose rate-limit bucket a caller's lines count in: its uid, or one for
+/// every uid without a passwd entry.
+fn log_bucket(caller: &Caller) -> Who {
+    if caller.user.is_some() {
+        Who::Uid(caller.uid)
+    } else {
+        Who::Unlisted
     }
 }
 
