@@ -14,6 +14,8 @@
 //!   answered by the daemon, never forwarded; anything else refused.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - A caller whose user lookup gave no answer (timed out or failed): what
+//!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
@@ -134,6 +136,12 @@ pub enum Reason {
     UnknownType(u8),
     /// A malformed message.
     Malformed(&'static str),
+    /// The caller's user-database lookup missed its deadline, so its groups
+    /// are unknown (see [`decide_unresolved`]).
+    LookupTimeout,
+    /// The user database failed (rather than finding no such user), so the
+    /// caller's groups are unknown (see [`decide_unresolved`]).
+    LookupError,
 }
 
 impl std::fmt::Display for Reason {
@@ -146,6 +154,8 @@ impl std::fmt::Display for Reason {
             Self::UnknownExtension => f.write_str("unsupported-extension"),
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
+            Self::LookupTimeout => f.write_str("user-lookup-timeout"),
+            Self::LookupError => f.write_str("user-lookup-error"),
         }
     }
 }
@@ -188,13 +198,19 @@ impl Decision<'_> {
     pub fn is_audited(&self) -> bool {
         match self {
             Self::Sign { .. } => true,
-            Self::Refuse { reason, .. } => matches!(
+            Self::Refuse {
                 reason,
+                fingerprint,
+                ..
+            } => match reason {
                 Reason::AdminRequest(_)
-                    | Reason::UnknownKey
-                    | Reason::NotInGroup
-                    | Reason::NotUserAuth(_)
-            ),
+                | Reason::UnknownKey
+                | Reason::NotInGroup
+                | Reason::NotUserAuth(_) => true,
+                // A sign request (which names a key); a refused listing is not.
+                Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -218,6 +234,39 @@ pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Dec
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+/// Decides for a caller whose user-database lookup gave no answer, `why`
+/// being [`Reason::LookupTimeout`] or [`Reason::LookupError`]: `caller` has
+/// no user name and no groups. What depends on the caller's groups
+/// (listing keys, signing with a configured key) is refused for `why`, not
+/// answered as if the caller had no groups; root's requests never depend on
+/// them, and everything else is decided as usual.
+pub fn decide_unresolved<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    request: &Request,
+    why: Reason,
+) -> Decision<'p> {
+    let decision = decide(policy, caller, request);
+    if caller.uid == 0 {
+        return decision;
+    }
+    match decision {
+        Decision::List => refuse(why),
+        Decision::Refuse {
+            reason: Reason::NotInGroup,
+            key,
+            fingerprint,
+            remote_user,
+        } => Decision::Refuse {
+            reason: why,
+            key,
+            fingerprint,
+            remote_user,
+        },
+        other => other,
     }
 }
 
