@@ -85,17 +85,30 @@ async fn handle(
     upstream: &mut Upstream,
 ) -> Vec<u8> {
     let decision = policy::decide(&rt.policy, caller, &request);
-    if let Some(line) = audit::line(caller, &decision) {
+    // What the connection is bound to (destinations, certificates): not
+    // tracked yet, so every line says `dest=- forwarded=no serial=-`.
+    let binding = audit::Binding::default();
+    // A refusal's outcome is known now; a sign's only once the backend
+    // answered (logged below).
+    if let Some(line) = audit::refusal(caller, &decision, &binding) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
-    let answer = match (decision, request) {
+    let answer = match (&decision, request) {
         (Decision::List, _) => upstream.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
             let result = upstream.sign(sign).await.map(Response::SignResponse);
+            let outcome = match &result {
+                Ok(_) => audit::Outcome::Signed,
+                Err(UpstreamError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(_) => audit::Outcome::UpstreamError,
+            };
+            if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
+                tracing::info!(target: audit::TARGET, "{line}");
+            }
             if let Err(e) = &result {
                 tracing::warn!(
                     "sign with key={} for uid={} failed upstream: {e}",
