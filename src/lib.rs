@@ -11,6 +11,7 @@
 //! - [`config`]: the configuration file.
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
+//! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod shutdown;
+pub mod sockets;
 
 /// Fails with a one-line error unless the effective uid is 0.
 pub fn require_root(what: &str) -> error::Result<()> {

@@ -109,3 +109,93 @@ fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
         assert!(line.contains(" dest=- forwarded=no serial=- "), "{line}");
     }
 }
+
+/// Runs `keyholder daemon` on `config` to its end (killed after 20 s, so a
+/// second daemon that wrongly keeps running fails the test rather than
+/// hanging it); returns its exit code and stderr.
+fn daemon_run(config: &Path) -> (Option<i32>, String) {
+    // stderr to a file, not a pipe: an agent a broken daemon left behind
+    // would hold a pipe open.
+    let log = config.with_file_name(format!("{}.log", unique("run")));
+    let mut child = std::process::Command::new(KEYHOLDER)
+        .args(["daemon", "--log", "stderr", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = wait_for(Duration::from_secs(20), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    (
+        status.code(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_second_daemon_exits_and_the_first_keeps_serving_with_its_agent() {
+    require_root!();
+    let dir = TempDir::new("2nd");
+    let (config, agent_sock, key) = spawning_config(&dir);
+    let first = Daemon::start_with(&dir, &config);
+    // Armed by hand against the spawned agent.
+    let o = run(std::process::Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &agent_sock));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agent_inode =
+        || std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(&agent_sock).unwrap());
+    let proxy_inode =
+        || std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(&first.socket).unwrap());
+    let (agent_before, proxy_before) = (agent_inode(), proxy_inode());
+
+    let (code, err) = daemon_run(&first.config);
+    assert_eq!(code, Some(1), "{err}");
+    // It spawned no agent, and touched neither socket.
+    assert!(!err.contains("upstream agent"), "{err}");
+    assert_eq!(agent_inode(), agent_before, "agent socket replaced: {err}");
+    assert_eq!(proxy_inode(), proxy_before);
+    assert!(
+        err.contains(&format!("already running (pid {})", first.pid())),
+        "{err}"
+    );
+
+    // The first daemon still lists and signs with the armed key.
+    assert_eq!(first.listed(&As::Root).len(), 1);
+    let mut raw = Raw::connect(&first.socket);
+    let answer = raw.call(&userauth_sign(&key.with_file_name("deploy.pub")));
+    assert_eq!(answer.and_then(|a| a.first().copied()), Some(SIGN_RESPONSE));
+    let o = run(std::process::Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", &agent_sock));
+    assert!(o.status.success(), "agent lost its key: {}", stdout(&o));
+    assert_eq!(first.log_count("upstream agent exited"), 0);
+}
+
+#[test]
+fn an_agent_left_answering_on_agent_socket_is_never_replaced() {
+    require_root!();
+    let dir = TempDir::new("2ag");
+    let (config, agent_sock, key) = spawning_config(&dir);
+    // An agent some other process runs on the path a spawning config names
+    // (a daemon whose proxy socket was removed by hand, say).
+    let other = Agent::start(&dir);
+    assert_eq!(other.socket, agent_sock);
+    other.add(&key);
+    let config_path = dir.join("keyholder.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let (code, err) = daemon_run(&config_path);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(other.keys().len(), 1, "the agent lost its key: {err}");
+    assert!(
+        err.contains(&format!("already running (pid {})", other.pid())),
+        "{err}"
+    );
+    assert!(!dir.join("proxy.sock").exists());
+}

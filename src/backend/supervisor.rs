@@ -124,26 +124,12 @@ pub(crate) fn remove_socket(path: &Path) {
     }
 }
 
-/// Clears a stale socket, starts the agent and waits for its socket.
+/// Clears a stale socket (never a live one), starts the agent and waits for its socket.
 async fn spawn_agent(config: &AgentConfig) -> Result<Child> {
     let socket = &config.socket;
-    match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(socket).map_err(|e| {
-                Error::msg(format!(
-                    "cannot remove stale agent socket {}: {e}",
-                    socket.display()
-                ))
-            })?;
-        }
-        Ok(_) => {
-            return Err(Error::msg(format!(
-                "agent.socket {} exists and is not a socket; refusing to replace it",
-                socket.display()
-            )))
-        }
-        Err(_) => {}
-    }
+    // Only a socket nothing answers on is removed: a live agent there (a
+    // running daemon's) is never replaced.
+    crate::sockets::remove_stale(socket, "agent.socket")?;
     let mut command = Command::new(&config.program);
     command
         .arg("-D")

@@ -12,7 +12,7 @@ pub mod caller;
 pub mod connection;
 pub mod limits;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use crate::backend::supervisor::{remove_socket, Supervisor};
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::sockets::{self, Probe};
 use limits::{LimitHit, Limiter, SharedBurstLog};
 
 /// How long open connections get to finish on shutdown.
@@ -111,6 +112,9 @@ async fn serve(mut config: Config) -> Result<()> {
     let mut sigint = signal_stream(SignalKind::interrupt())?;
     let mut sighup = signal_stream(SignalKind::hangup())?;
 
+    // Before anything is spawned or touched: a second daemon started by
+    // mistake must leave the running one (and its agent) alone.
+    refuse_if_running(&config)?;
     ensure_runtime_dir(&config.socket)?;
     let supervisor = if config.agent.spawn {
         ensure_runtime_dir(&config.agent.socket)?;
@@ -354,33 +358,37 @@ fn ensure_runtime_dir(socket: &Path) -> Result<()> {
         .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))
 }
 
+/// Fails with "already running (pid N)" when something answers on the
+/// proxy socket or, with `agent.spawn`, on `agent.socket`.
+fn refuse_if_running(config: &Config) -> Result<()> {
+    if let Ok(live @ Probe::Live { .. }) = sockets::probe(&config.socket) {
+        return Err(Error::msg(format!(
+            "keyholder is already running ({}): {} answers; not starting a second daemon",
+            live.pid_text(),
+            config.socket.display()
+        )));
+    }
+    if config.agent.spawn {
+        if let Ok(live @ Probe::Live { .. }) = sockets::probe(&config.agent.socket) {
+            return Err(Error::msg(format!(
+                "already running ({}): an agent answers on agent.socket {}; not starting \
+                 another (is another keyholder daemon running with this configuration?)",
+                live.pid_text(),
+                config.agent.socket.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Binds the proxy socket (mode 0666), replacing a stale socket left by a
 /// crash. Refuses to replace anything that is not a socket, or a socket
 /// another process still listens on.
 fn bind_proxy(path: &Path) -> Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::msg(format!(
-                    "{} is in use by another process (is keyholder already running?)",
-                    path.display()
-                )));
-            }
-            std::fs::remove_file(path).map_err(|e| {
-                Error::msg(format!(
-                    "cannot remove stale socket {}: {e}",
-                    path.display()
-                ))
-            })?;
-            tracing::info!("replaced stale socket {}", path.display());
-        }
-        Ok(_) => {
-            return Err(Error::msg(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            )))
-        }
-        Err(_) => {}
+    let stale = matches!(sockets::probe(path), Ok(Probe::Stale));
+    sockets::remove_stale(path, "socket")?;
+    if stale {
+        tracing::info!("replaced stale socket {}", path.display());
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::msg(format!("cannot listen on {}: {e}", path.display())))?;
