@@ -199,3 +199,65 @@ fn an_agent_left_answering_on_agent_socket_is_never_replaced() {
     );
     assert!(!dir.join("proxy.sock").exists());
 }
+
+#[test]
+fn a_socket_directory_others_can_write_is_refused() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("sd");
+    let agent = Agent::start(&dir);
+    let owner = TestUser::create("sd", &[]);
+    let cases: [(&str, u32, Option<u32>); 4] = [
+        ("open", 0o777, None),
+        ("sticky", 0o1777, None),
+        ("groupw", 0o775, None),
+        ("theirs", 0o755, Some(owner.uid())),
+    ];
+    for (name, mode, uid) in cases {
+        let sub = dir.join(name);
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+        if let Some(uid) = uid {
+            nix::unistd::chown(&sub, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+        }
+        let socket = sub.join("proxy.sock");
+        // As the proxy socket's directory, with an external agent.
+        let config = dir.join(&format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\nlog = \"stderr\"\n[agent]\nsocket = \"{}\"\nspawn = false\n",
+                socket.display(),
+                agent.socket.display()
+            ),
+        )
+        .unwrap();
+        let (code, err) = daemon_run(&config);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(!socket.exists(), "{name}: socket created");
+        assert!(
+            err.contains(&format!("socket directory {}", sub.display()))
+                && err.contains("writable by others than root"),
+            "{name}: {err}"
+        );
+        // As a spawned agent's directory (the proxy's own is fine).
+        let agent_socket = sub.join("agent.sock");
+        let config = dir.join(&format!("{name}-spawn.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\nlog = \"stderr\"\n[agent]\nsocket = \"{}\"\nspawn = true\n",
+                dir.join(&format!("{name}.sock")).display(),
+                agent_socket.display()
+            ),
+        )
+        .unwrap();
+        let (code, err) = daemon_run(&config);
+        assert_eq!(code, Some(1), "{name} (spawn): {err}");
+        assert!(!agent_socket.exists(), "{name}: agent socket created");
+        assert!(
+            err.contains(&format!("agent.socket directory {}", sub.display())),
+            "{name} (spawn): {err}"
+        );
+    }
+}

@@ -115,9 +115,11 @@ async fn serve(mut config: Config) -> Result<()> {
     // Before anything is spawned or touched: a second daemon started by
     // mistake must leave the running one (and its agent) alone.
     refuse_if_running(&config)?;
-    ensure_runtime_dir(&config.socket)?;
+    ensure_runtime_dir(&config.socket, "socket")?;
+    if config.agent.spawn {
+        ensure_runtime_dir(&config.agent.socket, "agent.socket")?;
+    }
     let supervisor = if config.agent.spawn {
-        ensure_runtime_dir(&config.agent.socket)?;
         let sup = Supervisor::start(config.agent.clone()).await?;
         tracing::info!(
             "upstream agent {} started (pid {}) on {}",
@@ -345,17 +347,20 @@ fn signal_stream(kind: SignalKind) -> Result<tokio::signal::unix::Signal> {
     signal(kind).map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))
 }
 
-/// Creates the socket's directory (root-owned, 0755) when it is missing.
-fn ensure_runtime_dir(socket: &Path) -> Result<()> {
-    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    if dir.is_dir() {
-        return Ok(());
+/// Creates the socket's directory (root-owned, 0755) when it is missing,
+/// and refuses one that anyone but root could write (where someone could
+/// replace the socket, or put their own in its place).
+fn ensure_runtime_dir(socket: &Path, what: &str) -> Result<()> {
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))?;
     }
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))
+    sockets::check_dir(dir, what)
 }
 
 /// Fails with "already running (pid N)" when something answers on the
@@ -390,9 +395,13 @@ fn bind_proxy(path: &Path) -> Result<UnixListener> {
     if stale {
         tracing::info!("replaced stale socket {}", path.display());
     }
-    let listener = UnixListener::bind(path)
+    // Mode 0666 from the moment the path exists: no window in which a
+    // client sees (or a monitor records) another mode.
+    let listener = sockets::bind_with_mode(path, 0o666)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            UnixListener::from_std(l)
+        })
         .map_err(|e| Error::msg(format!("cannot listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| Error::msg(format!("cannot chmod {}: {e}", path.display())))?;
     Ok(listener)
 }
