@@ -261,3 +261,119 @@ fn a_socket_directory_others_can_write_is_refused() {
         );
     }
 }
+
+/// `keyholder check-config --config CONFIG` as root: exit code and stdout + stderr.
+fn check_config(config: &Path) -> (Option<i32>, String) {
+    let o = keyholder(
+        &As::Root,
+        &["check-config", "--config", config.to_str().unwrap()],
+    );
+    (o.status.code(), format!("{}{}", stdout(&o), stderr(&o)))
+}
+
+#[test]
+fn a_public_key_file_others_can_write_is_refused_naming_it() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("pw");
+    let agent = Agent::start(&dir);
+    keygen(dir.path(), "deploy", "ed25519", "");
+    let pubfile = dir.join("deploy.pub");
+    let config = dir.join("keyholder.toml");
+    std::fs::write(
+        &config,
+        Daemon::config(&dir, &agent.socket, "[keys.deploy]\ngroups = [\"root\"]\n"),
+    )
+    .unwrap();
+    // Loads (the key file itself, unencrypted, is another matter).
+    let (_, out) = check_config(&config);
+    assert!(out.contains(": loaded: 1 key(s)"), "{out}");
+    let owner = TestUser::create("pw", &[]);
+    for (mode, uid) in [(0o664, 0), (0o646, 0), (0o644, owner.uid())] {
+        std::fs::set_permissions(&pubfile, std::fs::Permissions::from_mode(mode)).unwrap();
+        nix::unistd::chown(&pubfile, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+        let (code, out) = check_config(&config);
+        assert_eq!(code, Some(1), "{mode:o} {uid}: {out}");
+        assert!(
+            out.contains(&format!("public key {}", pubfile.display())),
+            "{out}"
+        );
+        let (code, err) = daemon_run(&config);
+        assert_eq!(code, Some(1), "{mode:o} {uid}: {err}");
+        assert!(
+            err.contains(&format!("public key {}", pubfile.display())),
+            "{err}"
+        );
+        assert!(!dir.join("proxy.sock").exists());
+    }
+}
+
+#[test]
+fn a_config_file_not_owned_by_root_or_writable_by_others_is_refused() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cw");
+    let agent = Agent::start(&dir);
+    let config = dir.join("keyholder.toml");
+    std::fs::write(&config, Daemon::config(&dir, &agent.socket, "")).unwrap();
+    let owner = TestUser::create("cw", &[]);
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink(&config, &link).unwrap();
+    for (mode, uid, path) in [
+        (0o644, owner.uid(), &config),
+        (0o664, 0, &config),
+        (0o602, 0, &config),
+        (0o644, 0, &link),
+    ] {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(mode)).unwrap();
+        nix::unistd::chown(&config, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+        let (code, out) = check_config(path);
+        assert_eq!(code, Some(1), "{mode:o} {uid}: {out}");
+        assert!(out.contains(&path.display().to_string()), "{out}");
+        let (code, err) = daemon_run(path);
+        assert_eq!(code, Some(1), "{mode:o} {uid}: {err}");
+        assert!(
+            err.contains(&format!("keyholder: {}: ", path.display())),
+            "{err}"
+        );
+        assert!(!dir.join("proxy.sock").exists());
+    }
+}
+
+#[test]
+fn a_fifo_as_config_on_sighup_never_blocks_the_daemon() {
+    require_root!();
+    let dir = TempDir::new("ff");
+    let agent = Agent::start(&dir);
+    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
+    let d = Daemon::start(&dir, &agent, "[keys.deploy]\ngroups = [\"root\"]\n");
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    assert_eq!(d.listed(&As::Root).len(), 1);
+
+    std::fs::remove_file(&d.config).unwrap();
+    nix::unistd::mkfifo(&d.config, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    // Still serving, with the last good configuration, new connections too.
+    let mut raw = Raw::connect(&d.socket);
+    let answer = raw.call(&[11]).expect("the daemon answers after SIGHUP");
+    assert_eq!(listed_blobs(&answer).map(|b| b.len()), Some(1));
+    assert_eq!(d.listed(&As::Root).len(), 1);
+    assert!(
+        d.wait_log("is a FIFO, not a regular file"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d
+        .log_text()
+        .contains("reload failed, keeping the last good configuration"));
+
+    // A good file again: the next SIGHUP applies it.
+    std::fs::remove_file(&d.config).unwrap();
+    std::fs::write(&d.config, good.replace("[keys.deploy]", "[keys.other]")).unwrap();
+    std::fs::copy(dir.join("deploy.pub"), dir.join("other.pub")).unwrap();
+    d.signal(Signal::SIGHUP);
+    assert!(d.wait_log("configuration reloaded"), "{}", d.log_text());
+    assert!(d.log_text().contains("1 key(s): other"), "{}", d.log_text());
+}

@@ -180,6 +180,11 @@ async fn serve(mut config: Config) -> Result<()> {
     // would spin. The pause is a branch of its own rather than a sleep in
     // the accept branch, so signals are still handled during it.
     let mut paused_until: Option<tokio::time::Instant> = None;
+    // A reload reads files (which may be slow, or not what they should be)
+    // on a blocking thread; the loop applies its result when it is ready.
+    // A SIGHUP during a reload is coalesced into one more after it.
+    let mut reloading: Option<tokio::task::JoinHandle<Result<Config>>> = None;
+    let mut reload_again = false;
     loop {
         tokio::select! {
             // Signals first: a pending SIGTERM must not lose the draw, time
@@ -188,8 +193,30 @@ async fn serve(mut config: Config) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
-                    config = new;
+                if reloading.is_some() {
+                    reload_again = true;
+                } else {
+                    reloading = Some(start_reload(&config.path));
+                }
+            }
+            loaded = async {
+                match reloading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if reloading.is_some() => {
+                reloading = None;
+                match loaded {
+                    Ok(Ok(new)) => config = apply_reload(&config, new, &limiter, &runtime_tx),
+                    Ok(Err(e)) => {
+                        tracing::error!("reload failed, keeping the last good configuration: {e}");
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the last good configuration: {e}");
+                    }
+                }
+                if std::mem::take(&mut reload_again) {
+                    reloading = Some(start_reload(&config.path));
                 }
             }
             () = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
@@ -284,19 +311,20 @@ fn admit(
     });
 }
 
-/// Re-reads the configuration. Returns the new one when it loaded.
-fn reload(
+/// Loads the configuration at `path` again, on a blocking thread.
+fn start_reload(path: &Path) -> tokio::task::JoinHandle<Result<Config>> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || Config::load(&path))
+}
+
+/// Puts a freshly loaded configuration in force (what a reload can change);
+/// returns the configuration now current.
+fn apply_reload(
     current: &Config,
+    new: Config,
     limiter: &Limiter,
     runtime: &watch::Sender<Arc<Runtime>>,
-) -> Option<Config> {
-    let new = match Config::load(&current.path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload failed, keeping the last good configuration: {e}");
-            return None;
-        }
-    };
+) -> Config {
     let restart_only = [
         ("socket", current.socket != new.socket),
         ("agent", current.agent != new.agent),
@@ -326,7 +354,7 @@ fn reload(
     kept.agent = current.agent.clone();
     kept.log = current.log;
     kept.limits.max_connections = current.limits.max_connections;
-    Some(kept)
+    kept
 }
 
 pub use crate::shutdown::stopped;
