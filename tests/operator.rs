@@ -377,3 +377,67 @@ fn a_fifo_as_config_on_sighup_never_blocks_the_daemon() {
     assert!(d.wait_log("configuration reloaded"), "{}", d.log_text());
     assert!(d.log_text().contains("1 key(s): other"), "{}", d.log_text());
 }
+
+#[test]
+fn arm_sends_no_key_to_an_agent_that_is_not_roots() {
+    require_root!();
+    let dir = TempDir::new("ar");
+    let user = TestUser::create("ar", &[]);
+    let theirs = dir.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(
+        &theirs,
+        Some(nix::unistd::Uid::from_raw(user.uid())),
+        Some(nix::unistd::Gid::from_raw(user.gid())),
+    )
+    .unwrap();
+    keygen(dir.path(), "deploy", "ed25519", "");
+    // The user's own agent, on the path the configuration names.
+    let socket = theirs.join("agent.sock");
+    let mut agent = user
+        .as_user()
+        .command("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }));
+    let config = dir.join("keyholder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key_dir = \"{}\"\nrequire_encrypted = false\n[agent]\nsocket = \"{}\"\nspawn = false\n\
+             [keys.deploy]\ngroups = [\"root\"]\n",
+            dir.path().display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let o = keyholder(&As::Root, &["arm", "--config", config.to_str().unwrap()]);
+    let held = run(std::process::Command::new("ssh-add")
+        .arg("-L")
+        .env("SSH_AUTH_SOCK", &socket));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        key_lines(&held),
+        Vec::<String>::new(),
+        "the user's agent got the key: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "the agent at {} runs as uid {}",
+            socket.display(),
+            user.uid()
+        )) && stderr(&o).contains("not root"),
+        "{}",
+        stderr(&o)
+    );
+}
