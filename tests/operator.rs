@@ -394,15 +394,14 @@ fn arm_sends_no_key_to_an_agent_that_is_not_roots() {
     keygen(dir.path(), "deploy", "ed25519", "");
     // The user's own agent, on the path the configuration names.
     let socket = theirs.join("agent.sock");
-    let mut agent = user
-        .as_user()
-        .command("ssh-agent")
-        .args(["-D", "-a"])
-        .arg(&socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("ssh-agent");
+    let mut agent = spawn(
+        user.as_user()
+            .command("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null()),
+    );
     assert!(wait_for(Duration::from_secs(10), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     }));
@@ -440,4 +439,41 @@ fn arm_sends_no_key_to_an_agent_that_is_not_roots() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Does nothing unless run by the test below, with `KHT_MISSING_TOOL_DIR`
+/// set and a `PATH` where no tool is found.
+#[test]
+fn missing_tool_helper() {
+    let Ok(dir) = std::env::var("KHT_MISSING_TOOL_DIR") else {
+        return;
+    };
+    let dir = TempDir(Path::new(&dir).to_owned());
+    let _agent = Agent::start(&dir);
+    std::mem::forget(dir);
+}
+
+#[test]
+fn a_missing_tool_is_one_line_naming_the_debian_package_without_a_backtrace() {
+    // No root needed: only the harness runs, with a PATH that has no tools.
+    let dir = TempDir::new("mt");
+    let empty = dir.join("bin");
+    std::fs::create_dir(&empty).unwrap();
+    let o = run(std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "missing_tool_helper", "--nocapture"])
+        .env("KHT_MISSING_TOOL_DIR", dir.path())
+        .env("PATH", &empty)
+        .env("RUST_BACKTRACE", "1"));
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success(), "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("ssh-agent")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].contains("FAILED")
+            && lines[0].contains("not found")
+            && lines[0].contains("apt-get install openssh-client"),
+        "{out}"
+    );
+    assert!(!out.contains("stack backtrace"), "{out}");
+    assert!(!out.contains("panicked at"), "{out}");
 }
