@@ -12,7 +12,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::{audit, Shared};
-use crate::backend::{Upstream, UpstreamError};
+use crate::backend::BackendError;
 use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
@@ -32,7 +32,6 @@ pub async fn serve(
 ) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
-    let mut upstream: Option<Upstream> = None;
     let mut buf = Vec::new();
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
@@ -63,12 +62,7 @@ pub async fn serve(
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        let upstream = upstream.get_or_insert_with(|| {
-            Upstream::new(rt.agent_socket.clone(), rt.limits.upstream_timeout)
-        });
-        // A reload may have changed the timeout; it applies to the next call.
-        upstream.set_timeout(rt.limits.upstream_timeout);
-        let reply = handle(&rt, &shared, &caller, request, upstream).await;
+        let reply = handle(&rt, &shared, &caller, request).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -82,8 +76,8 @@ async fn handle(
     shared: &Shared,
     caller: &Caller,
     request: Request,
-    upstream: &mut Upstream,
 ) -> Vec<u8> {
+    let backend = &shared.backend;
     let decision = policy::decide(&rt.policy, caller, &request);
     // What the connection is bound to (destinations, certificates): not
     // tracked yet, so every line says `dest=- forwarded=no serial=-`.
@@ -96,48 +90,53 @@ async fn handle(
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (&decision, request) {
-        (Decision::List, _) => upstream.identities().await.map(|ids| {
+        (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
-            let result = upstream.sign(sign).await.map(Response::SignResponse);
+            // The signature goes back as the backend produced it; the audit
+            // line is written once that outcome is known.
+            let result = backend.sign(sign).await;
             let outcome = match &result {
                 Ok(_) => audit::Outcome::Signed,
-                Err(UpstreamError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
                 Err(_) => audit::Outcome::UpstreamError,
             };
             if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
                 tracing::info!(target: audit::TARGET, "{line}");
             }
-            if let Err(e) = &result {
-                tracing::warn!(
-                    "sign with key={} for uid={} failed upstream: {e}",
-                    key.name,
-                    caller.uid
-                );
-            }
-            result
+            return match result {
+                Ok(signature) => response::sign_response(&signature),
+                Err(e) => {
+                    tracing::warn!(
+                        "sign with key={} for uid={} failed upstream: {e}",
+                        key.name,
+                        caller.uid
+                    );
+                    note_upstream_error(shared, &e);
+                    response::FAILURE.to_vec()
+                }
+            };
         }
-        (Decision::ForwardExtension, Request::Extension(ext)) => {
-            let name = ext.name.clone();
-            let reply = upstream.extension(ext).await;
+        // A stop-gap until keyholder verifies and keeps bindings itself
+        // (destinations): SUCCESS, answered here. Never forwarded: upstream
+        // connections are pooled, shared by every client, so a binding
+        // forwarded on one would bind the next client's requests too.
+        (Decision::SessionBind, _) => {
             tracing::debug!(
-                "forwarded {name} for uid={}: {}",
-                caller.uid,
-                if reply.is_ok() { "SUCCESS" } else { "FAILURE" }
+                "session-bind@openssh.com for uid={}: SUCCESS, answered locally",
+                caller.uid
             );
-            reply.map(|reply| match reply {
-                None => Response::Success,
-                Some(ext) => Response::ExtensionResponse(ext),
-            })
+            Ok(Response::Success)
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
-            let ids = upstream.identities().await;
-            if let Err(e) = &ids {
+            let status = backend.status().await;
+            if let Err(e) = &status {
                 note_upstream_error(shared, e);
             }
-            let report = policy::status_report(&rt.policy, ids.as_deref().ok());
+            let ids = status.ok().map(|s| s.identities);
+            let report = policy::status_report(&rt.policy, ids.as_deref());
             Ok(extension_response(status::NAME, &report))
         }
         // Refusals, and decisions that do not match their request (which
@@ -153,8 +152,8 @@ async fn handle(
     }
 }
 
-fn note_upstream_error(shared: &Shared, e: &UpstreamError) {
-    if matches!(e, UpstreamError::Refused) {
+fn note_upstream_error(shared: &Shared, e: &BackendError) {
+    if matches!(e, BackendError::Refused) {
         return;
     }
     if let Some(suppressed) = shared.upstream_errors.hit() {

@@ -22,6 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::supervisor::{remove_socket, Supervisor};
+use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
@@ -67,6 +68,8 @@ impl From<&Config> for Runtime {
 pub struct Shared {
     /// The settings in force.
     pub runtime: watch::Receiver<Arc<Runtime>>,
+    /// Holds or reaches the keys; which one, the daemon never needs to know.
+    pub backend: Arc<dyn Backend>,
     /// Once-per-burst logging of upstream failures.
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
@@ -150,6 +153,7 @@ async fn serve(mut config: Config) -> Result<()> {
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
+        backend: crate::backend::open(&config),
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
     });
@@ -207,7 +211,10 @@ async fn serve(mut config: Config) -> Result<()> {
             }, if reloading.is_some() => {
                 reloading = None;
                 match loaded {
-                    Ok(Ok(new)) => config = apply_reload(&config, new, &limiter, &runtime_tx),
+                    Ok(Ok(new)) => {
+                        config = apply_reload(&config, new, &limiter, &runtime_tx);
+                        shared.backend.set_timeout(config.limits.upstream_timeout);
+                    }
                     Ok(Err(e)) => {
                         tracing::error!("reload failed, keeping the last good configuration: {e}");
                     }

@@ -10,8 +10,8 @@
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
 //!   use it, and the data is an SSH user-authentication request (unless the key
 //!   sets `allow_any_data`).
-//! - EXTENSION: `session-bind@openssh.com` forwarded; `query` and
-//!   `status@keyholder` answered by the daemon; anything else refused.
+//! - EXTENSION: `session-bind@openssh.com`, `query` and `status@keyholder`
+//!   answered by the daemon, never forwarded; anything else refused.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
 //!
@@ -163,8 +163,8 @@ pub enum Decision<'p> {
         /// `allow_any_data` keys signing other data).
         remote_user: Option<String>,
     },
-    /// Forward the extension on the caller's own upstream connection.
-    ForwardExtension,
+    /// Answer `session-bind@openssh.com` in the daemon; never forwarded.
+    SessionBind,
     /// Answer `query` with [`SUPPORTED_EXTENSIONS`].
     Query,
     /// Answer `status@keyholder` with [`status_report`].
@@ -252,7 +252,7 @@ fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> D
 
 fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
     match ext.name.as_str() {
-        SESSION_BIND => Decision::ForwardExtension,
+        SESSION_BIND => Decision::SessionBind,
         QUERY => Decision::Query,
         status::NAME => Decision::Status,
         _ => refuse(Reason::UnknownExtension),

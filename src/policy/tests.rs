@@ -316,10 +316,7 @@ fn extensions() {
             details: vec![].into(),
         })
     };
-    assert_eq!(
-        decide(&p, &c, &ext(SESSION_BIND)),
-        Decision::ForwardExtension
-    );
+    assert_eq!(decide(&p, &c, &ext(SESSION_BIND)), Decision::SessionBind);
     assert_eq!(decide(&p, &c, &ext(QUERY)), Decision::Query);
     assert_eq!(decide(&p, &c, &ext(status::NAME)), Decision::Status);
     for other in ["restrict-destination-v00@openssh.com", "x@y", "QUERY"] {
