@@ -8,7 +8,6 @@
 //! and its socket is removed. The child also gets SIGTERM should the daemon
 //! itself die (`PR_SET_PDEATHSIG`), so no orphaned agent keeps keys in memory.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -117,10 +116,11 @@ impl Supervisor {
     }
 }
 
-/// Removes the agent socket if it is a socket (never another kind of file).
+/// Removes a socket file on the way out, if nothing answers on it any more
+/// (never another kind of file, never a socket someone else now listens on).
 pub(crate) fn remove_socket(path: &Path) {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
+    if let Err(e) = crate::sockets::remove_stale(path, "socket") {
+        tracing::warn!("left in place: {e}");
     }
 }
 
