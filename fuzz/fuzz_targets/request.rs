@@ -133,7 +133,7 @@ fn check(body: &[u8]) {
                 }
             }
             (Request::Extension(e), d) => match (e.name.as_str(), d) {
-                (policy::SESSION_BIND, Decision::ForwardExtension)
+                (policy::SESSION_BIND, Decision::SessionBind)
                 | (policy::QUERY, Decision::Query)
                 | ("status@keyholder", Decision::Status) => {}
                 (
