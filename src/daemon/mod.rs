@@ -4,8 +4,11 @@
 //! the accept loop: each accepted connection is admitted by the [`limits`],
 //! its caller resolved ([`caller`]), then served ([`connection`]) in its own
 //! task. A shutdown signal every task watches ends them all on SIGTERM or
-//! SIGINT; SIGHUP reloads the configuration (a bad one leaves the last good
-//! one in force). The decision itself lives in [`crate::policy`].
+//! SIGINT; SIGHUP reloads the configuration on a blocking thread, never in
+//! the accept loop (a bad one leaves the last good one in force). Before
+//! anything is spawned or bound, a daemon already answering on the sockets
+//! makes this one exit ([`crate::sockets`]). The decision itself lives in
+//! [`crate::policy`].
 
 pub mod audit;
 pub mod caller;
