@@ -6,7 +6,8 @@
 //! The rules (from the contract):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
 //!   caller may use ([`filter_identities`]). A certificate counts as the key it
-//!   certifies.
+//!   certifies. A caller who may use no configured key gets an empty list
+//!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
 //!   use it, and the data is an SSH user-authentication request (unless the key
 //!   sets `allow_any_data`).
@@ -14,6 +15,8 @@
 //!   answered by the daemon, never forwarded; anything else refused.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - A caller whose user lookup gave no answer (timed out or failed): what
+//!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
@@ -134,6 +137,12 @@ pub enum Reason {
     UnknownType(u8),
     /// A malformed message.
     Malformed(&'static str),
+    /// The caller's user-database lookup missed its deadline, so its groups
+    /// are unknown (see [`decide_unresolved`]).
+    LookupTimeout,
+    /// The user database failed (rather than finding no such user), so the
+    /// caller's groups are unknown (see [`decide_unresolved`]).
+    LookupError,
 }
 
 impl std::fmt::Display for Reason {
@@ -146,6 +155,8 @@ impl std::fmt::Display for Reason {
             Self::UnknownExtension => f.write_str("unsupported-extension"),
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
+            Self::LookupTimeout => f.write_str("user-lookup-timeout"),
+            Self::LookupError => f.write_str("user-lookup-error"),
         }
     }
 }
@@ -155,6 +166,9 @@ impl std::fmt::Display for Reason {
 pub enum Decision<'p> {
     /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
     List,
+    /// Answer an empty identity list without asking the backend: the caller
+    /// may use no configured key.
+    EmptyList,
     /// Forward the sign request unchanged.
     Sign {
         /// The configured key it uses.
@@ -188,13 +202,19 @@ impl Decision<'_> {
     pub fn is_audited(&self) -> bool {
         match self {
             Self::Sign { .. } => true,
-            Self::Refuse { reason, .. } => matches!(
+            Self::Refuse {
                 reason,
+                fingerprint,
+                ..
+            } => match reason {
                 Reason::AdminRequest(_)
-                    | Reason::UnknownKey
-                    | Reason::NotInGroup
-                    | Reason::NotUserAuth(_)
-            ),
+                | Reason::UnknownKey
+                | Reason::NotInGroup
+                | Reason::NotUserAuth(_) => true,
+                // A sign request (which names a key); a refused listing is not.
+                Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -212,12 +232,48 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
 /// Decides what to do with `request` from `caller` under `policy`.
 pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Decision<'p> {
     match request {
-        Request::RequestIdentities => Decision::List,
+        Request::RequestIdentities if policy.keys.iter().any(|k| caller.may_use(k)) => {
+            Decision::List
+        }
+        Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, sign),
         Request::Extension(ext) => decide_extension(ext),
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+/// Decides for a caller whose user-database lookup gave no answer, `why`
+/// being [`Reason::LookupTimeout`] or [`Reason::LookupError`]: `caller` has
+/// no user name and no groups. What depends on the caller's groups
+/// (listing keys, signing with a configured key) is refused for `why`, not
+/// answered as if the caller had no groups; root's requests never depend on
+/// them, and everything else is decided as usual.
+pub fn decide_unresolved<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    request: &Request,
+    why: Reason,
+) -> Decision<'p> {
+    let decision = decide(policy, caller, request);
+    if caller.uid == 0 {
+        return decision;
+    }
+    match decision {
+        Decision::List | Decision::EmptyList => refuse(why),
+        Decision::Refuse {
+            reason: Reason::NotInGroup,
+            key,
+            fingerprint,
+            remote_user,
+        } => Decision::Refuse {
+            reason: why,
+            key,
+            fingerprint,
+            remote_user,
+        },
+        other => other,
     }
 }
 

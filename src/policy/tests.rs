@@ -79,15 +79,42 @@ fn refused(d: &Decision<'_>) -> Option<Reason> {
 }
 
 #[test]
-fn listing_is_always_forwarded() {
+fn listing_is_forwarded_for_callers_who_may_use_a_key() {
     let p = policy();
     for c in [
         caller(0, &[]),
         caller(1000, &["deployers"]),
-        caller(1001, &[]),
+        caller(1000, &["users", "signers"]),
     ] {
         assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
     }
+}
+
+#[test]
+fn callers_who_may_use_no_key_get_an_empty_list_without_the_backend() {
+    let p = policy();
+    for c in [
+        caller(1001, &[]),
+        caller(1001, &["users", "deployers-not"]),
+        Caller {
+            user: None,
+            ..caller(70_000, &[])
+        },
+    ] {
+        assert_eq!(
+            decide(&p, &c, &Request::RequestIdentities),
+            Decision::EmptyList
+        );
+    }
+    // No keys configured: root too.
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &caller(0, &[]),
+            &Request::RequestIdentities
+        ),
+        Decision::EmptyList
+    );
 }
 
 #[test]
@@ -361,4 +388,86 @@ fn group_names_are_every_configured_group_once() {
         ["deployers", "ops", "phab-admins", "signers"]
     );
     assert!(Policy::default().group_names().is_empty());
+}
+
+#[test]
+fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
+    let p = policy();
+    let unresolved = |uid| Caller {
+        uid,
+        pid: Some(7),
+        user: None,
+        groups: vec![],
+    };
+    let c = unresolved(1000);
+    let d = decide_unresolved(&p, &c, &userauth_sign(1, "deploy"), Reason::LookupTimeout);
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(d.is_audited());
+    match &d {
+        Decision::Refuse {
+            key, fingerprint, ..
+        } => {
+            assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+            assert!(fingerprint.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(Reason::LookupTimeout.to_string(), "user-lookup-timeout");
+    assert_eq!(Reason::LookupError.to_string(), "user-lookup-error");
+    let d = decide_unresolved(&p, &c, &userauth_sign(2, "x"), Reason::LookupError);
+    assert_eq!(refused(&d), Some(Reason::LookupError));
+    assert!(d.is_audited());
+    // allow_any_data keys too: the groups are what is unknown.
+    let any = sign(PublicCredential::Key(key(3)), b"anything".to_vec(), 0);
+    assert_eq!(
+        refused(&decide_unresolved(&p, &c, &any, Reason::LookupTimeout)),
+        Some(Reason::LookupTimeout)
+    );
+    // A listing is refused, not answered as if the caller had no keys, and
+    // is not an audit line.
+    let d = decide_unresolved(&p, &c, &Request::RequestIdentities, Reason::LookupTimeout);
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(!d.is_audited());
+    // What does not depend on groups is decided as usual.
+    assert_eq!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &userauth_sign(77, "x"),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::UnknownKey)
+    );
+    assert!(matches!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &classify(&[19]),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::AdminRequest(_))
+    ));
+    let query = Request::Extension(Extension {
+        name: QUERY.into(),
+        details: vec![].into(),
+    });
+    assert_eq!(
+        decide_unresolved(&p, &c, &query, Reason::LookupTimeout),
+        Decision::Query
+    );
+    // root needs no groups.
+    let root = unresolved(0);
+    assert!(matches!(
+        decide_unresolved(&p, &root, &userauth_sign(1, "x"), Reason::LookupTimeout),
+        Decision::Sign { .. }
+    ));
+    assert_eq!(
+        decide_unresolved(
+            &p,
+            &root,
+            &Request::RequestIdentities,
+            Reason::LookupTimeout
+        ),
+        Decision::List
+    );
 }
