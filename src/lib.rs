@@ -12,6 +12,7 @@
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 //! - [`ratelog`]: rate-limited logging of lines a flood could repeat, for both.
+//! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod policy;
 pub mod protocol;
 pub mod ratelog;
 pub mod shutdown;
+pub mod sockets;
 
 /// Fails with a one-line error unless the effective uid is 0.
 pub fn require_root(what: &str) -> error::Result<()> {

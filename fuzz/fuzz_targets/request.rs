@@ -133,7 +133,7 @@ fn check(body: &[u8]) {
                 }
             }
             (Request::Extension(e), d) => match (e.name.as_str(), d) {
-                (policy::SESSION_BIND, Decision::ForwardExtension)
+                (policy::SESSION_BIND, Decision::SessionBind)
                 | (policy::QUERY, Decision::Query)
                 | ("status@keyholder", Decision::Status) => {}
                 (
@@ -172,7 +172,15 @@ fn check(body: &[u8]) {
         }
         // The audit line (which quotes client data) must not panic either,
         // and exists exactly for audited decisions.
-        let line = keyholder::daemon::audit::line(caller, &decision);
+        let binding = keyholder::daemon::audit::Binding::default();
+        let line = keyholder::daemon::audit::refusal(caller, &decision, &binding).or_else(|| {
+            keyholder::daemon::audit::sign(
+                caller,
+                &decision,
+                &binding,
+                keyholder::daemon::audit::Outcome::Signed,
+            )
+        });
         assert_eq!(line.is_some(), decision.is_audited());
     }
 }

@@ -140,13 +140,16 @@ async fn handle(
         None => policy::decide(&rt.policy, caller, &request),
         Some(why) => policy::decide_unresolved(&rt.policy, caller, &request, why),
     };
-    // Refusals are rate-limited per uid; granted signs never are.
-    let refused = matches!(decision, Decision::Refuse { .. });
-    if let Some(line) = audit::line(caller, &decision) {
-        if !refused
-            || shared
-                .log
-                .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
+    // What the connection is bound to (destinations, certificates): not
+    // tracked yet, so every line says `dest=- forwarded=no serial=-`.
+    let binding = audit::Binding::default();
+    // A refusal's outcome is known now; a sign's only once the backend
+    // answered (logged below). Refusals are rate-limited per uid; granted
+    // and failed signs never are.
+    if let Some(line) = audit::refusal(caller, &decision, &binding) {
+        if shared
+            .log
+            .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
         {
             tracing::info!(target: audit::TARGET, "{line}");
         }
@@ -158,13 +161,24 @@ async fn handle(
             tracing::debug!("refused uid={}: {reason}", caller.uid);
         }
     }
-    let answer = match (decision, request) {
+    let answer = match (&decision, request) {
+        (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
-            // The signature goes back as the backend produced it.
-            return match backend.sign(sign).await {
+            // The signature goes back as the backend produced it; the audit
+            // line is written once that outcome is known.
+            let result = backend.sign(sign).await;
+            let outcome = match &result {
+                Ok(_) => audit::Outcome::Signed,
+                Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(_) => audit::Outcome::UpstreamError,
+            };
+            if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
+                tracing::info!(target: audit::TARGET, "{line}");
+            }
+            return match result {
                 Ok(signature) => response::sign_response(&signature),
                 Err(e) => {
                     tracing::warn!(

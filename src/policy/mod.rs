@@ -6,7 +6,8 @@
 //! The rules (from the contract):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
 //!   caller may use ([`filter_identities`]). A certificate counts as the key it
-//!   certifies.
+//!   certifies. A caller who may use no configured key gets an empty list
+//!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
 //!   use it, and the data is an SSH user-authentication request (unless the key
 //!   sets `allow_any_data`).
@@ -165,6 +166,9 @@ impl std::fmt::Display for Reason {
 pub enum Decision<'p> {
     /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
     List,
+    /// Answer an empty identity list without asking the backend: the caller
+    /// may use no configured key.
+    EmptyList,
     /// Forward the sign request unchanged.
     Sign {
         /// The configured key it uses.
@@ -228,7 +232,10 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
 /// Decides what to do with `request` from `caller` under `policy`.
 pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Decision<'p> {
     match request {
-        Request::RequestIdentities => Decision::List,
+        Request::RequestIdentities if policy.keys.iter().any(|k| caller.may_use(k)) => {
+            Decision::List
+        }
+        Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, sign),
         Request::Extension(ext) => decide_extension(ext),
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
@@ -254,7 +261,7 @@ pub fn decide_unresolved<'p>(
         return decision;
     }
     match decision {
-        Decision::List => refuse(why),
+        Decision::List | Decision::EmptyList => refuse(why),
         Decision::Refuse {
             reason: Reason::NotInGroup,
             key,
