@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, PublicKey};
 
 use crate::error::{Error, Result};
+use crate::known_hosts::KnownHosts;
 
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
@@ -77,6 +79,10 @@ struct RawKey {
     groups: Vec<String>,
     #[serde(default)]
     allow_any_data: bool,
+    destinations: Option<PathBuf>,
+    remote_users: Option<Vec<String>>,
+    #[serde(default)]
+    allow_forwarding: bool,
 }
 
 /// The upstream agent settings (`[agent]`).
@@ -140,6 +146,21 @@ pub struct KeyConfig {
     pub groups: Vec<String>,
     /// Sign any data, not only SSH user-authentication requests.
     pub allow_any_data: bool,
+    /// The host keys and CAs the key may be used towards (`destinations`).
+    pub destinations: Option<Destinations>,
+    /// The remote user names the user-auth request may name.
+    pub remote_users: Option<Vec<String>>,
+    /// May be used through a forwarded agent.
+    pub allow_forwarding: bool,
+}
+
+/// A key's `destinations` file, read and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destinations {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its keys.
+    pub hosts: Arc<KnownHosts>,
 }
 
 /// A loaded, validated configuration.
@@ -342,6 +363,33 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
     let public_key = parse_public_key(&text)
         .map_err(|e| Error::msg(format!("{file}: {field}: not an OpenSSH public key: {e}")))?;
     let fingerprint = public_key.fingerprint(HashAlg::Sha256).to_string();
+    let destinations = match raw.destinations {
+        None => None,
+        Some(p) => {
+            let p = if p.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p
+            };
+            Some(load_destinations(&file, &name, p)?)
+        }
+    };
+    if let Some(users) = &raw.remote_users {
+        if users.is_empty() {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: empty; list the remote user names \
+                 the key may log in as, or leave it out to allow any"
+            )));
+        }
+        if let Some(bad) = users
+            .iter()
+            .find(|u| u.is_empty() || u.contains(|c: char| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: {bad:?} is not a valid user name"
+            )));
+        }
+    }
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -350,6 +398,55 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         source,
         groups: raw.groups,
         allow_any_data: raw.allow_any_data,
+        destinations,
+        remote_users: raw.remote_users,
+        allow_forwarding: raw.allow_forwarding,
+    })
+}
+
+/// Reads a key's destinations file: a regular file owned by root that
+/// group and others cannot write (whoever can write it chooses where the
+/// key may be used), in known_hosts format.
+fn load_destinations(
+    file: &impl std::fmt::Display,
+    name: &str,
+    path: PathBuf,
+) -> Result<Destinations> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let what = || format!("{file}: keys.{name}.destinations: {}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)
+        .map_err(|e| Error::msg(format!("{}: cannot open: {e}", what())))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::msg(format!("{}: cannot stat: {e}", what())))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::msg(format!("{}: not a regular file", what())));
+    }
+    if meta.uid() != 0 {
+        return Err(Error::msg(format!(
+            "{}: owned by uid {}, not root",
+            what(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(Error::msg(format!(
+            "{}: writable by group or others (mode {:04o}); chmod go-w",
+            what(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| Error::msg(format!("{}: cannot read: {e}", what())))?;
+    let hosts = KnownHosts::parse(&text).map_err(|e| Error::msg(format!("{}: {e}", what())))?;
+    Ok(Destinations {
+        path,
+        hosts: Arc::new(hosts),
     })
 }
 

@@ -1,6 +1,8 @@
 //! The audit log: one line per sign decision and per refused admin request,
 //! with the contract's fields:
-//! `user= uid= pid= key= fingerprint= remote_user= decision= reason=`.
+//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= decision= reason=`
+//! (`dest`: the fingerprint of the host key the connection last bound to,
+//! or `-`; `forwarded`: whether it has a forwarding binding).
 //!
 //! Values that come from clients (the remote user name) are quoted and
 //! escaped when they contain anything but plain characters, so a client
@@ -8,6 +10,7 @@
 
 use std::fmt;
 
+use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 
 /// The tracing target of audit lines.
@@ -32,8 +35,9 @@ impl fmt::Display for Field<'_> {
     }
 }
 
-/// The audit line for `decision`, or `None` when it is not audited.
-pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
+/// The audit line for `decision` on a connection with `bindings`, or `None`
+/// when it is not audited.
+pub fn line(caller: &Caller, decision: &Decision<'_>, bindings: &Bindings) -> Option<String> {
     if !decision.is_audited() {
         return None;
     }
@@ -74,13 +78,20 @@ pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
         _ => return None,
     };
     Some(format!(
-        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} decision={verdict} reason={}",
+        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} dest={} forwarded={} \
+         decision={verdict} reason={}",
         Field(caller.user.as_deref()),
         caller.uid,
         caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         Field(key),
         Field(fingerprint.as_deref()),
         Field(remote_user),
+        Field(bindings.last().map(|b| b.fingerprint.as_str())),
+        if bindings.maybe_forwarded() {
+            "yes"
+        } else {
+            "no"
+        },
         Field(Some(&reason)),
     ))
 }

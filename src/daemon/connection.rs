@@ -1,6 +1,8 @@
 //! One client connection: read a message, classify it, ask the policy,
 //! carry the decision out, answer. Requests on a connection are handled one
-//! at a time, in order, as ssh-agent does.
+//! at a time, in order, as ssh-agent does. The connection's session
+//! bindings (`session-bind@openssh.com`) live here, with the connection:
+//! verified and kept by keyholder, never forwarded upstream.
 
 use std::sync::Arc;
 
@@ -13,7 +15,8 @@ use tokio::sync::watch;
 
 use super::{audit, Shared};
 use crate::backend::{Upstream, UpstreamError};
-use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
+use crate::policy::destinations::Bindings;
+use crate::policy::{self, Caller, Context, Decision, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -33,6 +36,7 @@ pub async fn serve(
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
     let mut upstream: Option<Upstream> = None;
+    let mut bindings = Bindings::default();
     let mut buf = Vec::new();
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
@@ -68,7 +72,7 @@ pub async fn serve(
         });
         // A reload may have changed the timeout; it applies to the next call.
         upstream.set_timeout(rt.limits.upstream_timeout);
-        let reply = handle(&rt, &shared, &caller, request, upstream).await;
+        let reply = handle(&rt, &shared, &caller, &mut bindings, request, upstream).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -81,18 +85,23 @@ async fn handle(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
+    bindings: &mut Bindings,
     request: Request,
     upstream: &mut Upstream,
 ) -> Vec<u8> {
-    let decision = policy::decide(&rt.policy, caller, &request);
-    if let Some(line) = audit::line(caller, &decision) {
+    let ctx = Context {
+        bindings,
+        now: unix_now(),
+    };
+    let decision = policy::decide(&rt.policy, caller, ctx, &request);
+    if let Some(line) = audit::line(caller, &decision, bindings) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
         (Decision::List, _) => upstream.identities().await.map(|ids| {
-            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
+            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
             let result = upstream.sign(sign).await.map(Response::SignResponse);
@@ -105,18 +114,31 @@ async fn handle(
             }
             result
         }
-        (Decision::ForwardExtension, Request::Extension(ext)) => {
-            let name = ext.name.clone();
-            let reply = upstream.extension(ext).await;
-            tracing::debug!(
-                "forwarded {name} for uid={}: {}",
-                caller.uid,
-                if reply.is_ok() { "SUCCESS" } else { "FAILURE" }
-            );
-            reply.map(|reply| match reply {
-                None => Response::Success,
-                Some(ext) => Response::ExtensionResponse(ext),
-            })
+        (Decision::VerifyBind, Request::SessionBind(bind)) => {
+            let forwarding = bind.forwarding;
+            let verified = shared.verifier.verify(caller.uid, bind).await;
+            match verified.and_then(|b| {
+                let fingerprint = b.fingerprint.clone();
+                bindings.record(b).map(|()| fingerprint)
+            }) {
+                Ok(fingerprint) => {
+                    tracing::debug!(
+                        "session bound for uid={} pid={}: host key {fingerprint}, forwarding={}",
+                        caller.uid,
+                        caller.pid.unwrap_or(0),
+                        if forwarding { "yes" } else { "no" }
+                    );
+                    Ok(Response::Success)
+                }
+                Err(why) => {
+                    bad_bind(caller, bindings, why, Some(forwarding));
+                    Ok(Response::Failure)
+                }
+            }
+        }
+        (Decision::RefuseBind { reason, forwarding }, _) => {
+            bad_bind(caller, bindings, reason, forwarding);
+            Ok(Response::Failure)
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
@@ -138,6 +160,24 @@ async fn handle(
             response::FAILURE.to_vec()
         }
     }
+}
+
+/// Remembers a failed binding (keys with destinations sign nothing more on
+/// this connection) and says why.
+fn bad_bind(caller: &Caller, bindings: &mut Bindings, why: &str, forwarding: Option<bool>) {
+    bindings.fail(forwarding);
+    tracing::info!(
+        "session binding refused for uid={} pid={}: {why}",
+        caller.uid,
+        caller.pid.unwrap_or(0)
+    );
+}
+
+/// Seconds since the epoch (host certificates' validity).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn note_upstream_error(shared: &Shared, e: &UpstreamError) {

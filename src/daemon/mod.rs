@@ -11,6 +11,7 @@ pub mod audit;
 pub mod caller;
 pub mod connection;
 pub mod limits;
+pub mod verifier;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ pub struct Shared {
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
     pub lookup_errors: SharedBurstLog,
+    /// Session-binding verification slots.
+    pub verifier: verifier::Verifier,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -146,6 +149,7 @@ async fn serve(mut config: Config) -> Result<()> {
         runtime: runtime_rx,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
+        verifier: verifier::Verifier::default(),
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
