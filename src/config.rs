@@ -579,6 +579,104 @@ mod tests {
 }
 
 #[cfg(test)]
+mod destination_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kh-dest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn key_with(extra: &str) -> String {
+        format!("[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n{extra}")
+    }
+
+    #[test]
+    fn destinations_file_is_read_relative_to_the_config() {
+        let d = dir("ok");
+        std::fs::write(
+            d.join("targets"),
+            format!("web1 {ED}\n@cert-authority * {ED}\n"),
+        )
+        .unwrap();
+        let c = Config::parse(
+            &d.join("k.toml"),
+            &key_with("destinations = \"targets\"\nremote_users = [\"deploy\"]\nallow_forwarding = true\n"),
+        );
+        let is_root = nix::unistd::geteuid().is_root();
+        if !is_root {
+            // Not root: the file is not root's, which is refused.
+            assert!(c.unwrap_err().to_string().contains("not root"));
+            return;
+        }
+        let c = c.unwrap();
+        let k = c.key("deploy").unwrap();
+        let dest = k.destinations.as_ref().unwrap();
+        assert_eq!(dest.path, d.join("targets"));
+        assert_eq!(dest.hosts.counts(), (1, 1, 0));
+        assert_eq!(k.remote_users.as_deref(), Some(&["deploy".to_owned()][..]));
+        assert!(k.allow_forwarding);
+        // Defaults.
+        let c = Config::parse(&d.join("k.toml"), &key_with("")).unwrap();
+        let k = c.key("deploy").unwrap();
+        assert!(k.destinations.is_none() && k.remote_users.is_none() && !k.allow_forwarding);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_destinations_files_are_errors_naming_key_file_and_line() {
+        let d = dir("bad");
+        let conf = d.join("k.toml");
+        let e = Config::parse(&conf, &key_with("destinations = \"missing\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keys.deploy.destinations") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::write(
+            d.join("garbage"),
+            format!("web1 {ED}\nweb2 ssh-ed25519 nope\n"),
+        )
+        .unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+            .unwrap_err()
+            .to_string();
+        if nix::unistd::geteuid().is_root() {
+            assert!(e.contains("line 2"), "{e}");
+            std::fs::set_permissions(d.join("garbage"), std::fs::Permissions::from_mode(0o666))
+                .unwrap();
+            let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("writable by group or others"), "{e}");
+        }
+        std::fs::create_dir(d.join("adir")).unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"adir\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::os::unix::fs::symlink(d.join("garbage"), d.join("link")).unwrap();
+        assert!(Config::parse(&conf, &key_with("destinations = \"link\"\n")).is_err());
+        let e = Config::parse(&conf, &key_with("remote_users = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy.remote_users: empty"), "{e}");
+        let e = Config::parse(&conf, &key_with("remote_users = [\"a b\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid user name"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[cfg(test)]
 mod example_tests {
     use super::*;
 

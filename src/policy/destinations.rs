@@ -194,7 +194,7 @@ pub fn check_sign(
         }
     }
     if let Some(users) = &rules.remote_users {
-        if !auth.is_some_and(|a| users.iter().any(|u| *u == a.user)) {
+        if !auth.is_some_and(|a| users.contains(&a.user)) {
             return Err(Reason::RemoteUserNotAllowed);
         }
     }
@@ -253,3 +253,6 @@ pub fn listed(rules: &Rules, bindings: &Bindings) -> bool {
     }
     !(rules.destinations.is_some() && bindings.failed())
 }
+
+#[cfg(test)]
+mod tests;

@@ -386,3 +386,107 @@ fn group_names_are_every_configured_group_once() {
     );
     assert!(Policy::default().group_names().is_empty());
 }
+
+#[test]
+fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_no_key() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let req = classify(&m);
+    assert!(matches!(req, Request::SessionBind(_)), "{req:?}");
+    let none = Bindings::default();
+    let ctx = Context {
+        bindings: &none,
+        now: 0,
+    };
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::VerifyBind
+    );
+    assert_eq!(
+        super::decide(&p, &caller(0, &[]), ctx, &req),
+        Decision::VerifyBind
+    );
+    for nobody in [caller(1000, &[]), caller(1000, &["other"])] {
+        assert_eq!(
+            super::decide(&p, &nobody, ctx, &req),
+            Decision::RefuseBind {
+                reason: "the caller may use no key",
+                forwarding: Some(false)
+            }
+        );
+    }
+    // After a non-forwarding binding: refused before verifying.
+    let Request::SessionBind(bind) = &req else {
+        panic!()
+    };
+    let mut after = Bindings::default();
+    after.record(crate::verify::binding(bind).unwrap()).unwrap();
+    let ctx = Context {
+        bindings: &after,
+        now: 0,
+    };
+    assert!(matches!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::RefuseBind { .. }
+    ));
+    // A malformed binding is refused and says what it could of its flag.
+    let cut = &m[..m.len() - 1];
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &classify(cut)),
+        Decision::RefuseBind {
+            reason: "missing forwarding flag",
+            forwarding: None
+        }
+    );
+}
+
+#[test]
+fn destination_refusals_are_audited_sign_refusals() {
+    use destinations::Rules;
+    let mut p = policy();
+    p.keys[0].rules = Rules {
+        destinations: Some(Default::default()),
+        ..Rules::default()
+    };
+    let c = caller(1000, &["ops"]);
+    let d = decide(&p, &c, &userauth_sign(1, "deploy"));
+    assert_eq!(refused(&d), Some(Reason::NoSessionBind));
+    assert!(d.is_audited());
+    let Decision::Refuse {
+        key, remote_user, ..
+    } = &d
+    else {
+        panic!()
+    };
+    assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+    assert_eq!(remote_user.as_deref(), Some("deploy"));
+    for r in [
+        Reason::DestinationNotAllowed,
+        Reason::NoSessionBind,
+        Reason::ForwardedUse,
+        Reason::RemoteUserNotAllowed,
+        Reason::BadSessionBind,
+    ] {
+        assert!(!r.to_string().contains(' '), "{r}");
+    }
+    // The group check comes first: a non-member learns nothing more.
+    assert_eq!(
+        refused(&decide(&p, &caller(1000, &[]), &userauth_sign(1, "deploy"))),
+        Some(Reason::NotInGroup)
+    );
+    // Keys without rules are untouched.
+    assert!(matches!(
+        decide(&p, &caller(1000, &["phab-admins"]), &userauth_sign(2, "x")),
+        Decision::Sign { .. }
+    ));
+}
+
+fn string_bytes(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
+}
