@@ -213,10 +213,9 @@ fn real_ssh_logins_through_the_proxy() {
     }
     // ssh bound each session to the host key through the proxy, and
     // keyholder verified and kept the binding itself.
-    assert!(h.daemon.wait_log(&format!(
-        "session bound for uid={}",
-        h.member.uid()
-    )));
+    assert!(h
+        .daemon
+        .wait_log(&format!("session bound for uid={}", h.member.uid())));
     assert!(!h.daemon.log_text().contains("session binding refused"));
     // RSA was signed with SHA-2 (OpenSSH 9 refuses ssh-rsa/SHA-1): flags preserved.
     assert!(
