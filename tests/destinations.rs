@@ -661,3 +661,78 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
     assert_eq!(env.agent.keys(), before);
 }
+
+#[test]
+fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
+    require_root!();
+    let env = Env::new();
+    let host = keygen(env.dir.path(), "h1", "ed25519", "");
+    let host2 = keygen(env.dir.path(), "h2", "ecdsa", "");
+    let ca = keygen(env.dir.path(), "ca", "ed25519", "");
+    let _ = (host, host2, ca);
+    env.targets(
+        &[&env.dir.join("h1.pub"), &env.dir.join("h2.pub")],
+        &[&env.dir.join("ca.pub")],
+    );
+    let config = env.dir.join("check.toml");
+    let write = |rules: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "key_dir = \"{}\"\nrequire_encrypted = false\n\n[keys.deploy]\ngroups = [\"{}\"]\n{rules}\n",
+                env.dir.path().display(),
+                env.group.name
+            ),
+        )
+        .unwrap()
+    };
+    write("destinations = \"targets\"\nremote_users = [\"deploy\"]");
+    let check = || {
+        keyholder(
+            &As::Root,
+            &["check-config", "--config", config.to_str().unwrap()],
+        )
+    };
+    let o = check();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains(&format!(
+            "destinations: {}: 2 host key(s), 1 CA(s)",
+            env.dir.join("targets").display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("remote_users: deploy") && out.contains("allow_forwarding: false"),
+        "{out}"
+    );
+
+    // A bad line: exit 1, naming the key, the file and the line.
+    let mut text = read(&env.dir.join("targets"));
+    text.push_str("web9 ssh-ed25519 AAAAnotakey\n");
+    std::fs::write(env.dir.join("targets"), &text).unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    let lines = text.lines().count();
+    assert!(
+        all.contains("keys.deploy.destinations") && all.contains(&format!("line {lines}")),
+        "{all}"
+    );
+    // Writable by others: refused, saying so.
+    std::fs::write(
+        env.dir.join("targets"),
+        format!("h {}", read(&env.dir.join("h1.pub"))),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        env.dir.join("targets"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o646),
+    )
+    .unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(all.contains("writable by group or others"), "{all}");
+}
