@@ -163,10 +163,13 @@ async fn handle(
 }
 
 /// Remembers a failed binding (keys with destinations sign nothing more on
-/// this connection) and says why.
+/// this connection) and says why, at debug level: anyone may send bindings,
+/// so this line must not be a way to flood the log; what a failed binding
+/// costs a caller shows in the audit line of its next sign request
+/// (`reason=bad-session-bind`).
 fn bad_bind(caller: &Caller, bindings: &mut Bindings, why: &str, forwarding: Option<bool>) {
     bindings.fail(forwarding);
-    tracing::info!(
+    tracing::debug!(
         "session binding refused for uid={} pid={}: {why}",
         caller.uid,
         caller.pid.unwrap_or(0)

@@ -10,7 +10,8 @@
 //!
 //! Strict: every field in canonical form (each blob encodes back to exactly
 //! its bytes), no trailing bytes, a session identifier of 1 to
-//! [`MAX_SESSION_ID_LEN`] bytes, a forwarding flag of 0 or 1. ssh-agent-lib's
+//! [`MAX_SESSION_ID_LEN`] bytes, a host key of at most [`MAX_HOST_KEY_LEN`],
+//! a forwarding flag of 0 or 1. ssh-agent-lib's
 //! `SessionBind` decodes a host certificate as a plain key, so the host key
 //! is parsed here. This module only parses: it never verifies a signature
 //! (that is `crate::verify`) and never decides (that is `crate::policy`).
@@ -23,6 +24,11 @@ use super::request::encodes_to;
 
 /// OpenSSH's `AGENT_MAX_SID_LEN`.
 pub const MAX_SESSION_ID_LEN: usize = 128;
+/// The largest host key blob accepted. Real ones are far smaller (an
+/// RSA-16384 host certificate signed by an RSA-16384 CA is under 5 KiB); a
+/// connection keeps up to 16 of them, so this bounds what bindings cost per
+/// connection at what one pending message may already cost (256 KiB).
+pub const MAX_HOST_KEY_LEN: usize = 16 * 1024;
 
 /// The host key a client bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +103,9 @@ pub fn parse(contents: &[u8]) -> Result<SessionBind, Malformed> {
     }
     if session_id.len() > MAX_SESSION_ID_LEN {
         return Err(inner("session identifier longer than 128 bytes"));
+    }
+    if host_key_blob.len() > MAX_HOST_KEY_LEN {
+        return Err(inner("host key larger than 16 KiB"));
     }
     let host_key = parse_host_key(&host_key_blob).ok_or(inner("malformed host key"))?;
     let signature = Signature::decode(&mut signature_blob.as_slice())
@@ -204,6 +213,8 @@ pub(crate) mod tests {
         let e = parse(&contents(&blob, &[1; 129], &sig, 0)).unwrap_err();
         assert_eq!(e.reason, "session identifier longer than 128 bytes");
         assert_eq!(e.forwarding, Some(false));
+        let e = parse(&contents(&[0; MAX_HOST_KEY_LEN + 1], &[1; 32], &sig, 0)).unwrap_err();
+        assert_eq!(e.reason, "host key larger than 16 KiB");
     }
 
     #[test]
