@@ -212,12 +212,15 @@ fn real_ssh_logins_through_the_proxy() {
         );
     }
     // ssh bound each session to the host key through the proxy, and
-    // keyholder verified and kept the binding itself.
+    // keyholder verified and kept the binding itself (never forwarded).
     assert!(h
         .daemon
         .wait_log(&format!("session bound for uid={}", h.member.uid())));
     assert!(!h.daemon.log_text().contains("session binding refused"));
-    // RSA was signed with SHA-2 (OpenSSH 9 refuses ssh-rsa/SHA-1): flags preserved.
+    // RSA was signed with SHA-2, as ssh asked (OpenSSH 8.8+ clients and
+    // servers no longer use ssh-rsa/SHA-1 by default; the agent itself still
+    // signs it, see `rsa_signs_with_every_flag_exactly_as_the_agent_does`):
+    // flags preserved.
     assert!(
         sshd.log_text().contains("RSA SHA256:") || sshd.log_text().contains("rsa-sha2"),
         "{}",
@@ -429,7 +432,48 @@ fn query_and_status_extensions_are_answered_by_the_daemon() {
     ]
     .concat();
     assert_eq!(raw.call(&bind), Some(vec![FAILURE]));
+    assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
     assert_eq!(h.agent.keys(), before);
+}
+
+/// The `string signature` of a SIGN_RESPONSE, and the algorithm name in it.
+fn signature_algorithm(answer: &[u8]) -> String {
+    assert_eq!(answer.first(), Some(&SIGN_RESPONSE), "{answer:?}");
+    let (sig, rest) = take_string(&answer[1..]).unwrap();
+    assert!(rest.is_empty());
+    let (alg, _) = take_string(sig).unwrap();
+    String::from_utf8(alg.to_vec()).unwrap()
+}
+
+#[test]
+fn rsa_signs_with_every_flag_exactly_as_the_agent_does() {
+    require_root!();
+    let h = Host::new("");
+    let blob = pubkey_blob(&h.dir.join("deployrsa.pub"));
+    let mut direct = Raw::connect(&h.agent.socket);
+    let mut proxied = Raw::connect(&h.daemon.socket);
+    // flags 0 (ssh-rsa, SHA-1), 2 (SHA-256) and 4 (SHA-512), each on the
+    // same connection, so a failure would also show as a dropped upstream.
+    for (flags, alg) in [
+        (0, "ssh-rsa"),
+        (2, "rsa-sha2-256"),
+        (4, "rsa-sha2-512"),
+        (0, "ssh-rsa"),
+    ] {
+        let data = userauth_data(&blob, "deploy", alg);
+        let request = sign_request(&blob, &data, flags);
+        let want = direct.call(&request).unwrap();
+        assert_eq!(signature_algorithm(&want), alg);
+        let got = proxied.call(&request).unwrap();
+        assert_eq!(signature_algorithm(&got), alg, "flags {flags}");
+        // PKCS#1 v1.5 is deterministic: relayed byte for byte.
+        assert_eq!(got, want, "flags {flags}");
+    }
+    // Every one granted, none taken for an upstream failure.
+    let log = h.daemon.log_text();
+    assert!(!log.contains("failed upstream"), "{log}");
+    assert!(!log.contains("unreachable"), "{log}");
+    assert_eq!(log.matches("decision=granted").count(), 4, "{log}");
 }
 
 #[test]

@@ -1,11 +1,109 @@
-//! Everything that talks to the upstream agent.
+//! Whatever holds or reaches the keys, behind one small interface.
 //!
-//! - [`upstream`]: one client connection to the upstream agent (ssh-agent-lib's
-//!   client), opened lazily, with a timeout on every answer.
+//! The daemon holds an `Arc<dyn Backend>` and never knows which backend it
+//! is: it asks for the identities, for a signature, for the status, and (for
+//! admin callers such as `keyholder arm/disarm` when the daemon serves them)
+//! adds and removes keys. It never decides anything here: every request a
+//! backend sees has already been allowed by [`crate::policy`].
+//!
+//! - [`upstream`]: an ssh-agent reached over its socket (OpenSSH's, spawned
+//!   or external), through a bounded pool of connections.
 //! - [`supervisor`]: starts OpenSSH's `ssh-agent` when `agent.spawn = true`,
 //!   restarts it when it dies, stops it on exit.
+//!
+//! A backend must never log key material, never decode or alter a signature
+//! it relays (the blob goes back to the client byte for byte), and never
+//! block an async thread: every call is a future, and every call ends within
+//! the deadline set by [`Backend::set_timeout`].
 
 pub mod supervisor;
 pub mod upstream;
 
-pub use upstream::{Upstream, UpstreamError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, SignRequest};
+
+use crate::config::Config;
+
+pub use upstream::UpstreamBackend;
+
+/// The future a [`Backend`] call returns.
+pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// Holds or reaches the keys. Dyn-compatible: the daemon uses it as
+/// `Arc<dyn Backend>`.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// A short name for logs and status ("upstream", "builtin", …).
+    fn name(&self) -> &'static str;
+
+    /// Every identity the backend holds, in its order.
+    fn identities(&self) -> BackendFuture<'_, Vec<Identity>>;
+
+    /// Signs as asked (flags unchanged). The answer is the `string signature`
+    /// of SSH_AGENT_SIGN_RESPONSE's body, exactly as produced (algorithm
+    /// name and blob), never decoded: `ssh-rsa` (SHA-1) included.
+    fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>>;
+
+    /// Adds a key (constraints may be empty). A backend that does not support
+    /// a constraint answers [`BackendError::Refused`].
+    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()>;
+
+    /// Removes one key.
+    fn remove(&self, key: PublicCredential) -> BackendFuture<'_, ()>;
+
+    /// Removes every key.
+    fn remove_all(&self) -> BackendFuture<'_, ()>;
+
+    /// What `status@keyholder` needs: an error means the backend cannot be
+    /// reached; otherwise the identities it holds.
+    fn status(&self) -> BackendFuture<'_, BackendStatus>;
+
+    /// The deadline of each later call (`limits.upstream_timeout_secs`; a
+    /// reload applies to the next call).
+    fn set_timeout(&self, timeout: Duration);
+}
+
+/// A backend that answered a status request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStatus {
+    /// The identities it holds now.
+    pub identities: Vec<Identity>,
+}
+
+/// Why a backend gave no usable answer.
+#[derive(Debug)]
+pub enum BackendError {
+    /// The backend (its socket) could not be reached.
+    Unreachable(std::io::Error),
+    /// No answer within the timeout.
+    Timeout,
+    /// The backend answered FAILURE (or refused what was asked).
+    Refused,
+    /// The connection broke or the answer could not be decoded.
+    Broken(String),
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(e) => write!(f, "upstream agent unreachable: {e}"),
+            Self::Timeout => f.write_str("upstream agent did not answer in time"),
+            Self::Refused => f.write_str("upstream agent refused"),
+            Self::Broken(e) => write!(f, "upstream agent connection failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// The backend the configuration asks for.
+pub fn open(config: &Config) -> Arc<dyn Backend> {
+    Arc::new(UpstreamBackend::new(
+        config.agent.socket.clone(),
+        config.limits.upstream_timeout,
+        config.limits.max_connections,
+    ))
+}

@@ -1,126 +1,452 @@
-//! A connection to the upstream agent, for one client connection.
+//! The upstream backend: an ssh-agent reached over its Unix socket
+//! (OpenSSH's `ssh-agent`, spawned by the daemon or run by someone else).
 //!
-//! Opened lazily on the first request that needs it, so that per-connection
-//! agent state (`session-bind@openssh.com`) stays per client. Every call has
-//! a deadline; a connection that timed out or failed mid-answer is dropped
-//! (its framing can no longer be trusted) and the next call reconnects.
+//! Connections are pooled: a bounded set (at most [`POOL_MAX`], and never
+//! more than `max_connections`) is opened lazily and reused across client
+//! connections. A call takes a connection for one request and its answer,
+//! then gives it back; one that failed, timed out or was cancelled
+//! mid-answer is dropped (its framing can no longer be trusted), never
+//! reused. This is correct only because no per-connection agent state is
+//! ever created upstream: `session-bind@openssh.com` is not forwarded (see
+//! the daemon), and nothing else the proxy forwards leaves state behind.
+//!
+//! Connecting: OpenSSH's agent listens with a backlog of 128 and accepts one
+//! connection per loop pass, so under a burst a non-blocking connect fails
+//! with EAGAIN. That is retried with a small jittered backoff; a real outage
+//! (ECONNREFUSED, ENOENT, …) fails at once. At most [`CONNECTS_IN_FLIGHT`]
+//! connects run at once.
+//!
+//! Every call (waiting for a pooled connection, connecting, the request and
+//! its answer) ends within the timeout. Answers are read with the proxy's own
+//! capped framing ([`crate::protocol::read_frame`], 256 KiB) and a sign
+//! answer is relayed as the agent produced it, never decoded.
+//!
+//! It must never forward anything the policy did not allow (it only sends
+//! what its methods are asked), never log key material, and never reuse a
+//! connection whose last answer was not read whole.
 
-use std::future::Future;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use ssh_agent_lib::agent::Session;
-use ssh_agent_lib::client::Client;
-use ssh_agent_lib::error::AgentError;
-use ssh_agent_lib::proto::{Extension, Identity, ProtoError, SignRequest};
-use ssh_key::Signature;
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
+use ssh_agent_lib::proto::{
+    AddIdentityConstrained, Identity, PublicCredential, RemoveIdentity, Request, Response,
+    SignRequest,
+};
+use ssh_encoding::{Decode, Encode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
+use tokio::time::{timeout_at, Instant};
+use zeroize::Zeroizing;
 
-/// Why the upstream agent gave no usable answer.
+use super::{Backend, BackendError, BackendFuture, BackendStatus};
+use crate::protocol::{read_frame, FrameError, MAX_MESSAGE_LEN};
+
+/// Upstream connections open at most (in use and idle together). The agent
+/// is single-threaded: more connections than this add poll work for it and
+/// nothing else; callers beyond it wait for a free one (within the timeout).
+pub const POOL_MAX: u32 = 64;
+/// Upstream connects in flight at once: well under OpenSSH's listen backlog
+/// of 128, so a refill after a restart never overruns it by itself.
+pub const CONNECTS_IN_FLIGHT: usize = 16;
+/// The first pause after EAGAIN on connect; doubles up to [`CONNECT_RETRY_MAX`].
+const CONNECT_RETRY_MIN: Duration = Duration::from_millis(1);
+const CONNECT_RETRY_MAX: Duration = Duration::from_millis(50);
+
+/// SSH_AGENT_FAILURE, and the two legacy failure codes OpenSSH's client
+/// also takes as failure.
+const FAILURE: u8 = 5;
+const SSH2_AGENT_FAILURE: u8 = 30;
+const SSH_COM_AGENT2_FAILURE: u8 = 102;
+const SUCCESS: u8 = 6;
+const IDENTITIES_ANSWER: u8 = 12;
+const SIGN_RESPONSE: u8 = 14;
+
+/// An ssh-agent on a Unix socket, through a pool of connections.
 #[derive(Debug)]
-pub enum UpstreamError {
-    /// The socket could not be connected to.
-    Unreachable(std::io::Error),
-    /// No answer within the timeout.
-    Timeout,
-    /// The agent answered FAILURE (or something other than what was asked).
-    Refused,
-    /// The connection broke or the answer could not be decoded.
-    Broken(String),
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unreachable(e) => write!(f, "upstream agent unreachable: {e}"),
-            Self::Timeout => f.write_str("upstream agent did not answer in time"),
-            Self::Refused => f.write_str("upstream agent refused"),
-            Self::Broken(e) => write!(f, "upstream agent connection failed: {e}"),
-        }
-    }
-}
-
-type AgentCall<'a, T> = Pin<Box<dyn Future<Output = Result<T, AgentError>> + Send + 'a>>;
-
-/// A lazily opened upstream connection.
-#[derive(Debug)]
-pub struct Upstream {
+pub struct UpstreamBackend {
     socket: PathBuf,
-    timeout: Duration,
-    client: Option<Client<UnixStream>>,
+    timeout_ms: AtomicU64,
+    /// Connections not in use, each answered whole last time.
+    idle: Mutex<Vec<Conn>>,
+    /// One permit per connection in use; the pool never holds more
+    /// connections than permits (a new one is opened only when none is idle).
+    slots: Semaphore,
+    /// Connects in flight.
+    connects: Semaphore,
 }
 
-impl Upstream {
-    /// An upstream connection to `socket`, not opened yet.
-    pub fn new(socket: PathBuf, timeout: Duration) -> Self {
+/// One upstream connection and its read buffer.
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// How one round trip failed.
+enum Trip {
+    /// Nothing of an answer arrived: the peer had closed the connection.
+    /// On a reused connection the request is worth one more try.
+    ClosedBeforeAnswer(String),
+    /// Anything else: the connection is dropped.
+    Failed(String),
+}
+
+impl UpstreamBackend {
+    /// A backend for the agent on `socket`; no connection is opened yet.
+    /// `max_connections` bounds the pool (with [`POOL_MAX`]).
+    pub fn new(socket: PathBuf, timeout: Duration, max_connections: u32) -> Self {
+        let slots = usize::try_from(max_connections.clamp(1, POOL_MAX)).unwrap_or(1);
         Self {
             socket,
-            timeout,
-            client: None,
+            timeout_ms: AtomicU64::new(millis(timeout)),
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(slots),
+            connects: Semaphore::new(CONNECTS_IN_FLIGHT),
         }
     }
 
-    /// Sets the deadline of later calls (after a configuration reload).
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
-    /// Connects now (if not connected yet), within the timeout.
-    pub async fn connect(&mut self) -> Result<&mut Client<UnixStream>, UpstreamError> {
-        let client = match self.client.take() {
-            Some(client) => client,
-            None => {
-                let stream = tokio::time::timeout(self.timeout, UnixStream::connect(&self.socket))
-                    .await
-                    .map_err(|_| UpstreamError::Timeout)?
-                    .map_err(UpstreamError::Unreachable)?;
-                Client::new(stream)
-            }
-        };
-        Ok(self.client.insert(client))
+    /// Connections idle in the pool now (for tests).
+    pub fn idle_connections(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
+    /// Sends one framed request and hands the answer's body to `parse`, all
+    /// within the timeout. The connection goes back to the pool unless the
+    /// exchange failed or `parse` found the answer out of step.
     async fn call<T>(
-        &mut self,
-        op: impl for<'a> FnOnce(&'a mut Client<UnixStream>) -> AgentCall<'a, T>,
-    ) -> Result<T, UpstreamError> {
-        let timeout = self.timeout;
-        let client = self.connect().await?;
-        let result = tokio::time::timeout(timeout, op(client)).await;
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            // A well-framed answer of the wrong kind (FAILURE): the connection
-            // is still in step.
-            Ok(Err(AgentError::Proto(ProtoError::UnexpectedResponse)))
-            | Ok(Err(AgentError::Failure))
-            | Ok(Err(AgentError::ExtensionFailure)) => Err(UpstreamError::Refused),
-            Ok(Err(e)) => {
-                self.client = None;
-                Err(UpstreamError::Broken(e.to_string()))
-            }
-            Err(_) => {
-                self.client = None;
-                Err(UpstreamError::Timeout)
+        &self,
+        request: &Request,
+        parse: impl FnOnce(&[u8]) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let deadline = Instant::now() + self.timeout();
+        let frame = encode(request)?;
+        let _slot = timeout_at(deadline, self.slots.acquire())
+            .await
+            .map_err(|_| BackendError::Timeout)?
+            .map_err(|_| BackendError::Broken("connection pool closed".into()))?;
+        let mut pooled = self.checkout();
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => Conn {
+                    stream: self.connect(deadline).await?,
+                    buf: Vec::new(),
+                },
+            };
+            match timeout_at(deadline, conn.round_trip(&frame)).await {
+                // Dropped with `conn`: an answer may still be on its way.
+                Err(_) => return Err(BackendError::Timeout),
+                Ok(Err(Trip::ClosedBeforeAnswer(_))) if reused => continue,
+                Ok(Err(Trip::ClosedBeforeAnswer(e) | Trip::Failed(e))) => {
+                    return Err(BackendError::Broken(e))
+                }
+                Ok(Ok(())) => {
+                    let result = parse(&conn.buf);
+                    if !matches!(result, Err(BackendError::Broken(_))) {
+                        self.checkin(conn);
+                    }
+                    return result;
+                }
             }
         }
     }
 
-    /// REQUEST_IDENTITIES.
-    pub async fn identities(&mut self) -> Result<Vec<Identity>, UpstreamError> {
-        self.call(|c| c.request_identities()).await
+    /// An idle connection the agent has not closed, if there is one.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(conn) = idle.pop() {
+            if conn.is_open() {
+                return Some(conn);
+            }
+        }
+        None
     }
 
-    /// SIGN_REQUEST, sent as given (flags included).
-    pub async fn sign(&mut self, request: SignRequest) -> Result<Signature, UpstreamError> {
-        self.call(move |c| c.sign(request)).await
+    fn checkin(&self, mut conn: Conn) {
+        if conn.buf.capacity() > 16 * 1024 {
+            conn.buf = Vec::new();
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(conn);
     }
 
-    /// EXTENSION; `Ok(None)` is SUCCESS, `Ok(Some(_))` an extension response.
-    pub async fn extension(
-        &mut self,
-        extension: Extension,
-    ) -> Result<Option<Extension>, UpstreamError> {
-        self.call(move |c| c.extension(extension)).await
+    /// Connects, retrying while the agent's listen backlog is full (EAGAIN),
+    /// until `deadline`. Any other error fails at once.
+    async fn connect(&self, deadline: Instant) -> Result<UnixStream, BackendError> {
+        let _permit = timeout_at(deadline, self.connects.acquire())
+            .await
+            .map_err(|_| BackendError::Timeout)?
+            .map_err(|_| BackendError::Broken("connection pool closed".into()))?;
+        let mut delay = CONNECT_RETRY_MIN;
+        loop {
+            match timeout_at(deadline, UnixStream::connect(&self.socket)).await {
+                Err(_) => return Err(BackendError::Timeout),
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EAGAIN as i32) => {
+                    let pause = jittered(delay);
+                    if Instant::now() + pause >= deadline {
+                        return Err(BackendError::Timeout);
+                    }
+                    tokio::time::sleep(pause).await;
+                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
+                }
+                Ok(Err(e)) => return Err(BackendError::Unreachable(e)),
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Whether the agent has not closed this idle connection (nothing may
+    /// be readable on it: an idle connection that has data is out of step).
+    fn is_open(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            recv(
+                self.stream.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Err(Errno::EAGAIN)
+        )
+    }
+
+    async fn round_trip(&mut self, frame: &[u8]) -> Result<(), Trip> {
+        self.stream.write_all(frame).await.map_err(|e| {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                Trip::ClosedBeforeAnswer(e.to_string())
+            } else {
+                Trip::Failed(e.to_string())
+            }
+        })?;
+        match read_frame(&mut self.stream, &mut self.buf).await {
+            Ok(()) => Ok(()),
+            Err(FrameError::Closed) => Err(Trip::ClosedBeforeAnswer("connection closed".into())),
+            Err(e @ FrameError::Io(_)) if matches!(&e, FrameError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset) => {
+                Err(Trip::ClosedBeforeAnswer(e.to_string()))
+            }
+            Err(e) => Err(Trip::Failed(e.to_string())),
+        }
+    }
+}
+
+/// Frames a request (`uint32 length`, then the message) in a buffer that is
+/// wiped when dropped: an add request carries a private key.
+fn encode(request: &Request) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+    let broken = |e: ssh_encoding::Error| BackendError::Broken(format!("cannot encode: {e}"));
+    let len = request.encoded_len().map_err(broken)?;
+    let header = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_MESSAGE_LEN)
+        .ok_or_else(|| BackendError::Broken("request too large".into()))?;
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + len));
+    header.encode(&mut *out).map_err(broken)?;
+    request.encode(&mut *out).map_err(broken)?;
+    Ok(out)
+}
+
+/// FAILURE (in step: the connection stays usable), or an answer of a kind
+/// that was not asked for (out of step: dropped).
+fn unexpected(body: &[u8]) -> BackendError {
+    match body.first() {
+        Some(&(FAILURE | SSH2_AGENT_FAILURE | SSH_COM_AGENT2_FAILURE)) => BackendError::Refused,
+        Some(t) => BackendError::Broken(format!("unexpected answer of type {t}")),
+        None => BackendError::Broken("empty answer".into()),
+    }
+}
+
+fn parse_identities(body: &[u8]) -> Result<Vec<Identity>, BackendError> {
+    if body.first() != Some(&IDENTITIES_ANSWER) {
+        return Err(unexpected(body));
+    }
+    match Response::decode(&mut &body[..]) {
+        Ok(Response::IdentitiesAnswer(ids)) => Ok(ids),
+        Ok(_) => Err(unexpected(body)),
+        Err(e) => Err(BackendError::Broken(format!(
+            "malformed identities answer: {e}"
+        ))),
+    }
+}
+
+/// The `string signature` of a SIGN_RESPONSE, as the agent sent it.
+fn parse_signature(body: &[u8]) -> Result<Vec<u8>, BackendError> {
+    let Some((&SIGN_RESPONSE, rest)) = body.split_first() else {
+        return Err(unexpected(body));
+    };
+    let malformed = || BackendError::Broken("malformed sign answer".into());
+    let (len, blob) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+    if usize::try_from(u32::from_be_bytes(*len)).ok() != Some(blob.len()) || blob.is_empty() {
+        return Err(malformed());
+    }
+    Ok(blob.to_vec())
+}
+
+fn parse_success(body: &[u8]) -> Result<(), BackendError> {
+    if body == [SUCCESS] {
+        Ok(())
+    } else {
+        Err(unexpected(body))
+    }
+}
+
+impl Backend for UpstreamBackend {
+    fn name(&self) -> &'static str {
+        "upstream"
+    }
+
+    fn identities(&self) -> BackendFuture<'_, Vec<Identity>> {
+        Box::pin(self.call(&Request::RequestIdentities, parse_identities))
+    }
+
+    fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>> {
+        Box::pin(async move {
+            self.call(&Request::SignRequest(request), parse_signature)
+                .await
+        })
+    }
+
+    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            let request = if identity.constraints.is_empty() {
+                Request::AddIdentity(identity.identity)
+            } else {
+                Request::AddIdConstrained(identity)
+            };
+            self.call(&request, parse_success).await
+        })
+    }
+
+    fn remove(&self, key: PublicCredential) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            let request = Request::RemoveIdentity(RemoveIdentity { credential: key });
+            self.call(&request, parse_success).await
+        })
+    }
+
+    fn remove_all(&self) -> BackendFuture<'_, ()> {
+        Box::pin(self.call(&Request::RemoveAllIdentities, parse_success))
+    }
+
+    fn status(&self) -> BackendFuture<'_, BackendStatus> {
+        Box::pin(async move {
+            let identities = self.identities().await?;
+            Ok(BackendStatus { identities })
+        })
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms.store(millis(timeout), Ordering::Relaxed);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `base` give or take half, so that connects retried after one burst do
+/// not all come back at the same instant.
+fn jittered(base: Duration) -> Duration {
+    let random = RandomState::new().build_hasher().finish();
+    let nanos = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX).max(2);
+    Duration::from_nanos(nanos / 2 + random % nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_taken_as_sent() {
+        let sig = [&7u32.to_be_bytes()[..], b"ssh-rsa", &[1, 2, 3]].concat();
+        let body = [
+            &[SIGN_RESPONSE][..],
+            &(sig.len() as u32).to_be_bytes(),
+            &sig,
+        ]
+        .concat();
+        assert_eq!(parse_signature(&body).unwrap(), sig);
+        // Trailing or missing bytes, an empty blob, FAILURE, another type.
+        let mut long = body.clone();
+        long.push(0);
+        assert!(matches!(
+            parse_signature(&long),
+            Err(BackendError::Broken(_))
+        ));
+        assert!(matches!(
+            parse_signature(&body[..body.len() - 1]),
+            Err(BackendError::Broken(_))
+        ));
+        assert!(matches!(
+            parse_signature(&[SIGN_RESPONSE, 0, 0, 0, 0]),
+            Err(BackendError::Broken(_))
+        ));
+        assert!(matches!(parse_signature(&[5]), Err(BackendError::Refused)));
+        assert!(matches!(
+            parse_signature(&[12]),
+            Err(BackendError::Broken(_))
+        ));
+        assert!(matches!(parse_signature(&[]), Err(BackendError::Broken(_))));
+    }
+
+    #[test]
+    fn success_and_failure() {
+        assert!(parse_success(&[SUCCESS]).is_ok());
+        assert!(matches!(parse_success(&[102]), Err(BackendError::Refused)));
+        assert!(matches!(
+            parse_success(&[SUCCESS, 0]),
+            Err(BackendError::Broken(_))
+        ));
+        assert!(matches!(
+            parse_identities(&[IDENTITIES_ANSWER, 0, 0]),
+            Err(BackendError::Broken(_))
+        ));
+        assert_eq!(
+            parse_identities(&[IDENTITIES_ANSWER, 0, 0, 0, 0]).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_one_and_a_half() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_millis(10));
+            assert!(d >= Duration::from_millis(5) && d < Duration::from_millis(15));
+        }
+    }
+
+    #[tokio::test]
+    async fn no_socket_is_an_outage_not_a_retry() {
+        let dir = std::env::temp_dir().join(format!("kh-up-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let b = UpstreamBackend::new(socket.clone(), Duration::from_secs(5), 8);
+        // ENOENT: reported as such (a retry would end in Timeout).
+        assert!(matches!(
+            b.identities().await,
+            Err(BackendError::Unreachable(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,7 +2,7 @@
 //! carry the decision out, answer. Requests on a connection are handled one
 //! at a time, in order, as ssh-agent does. The connection's session
 //! bindings (`session-bind@openssh.com`) live here, with the connection:
-//! verified and kept by keyholder, never forwarded upstream.
+//! verified and kept by keyholder, never forwarded to the backend.
 
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::{audit, Shared};
-use crate::backend::{Upstream, UpstreamError};
+use crate::backend::BackendError;
 use crate::policy::destinations::Bindings;
 use crate::policy::{self, Caller, Context, Decision, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
@@ -35,7 +35,6 @@ pub async fn serve(
 ) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
-    let mut upstream: Option<Upstream> = None;
     let mut bindings = Bindings::default();
     let mut buf = Vec::new();
     loop {
@@ -67,12 +66,7 @@ pub async fn serve(
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        let upstream = upstream.get_or_insert_with(|| {
-            Upstream::new(rt.agent_socket.clone(), rt.limits.upstream_timeout)
-        });
-        // A reload may have changed the timeout; it applies to the next call.
-        upstream.set_timeout(rt.limits.upstream_timeout);
-        let reply = handle(&rt, &shared, &caller, &mut bindings, request, upstream).await;
+        let reply = handle(&rt, &shared, &caller, &mut bindings, request).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -87,8 +81,8 @@ async fn handle(
     caller: &Caller,
     bindings: &mut Bindings,
     request: Request,
-    upstream: &mut Upstream,
 ) -> Vec<u8> {
+    let backend = &shared.backend;
     let ctx = Context {
         bindings,
         now: unix_now(),
@@ -100,19 +94,23 @@ async fn handle(
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
-        (Decision::List, _) => upstream.identities().await.map(|ids| {
+        (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
-            let result = upstream.sign(sign).await.map(Response::SignResponse);
-            if let Err(e) = &result {
-                tracing::warn!(
-                    "sign with key={} for uid={} failed upstream: {e}",
-                    key.name,
-                    caller.uid
-                );
-            }
-            result
+            // The signature goes back as the backend produced it.
+            return match backend.sign(sign).await {
+                Ok(signature) => response::sign_response(&signature),
+                Err(e) => {
+                    tracing::warn!(
+                        "sign with key={} for uid={} failed upstream: {e}",
+                        key.name,
+                        caller.uid
+                    );
+                    note_upstream_error(shared, &e);
+                    response::FAILURE.to_vec()
+                }
+            };
         }
         (Decision::VerifyBind, Request::SessionBind(bind)) => {
             let forwarding = bind.forwarding;
@@ -142,11 +140,12 @@ async fn handle(
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
-            let ids = upstream.identities().await;
-            if let Err(e) = &ids {
+            let status = backend.status().await;
+            if let Err(e) = &status {
                 note_upstream_error(shared, e);
             }
-            let report = policy::status_report(&rt.policy, ids.as_deref().ok());
+            let ids = status.ok().map(|s| s.identities);
+            let report = policy::status_report(&rt.policy, ids.as_deref());
             Ok(extension_response(status::NAME, &report))
         }
         // Refusals, and decisions that do not match their request (which
@@ -183,8 +182,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn note_upstream_error(shared: &Shared, e: &UpstreamError) {
-    if matches!(e, UpstreamError::Refused) {
+fn note_upstream_error(shared: &Shared, e: &BackendError) {
+    if matches!(e, BackendError::Refused) {
         return;
     }
     if let Some(suppressed) = shared.upstream_errors.hit() {

@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::supervisor::{remove_socket, Supervisor};
+use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
@@ -67,6 +68,8 @@ impl From<&Config> for Runtime {
 pub struct Shared {
     /// The settings in force.
     pub runtime: watch::Receiver<Arc<Runtime>>,
+    /// Holds or reaches the keys; which one, the daemon never needs to know.
+    pub backend: Arc<dyn Backend>,
     /// Once-per-burst logging of upstream failures.
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
@@ -147,6 +150,7 @@ async fn serve(mut config: Config) -> Result<()> {
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
+        backend: crate::backend::open(&config),
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         verifier: verifier::Verifier::default(),
@@ -187,6 +191,7 @@ async fn serve(mut config: Config) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 if let Some(new) = reload(&config, &limiter, &runtime_tx) {
+                    shared.backend.set_timeout(new.limits.upstream_timeout);
                     config = new;
                 }
             }

@@ -25,6 +25,29 @@ pub fn encode(response: &Response) -> Vec<u8> {
     }
 }
 
+/// SSH_AGENT_SIGN_RESPONSE
+pub const SIGN_RESPONSE: u8 = 14;
+
+/// Frames a SIGN_RESPONSE around `signature`, the `string signature` exactly
+/// as the backend produced it (never decoded: `ssh-rsa` SHA-1 included).
+/// FAILURE if it would exceed the cap.
+pub fn sign_response(signature: &[u8]) -> Vec<u8> {
+    let Some((len, inner)) = signature
+        .len()
+        .checked_add(5)
+        .filter(|&n| n <= super::MAX_MESSAGE_LEN)
+        .and_then(|n| Some((u32::try_from(n).ok()?, u32::try_from(signature.len()).ok()?)))
+    else {
+        return FAILURE.to_vec();
+    };
+    let mut out = Vec::with_capacity(signature.len() + 9);
+    out.extend(len.to_be_bytes());
+    out.push(SIGN_RESPONSE);
+    out.extend(inner.to_be_bytes());
+    out.extend(signature);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,6 +59,23 @@ mod tests {
         assert_eq!(
             encode(&Response::IdentitiesAnswer(vec![])),
             [0, 0, 0, 5, 12, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn sign_response_relays_the_blob() {
+        assert_eq!(
+            sign_response(b"ab"),
+            [0, 0, 0, 7, 14, 0, 0, 0, 2, b'a', b'b']
+        );
+        assert_eq!(
+            sign_response(&vec![0; super::super::MAX_MESSAGE_LEN]),
+            FAILURE
+        );
+        let fits = super::super::MAX_MESSAGE_LEN - 5;
+        assert_eq!(
+            sign_response(&vec![0; fits]).len(),
+            4 + super::super::MAX_MESSAGE_LEN
         );
     }
 }
