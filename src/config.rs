@@ -159,8 +159,10 @@ pub struct KeyConfig {
 pub struct Destinations {
     /// Where it was read from.
     pub path: PathBuf,
-    /// Its keys.
-    pub hosts: Arc<KnownHosts>,
+    /// Its keys; `None` when a user other than root may not read it (the
+    /// commands for everyone still load the configuration; the daemon runs
+    /// as root and always reads it).
+    pub hosts: Option<Arc<KnownHosts>>,
 }
 
 /// A loaded, validated configuration.
@@ -415,11 +417,20 @@ fn load_destinations(
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let what = || format!("{file}: keys.{name}.destinations: {}", path.display());
-    let mut f = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&path)
-        .map_err(|e| Error::msg(format!("{}: cannot open: {e}", what())))?;
+        .open(&path);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            return Ok(Destinations { path, hosts: None });
+        }
+        Err(e) => return Err(Error::msg(format!("{}: cannot open: {e}", what()))),
+    };
     let meta = f
         .metadata()
         .map_err(|e| Error::msg(format!("{}: cannot stat: {e}", what())))?;
@@ -446,7 +457,7 @@ fn load_destinations(
     let hosts = KnownHosts::parse(&text).map_err(|e| Error::msg(format!("{}: {e}", what())))?;
     Ok(Destinations {
         path,
-        hosts: Arc::new(hosts),
+        hosts: Some(Arc::new(hosts)),
     })
 }
 
@@ -619,7 +630,7 @@ mod destination_tests {
         let k = c.key("deploy").unwrap();
         let dest = k.destinations.as_ref().unwrap();
         assert_eq!(dest.path, d.join("targets"));
-        assert_eq!(dest.hosts.counts(), (1, 1, 0));
+        assert_eq!(dest.hosts.as_ref().unwrap().counts(), (1, 1, 0));
         assert_eq!(k.remote_users.as_deref(), Some(&["deploy".to_owned()][..]));
         assert!(k.allow_forwarding);
         // Defaults.

@@ -708,6 +708,29 @@ fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
         "{out}"
     );
 
+    // A user who may not read the file still loads the configuration (the
+    // commands for everyone need it) and is told the file was not checked.
+    std::fs::set_permissions(
+        env.dir.join("targets"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let o = keyholder(
+        &env.outsider.as_user(),
+        &["check-config", "--config", config.to_str().unwrap()],
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("this user may not read it; run as root"),
+        "{out}"
+    );
+    std::fs::set_permissions(
+        env.dir.join("targets"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+
     // A bad line: exit 1, naming the key, the file and the line.
     let mut text = read(&env.dir.join("targets"));
     text.push_str("web9 ssh-ed25519 AAAAnotakey\n");

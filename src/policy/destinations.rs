@@ -158,13 +158,6 @@ pub struct Rules {
     pub allow_forwarding: bool,
 }
 
-impl Rules {
-    /// Whether any rule restricts the key.
-    pub fn restricts(&self) -> bool {
-        self.destinations.is_some() || self.remote_users.is_some() || !self.allow_forwarding
-    }
-}
-
 /// Whether a sign request may go ahead under `rules`, on a connection with
 /// `bindings`; `auth` is the parsed user-auth request (`None` when the data
 /// is not one, for `allow_any_data` keys); `now` is Unix seconds.

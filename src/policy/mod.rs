@@ -21,8 +21,6 @@
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
 
-use std::sync::Arc;
-
 use ssh_agent_lib::proto::{Extension, Identity, SignRequest};
 use ssh_key::public::KeyData;
 
@@ -79,7 +77,12 @@ impl From<&Config> for Policy {
                     groups: k.groups.clone(),
                     allow_any_data: k.allow_any_data,
                     rules: Rules {
-                        destinations: k.destinations.as_ref().map(|d| Arc::clone(&d.hosts)),
+                        // Unread (only for a user other than root, never
+                        // the daemon): no host is admitted.
+                        destinations: k
+                            .destinations
+                            .as_ref()
+                            .map(|d| d.hosts.clone().unwrap_or_default()),
                         remote_users: k.remote_users.clone(),
                         allow_forwarding: k.allow_forwarding,
                     },
