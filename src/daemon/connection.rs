@@ -1,8 +1,10 @@
-//! One client connection: read a message, classify it, ask the policy,
-//! carry the decision out, answer. Requests on a connection are handled one
-//! at a time, in order, as ssh-agent does. The connection's session
-//! bindings (`session-bind@openssh.com`) live here, with the connection:
-//! verified and kept by keyholder, never forwarded to the backend.
+//! One client connection: read a message, classify it, resolve the caller
+//! (through the lookup cache, for every request, so that a group change
+//! applies to open connections too), ask the policy, carry the decision out,
+//! answer. Requests on a connection are handled one at a time, in order, as
+//! ssh-agent does. The connection's session bindings
+//! (`session-bind@openssh.com`) live here, with the connection: verified and
+//! kept by keyholder, never forwarded to the backend.
 
 use std::sync::Arc;
 
@@ -13,10 +15,12 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
+use super::limits::Admission;
+use super::lookups::Who;
 use super::{audit, Shared};
 use crate::backend::BackendError;
 use crate::policy::destinations::Bindings;
-use crate::policy::{self, Caller, Context, Decision, SUPPORTED_EXTENSIONS};
+use crate::policy::{self, Caller, Context, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -27,9 +31,12 @@ const KEEP_BUFFER: usize = 16 * 1024;
 
 /// Serves one connection until the client leaves, errs, idles out, or the
 /// daemon shuts down.
+/// `admission` holds the connection's slots until it ends.
 pub async fn serve(
     stream: UnixStream,
-    caller: Caller,
+    uid: u32,
+    pid: Option<i32>,
+    mut admission: Admission,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -39,8 +46,11 @@ pub async fn serve(
     let mut buf = Vec::new();
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
+        // Reading the request and resolving its caller share the idle
+        // timeout: waiting for a lookup does not keep a connection alive.
+        let deadline = tokio::time::Instant::now() + idle;
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, protocol::read_frame(&mut reader, &mut buf)) => r,
+            r = tokio::time::timeout_at(deadline, protocol::read_frame(&mut reader, &mut buf)) => r,
             () = super::stopped(&mut shutdown) => break,
         };
         match read {
@@ -48,25 +58,61 @@ pub async fn serve(
             Ok(Err(FrameError::Closed)) => break,
             Ok(Err(e)) => {
                 tracing::info!(
-                    "closing connection of uid={} pid={}: {e}",
-                    caller.uid,
-                    caller.pid.unwrap_or(0)
+                    "closing connection of uid={uid} pid={}: {e}",
+                    pid.unwrap_or(0)
                 );
                 break;
             }
             Err(_) => {
-                tracing::debug!("closing idle connection of uid={}", caller.uid);
+                tracing::debug!("closing idle connection of uid={uid}");
                 break;
             }
         }
         // The settings in force now, not when the read began: a reload
         // while the connection waited applies to this request.
         let rt = Arc::clone(&shared.runtime.borrow());
+        let limits = &rt.limits;
+        let lookup = shared.lookups.caller(
+            uid,
+            pid,
+            &rt.groups,
+            limits.lookup_cache,
+            limits.lookup_timeout,
+        );
+        let who = tokio::select! {
+            w = tokio::time::timeout_at(deadline, lookup) => w,
+            () = super::stopped(&mut shutdown) => break,
+        };
+        let (caller, unresolved) = match who {
+            Ok(Who::Known(caller)) => {
+                if caller.user.is_some() {
+                    admission.move_to(uid);
+                }
+                (caller, None)
+            }
+            Ok(Who::TimedOut(caller)) => (caller, Some(Reason::LookupTimeout)),
+            // Who the caller is is unknown: refuse what depends on it
+            // rather than guess; the next request asks again.
+            Ok(Who::Failed(caller, e)) => {
+                if let Some(n) = shared.lookup_errors.hit() {
+                    tracing::error!(
+                        "cannot look up uid={uid} in the user database: {e}; refusing its \
+                         requests that need its groups (user-lookup-error) ({n} similar errors \
+                         not logged)"
+                    );
+                }
+                (caller, Some(Reason::LookupError))
+            }
+            Err(_) => {
+                tracing::debug!("closing idle connection of uid={uid} (waiting for its lookup)");
+                break;
+            }
+        };
         let request = protocol::classify(&buf);
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        let reply = handle(&rt, &shared, &caller, &mut bindings, request).await;
+        let reply = handle(&rt, &shared, &caller, unresolved, &mut bindings, request).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -75,10 +121,12 @@ pub async fn serve(
 }
 
 /// Decides and carries out one request; returns the framed answer.
+/// `unresolved`: why the caller's lookup gave no answer, if it did not.
 async fn handle(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
+    unresolved: Option<Reason>,
     bindings: &mut Bindings,
     request: Request,
 ) -> Vec<u8> {
@@ -87,13 +135,17 @@ async fn handle(
         bindings,
         now: unix_now(),
     };
-    let decision = policy::decide(&rt.policy, caller, ctx, &request);
+    let decision = match unresolved {
+        None => policy::decide(&rt.policy, caller, ctx, &request),
+        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
+    };
     if let Some(line) = audit::line(caller, &decision, bindings) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
+        (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
         }),

@@ -17,6 +17,8 @@
 //!   connection's bindings ([`destinations`]), for signing and listing.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - A caller whose user lookup gave no answer (timed out or failed): what
+//!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
@@ -178,6 +180,12 @@ pub enum Reason {
     RemoteUserNotAllowed,
     /// A binding on this connection failed.
     BadSessionBind,
+    /// The caller's user-database lookup missed its deadline, so its groups
+    /// are unknown (see [`decide_unresolved`]).
+    LookupTimeout,
+    /// The user database failed (rather than finding no such user), so the
+    /// caller's groups are unknown (see [`decide_unresolved`]).
+    LookupError,
 }
 
 impl std::fmt::Display for Reason {
@@ -195,6 +203,8 @@ impl std::fmt::Display for Reason {
             Self::ForwardedUse => f.write_str("forwarded-use"),
             Self::RemoteUserNotAllowed => f.write_str("remote-user-not-allowed"),
             Self::BadSessionBind => f.write_str("bad-session-bind"),
+            Self::LookupTimeout => f.write_str("user-lookup-timeout"),
+            Self::LookupError => f.write_str("user-lookup-error"),
         }
     }
 }
@@ -204,6 +214,9 @@ impl std::fmt::Display for Reason {
 pub enum Decision<'p> {
     /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
     List,
+    /// Answer an empty identity list without asking the backend: the caller
+    /// may use no configured key.
+    EmptyList,
     /// Forward the sign request unchanged.
     Sign {
         /// The configured key it uses.
@@ -246,18 +259,24 @@ impl Decision<'_> {
     pub fn is_audited(&self) -> bool {
         match self {
             Self::Sign { .. } => true,
-            Self::Refuse { reason, .. } => matches!(
+            Self::Refuse {
                 reason,
+                fingerprint,
+                ..
+            } => match reason {
                 Reason::AdminRequest(_)
-                    | Reason::UnknownKey
-                    | Reason::NotInGroup
-                    | Reason::NotUserAuth(_)
-                    | Reason::DestinationNotAllowed
-                    | Reason::NoSessionBind
-                    | Reason::ForwardedUse
-                    | Reason::RemoteUserNotAllowed
-                    | Reason::BadSessionBind
-            ),
+                | Reason::UnknownKey
+                | Reason::NotInGroup
+                | Reason::NotUserAuth(_)
+                | Reason::DestinationNotAllowed
+                | Reason::NoSessionBind
+                | Reason::ForwardedUse
+                | Reason::RemoteUserNotAllowed
+                | Reason::BadSessionBind => true,
+                // A sign request (which names a key); a refused listing is not.
+                Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -281,7 +300,8 @@ pub fn decide<'p>(
     request: &Request,
 ) -> Decision<'p> {
     match request {
-        Request::RequestIdentities => Decision::List,
+        Request::RequestIdentities if policy.any_key_for(caller) => Decision::List,
+        Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, ctx, sign),
         Request::SessionBind(bind) => decide_bind(policy, caller, ctx.bindings, bind),
         Request::BadSessionBind(m) => Decision::RefuseBind {
@@ -292,6 +312,49 @@ pub fn decide<'p>(
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+/// Decides for a caller whose user-database lookup gave no answer, `why`
+/// being [`Reason::LookupTimeout`] or [`Reason::LookupError`]: `caller` has
+/// no user name and no groups. What depends on the caller's groups
+/// (listing keys, signing with a configured key) is refused for `why`, not
+/// answered as if the caller had no groups; root's requests never depend on
+/// them, and everything else is decided as usual.
+pub fn decide_unresolved<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    ctx: Context<'_>,
+    request: &Request,
+    why: Reason,
+) -> Decision<'p> {
+    let decision = decide(policy, caller, ctx, request);
+    if caller.uid == 0 {
+        return decision;
+    }
+    match (decision, request) {
+        // Not "may use no key": its groups are unknown. Verified as for
+        // anyone, so that the lookup's failure does not spoil the
+        // connection's bindings.
+        (Decision::RefuseBind { .. }, Request::SessionBind(bind)) => {
+            check_order(ctx.bindings, bind)
+        }
+        (Decision::List | Decision::EmptyList, _) => refuse(why),
+        (
+            Decision::Refuse {
+                reason: Reason::NotInGroup,
+                key,
+                fingerprint,
+                remote_user,
+            },
+            _,
+        ) => Decision::Refuse {
+            reason: why,
+            key,
+            fingerprint,
+            remote_user,
+        },
+        (other, _) => other,
     }
 }
 
@@ -339,19 +402,26 @@ fn decide_bind<'p>(
     bindings: &Bindings,
     bind: &SessionBind,
 ) -> Decision<'p> {
-    let forwarding = Some(bind.forwarding);
     if !policy.any_key_for(caller) {
         return Decision::RefuseBind {
             reason: "the caller may use no key",
-            forwarding,
+            forwarding: Some(bind.forwarding),
         };
     }
+    check_order(bindings, bind)
+}
+
+/// Verify `bind` unless it is out of order on a connection with `bindings`.
+fn check_order<'p>(bindings: &Bindings, bind: &SessionBind) -> Decision<'p> {
     match bindings.check(Proposed {
         host_key_blob: &bind.host_key_blob,
         session_id: &bind.session_id,
     }) {
         Ok(()) => Decision::VerifyBind,
-        Err(reason) => Decision::RefuseBind { reason, forwarding },
+        Err(reason) => Decision::RefuseBind {
+            reason,
+            forwarding: Some(bind.forwarding),
+        },
     }
 }
 

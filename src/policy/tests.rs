@@ -17,6 +17,20 @@ fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
     )
 }
 
+/// `decide_unresolved` on a connection with no session bindings.
+fn decide_unresolved<'p>(p: &'p Policy, c: &Caller, r: &Request, why: Reason) -> Decision<'p> {
+    super::decide_unresolved(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+        },
+        r,
+        why,
+    )
+}
+
 /// `filter_identities` on a connection with no session bindings.
 fn filter_identities(p: &Policy, c: &Caller, ids: Vec<Identity>) -> Vec<Identity> {
     super::filter_identities(p, c, &Bindings::default(), ids)
@@ -489,4 +503,112 @@ fn string_bytes(b: &[u8]) -> Vec<u8> {
     let mut v = (b.len() as u32).to_be_bytes().to_vec();
     v.extend_from_slice(b);
     v
+}
+
+#[test]
+fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
+    let p = policy();
+    let unresolved = |uid| Caller {
+        uid,
+        pid: Some(7),
+        user: None,
+        groups: vec![],
+    };
+    let c = unresolved(1000);
+    let d = decide_unresolved(&p, &c, &userauth_sign(1, "deploy"), Reason::LookupTimeout);
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(d.is_audited());
+    match &d {
+        Decision::Refuse {
+            key, fingerprint, ..
+        } => {
+            assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+            assert!(fingerprint.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(Reason::LookupTimeout.to_string(), "user-lookup-timeout");
+    assert_eq!(Reason::LookupError.to_string(), "user-lookup-error");
+    let d = decide_unresolved(&p, &c, &userauth_sign(2, "x"), Reason::LookupError);
+    assert_eq!(refused(&d), Some(Reason::LookupError));
+    assert!(d.is_audited());
+    // allow_any_data keys too: the groups are what is unknown.
+    let any = sign(PublicCredential::Key(key(3)), b"anything".to_vec(), 0);
+    assert_eq!(
+        refused(&decide_unresolved(&p, &c, &any, Reason::LookupTimeout)),
+        Some(Reason::LookupTimeout)
+    );
+    // A listing is refused, not answered as if the caller had no keys, and
+    // is not an audit line.
+    let d = decide_unresolved(&p, &c, &Request::RequestIdentities, Reason::LookupTimeout);
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(!d.is_audited());
+    // What does not depend on groups is decided as usual.
+    assert_eq!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &userauth_sign(77, "x"),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::UnknownKey)
+    );
+    assert!(matches!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &classify(&[19]),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::AdminRequest(_))
+    ));
+    let query = Request::Extension(Extension {
+        name: QUERY.into(),
+        details: vec![].into(),
+    });
+    assert_eq!(
+        decide_unresolved(&p, &c, &query, Reason::LookupTimeout),
+        Decision::Query
+    );
+    // root needs no groups.
+    let root = unresolved(0);
+    assert!(matches!(
+        decide_unresolved(&p, &root, &userauth_sign(1, "x"), Reason::LookupTimeout),
+        Decision::Sign { .. }
+    ));
+    assert_eq!(
+        decide_unresolved(
+            &p,
+            &root,
+            &Request::RequestIdentities,
+            Reason::LookupTimeout
+        ),
+        Decision::List
+    );
+}
+
+#[test]
+fn a_binding_from_a_caller_whose_lookup_failed_is_verified_not_refused() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let c = Caller {
+        uid: 1000,
+        pid: None,
+        user: None,
+        groups: vec![],
+    };
+    // Its groups are unknown, not empty: the binding is checked as usual.
+    assert_eq!(
+        decide_unresolved(&p, &c, &classify(&m), Reason::LookupTimeout),
+        Decision::VerifyBind
+    );
+    // Malformed ones are still refused.
+    assert!(matches!(
+        decide_unresolved(&p, &c, &classify(&m[..m.len() - 1]), Reason::LookupTimeout),
+        Decision::RefuseBind { .. }
+    ));
 }
