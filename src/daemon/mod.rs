@@ -151,11 +151,23 @@ async fn serve(mut config: Config) -> Result<()> {
             return Err(e);
         }
     };
+    let backend = match crate::backend::open(&config) {
+        Ok(b) => b,
+        Err(e) => {
+            drop(listener);
+            remove_socket(&config.socket);
+            let _ = stop_tx.send(true);
+            if let Some(sup) = supervisor {
+                let _ = sup.await;
+            }
+            return Err(e);
+        }
+    };
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
-        backend: crate::backend::open(&config),
+        backend,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         lookups: lookups::Lookups::new(),

@@ -6,7 +6,8 @@
 //! The rules (from the contract):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
 //!   caller may use ([`filter_identities`]). A certificate counts as the key it
-//!   certifies.
+//!   certifies. A caller who may use no configured key gets an empty list
+//!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
 //!   use it, and the data is an SSH user-authentication request (unless the key
 //!   sets `allow_any_data`).

@@ -112,15 +112,42 @@ fn refused(d: &Decision<'_>) -> Option<Reason> {
 }
 
 #[test]
-fn listing_is_always_forwarded() {
+fn listing_is_forwarded_for_callers_who_may_use_a_key() {
     let p = policy();
     for c in [
         caller(0, &[]),
         caller(1000, &["deployers"]),
-        caller(1001, &[]),
+        caller(1000, &["users", "signers"]),
     ] {
         assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
     }
+}
+
+#[test]
+fn callers_who_may_use_no_key_get_an_empty_list_without_the_backend() {
+    let p = policy();
+    for c in [
+        caller(1001, &[]),
+        caller(1001, &["users", "deployers-not"]),
+        Caller {
+            user: None,
+            ..caller(70_000, &[])
+        },
+    ] {
+        assert_eq!(
+            decide(&p, &c, &Request::RequestIdentities),
+            Decision::EmptyList
+        );
+    }
+    // No keys configured: root too.
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &caller(0, &[]),
+            &Request::RequestIdentities
+        ),
+        Decision::EmptyList
+    );
 }
 
 #[test]
