@@ -117,7 +117,8 @@ fn classify_and_decide(body: &[u8]) -> Request {
     for c in callers() {
         let d = policy::decide(&policy, &c, ctx(), &request);
         let ok = match (&request, &d) {
-            (Request::RequestIdentities, Decision::List) => true,
+            (Request::RequestIdentities, Decision::List) => policy.any_key_for(&c),
+            (Request::RequestIdentities, Decision::EmptyList) => !policy.any_key_for(&c),
             (Request::Sign(s), Decision::Sign { key, .. }) => {
                 c.may_use(key)
                     && policy.key(s.credential.key_data()) == Some(*key)

@@ -187,7 +187,12 @@ fn check(body: &[u8]) {
         let ctx = Context { bindings, now: 1000 };
         let decision = policy::decide(&f.policy, caller, ctx, &request);
         match (&request, &decision) {
-            (Request::RequestIdentities, Decision::List) => {}
+            (Request::RequestIdentities, Decision::List) => {
+                assert!(f.policy.any_key_for(caller))
+            }
+            (Request::RequestIdentities, Decision::EmptyList) => {
+                assert!(!f.policy.any_key_for(caller))
+            }
             (Request::Sign(sign), Decision::Sign { key, remote_user }) => {
                 let wanted = sign.credential.key_data();
                 assert_eq!(f.policy.key(wanted), Some(*key));
