@@ -96,7 +96,8 @@ pub enum Command {
     List,
     /// Validate the configuration and key files. Exit 1 with precise messages on error.
     ///
-    /// Checks every private key file as arm will: present, a regular file owned by root,
+    /// The configuration file and every NAME.pub must be regular files owned by root and not
+    /// writable by group or others. Checks every private key file as arm will: present, a regular file owned by root,
     /// no group or other permissions, holding the configured public key, encrypted when
     /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
     /// that need their contents are skipped with a note. A key's destinations file must be a

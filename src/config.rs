@@ -201,10 +201,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates the configuration file at `path`.
+    /// Reads and validates the configuration file at `path`, which must be
+    /// a regular file owned by root and writable by no one else (see
+    /// [`read_trusted`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::msg(format!("{}: cannot read: {e}", path.display())))?;
+        let text =
+            read_trusted(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         Self::parse(path, &text)
     }
 
@@ -398,10 +400,13 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         ),
         None => {
             let pub_path = key_dir.join(format!("{name}.pub"));
-            let text = std::fs::read_to_string(&pub_path).map_err(|e| {
+            let text = read_trusted(&pub_path).map_err(|e| {
+                let hint = match e {
+                    TrustError::Io(_) => format!(" (put it there, or set keys.{name}.public_key)"),
+                    TrustError::Untrusted(_) => String::new(),
+                };
                 Error::msg(format!(
-                    "{file}: keys.{name}: cannot read public key {}: {e} \
-                     (put it there, or set keys.{name}.public_key)",
+                    "{file}: keys.{name}: public key {}: {e}{hint}",
                     pub_path.display()
                 ))
             })?;
@@ -506,6 +511,88 @@ fn load_destinations(
         path,
         hosts: Some(Arc::new(hosts)),
     })
+}
+
+/// The largest configuration or public key file read (far above any real one).
+const MAX_FILE_LEN: u64 = 1024 * 1024;
+
+/// Why a file that must be trusted was not read.
+#[derive(Debug)]
+pub enum TrustError {
+    /// It could not be opened or read.
+    Io(std::io::Error),
+    /// It is not a regular file owned by root and writable by root alone.
+    Untrusted(String),
+}
+
+impl std::fmt::Display for TrustError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "cannot read: {e}"),
+            Self::Untrusted(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Reads a file whose content decides who may use which key (the
+/// configuration, `NAME.pub`): it must be a regular file, owned by root, not
+/// writable by group or others (a writable `.pub` would let its writer swap
+/// the key a group may use). Never blocks on what is not a regular file:
+/// it is opened non-blocking and without following a final symbolic link,
+/// and the opened descriptor is checked before anything is read.
+pub fn read_trusted(path: &Path) -> std::result::Result<String, TrustError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => TrustError::Untrusted(
+                "is a symbolic link, not a regular file; name the file itself".to_owned(),
+            ),
+            _ => TrustError::Io(e),
+        })?;
+    let meta = file.metadata().map_err(TrustError::Io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(TrustError::Untrusted(format!(
+            "is {what}, not a regular file; refusing to read it"
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 {
+        return Err(TrustError::Untrusted(format!(
+            "owned by uid {}, not root; refusing to trust it (chown root)",
+            meta.uid()
+        )));
+    }
+    if mode & 0o022 != 0 {
+        return Err(TrustError::Untrusted(format!(
+            "mode {mode:04o} is writable by group or others; refusing to trust it \
+             (chmod go-w)"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(TrustError::Io)?;
+    if text.len() as u64 > MAX_FILE_LEN {
+        return Err(TrustError::Untrusted(format!(
+            "larger than {MAX_FILE_LEN} bytes; refusing to read it"
+        )));
+    }
+    Ok(text)
 }
 
 /// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`). A

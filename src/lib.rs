@@ -14,6 +14,7 @@
 //!   run off the async threads).
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
+//! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod shutdown;
+pub mod sockets;
 pub mod verify;
 
 /// Fails with a one-line error unless the effective uid is 0.

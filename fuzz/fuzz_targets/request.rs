@@ -296,7 +296,15 @@ fn check(body: &[u8]) {
         }
         // The audit line (which quotes client data) must not panic either,
         // and exists exactly for audited decisions.
-        let line = keyholder::daemon::audit::line(caller, &decision, bindings);
+        let binding = keyholder::daemon::audit::Binding::of(bindings);
+        let line = keyholder::daemon::audit::refusal(caller, &decision, &binding).or_else(|| {
+            keyholder::daemon::audit::sign(
+                caller,
+                &decision,
+                &binding,
+                keyholder::daemon::audit::Outcome::Signed,
+            )
+        });
         assert_eq!(line.is_some(), decision.is_audited());
     }
 }

@@ -139,19 +139,33 @@ async fn handle(
         None => policy::decide(&rt.policy, caller, ctx, &request),
         Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
     };
-    if let Some(line) = audit::line(caller, &decision, bindings) {
+    // What the connection is bound to, for the audit line.
+    let binding = audit::Binding::of(bindings);
+    // A refusal's outcome is known now; a sign's only once the backend
+    // answered (logged below).
+    if let Some(line) = audit::refusal(caller, &decision, &binding) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
-    let answer = match (decision, request) {
+    let answer = match (&decision, request) {
         (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => backend.identities().await.map(|ids| {
             Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
-            // The signature goes back as the backend produced it.
-            return match backend.sign(sign).await {
+            // The signature goes back as the backend produced it; the audit
+            // line is written once that outcome is known.
+            let result = backend.sign(sign).await;
+            let outcome = match &result {
+                Ok(_) => audit::Outcome::Signed,
+                Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(_) => audit::Outcome::UpstreamError,
+            };
+            if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
+                tracing::info!(target: audit::TARGET, "{line}");
+            }
+            return match result {
                 Ok(signature) => response::sign_response(&signature),
                 Err(e) => {
                     tracing::warn!(
@@ -187,7 +201,7 @@ async fn handle(
             }
         }
         (Decision::RefuseBind { reason, forwarding }, _) => {
-            bad_bind(caller, bindings, reason, forwarding);
+            bad_bind(caller, bindings, reason, *forwarding);
             Ok(Response::Failure)
         }
         (Decision::Query, _) => Ok(query_response()),

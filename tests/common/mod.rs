@@ -73,11 +73,72 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs a command, returns its output; panics if it cannot be started.
+// ---------------------------------------------------------------------------
+// Missing tools: one loud line naming the Debian package, never a backtrace
+
+/// The Debian package that provides `program` (a name or a path).
+pub fn debian_package(program: &str) -> &'static str {
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    match name {
+        "ssh-agent" | "ssh-add" | "ssh" | "ssh-keygen" | "scp" => "openssh-client",
+        "sshd" => "openssh-server",
+        "setpriv" | "prlimit" | "setsid" => "util-linux",
+        "script" => "bsdutils",
+        "useradd" | "userdel" | "usermod" | "groupadd" | "groupdel" | "gpasswd" => "passwd",
+        _ => "the package that provides it (apt-file search)",
+    }
+}
+
+/// The panic payload of a missing tool: printed as one line by the hook
+/// [`missing_tool`] installs, without the location or a backtrace.
+pub struct MissingTool(pub String);
+
+/// Fails the current test with one line naming `program` and its Debian
+/// package; no backtrace, whatever `RUST_BACKTRACE` says.
+pub fn missing_tool(program: &str) -> ! {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            match info.payload().downcast_ref::<MissingTool>() {
+                Some(MissingTool(line)) => eprintln!("{line}"),
+                None => default(info),
+            }
+        }));
+    });
+    let package = debian_package(program);
+    std::panic::panic_any(MissingTool(format!(
+        "\n*** FAILED: {program} not found: the end-to-end tests need it; install it with \
+         `apt-get install {package}` ***\n"
+    )))
+}
+
+/// Starts `cmd`; a program that is not installed is [`missing_tool`].
+pub fn spawn(cmd: &mut Command) -> Child {
+    match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => fail_to_start(cmd, e),
+    }
+}
+
+fn fail_to_start(cmd: &Command, e: std::io::Error) -> ! {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        missing_tool(&program);
+    }
+    panic!("cannot run {cmd:?}: {e}")
+}
+
+/// Runs a command, returns its output; a program that is not installed is
+/// [`missing_tool`], any other failure to start it panics.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(o) => o,
+        Err(e) => fail_to_start(cmd, e),
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -130,14 +191,14 @@ pub struct Agent {
 impl Agent {
     pub fn start(dir: &TempDir) -> Self {
         let socket = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("ssh-agent");
+        let child = spawn(
+            Command::new("ssh-agent")
+                .arg("-D")
+                .arg("-a")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        );
         assert!(
             wait_for(Duration::from_secs(10), || UnixStream::connect(&socket)
                 .is_ok()),
@@ -525,14 +586,14 @@ impl Sshd {
         )
         .unwrap();
         let log = std::fs::File::create(root.join("sshd.log")).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("sshd (apt-get install openssh-server)");
+        let child = spawn(
+            Command::new("/usr/sbin/sshd")
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
         let addr = format!("127.0.0.1:{port}");
         assert!(
             wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(
@@ -875,15 +936,15 @@ impl Daemon {
         if !wrapper.is_empty() {
             command.args(args).arg(KEYHOLDER);
         }
-        let child = command
-            .args(["daemon", "--log", "stderr", "--config"])
-            .arg(&config)
-            .env("KEYHOLDER_LOG_LEVEL", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        let child = spawn(
+            command
+                .args(["daemon", "--log", "stderr", "--config"])
+                .arg(&config)
+                .env("KEYHOLDER_LOG_LEVEL", "debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(logfile),
+        );
         let mut d = Self {
             socket,
             config,
@@ -947,8 +1008,7 @@ pub fn spawn_helper_as(who: &As, helper: &str, env: &[(&str, String)]) -> Child 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot start helper {helper}: {e}"))
+    spawn(&mut cmd)
 }
 
 /// Reads `child`'s stdout until a line containing `prefix`; returns the
