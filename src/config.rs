@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, PublicKey};
 
 use crate::error::{Error, Result};
+use crate::known_hosts::KnownHosts;
 
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
@@ -79,6 +81,10 @@ struct RawKey {
     groups: Vec<String>,
     #[serde(default)]
     allow_any_data: bool,
+    destinations: Option<PathBuf>,
+    remote_users: Option<Vec<String>>,
+    #[serde(default)]
+    allow_forwarding: bool,
 }
 
 /// The upstream agent settings (`[agent]`).
@@ -154,6 +160,23 @@ pub struct KeyConfig {
     pub groups: Vec<String>,
     /// Sign any data, not only SSH user-authentication requests.
     pub allow_any_data: bool,
+    /// The host keys and CAs the key may be used towards (`destinations`).
+    pub destinations: Option<Destinations>,
+    /// The remote user names the user-auth request may name.
+    pub remote_users: Option<Vec<String>>,
+    /// May be used through a forwarded agent.
+    pub allow_forwarding: bool,
+}
+
+/// A key's `destinations` file, read and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destinations {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its keys; `None` when a user other than root may not read it (the
+    /// commands for everyone still load the configuration; the daemon runs
+    /// as root and always reads it).
+    pub hosts: Option<Arc<KnownHosts>>,
 }
 
 /// A loaded, validated configuration.
@@ -394,6 +417,33 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
     let public_key = parse_public_key(&text)
         .map_err(|e| Error::msg(format!("{file}: {field}: not an OpenSSH public key: {e}")))?;
     let fingerprint = public_key.fingerprint(HashAlg::Sha256).to_string();
+    let destinations = match raw.destinations {
+        None => None,
+        Some(p) => {
+            let p = if p.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p
+            };
+            Some(load_destinations(&file, &name, p)?)
+        }
+    };
+    if let Some(users) = &raw.remote_users {
+        if users.is_empty() {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: empty; list the remote user names \
+                 the key may log in as, or leave it out to allow any"
+            )));
+        }
+        if let Some(bad) = users
+            .iter()
+            .find(|u| u.is_empty() || u.contains(|c: char| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: {bad:?} is not a valid user name"
+            )));
+        }
+    }
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -402,6 +452,64 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         source,
         groups: raw.groups,
         allow_any_data: raw.allow_any_data,
+        destinations,
+        remote_users: raw.remote_users,
+        allow_forwarding: raw.allow_forwarding,
+    })
+}
+
+/// Reads a key's destinations file: a regular file owned by root that
+/// group and others cannot write (whoever can write it chooses where the
+/// key may be used), in known_hosts format.
+fn load_destinations(
+    file: &impl std::fmt::Display,
+    name: &str,
+    path: PathBuf,
+) -> Result<Destinations> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let what = || format!("{file}: keys.{name}.destinations: {}", path.display());
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            return Ok(Destinations { path, hosts: None });
+        }
+        Err(e) => return Err(Error::msg(format!("{}: cannot open: {e}", what()))),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::msg(format!("{}: cannot stat: {e}", what())))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::msg(format!("{}: not a regular file", what())));
+    }
+    if meta.uid() != 0 {
+        return Err(Error::msg(format!(
+            "{}: owned by uid {}, not root",
+            what(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(Error::msg(format!(
+            "{}: writable by group or others (mode {:04o}); chmod go-w",
+            what(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| Error::msg(format!("{}: cannot read: {e}", what())))?;
+    let hosts = KnownHosts::parse(&text).map_err(|e| Error::msg(format!("{}: {e}", what())))?;
+    Ok(Destinations {
+        path,
+        hosts: Some(Arc::new(hosts)),
     })
 }
 
@@ -624,6 +732,104 @@ mod tests {
         .unwrap();
         assert_eq!(c.key_dir, Path::new("/srv/kh/keys"));
         assert_eq!(c.socket, Path::new("/srv/kh/p.sock"));
+    }
+}
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kh-dest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn key_with(extra: &str) -> String {
+        format!("[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n{extra}")
+    }
+
+    #[test]
+    fn destinations_file_is_read_relative_to_the_config() {
+        let d = dir("ok");
+        std::fs::write(
+            d.join("targets"),
+            format!("web1 {ED}\n@cert-authority * {ED}\n"),
+        )
+        .unwrap();
+        let c = Config::parse(
+            &d.join("k.toml"),
+            &key_with("destinations = \"targets\"\nremote_users = [\"deploy\"]\nallow_forwarding = true\n"),
+        );
+        let is_root = nix::unistd::geteuid().is_root();
+        if !is_root {
+            // Not root: the file is not root's, which is refused.
+            assert!(c.unwrap_err().to_string().contains("not root"));
+            return;
+        }
+        let c = c.unwrap();
+        let k = c.key("deploy").unwrap();
+        let dest = k.destinations.as_ref().unwrap();
+        assert_eq!(dest.path, d.join("targets"));
+        assert_eq!(dest.hosts.as_ref().unwrap().counts(), (1, 1, 0));
+        assert_eq!(k.remote_users.as_deref(), Some(&["deploy".to_owned()][..]));
+        assert!(k.allow_forwarding);
+        // Defaults.
+        let c = Config::parse(&d.join("k.toml"), &key_with("")).unwrap();
+        let k = c.key("deploy").unwrap();
+        assert!(k.destinations.is_none() && k.remote_users.is_none() && !k.allow_forwarding);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_destinations_files_are_errors_naming_key_file_and_line() {
+        let d = dir("bad");
+        let conf = d.join("k.toml");
+        let e = Config::parse(&conf, &key_with("destinations = \"missing\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keys.deploy.destinations") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::write(
+            d.join("garbage"),
+            format!("web1 {ED}\nweb2 ssh-ed25519 nope\n"),
+        )
+        .unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+            .unwrap_err()
+            .to_string();
+        if nix::unistd::geteuid().is_root() {
+            assert!(e.contains("line 2"), "{e}");
+            std::fs::set_permissions(d.join("garbage"), std::fs::Permissions::from_mode(0o666))
+                .unwrap();
+            let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("writable by group or others"), "{e}");
+        }
+        std::fs::create_dir(d.join("adir")).unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"adir\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::os::unix::fs::symlink(d.join("garbage"), d.join("link")).unwrap();
+        assert!(Config::parse(&conf, &key_with("destinations = \"link\"\n")).is_err());
+        let e = Config::parse(&conf, &key_with("remote_users = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy.remote_users: empty"), "{e}");
+        let e = Config::parse(&conf, &key_with("remote_users = [\"a b\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid user name"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
 

@@ -15,6 +15,7 @@
 
 use std::fmt;
 
+use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 use crate::ratelog::Kind;
 
@@ -58,8 +59,8 @@ impl fmt::Display for Field<'_> {
 }
 
 /// What the connection a request came on is bound to: the fields
-/// `dest= forwarded= serial=`. Filled by the destinations and certificates
-/// work; until then every line has `dest=- forwarded=no serial=-`.
+/// `dest= forwarded= serial=` ([`Binding::of`] the connection's session
+/// bindings; `serial` is filled by the certificates work, `-` until then).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Binding {
     /// Fingerprint of the host key the connection is bound to.
@@ -68,6 +69,20 @@ pub struct Binding {
     pub forwarded: bool,
     /// Serial of the certificate the request used.
     pub serial: Option<String>,
+}
+
+impl Binding {
+    /// The fields for a connection with `bindings`: `dest` is the host key
+    /// it last bound to (the certified key, for a host certificate);
+    /// `forwarded` whether it is (or may be: a failed binding that said so)
+    /// a forwarded agent.
+    pub fn of(bindings: &Bindings) -> Self {
+        Self {
+            dest: bindings.last().map(|b| b.fingerprint.clone()),
+            forwarded: bindings.maybe_forwarded(),
+            serial: None,
+        }
+    }
 }
 
 /// How a sign request the policy allowed ended.
@@ -201,6 +216,7 @@ mod tests {
             fingerprint: "SHA256:fp".to_owned(),
             groups: vec!["ops".to_owned()],
             allow_any_data: false,
+            rules: Default::default(),
         }
     }
 
@@ -265,5 +281,31 @@ mod tests {
         );
         assert!(sign(&caller(), &decision, &Binding::default(), Outcome::Signed).is_none());
         assert!(refusal(&caller(), &Decision::List, &Binding::default()).is_none());
+    }
+
+    #[test]
+    fn binding_fields_come_from_the_connections_bindings() {
+        use crate::policy::destinations::Binding as Bound;
+        let key = key();
+        let bound = |forwarding, sid: u8| Bound {
+            host_key_blob: vec![sid],
+            key: key.key.clone(),
+            fingerprint: format!("SHA256:host{sid}"),
+            cert: None,
+            session_id: vec![sid; 32],
+            forwarding,
+        };
+        assert_eq!(Binding::of(&Bindings::default()), Binding::default());
+        let mut b = Bindings::default();
+        b.record(bound(true, 1)).unwrap();
+        b.record(bound(false, 2)).unwrap();
+        let f = Binding::of(&b);
+        assert_eq!(f.dest.as_deref(), Some("SHA256:host2"));
+        assert!(f.forwarded);
+        // A failed binding that said "forwarding" counts.
+        let mut failed = Bindings::default();
+        failed.fail(Some(true));
+        assert!(Binding::of(&failed).forwarded);
+        assert_eq!(Binding::of(&failed).dest, None);
     }
 }

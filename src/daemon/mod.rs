@@ -16,6 +16,7 @@ pub mod caller;
 pub mod connection;
 pub mod limits;
 pub mod lookups;
+pub mod verifier;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,8 @@ pub struct Shared {
     pub lookup_errors: SharedBurstLog,
     /// Caller lookups and their cache.
     pub lookups: Arc<lookups::Lookups>,
+    /// Session-binding verification slots.
+    pub verifier: verifier::Verifier,
     /// Per-uid rate limiting of refusals and other lines a flood repeats.
     pub log: Arc<RateLog>,
 }
@@ -183,6 +186,7 @@ async fn serve(mut config: Config) -> Result<()> {
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         lookups: lookups::Lookups::new(),
+        verifier: verifier::Verifier::default(),
         log,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);

@@ -533,13 +533,22 @@ impl As {
 /// log in with the keys in `authorized_keys/<user>`.
 pub struct Sshd {
     pub port: u16,
+    /// The host's private key file.
+    pub host_key: PathBuf,
     dir: PathBuf,
     child: Child,
 }
 
 impl Sshd {
     pub fn start(dir: &TempDir) -> Self {
-        let root = dir.join("sshd");
+        Self::start_opts(dir, "sshd", "ed25519", None)
+    }
+
+    /// An sshd in `dir/name` with a host key of `kind` (as for `keygen`),
+    /// and, with `ca`, a host certificate for it signed by that CA private
+    /// key (`ssh-keygen -s CA -h`), served with `HostCertificate`.
+    pub fn start_opts(dir: &TempDir, name: &str, kind: &str, ca: Option<&Path>) -> Self {
+        let root = dir.join(name);
         std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(
@@ -548,13 +557,27 @@ impl Sshd {
         )
         .unwrap();
         let _ = std::fs::create_dir_all("/run/sshd");
-        keygen(&root, "host_ed25519", "ed25519", "");
+        let host_key = format!("host_{kind}");
+        keygen(&root, &host_key, kind, "");
+        let mut cert_line = String::new();
+        if let Some(ca) = ca {
+            let o = run(Command::new("ssh-keygen")
+                .args(["-q", "-s"])
+                .arg(ca)
+                .args(["-h", "-I", "test-host", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+                .arg(root.join(format!("{host_key}.pub"))));
+            assert!(o.status.success(), "ssh-keygen -s: {}", stderr(&o));
+            cert_line = format!(
+                "HostCertificate {}\n",
+                root.join(format!("{host_key}-cert.pub")).display()
+            );
+        }
         let port = free_port();
         let config = root.join("sshd_config");
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/host_ed25519\nPidFile none\n\
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/{host_key}\n{cert_line}PidFile none\n\
                  AuthorizedKeysFile {root}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n",
@@ -582,9 +605,18 @@ impl Sshd {
         );
         Self {
             port,
+            host_key: root.join(host_key),
             dir: root,
             child,
         }
+    }
+
+    /// The host's public key file.
+    pub fn host_pub(&self) -> PathBuf {
+        self.host_key.with_file_name(format!(
+            "{}.pub",
+            self.host_key.file_name().unwrap().to_str().unwrap()
+        ))
     }
 
     /// Lets `account` log in with the public keys in `pubkeys`.
