@@ -28,15 +28,15 @@ impl DebugAgent {
         let socket = dir.join(&format!("{tag}.sock"));
         let log = dir.join(&format!("{tag}.log"));
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new("ssh-agent")
-            .arg("-d")
-            .arg("-a")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("ssh-agent");
+        let child = spawn(
+            Command::new("ssh-agent")
+                .arg("-d")
+                .arg("-a")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
         assert!(
             wait_for(Duration::from_secs(10), || UnixStream::connect(&socket)
                 .is_ok()),

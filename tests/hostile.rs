@@ -532,7 +532,7 @@ fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
         );
         assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
         // Logged once for the whole burst of 484 refusals.
-        let per_user = "connection limit max_connections_per_user reached";
+        let per_user = "connection limit max_connections_per_user reached: closing";
         assert!(d.wait_log(per_user));
         assert_eq!(d.log_count(per_user), 1, "{}", d.log_text());
 
@@ -549,7 +549,7 @@ fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
         assert_eq!((r.admitted, r.refused), (0, 30), "{r:?}");
         assert!(r.slowest_refusal_ms < 1000, "{r:?}");
         assert_eq!(late_conns.release(), 0);
-        let total = "connection limit max_connections reached";
+        let total = "connection limit max_connections reached: closing";
         assert!(d.wait_log(total));
         assert_eq!(d.log_count(total), 1, "{}", d.log_text());
 
@@ -592,7 +592,7 @@ fn a_thousand_connections_from_one_user_under_the_default_limits() {
         Some(w.blobs(&["deploy", "deploy2"]))
     );
     assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
-    let per_user = "connection limit max_connections_per_user reached";
+    let per_user = "connection limit max_connections_per_user reached: closing";
     assert!(d.wait_log(per_user));
     assert_eq!(d.log_count(per_user), 1);
     assert_eq!(hog_conns.release(), 512);
@@ -634,7 +634,7 @@ fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
         flood.iter().map(|h| &h.report).collect::<Vec<_>>()
     );
     let shared =
-        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached";
+        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached: closing";
     assert!(d.wait_log(shared));
     assert_eq!(d.log_count(shared), 1, "{}", d.log_text());
     // Meanwhile the member is served with its keys, and has its whole share.
@@ -1268,16 +1268,13 @@ fn the_running_daemon_is_hardened() {
         // unlike those of a control process started the same way.
         let gids = proc_status(pid, "Gid").unwrap();
         assert!(gids.starts_with(&format!("{gid}\t")), "{gids}");
-        let mut control = Command::new("setpriv")
-            .args([
-                &format!("--regid={gid}"),
-                "--clear-groups",
-                "--",
-                "sleep",
-                "30",
-            ])
-            .spawn()
-            .unwrap();
+        let mut control = spawn(Command::new("setpriv").args([
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+            "sleep",
+            "30",
+        ]));
         assert!(wait_for(Duration::from_secs(5), || proc_status(
             control.id(),
             "Name"
