@@ -552,6 +552,12 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
         "{}",
         b.daemon.log_text()
     );
+    // The audit line says the allowed sign failed for the timeout.
+    assert!(b
+        .daemon
+        .log_text()
+        .lines()
+        .any(|l| l.contains("decision=failed") && l.contains("reason=upstream-timeout")));
     // Still serving: a sign and a listing succeed, nothing lost.
     let mut raw = Raw::connect(&b.daemon.socket);
     assert_eq!(raw.call(&request).unwrap()[0], SIGN_RESPONSE);
