@@ -6,6 +6,7 @@
 //!   classification, the few bodies the proxy parses).
 //! - [`policy`]: the security decision, pure and exhaustively tested.
 //! - [`backend`]: the upstream agent (client connections, supervision).
+//! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
@@ -13,6 +14,7 @@
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 
 pub mod backend;
+pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -1,6 +1,7 @@
 //! The audit log: one line per sign decision and per refused admin request,
 //! with the contract's fields:
-//! `user= uid= pid= key= fingerprint= remote_user= decision= reason=`.
+//! `user= uid= pid= key= fingerprint= remote_user= serial= decision= reason=`,
+//! and one line per certificate issued ([`issued`]).
 //!
 //! Values that come from clients (the remote user name) are quoted and
 //! escaped when they contain anything but plain characters, so a client
@@ -37,8 +38,12 @@ pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
     if !decision.is_audited() {
         return None;
     }
-    let (kind, key, fingerprint, remote_user, verdict, reason) = match decision {
-        Decision::Sign { key, remote_user } => {
+    let (kind, key, fingerprint, remote_user, serial, verdict, reason) = match decision {
+        Decision::Sign {
+            key,
+            remote_user,
+            serial,
+        } => {
             let via = if caller.uid == 0 {
                 "root".to_owned()
             } else {
@@ -50,6 +55,7 @@ pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
                 Some(key.name.as_str()),
                 Some(key.fingerprint.clone()),
                 remote_user.as_deref(),
+                *serial,
                 "granted",
                 via,
             )
@@ -59,6 +65,7 @@ pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
             key,
             fingerprint,
             remote_user,
+            serial,
         } => (
             if matches!(reason, Reason::AdminRequest(_)) {
                 "admin"
@@ -68,21 +75,56 @@ pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
             key.map(|k| k.name.as_str()),
             fingerprint.clone(),
             remote_user.as_deref(),
+            *serial,
             "refused",
             reason.to_string(),
         ),
         _ => return None,
     };
     Some(format!(
-        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} decision={verdict} reason={}",
+        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} serial={} decision={verdict} reason={}",
         Field(caller.user.as_deref()),
         caller.uid,
         caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         Field(key),
         Field(fingerprint.as_deref()),
         Field(remote_user),
+        serial.map_or_else(|| "-".to_owned(), |s| s.to_string()),
         Field(Some(&reason)),
     ))
+}
+
+/// What the audit line of an issued certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedLine<'a> {
+    /// The key it certifies.
+    pub key: &'a str,
+    /// Its serial.
+    pub serial: u64,
+    /// Its key ID.
+    pub key_id: &'a str,
+    /// Its principals.
+    pub principals: &'a [String],
+    /// Unix seconds.
+    pub valid_after: u64,
+    /// Unix seconds.
+    pub valid_before: u64,
+}
+
+/// The audit line of a certificate issued to `caller`:
+/// `cert user= uid= key= serial= key_id= principals= valid_after= valid_before=`.
+pub fn issued(caller: &Caller, cert: &IssuedLine<'_>) -> String {
+    format!(
+        "cert user={} uid={} key={} serial={} key_id={} principals={} valid_after={} valid_before={}",
+        Field(caller.user.as_deref()),
+        caller.uid,
+        Field(Some(cert.key)),
+        cert.serial,
+        Field(Some(cert.key_id)),
+        Field(Some(&cert.principals.join(","))),
+        cert.valid_after,
+        cert.valid_before,
+    )
 }
 
 #[cfg(test)]

@@ -15,13 +15,22 @@
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
 //!
+//! - Certificates ([`certificates`]): the key blob inside the user-auth data
+//!   counts; a certificate there must be one keyholder minted for this
+//!   caller; mode `only` refuses the plain key there. The CA is never a
+//!   key callers may use: it is not in [`Policy::keys`].
+//!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
 
-use ssh_agent_lib::proto::{Extension, Identity, SignRequest};
+use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, SignRequest};
 use ssh_key::public::KeyData;
 
-use crate::config::Config;
+pub mod certificates;
+
+use certificates::{DataKey, Listing, Minted, NoneMinted};
+
+use crate::config::{CertMode, Config};
 use crate::protocol::request::Request;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
 use crate::protocol::{userauth, AdminOp};
@@ -46,6 +55,19 @@ pub struct KeyRule {
     pub groups: Vec<String>,
     /// Sign any data, not only user-authentication requests.
     pub allow_any_data: bool,
+    /// Certificates for this key (`certificate`).
+    pub certificate: CertMode,
+}
+
+/// The certificate CA: only its name and public key (status, listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRule {
+    /// Configured name (`certificates.ca`).
+    pub name: String,
+    /// The public key.
+    pub key: KeyData,
+    /// `SHA256:…`
+    pub fingerprint: String,
 }
 
 /// The rules in force: the configured keys.
@@ -53,6 +75,8 @@ pub struct KeyRule {
 pub struct Policy {
     /// Keys in configuration order.
     pub keys: Vec<KeyRule>,
+    /// The certificate CA, when `[certificates]` is configured.
+    pub ca: Option<CaRule>,
 }
 
 impl From<&Config> for Policy {
@@ -67,8 +91,14 @@ impl From<&Config> for Policy {
                     fingerprint: k.fingerprint.clone(),
                     groups: k.groups.clone(),
                     allow_any_data: k.allow_any_data,
+                    certificate: k.cert.mode,
                 })
                 .collect(),
+            ca: config.certificates.as_ref().map(|c| CaRule {
+                name: c.ca.name.clone(),
+                key: c.ca.public_key.clone(),
+                fingerprint: c.ca.fingerprint.clone(),
+            }),
         }
     }
 }
@@ -134,6 +164,11 @@ pub enum Reason {
     UnknownType(u8),
     /// A malformed message.
     Malformed(&'static str),
+    /// The user-auth data carries a certificate keyholder did not mint for
+    /// this caller.
+    CertificateNotYours,
+    /// Mode `only`: the user-auth data carries the plain key.
+    CertificateRequired,
 }
 
 impl std::fmt::Display for Reason {
@@ -146,6 +181,8 @@ impl std::fmt::Display for Reason {
             Self::UnknownExtension => f.write_str("unsupported-extension"),
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
+            Self::CertificateNotYours => f.write_str("certificate-not-yours"),
+            Self::CertificateRequired => f.write_str("certificate-required"),
         }
     }
 }
@@ -162,6 +199,8 @@ pub enum Decision<'p> {
         /// The remote user name in the user-auth request (absent for
         /// `allow_any_data` keys signing other data).
         remote_user: Option<String>,
+        /// The serial of the certificate in the user-auth data, if any.
+        serial: Option<u64>,
     },
     /// Answer `session-bind@openssh.com` in the daemon; never forwarded.
     SessionBind,
@@ -179,6 +218,9 @@ pub enum Decision<'p> {
         fingerprint: Option<String>,
         /// For sign requests: the remote user, when the data says.
         remote_user: Option<String>,
+        /// For sign requests: the serial of a keyholder certificate in the
+        /// user-auth data, whoever it was minted for.
+        serial: Option<u64>,
     },
 }
 
@@ -194,6 +236,8 @@ impl Decision<'_> {
                     | Reason::UnknownKey
                     | Reason::NotInGroup
                     | Reason::NotUserAuth(_)
+                    | Reason::CertificateNotYours
+                    | Reason::CertificateRequired
             ),
             _ => false,
         }
@@ -206,14 +250,27 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         key: None,
         fingerprint: None,
         remote_user: None,
+        serial: None,
     }
 }
 
-/// Decides what to do with `request` from `caller` under `policy`.
+/// Decides what to do with `request` from `caller` under `policy`, knowing
+/// no certificate (see [`decide_with`]).
 pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Decision<'p> {
+    decide_with(policy, caller, &NoneMinted, request)
+}
+
+/// Decides what to do with `request` from `caller` under `policy`;
+/// `minted` says which certificates keyholder minted, for whom.
+pub fn decide_with<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    minted: &dyn Minted,
+    request: &Request,
+) -> Decision<'p> {
     match request {
         Request::RequestIdentities => Decision::List,
-        Request::Sign(sign) => decide_sign(policy, caller, sign),
+        Request::Sign(sign) => decide_sign(policy, caller, minted, sign),
         Request::Extension(ext) => decide_extension(ext),
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
@@ -221,15 +278,32 @@ pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Dec
     }
 }
 
-fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> Decision<'p> {
+fn decide_sign<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    minted: &dyn Minted,
+    sign: &SignRequest,
+) -> Decision<'p> {
     let wanted = sign.credential.key_data();
     let auth = userauth::parse(&sign.data, wanted);
     let remote_user = auth.as_ref().ok().map(|a| a.user.clone());
+    // The key blob inside the data is what the target sees.
+    let data_key = auth.as_ref().ok().map(|a| match &a.key {
+        PublicCredential::Key(_) => DataKey::Plain,
+        PublicCredential::Cert(cert) => DataKey::Certificate {
+            issued: minted.issued(cert),
+        },
+    });
+    let seen_serial = match data_key {
+        Some(DataKey::Certificate { issued: Some(i) }) => Some(i.serial),
+        _ => None,
+    };
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
+        serial: seen_serial,
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
@@ -237,16 +311,18 @@ fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> D
     if !caller.may_use(key) {
         return refusal(Reason::NotInGroup, Some(key));
     }
-    match auth {
-        Ok(auth) => Decision::Sign {
+    if let Err(why) = &auth {
+        if !key.allow_any_data {
+            return refusal(Reason::NotUserAuth(why), Some(key));
+        }
+    }
+    match certificates::check(key.certificate, data_key, caller.uid) {
+        Ok(serial) => Decision::Sign {
             key,
-            remote_user: Some(auth.user),
+            remote_user: remote_user.clone(),
+            serial,
         },
-        Err(_) if key.allow_any_data => Decision::Sign {
-            key,
-            remote_user: None,
-        },
-        Err(why) => refusal(Reason::NotUserAuth(why), Some(key)),
+        Err(reason) => refusal(reason, Some(key)),
     }
 }
 
@@ -257,6 +333,38 @@ fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
         status::NAME => Decision::Status,
         _ => refuse(Reason::UnknownExtension),
     }
+}
+
+/// The upstream agent's identities that `caller` may use, in upstream
+/// order, each with how it is listed (see [`certificates::listing`]).
+/// `ca_armed`: whether the upstream agent holds the CA (these identities
+/// include it). The CA itself is never among them.
+pub fn plan_identities<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    identities: Vec<Identity>,
+) -> (Vec<(Identity, Option<&'p KeyRule>, Listing)>, bool) {
+    let ca_armed = policy.ca.as_ref().is_some_and(|ca| {
+        identities
+            .iter()
+            .any(|id| id.credential.key_data() == &ca.key)
+    });
+    let plan = identities
+        .into_iter()
+        .filter_map(|id| {
+            let key = policy.key(id.credential.key_data())?;
+            if !caller.may_use(key) {
+                return None;
+            }
+            // Only a plain key identity gets a certificate put before it.
+            let listing = match &id.credential {
+                PublicCredential::Key(_) => certificates::listing(key.certificate, ca_armed),
+                PublicCredential::Cert(_) => Listing::Plain,
+            };
+            Some((id, Some(key), listing))
+        })
+        .collect();
+    (plan, ca_armed)
 }
 
 /// The upstream agent's identities that `caller` may use, in upstream order.
@@ -277,7 +385,10 @@ pub fn filter_identities(
 
 /// Which configured keys are armed, given the upstream agent's identities
 /// (`None` when the upstream agent could not be asked).
+/// The CA counts as a key that must be armed, listed after the keys.
 pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusReport {
+    let armed =
+        |key: &KeyData| upstream.is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == key));
     StatusReport {
         upstream_reachable: upstream.is_some(),
         keys: policy
@@ -286,9 +397,13 @@ pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusRe
             .map(|k| KeyStatus {
                 name: k.name.clone(),
                 fingerprint: k.fingerprint.clone(),
-                armed: upstream
-                    .is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == &k.key)),
+                armed: armed(&k.key),
             })
+            .chain(policy.ca.iter().map(|ca| KeyStatus {
+                name: ca.name.clone(),
+                fingerprint: ca.fingerprint.clone(),
+                armed: armed(&ca.key),
+            }))
             .collect(),
     }
 }

@@ -18,6 +18,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         key,
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow_any_data: any,
+        certificate: CertMode::Off,
     }
 }
 
@@ -28,6 +29,7 @@ fn policy() -> Policy {
             rule("phab", 2, &["phab-admins"], false),
             rule("signer", 3, &["signers"], true),
         ],
+        ca: None,
     }
 }
 
@@ -100,7 +102,7 @@ fn member_of_an_allowed_group_may_sign_userauth() {
             &userauth_sign(1, "deploy"),
         );
         match d {
-            Decision::Sign { key, remote_user } => {
+            Decision::Sign { key, remote_user, .. } => {
                 assert_eq!(key.name, "deploy");
                 assert_eq!(remote_user.as_deref(), Some("deploy"));
             }
@@ -226,7 +228,7 @@ fn non_userauth_data_is_refused_unless_allow_any_data() {
         // the allow_any_data key signs the same data
         let d = decide(&p, &c, &sign(PublicCredential::Key(key(3)), data, 0));
         assert!(
-            matches!(d, Decision::Sign { key, remote_user: None } if key.name == "signer"),
+            matches!(d, Decision::Sign { key, remote_user: None, .. } if key.name == "signer"),
             "{d:?}"
         );
     }

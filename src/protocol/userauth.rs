@@ -15,7 +15,8 @@
 //!
 //! The same checks as OpenSSH's `ssh-agent` (`parse_userauth_request`):
 //! non-empty session id, the right service, a signature flag of TRUE, a key
-//! blob that is the signing key, no trailing bytes.
+//! blob that is the signing key (or a certificate of it), no trailing bytes.
+//! The key blob is returned: what the target sees is what counts.
 
 use ssh_agent_lib::proto::PublicCredential;
 use ssh_encoding::{Decode, Reader};
@@ -35,6 +36,10 @@ pub struct UserAuth {
     pub user: String,
     /// Whether the host-bound method was used.
     pub hostbound: bool,
+    /// The key blob inside the request: the plain signing key, or a
+    /// certificate of it. What the target sees, so what the certificate
+    /// rules check.
+    pub key: PublicCredential,
 }
 
 /// Parses `data` as a public-key user-authentication request signed by
@@ -70,6 +75,7 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
         .ok()
         .filter(|k| super::request::encodes_to(k, &blob))
         .ok_or("malformed public key")?;
+    // A certificate counts as the key it certifies.
     if key.key_data() != signing_key {
         return Err("public key in request is not the signing key");
     }
@@ -82,7 +88,11 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
     if !r.is_finished() {
         return Err("trailing bytes");
     }
-    Ok(UserAuth { user, hostbound })
+    Ok(UserAuth {
+        user,
+        hostbound,
+        key,
+    })
 }
 
 #[cfg(test)]
@@ -124,7 +134,8 @@ pub(crate) mod tests {
             got,
             UserAuth {
                 user: "deploy".into(),
-                hostbound: false
+                hostbound: false,
+                key: PublicCredential::Key(k),
             }
         );
     }
