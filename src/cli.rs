@@ -15,7 +15,9 @@ use crate::config::{LogTarget, DEFAULT_CONFIG};
 /// /run/keyholder/proxy.sock) and run plain ssh, scp, rsync or git. The
 /// daemon lists and signs only with the keys their Unix groups may use, and
 /// only SSH user-authentication requests; adding, removing and locking keys
-/// through the proxy is refused for everyone.
+/// through the proxy is refused for everyone. With [certificates], each caller
+/// also gets a short-lived certificate naming them, so targets' logs say who
+/// logged in.
 #[derive(Debug, Parser)]
 #[command(
     name = "keyholder",
@@ -93,6 +95,24 @@ pub enum Command {
     /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
     /// that need their contents are skipped with a note.
     CheckConfig,
+    /// Print the certificate CA's public key line, for targets' TrustedUserCAKeys.
+    ///
+    /// Reads `[certificates] ca` from the configuration (key_dir/CA.pub). On each target, put
+    /// the line in a file named by sshd's TrustedUserCAKeys: logins with keyholder's
+    /// certificates are then accepted without an authorized_keys entry, and sshd logs the key
+    /// ID ("ID keyholder:alice@deploy1:deploy (serial …)"). Exit 1 when no CA is configured.
+    Ca,
+    /// Print your current certificate for key NAME (for ssh -o CertificateFile=FILE).
+    ///
+    /// Asks the daemon over the proxy socket, as you: the certificate it lists to you for NAME
+    /// (minted for you when needed: key ID naming you, valid `validity_secs`). OpenSSH never
+    /// pairs an agent certificate with `-i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`;
+    /// tools that pin an identity that way add `-o CertificateFile=FILE` with this output.
+    /// Exit 1 with the reason when there is none for you.
+    Cert {
+        /// The key's name (its table in the configuration).
+        name: String,
+    },
 }
 
 /// The clap command tree of `keyholder` (for man pages and completions).

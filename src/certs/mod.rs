@@ -165,7 +165,15 @@ type Slot = Arc<tokio::sync::Mutex<Option<Current>>>;
 #[derive(Debug)]
 struct Remembered {
     uid: u32,
-    cert: Arc<Certificate>,
+    /// Its wire encoding (the comment, which is not part of it, aside).
+    blob: Vec<u8>,
+    valid_before: u64,
+}
+
+fn encoded(cert: &Certificate) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    ssh_encoding::Encode::encode(cert, &mut out).ok()?;
+    Some(out)
 }
 
 /// Serials: `max(last + 1, unix_ms << 22)`. Unique per CA across restarts
@@ -308,10 +316,13 @@ impl Authority {
 
     /// Remembers who `cert` was minted for, until it expires (bounded:
     /// expired ones go first, then the oldest).
-    fn remember(&self, uid: u32, cert: &Arc<Certificate>, now: u64) {
+    fn remember(&self, uid: u32, cert: &Certificate, now: u64) {
+        let Some(blob) = encoded(cert) else {
+            return;
+        };
         let mut map = lock(&self.remembered);
         if map.len() >= MAX_REMEMBERED {
-            map.retain(|_, r| r.cert.valid_before() > now);
+            map.retain(|_, r| r.valid_before > now);
             while map.len() >= MAX_REMEMBERED {
                 if map.pop_first().is_none() {
                     break;
@@ -322,7 +333,8 @@ impl Authority {
             cert.serial(),
             Remembered {
                 uid,
-                cert: Arc::clone(cert),
+                blob,
+                valid_before: cert.valid_before(),
             },
         );
     }
@@ -330,9 +342,10 @@ impl Authority {
 
 impl Minted for Authority {
     fn issued(&self, cert: &Certificate) -> Option<Issued> {
+        let blob = encoded(cert)?;
         let map = lock(&self.remembered);
         let r = map.get(&cert.serial())?;
-        (*r.cert == *cert).then_some(Issued {
+        (r.blob == blob).then_some(Issued {
             uid: r.uid,
             serial: cert.serial(),
         })

@@ -297,3 +297,15 @@ fn the_ca_arming_state_is_reported_once_per_change() {
     assert_eq!(a.note_ca_armed(true), None);
     assert_eq!(a.note_ca_armed(false), Some(false));
 }
+
+#[test]
+fn a_certificate_from_the_wire_is_recognised_without_its_comment() {
+    let ca = TestCa::new(9);
+    let s = settings(&ca);
+    let authority = Authority::new();
+    let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let mut blob = Vec::new();
+    ssh_encoding::Encode::encode(&*got.cert, &mut blob).unwrap();
+    let wire = Certificate::decode(&mut &blob[..]).unwrap();
+    assert_eq!(authority.issued(&wire).map(|i| i.uid), Some(1000));
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ssh_agent_lib::proto::extension::QueryResponse;
-use ssh_agent_lib::proto::{Extension, Response};
+use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
 use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -13,6 +13,8 @@ use tokio::sync::watch;
 
 use super::{audit, Shared};
 use crate::backend::BackendError;
+use crate::certs::MintError;
+use crate::policy::certificates::Listing;
 use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
@@ -78,17 +80,23 @@ async fn handle(
     request: Request,
 ) -> Vec<u8> {
     let backend = &shared.backend;
-    let decision = policy::decide(&rt.policy, caller, &request);
+    let decision = policy::decide_with(&rt.policy, caller, &shared.authority, &request);
     if let Some(line) = audit::line(caller, &decision) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
     let answer = match (decision, request) {
-        (Decision::List, _) => backend.identities().await.map(|ids| {
-            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
-        }),
-        (Decision::Sign { key, .. }, Request::Sign(sign)) => {
+        (Decision::List, _) => match backend.identities().await {
+            Ok(ids) => Ok(Response::IdentitiesAnswer(
+                list(rt, shared, caller, ids).await,
+            )),
+            Err(e) => Err(e),
+        },
+        (Decision::Sign { key, .. }, Request::Sign(mut sign)) => {
+            // The backend signs with the plain key, whether the request
+            // named it or a certificate of it; flags unchanged.
+            sign.credential = PublicCredential::Key(key.key.clone());
             // The signature goes back as the backend produced it.
             return match backend.sign(sign).await {
                 Ok(signature) => response::sign_response(&signature),
@@ -135,6 +143,104 @@ async fn handle(
             response::FAILURE.to_vec()
         }
     }
+}
+
+/// The answer to REQUEST_IDENTITIES: the identities the caller may use, in
+/// the backend's order, each key with certificates on preceded by the
+/// caller's certificate for it.
+async fn list(
+    rt: &super::Runtime,
+    shared: &Shared,
+    caller: &Caller,
+    identities: Vec<Identity>,
+) -> Vec<Identity> {
+    let (plan, ca_armed) = policy::plan_identities(&rt.policy, caller, identities);
+    if let Some(ca) = &rt.policy.ca {
+        if rt.policy.keys.iter().any(|k| k.certificate != crate::config::CertMode::Off) {
+            match shared.authority.note_ca_armed(ca_armed) {
+                Some(false) => tracing::warn!(
+                    "certificate CA {} is not armed: keys with certificate = \"also\" are listed \
+                     without a certificate, keys with certificate = \"only\" not at all \
+                     (run `keyholder arm`)",
+                    ca.name
+                ),
+                Some(true) => tracing::info!("certificate CA {} is armed", ca.name),
+                None => {}
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(plan.len() * 2);
+    for (identity, key, listing) in plan {
+        let fallback_plain = match listing {
+            Listing::Plain => {
+                out.push(identity);
+                continue;
+            }
+            Listing::Nothing => continue,
+            Listing::WithCertificate { fallback_plain } => fallback_plain,
+        };
+        let minted = match (&rt.certs, key) {
+            (Some(settings), Some(key)) => {
+                shared
+                    .authority
+                    .certificate(
+                        shared.backend.as_ref(),
+                        settings,
+                        &key.name,
+                        caller.uid,
+                        caller.user.as_deref(),
+                    )
+                    .await
+            }
+            _ => Err(MintError::NotConfigured),
+        };
+        match minted {
+            Ok(handed) => {
+                if handed.fresh {
+                    let c = &handed.cert;
+                    let line = audit::issued(
+                        caller,
+                        &audit::IssuedLine {
+                            key: key.map_or("-", |k| k.name.as_str()),
+                            serial: c.serial(),
+                            key_id: c.key_id(),
+                            principals: c.valid_principals(),
+                            valid_after: c.valid_after(),
+                            valid_before: c.valid_before(),
+                        },
+                    );
+                    tracing::info!(target: audit::TARGET, "{line}");
+                }
+                out.push(Identity {
+                    comment: handed.cert.key_id().to_owned(),
+                    credential: PublicCredential::Cert(Box::new((*handed.cert).clone())),
+                });
+                out.push(identity);
+            }
+            Err(e) => {
+                if let Some(n) = shared.mint_errors.hit() {
+                    tracing::warn!(
+                        "no certificate for key={} uid={}: {e}; listing {} \
+                         ({n} similar errors not logged)",
+                        key.map_or("-", |k| k.name.as_str()),
+                        caller.uid,
+                        if fallback_plain {
+                            "the plain key only"
+                        } else {
+                            "nothing for it (certificate = \"only\")"
+                        }
+                    );
+                }
+                if let MintError::Backend(b) = &e {
+                    note_upstream_error(shared, b);
+                }
+                if fallback_plain {
+                    out.push(identity);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn note_upstream_error(shared: &Shared, e: &BackendError) {

@@ -48,6 +48,9 @@ pub struct Runtime {
     /// The groups the keys name: a caller's membership is looked up for
     /// these, when it connects.
     pub groups: Arc<[String]>,
+    /// What certificates are minted with, when `[certificates]` is set
+    /// (a reload applies to the next certificate minted).
+    pub certs: Option<crate::certs::Settings>,
 }
 
 impl From<&Config> for Runtime {
@@ -58,6 +61,7 @@ impl From<&Config> for Runtime {
             policy,
             limits: config.limits,
             agent_socket: config.agent.socket.clone(),
+            certs: crate::certs::Settings::from_config(config),
         }
     }
 }
@@ -73,6 +77,10 @@ pub struct Shared {
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
     pub lookup_errors: SharedBurstLog,
+    /// Certificates minted, cached and remembered.
+    pub authority: crate::certs::Authority,
+    /// Once-per-burst logging of certificates that could not be minted.
+    pub mint_errors: SharedBurstLog,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -150,6 +158,8 @@ async fn serve(mut config: Config) -> Result<()> {
         backend: crate::backend::open(&config),
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
+        authority: crate::certs::Authority::new(),
+        mint_errors: SharedBurstLog::new(BURST_WINDOW),
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);

@@ -478,6 +478,12 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(dir: &TempDir) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// Like [`Sshd::start`], with `extra` sshd_config lines (e.g.
+    /// `PubkeyAcceptedAlgorithms +ssh-rsa`).
+    pub fn start_with(dir: &TempDir, extra: &str) -> Self {
         let root = dir.join("sshd");
         std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -496,7 +502,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/host_ed25519\nPidFile none\n\
                  AuthorizedKeysFile {root}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n",
+                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n{extra}\n",
                 root = root.display()
             ),
         )
