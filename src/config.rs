@@ -243,7 +243,7 @@ pub struct Config {
     /// Configured keys, sorted by name.
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
-    pub certificates: Option<CertificatesConfig>,
+    pub certificates: Option<Box<CertificatesConfig>>,
 }
 
 impl Config {
@@ -312,7 +312,7 @@ impl Config {
             keys.push(load_key(path, &key_dir, name, key)?);
         }
         let certificates = match raw.certificates {
-            Some(c) => Some(load_certificates(path, &key_dir, c, &keys)?),
+            Some(c) => Some(Box::new(load_certificates(path, &key_dir, c, &keys)?)),
             None => None,
         };
         if certificates.is_none() {
@@ -537,7 +537,9 @@ fn valid_cidr(text: &str) -> bool {
         Err(_) => return false,
     };
     bits.is_none_or(|b| {
-        !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit()) && b.parse::<u8>().is_ok_and(|n| n <= max)
+        !b.is_empty()
+            && b.bytes().all(|c| c.is_ascii_digit())
+            && b.parse::<u8>().is_ok_and(|n| n <= max)
     })
 }
 
@@ -765,6 +767,61 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("same public key"), "{e}");
+    }
+
+    #[test]
+    fn certificate_fields_are_validated() {
+        let key = |extra: &str| {
+            parse(&format!(
+                "[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n{extra}"
+            ))
+        };
+        // Off by default, with the default extension.
+        let c = key("").unwrap();
+        let k = &c.key("deploy").unwrap().cert;
+        assert_eq!(k.mode, CertMode::Off);
+        assert_eq!(k.extensions, ["permit-pty"]);
+        // A mode needs [certificates] and principals.
+        let e = key("certificate = \"also\"\nprincipals = [\"deploy\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[certificates]"), "{e}");
+        let e = key("certificate = \"only\"\n").unwrap_err().to_string();
+        assert!(e.contains("keys.deploy.principals"), "{e}");
+        let e = key("certificate = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sometimes") && e.contains("line 4"), "{e}");
+        for (bad, field) in [
+            ("principals = [\"a b\"]", "principals"),
+            ("principals = [\"a,b\"]", "principals"),
+            ("cert_extensions = [\"\"]", "cert_extensions"),
+            ("force_command = \"\"", "force_command"),
+            ("source_address = []", "source_address"),
+            ("source_address = [\"10.0.0.0/33\"]", "source_address"),
+            ("source_address = [\"example.org\"]", "source_address"),
+        ] {
+            let e = key(&format!("{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains(&format!("keys.deploy.{field}")), "{bad}: {e}");
+        }
+        let c = key(
+            "cert_extensions = [\"permit-pty\", \"permit-agent-forwarding\", \"permit-pty\"]\n\
+             source_address = [\"192.0.2.0/24\", \"2001:db8::/32\", \"::1\"]\n",
+        )
+        .unwrap();
+        let k = &c.key("deploy").unwrap().cert;
+        assert_eq!(k.extensions, ["permit-agent-forwarding", "permit-pty"]);
+        assert_eq!(k.source_address.len(), 3);
+    }
+
+    #[test]
+    fn key_id_templates() {
+        assert!(check_key_id_template(DEFAULT_KEY_ID).is_ok());
+        assert!(check_key_id_template("{user} uid {uid} on {host}: {key} #{serial}").is_ok());
+        assert!(check_key_id_template("fixed").is_ok());
+        for bad in ["", "{name}", "{user", "user}", "{}", "a\tb", "é"] {
+            assert!(check_key_id_template(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -42,7 +42,14 @@ fn hostname() -> String {
 
 /// The configuration: deploy key `deploy` in `mode`, CA `ca`, `[certificates]`
 /// with `cert_extra` lines.
-fn config_text(dir: &TempDir, agent: &Path, group: &str, target: &str, mode: &str, cert_extra: &str) -> String {
+fn config_text(
+    dir: &TempDir,
+    agent: &Path,
+    group: &str,
+    target: &str,
+    mode: &str,
+    cert_extra: &str,
+) -> String {
     format!(
         "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\nrequire_encrypted = false\n\n\
          [agent]\nsocket = \"{}\"\nspawn = false\n\n\
@@ -68,17 +75,30 @@ impl Site {
         let carol = TestUser::create("o", &[]);
         let target = TestUser::create("t", &[]);
         let elsewhere = TestUser::create("e", &[]);
-        let config = config_text(&dir, &agent.socket, &group.name, &target.name, mode, cert_extra);
+        let config = config_text(
+            &dir,
+            &agent.socket,
+            &group.name,
+            &target.name,
+            mode,
+            cert_extra,
+        );
         let daemon = Daemon::start_with(&dir, &config);
         if arm {
-            let o = keyholder(&As::Root, &["arm", "--config", daemon.config.to_str().unwrap()]);
+            let o = keyholder(
+                &As::Root,
+                &["arm", "--config", daemon.config.to_str().unwrap()],
+            );
             assert!(o.status.success(), "arm: {}{}", stdout(&o), stderr(&o));
             assert!(stdout(&o).contains("ca: armed"), "{}", stdout(&o));
         } else {
             agent.add(&deploy);
         }
         // The target trusts what `keyholder ca` prints, run as a plain user.
-        let o = keyholder(&carol.as_user(), &["ca", "--config", daemon.config.to_str().unwrap()]);
+        let o = keyholder(
+            &carol.as_user(),
+            &["ca", "--config", daemon.config.to_str().unwrap()],
+        );
         assert!(o.status.success(), "ca: {}", stderr(&o));
         let trusted = dir.join("trusted_ca");
         std::fs::write(&trusted, stdout(&o)).unwrap();
@@ -109,13 +129,21 @@ impl Site {
     }
 
     fn login(&self, who: &TestUser, account: &str, extra: &[&str]) -> std::process::Output {
-        self.sshd
-            .ssh(&who.as_user(), &self.daemon.socket, account, extra, "id -un")
+        self.sshd.ssh(
+            &who.as_user(),
+            &self.daemon.socket,
+            account,
+            extra,
+            "id -un",
+        )
     }
 
     /// `keyholder cert deploy` as `who`.
     fn cert(&self, who: &TestUser) -> std::process::Output {
-        keyholder(&who.as_user(), &["cert", "deploy", "--config", self.config()])
+        keyholder(
+            &who.as_user(),
+            &["cert", "deploy", "--config", self.config()],
+        )
     }
 
     /// `who`'s current certificate line, written to a file `who` can read.
@@ -157,7 +185,10 @@ fn logged_serial(log: &str, key_id: &str) -> Option<u64> {
 }
 
 fn ssh_keygen_l(path: &Path) -> String {
-    let o = run(std::process::Command::new("ssh-keygen").arg("-L").arg("-f").arg(path));
+    let o = run(std::process::Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(path));
     assert!(o.status.success(), "ssh-keygen -L: {}", stderr(&o));
     stdout(&o)
 }
@@ -167,20 +198,35 @@ fn is_failure(answer: &Option<Vec<u8>>) -> bool {
 }
 
 fn is_signature(answer: &Option<Vec<u8>>) -> bool {
-    answer.as_ref().is_some_and(|a| a.first() == Some(&SIGN_RESPONSE))
+    answer
+        .as_ref()
+        .is_some_and(|a| a.first() == Some(&SIGN_RESPONSE))
 }
 
 #[test]
 fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     require_root!();
-    let s = Site::new("ed25519", "ed25519", "only", "validity_secs = 600\nbackdate_secs = 90", true);
+    let s = Site::new(
+        "ed25519",
+        "ed25519",
+        "only",
+        "validity_secs = 600\nbackdate_secs = 90",
+        true,
+    );
     let host = hostname();
     let before = s.agent.keys();
 
     // Two members log in with no options; the target's log names each.
     for who in [&s.alice, &s.bob] {
         let o = s.login(who, &s.target.name, &[]);
-        assert!(o.status.success(), "{} did not log in: {}\n{}\n{}", who.name, stderr(&o), s.sshd.log_text(), s.daemon.log_text());
+        assert!(
+            o.status.success(),
+            "{} did not log in: {}\n{}\n{}",
+            who.name,
+            stderr(&o),
+            s.sshd.log_text(),
+            s.daemon.log_text()
+        );
         assert_eq!(stdout(&o).trim(), s.target.name);
     }
     let log = s.sshd.log_text();
@@ -205,7 +251,8 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
         "{klog}"
     );
     assert!(
-        klog.contains(&format!("sign user={} ", s.alice.name)) && klog.contains(&format!("serial={a} decision=granted")),
+        klog.contains(&format!("sign user={} ", s.alice.name))
+            && klog.contains(&format!("serial={a} decision=granted")),
         "{klog}"
     );
 
@@ -214,15 +261,31 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     let listed = stdout(&listed);
     let lines: Vec<&str> = listed.lines().collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(lines[0].starts_with("ssh-ed25519-cert-v01@openssh.com "), "{lines:?}");
+    assert!(
+        lines[0].starts_with("ssh-ed25519-cert-v01@openssh.com "),
+        "{lines:?}"
+    );
     assert_eq!(cert_of(lines[0]).serial(), a, "reused while valid");
     let deploy_line = std::fs::read_to_string(s.deploy_pub()).unwrap();
-    assert!(deploy_line.starts_with(lines[1].split(' ').take(2).collect::<Vec<_>>().join(" ").as_str()));
+    assert!(deploy_line.starts_with(
+        lines[1]
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .as_str()
+    ));
 
     // Validity and backdating as configured.
     let file = s.cert_file(&s.alice);
     let text = ssh_keygen_l(&file);
-    assert!(text.contains(&format!("Key ID: \"keyholder:{}@{host}:deploy\"", s.alice.name)), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Key ID: \"keyholder:{}@{host}:deploy\"",
+            s.alice.name
+        )),
+        "{text}"
+    );
     assert!(text.contains(&format!("Serial: {a}")), "{text}");
     assert!(text.contains(&s.target.name), "{text}");
     assert!(text.contains("permit-pty"), "{text}");
@@ -232,13 +295,26 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(c.valid_after() + 90 <= now && now < c.valid_after() + 90 + 60, "{text}");
+    assert!(
+        c.valid_after() + 90 <= now && now < c.valid_after() + 90 + 60,
+        "{text}"
+    );
 
     // Tools that pin one identity: -i NAME.pub -o IdentitiesOnly=yes fails
     // in mode only (OpenSSH pairs no agent certificate with it), and works
     // with -o CertificateFile= holding `keyholder cert`'s output.
-    let pinned = ["-i", s.deploy_pub().to_str().unwrap(), "-o", "IdentitiesOnly=yes"].map(str::to_owned);
-    let o = s.login(&s.alice, &s.target.name, &pinned.iter().map(String::as_str).collect::<Vec<_>>());
+    let pinned = [
+        "-i",
+        s.deploy_pub().to_str().unwrap(),
+        "-o",
+        "IdentitiesOnly=yes",
+    ]
+    .map(str::to_owned);
+    let o = s.login(
+        &s.alice,
+        &s.target.name,
+        &pinned.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert!(!o.status.success(), "plain key login in mode only");
     let with_file = format!("CertificateFile={}", file.display());
     let mut args: Vec<&str> = pinned.iter().map(String::as_str).collect();
@@ -249,13 +325,22 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     // Principals outside the list: refused by sshd.
     let o = s.login(&s.alice, &s.elsewhere.name, &[]);
     assert!(!o.status.success(), "logged in as a non-principal");
-    assert!(s.sshd.log_text().contains("not a listed principal") || s.sshd.log_text().contains("principal"), "{}", s.sshd.log_text());
+    assert!(
+        s.sshd.log_text().contains("not a listed principal")
+            || s.sshd.log_text().contains("principal"),
+        "{}",
+        s.sshd.log_text()
+    );
 
     // Outside the group: nothing listed, no certificate, no login.
     assert!(s.daemon.listed(&s.carol.as_user()).is_empty());
     let o = s.cert(&s.carol);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no certificate for deploy"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no certificate for deploy"),
+        "{}",
+        stderr(&o)
+    );
     let o = s.login(&s.carol, &s.target.name, &[]);
     assert!(!o.status.success());
 
@@ -294,7 +379,8 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     assert!(answers.iter().all(is_failure), "{answers:?}");
     let klog = s.daemon.log_text();
     assert!(
-        klog.contains(&format!("sign user={} ", s.bob.name)) && klog.contains("reason=certificate-not-yours"),
+        klog.contains(&format!("sign user={} ", s.bob.name))
+            && klog.contains("reason=certificate-not-yours"),
         "{klog}"
     );
     assert!(klog.contains("reason=certificate-required"), "{klog}");
@@ -313,7 +399,10 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
         );
         let blobs = listed_blobs(answers[0].as_ref().unwrap()).unwrap();
         assert!(!blobs.contains(&ca), "CA listed to {who:?}");
-        assert!(is_failure(&answers[1]) && is_failure(&answers[2]), "{answers:?}");
+        assert!(
+            is_failure(&answers[1]) && is_failure(&answers[2]),
+            "{answers:?}"
+        );
     }
     // status counts the CA as a key.
     let o = keyholder(&s.carol.as_user(), &["status", "--config", s.config()]);
@@ -331,7 +420,10 @@ fn rsa_keys_and_rsa_ca_in_mode_also() {
     let o = s.login(&s.alice, &s.target.name, &[]);
     assert!(o.status.success(), "{}\n{}", stderr(&o), s.sshd.log_text());
     let log = s.sshd.log_text();
-    assert!(logged_serial(&log, &format!("keyholder:{}@{host}:deploy", s.alice.name)).is_some(), "{log}");
+    assert!(
+        logged_serial(&log, &format!("keyholder:{}@{host}:deploy", s.alice.name)).is_some(),
+        "{log}"
+    );
     assert!(log.contains("RSA-CERT"), "{log}");
     let file = s.cert_file(&s.alice);
     let text = ssh_keygen_l(&file);
@@ -399,7 +491,11 @@ fn unarmed_ca_degrades_also_and_hides_only() {
     assert_eq!(s.daemon.log_count("is not armed"), 1);
     let o = s.cert(&s.alice);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("without a certificate"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("without a certificate"),
+        "{}",
+        stderr(&o)
+    );
     // status counts the CA: some keys unarmed is a WARNING naming it.
     let o = keyholder(&s.alice.as_user(), &["status", "--config", s.config()]);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
@@ -415,14 +511,26 @@ fn unarmed_ca_degrades_also_and_hides_only() {
     let listed = stdout(&listed);
     let lines: Vec<&str> = listed.lines().collect();
     assert_eq!(lines.len(), 4, "{lines:?}");
-    assert_eq!(lines.iter().filter(|l| l.contains("-cert-v01@openssh.com")).count(), 2);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("-cert-v01@openssh.com"))
+            .count(),
+        2
+    );
     assert!(s.daemon.wait_log("certificate CA ca is armed"));
 }
 
 #[test]
 fn expiry_reload_and_restart_give_fresh_certificates() {
     require_root!();
-    let mut s = Site::new("ed25519", "ed25519", "only", "validity_secs = 10\nbackdate_secs = 0", false);
+    let mut s = Site::new(
+        "ed25519",
+        "ed25519",
+        "only",
+        "validity_secs = 10\nbackdate_secs = 0",
+        false,
+    );
     s.agent.add(&s.dir.join("ca"));
     let first = cert_of(&stdout(&s.cert(&s.alice)));
     assert_eq!(first.valid_before() - first.valid_after(), 10);
@@ -441,13 +549,19 @@ fn expiry_reload_and_restart_give_fresh_certificates() {
     // A reload applies to the next certificate minted.
     let config = std::fs::read_to_string(&s.daemon.config).unwrap().replace(
         &format!("principals = [\"{}\"]", s.target.name),
-        &format!("principals = [\"{}\", \"{}\"]", s.target.name, s.elsewhere.name),
+        &format!(
+            "principals = [\"{}\", \"{}\"]",
+            s.target.name, s.elsewhere.name
+        ),
     );
     std::fs::write(&s.daemon.config, config).unwrap();
     s.daemon.signal(Signal::SIGHUP);
     assert!(s.daemon.wait_log("configuration reloaded"));
     let third = cert_of(&stdout(&s.cert(&s.alice)));
-    assert_eq!(third.valid_principals(), [s.target.name.clone(), s.elsewhere.name.clone()]);
+    assert_eq!(
+        third.valid_principals(),
+        [s.target.name.clone(), s.elsewhere.name.clone()]
+    );
     let o = s.login(&s.alice, &s.elsewhere.name, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -455,9 +569,22 @@ fn expiry_reload_and_restart_give_fresh_certificates() {
     s.daemon.stop();
     let config = std::fs::read_to_string(&s.daemon.config).unwrap();
     let d2 = Daemon::start_with(&s.dir, &config);
-    let fourth = cert_of(&stdout(&keyholder(&s.alice.as_user(), &["cert", "deploy", "--config", d2.config.to_str().unwrap()])));
-    assert!(fourth.serial() > third.serial(), "{} <= {}", fourth.serial(), third.serial());
-    let serials = [first.serial(), second.serial(), third.serial(), fourth.serial()];
+    let fourth = cert_of(&stdout(&keyholder(
+        &s.alice.as_user(),
+        &["cert", "deploy", "--config", d2.config.to_str().unwrap()],
+    )));
+    assert!(
+        fourth.serial() > third.serial(),
+        "{} <= {}",
+        fourth.serial(),
+        third.serial()
+    );
+    let serials = [
+        first.serial(),
+        second.serial(),
+        third.serial(),
+        fourth.serial(),
+    ];
     let mut unique = serials.to_vec();
     unique.dedup();
     assert_eq!(unique.len(), 4, "{serials:?}");
@@ -476,13 +603,20 @@ fn ca_command_and_configuration_errors() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         (
             keyholder(&As::Root, &["ca", "--config", path.to_str().unwrap()]),
-            keyholder(&As::Root, &["check-config", "--config", path.to_str().unwrap()]),
+            keyholder(
+                &As::Root,
+                &["check-config", "--config", path.to_str().unwrap()],
+            ),
         )
     };
     // No CA configured: exit 1 with a clear message.
     let (ca, _) = check(&format!("{base}[keys.deploy]\ngroups = [\"root\"]\n"));
     assert_eq!(ca.status.code(), Some(1));
-    assert!(stderr(&ca).contains("no certificate CA configured"), "{}", stderr(&ca));
+    assert!(
+        stderr(&ca).contains("no certificate CA configured"),
+        "{}",
+        stderr(&ca)
+    );
     // A CA: its public key line.
     let (ca, cc) = check(&format!(
         "{base}[certificates]\nca = \"ca\"\n[keys.deploy]\ngroups = [\"root\"]\ncertificate = \"also\"\nprincipals = [\"deploy\"]\n"
@@ -493,12 +627,29 @@ fn ca_command_and_configuration_errors() {
         stdout(&ca).split(' ').take(2).collect::<Vec<_>>(),
         want.split(' ').take(2).collect::<Vec<_>>()
     );
-    assert!(stdout(&cc).contains("certificates: CA ca"), "{}", stdout(&cc));
-    assert!(stdout(&cc).contains("certificate=also principals=deploy"), "{}", stdout(&cc));
+    assert!(
+        stdout(&cc).contains("certificates: CA ca"),
+        "{}",
+        stdout(&cc)
+    );
+    assert!(
+        stdout(&cc).contains("certificate=also principals=deploy"),
+        "{}",
+        stdout(&cc)
+    );
     for (bad, needle) in [
-        ("[certificates]\nca = \"ca\"\nvalidity_secs = 5\n", "validity_secs"),
-        ("[certificates]\nca = \"ca\"\nbackdate_secs = 4000\n", "backdate_secs"),
-        ("[certificates]\nca = \"ca\"\nkey_id = \"{name}\"\n", "unknown placeholder"),
+        (
+            "[certificates]\nca = \"ca\"\nvalidity_secs = 5\n",
+            "validity_secs",
+        ),
+        (
+            "[certificates]\nca = \"ca\"\nbackdate_secs = 4000\n",
+            "backdate_secs",
+        ),
+        (
+            "[certificates]\nca = \"ca\"\nkey_id = \"{name}\"\n",
+            "unknown placeholder",
+        ),
         ("[certificates]\nca = \"deploy\"\n", "also a [keys] entry"),
         ("[certificates]\nca = \"nope\"\n", "nope.pub"),
     ] {
@@ -507,7 +658,13 @@ fn ca_command_and_configuration_errors() {
         assert!(stderr(&cc).contains(needle), "{bad}: {}", stderr(&cc));
     }
     let (_, cc) = check(&format!("{base}[certificates]\nca = \"ca\"\n[keys.deploy]\ngroups = [\"root\"]\ncertificate = \"only\"\n"));
-    assert!(stderr(&cc).contains("keys.deploy.principals"), "{}", stderr(&cc));
-    let (_, cc) = check(&format!("{base}[keys.deploy]\ngroups = [\"root\"]\ncertificate = \"only\"\nprincipals = [\"d\"]\n"));
+    assert!(
+        stderr(&cc).contains("keys.deploy.principals"),
+        "{}",
+        stderr(&cc)
+    );
+    let (_, cc) = check(&format!(
+        "{base}[keys.deploy]\ngroups = [\"root\"]\ncertificate = \"only\"\nprincipals = [\"d\"]\n"
+    ));
     assert!(stderr(&cc).contains("[certificates]"), "{}", stderr(&cc));
 }

@@ -275,7 +275,20 @@ impl Authority {
                 });
             }
         }
-        let cert = Arc::new(mint(backend, settings, name, &key.key, &key.cert, uid, user, self.serials.next(), now).await?);
+        let cert = Arc::new(
+            mint(
+                backend,
+                settings,
+                name,
+                &key.key,
+                &key.cert,
+                uid,
+                user,
+                self.serials.next(),
+                now,
+            )
+            .await?,
+        );
         self.remember(uid, &cert, now);
         *current = Some(Current {
             profile,
@@ -295,9 +308,9 @@ impl Authority {
             let now = unix_now();
             map.retain(|_, slot| {
                 Arc::strong_count(slot) > 1
-                    || slot
-                        .try_lock()
-                        .map_or(true, |c| c.as_ref().is_some_and(|c| c.cert.valid_before() > now))
+                    || slot.try_lock().map_or(true, |c| {
+                        c.as_ref().is_some_and(|c| c.cert.valid_before() > now)
+                    })
             });
             if map.len() >= MAX_CURRENT {
                 let idle: Vec<(u32, String)> = map
@@ -387,8 +400,8 @@ pub fn key_id(
                 Some(u) if plain_name(u) => out.push_str(u),
                 Some(u) => {
                     return Err(MintError::BadName(format!(
-                        "user name {u:?} cannot go into a key ID (letters, digits, '.', '_', '-' only)"
-                    )))
+                    "user name {u:?} cannot go into a key ID (letters, digits, '.', '_', '-' only)"
+                )))
                 }
                 None => {
                     return Err(MintError::BadName(format!(
@@ -443,7 +456,8 @@ pub async fn mint(
     let valid_before = now.saturating_add(settings.validity_secs);
     let build = || -> Result<Builder, MintError> {
         let bad = |e: ssh_key::Error| MintError::Build(e.to_string());
-        let mut b = Builder::new(nonce.to_vec(), key.clone(), valid_after, valid_before).map_err(bad)?;
+        let mut b =
+            Builder::new(nonce.to_vec(), key.clone(), valid_after, valid_before).map_err(bad)?;
         b.serial(serial).map_err(bad)?;
         b.cert_type(CertType::User).map_err(bad)?;
         b.key_id(key_id.clone()).map_err(bad)?;
@@ -451,7 +465,8 @@ pub async fn mint(
             b.valid_principal(p.clone()).map_err(bad)?;
         }
         if let Some(command) = &cert.force_command {
-            b.critical_option("force-command", command.clone()).map_err(bad)?;
+            b.critical_option("force-command", command.clone())
+                .map_err(bad)?;
         }
         if !cert.source_address.is_empty() {
             b.critical_option("source-address", cert.source_address.join(","))

@@ -121,11 +121,15 @@ fn a_minted_certificate_says_what_the_settings_say() {
     assert!(c.valid_after() + 60 >= before && c.valid_after() + 60 <= unix_now());
     assert_eq!(c.valid_before() - c.valid_after(), 360);
     assert_eq!(
-        c.critical_options().get("force-command").map(String::as_str),
+        c.critical_options()
+            .get("force-command")
+            .map(String::as_str),
         Some("/usr/bin/deploy")
     );
     assert_eq!(
-        c.critical_options().get("source-address").map(String::as_str),
+        c.critical_options()
+            .get("source-address")
+            .map(String::as_str),
         Some("192.0.2.0/24,::1")
     );
     assert_eq!(
@@ -235,7 +239,16 @@ fn names_that_would_break_the_key_id_are_refused() {
     let ca = TestCa::new(9);
     let s = settings(&ca);
     let authority = Authority::new();
-    for bad in ["al ice", "alice@evil", "a:b", "\"x\"", "-x", "é", "a\nb", ""] {
+    for bad in [
+        "al ice",
+        "alice@evil",
+        "a:b",
+        "\"x\"",
+        "-x",
+        "é",
+        "a\nb",
+        "",
+    ] {
         let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some(bad)));
         assert!(matches!(got, Err(MintError::BadName(_))), "{bad:?}");
     }
@@ -261,12 +274,23 @@ fn names_that_would_break_the_key_id_are_refused() {
 fn key_id_template_expansion() {
     let host = Ok("h1".to_owned());
     assert_eq!(
-        key_id("{user}/{uid}/{host}/{key}/{serial}", Some("a.b_c-d"), 7, &host, "k", 42).unwrap(),
+        key_id(
+            "{user}/{uid}/{host}/{key}/{serial}",
+            Some("a.b_c-d"),
+            7,
+            &host,
+            "k",
+            42
+        )
+        .unwrap(),
         "a.b_c-d/7/h1/k/42"
     );
     assert_eq!(key_id("fixed", None, 7, &host, "k", 1).unwrap(), "fixed");
     // {user} is only needed when the template uses it.
-    assert_eq!(key_id("uid {uid}", None, 7, &host, "k", 1).unwrap(), "uid 7");
+    assert_eq!(
+        key_id("uid {uid}", None, 7, &host, "k", 1).unwrap(),
+        "uid 7"
+    );
 }
 
 #[test]

@@ -31,9 +31,12 @@ pub fn run_ca(config_path: &Path) -> Result<u8> {
             config.path.display()
         )));
     };
-    let line = PublicKey::new(c.ca.public_key.clone(), format!("keyholder-ca:{}", c.ca.name))
-        .to_openssh()
-        .map_err(|e| Error::msg(format!("cannot encode the CA public key: {e}")))?;
+    let line = PublicKey::new(
+        c.ca.public_key.clone(),
+        format!("keyholder-ca:{}", c.ca.name),
+    )
+    .to_openssh()
+    .map_err(|e| Error::msg(format!("cannot encode the CA public key: {e}")))?;
     say!("{line}");
     Ok(0)
 }

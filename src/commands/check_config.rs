@@ -113,7 +113,13 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             );
         }
-        let state = check_key(&config, key, &format!("keys.{}", key.name), root, &mut found);
+        let state = check_key(
+            &config,
+            key,
+            &format!("keys.{}", key.name),
+            root,
+            &mut found,
+        );
         say!(
             "  private key: {} ({state})",
             key.private_key_path.display()
@@ -130,7 +136,10 @@ pub fn run(path: &Path) -> Result<u8> {
             c.key_id
         );
         if let PublicKeySource::File(p) = &c.ca.source {
-            say!("  public key: {} (targets trust it: `keyholder ca`)", p.display());
+            say!(
+                "  public key: {} (targets trust it: `keyholder ca`)",
+                p.display()
+            );
         }
         let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
         say!(

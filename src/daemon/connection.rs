@@ -154,9 +154,15 @@ async fn list(
     caller: &Caller,
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
-    let (plan, ca_armed) = policy::plan_identities(&rt.policy, caller, identities);
+    let plan = policy::plan_identities(&rt.policy, caller, identities);
+    let ca_armed = plan.ca_armed;
     if let Some(ca) = &rt.policy.ca {
-        if rt.policy.keys.iter().any(|k| k.certificate != crate::config::CertMode::Off) {
+        if rt
+            .policy
+            .keys
+            .iter()
+            .any(|k| k.certificate != crate::config::CertMode::Off)
+        {
             match shared.authority.note_ca_armed(ca_armed) {
                 Some(false) => tracing::warn!(
                     "certificate CA {} is not armed: keys with certificate = \"also\" are listed \
@@ -169,8 +175,13 @@ async fn list(
             }
         }
     }
-    let mut out = Vec::with_capacity(plan.len() * 2);
-    for (identity, key, listing) in plan {
+    let mut out = Vec::with_capacity(plan.items.len() * 2);
+    for policy::Planned {
+        identity,
+        key,
+        listing,
+    } in plan.items
+    {
         let fallback_plain = match listing {
             Listing::Plain => {
                 out.push(identity);
@@ -179,8 +190,8 @@ async fn list(
             Listing::Nothing => continue,
             Listing::WithCertificate { fallback_plain } => fallback_plain,
         };
-        let minted = match (&rt.certs, key) {
-            (Some(settings), Some(key)) => {
+        let minted = match &rt.certs {
+            Some(settings) => {
                 shared
                     .authority
                     .certificate(
@@ -192,7 +203,7 @@ async fn list(
                     )
                     .await
             }
-            _ => Err(MintError::NotConfigured),
+            None => Err(MintError::NotConfigured),
         };
         match minted {
             Ok(handed) => {
@@ -201,7 +212,7 @@ async fn list(
                     let line = audit::issued(
                         caller,
                         &audit::IssuedLine {
-                            key: key.map_or("-", |k| k.name.as_str()),
+                            key: &key.name,
                             serial: c.serial(),
                             key_id: c.key_id(),
                             principals: c.valid_principals(),
@@ -222,7 +233,7 @@ async fn list(
                     tracing::warn!(
                         "no certificate for key={} uid={}: {e}; listing {} \
                          ({n} similar errors not logged)",
-                        key.map_or("-", |k| k.name.as_str()),
+                        key.name,
                         caller.uid,
                         if fallback_plain {
                             "the plain key only"

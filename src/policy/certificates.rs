@@ -110,8 +110,14 @@ pub fn listing(mode: CertMode, ca_armed: bool) -> Listing {
 mod tests {
     use super::*;
 
-    const MINE: Issued = Issued { uid: 1000, serial: 7 };
-    const THEIRS: Issued = Issued { uid: 1001, serial: 8 };
+    const MINE: Issued = Issued {
+        uid: 1000,
+        serial: 7,
+    };
+    const THEIRS: Issued = Issued {
+        uid: 1001,
+        serial: 8,
+    };
 
     #[test]
     fn every_mode_and_data_key() {

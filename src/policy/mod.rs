@@ -335,36 +335,59 @@ fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
     }
 }
 
-/// The upstream agent's identities that `caller` may use, in upstream
-/// order, each with how it is listed (see [`certificates::listing`]).
-/// `ca_armed`: whether the upstream agent holds the CA (these identities
-/// include it). The CA itself is never among them.
+/// One identity to list, and how (see [`certificates::listing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned<'p> {
+    /// The backend's identity.
+    pub identity: Identity,
+    /// The configured key it is.
+    pub key: &'p KeyRule,
+    /// With a certificate before it, or not at all.
+    pub listing: Listing,
+}
+
+/// What REQUEST_IDENTITIES answers, before certificates are minted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPlan<'p> {
+    /// The identities `caller` may use, in the backend's order.
+    pub items: Vec<Planned<'p>>,
+    /// Whether the backend holds the CA.
+    pub ca_armed: bool,
+}
+
+/// The backend's identities that `caller` may use, in the backend's order,
+/// each with how it is listed given whether the CA is among them. The CA
+/// itself is never planned (it is not a configured key), for root neither.
 pub fn plan_identities<'p>(
     policy: &'p Policy,
     caller: &Caller,
     identities: Vec<Identity>,
-) -> (Vec<(Identity, Option<&'p KeyRule>, Listing)>, bool) {
+) -> ListPlan<'p> {
     let ca_armed = policy.ca.as_ref().is_some_and(|ca| {
         identities
             .iter()
             .any(|id| id.credential.key_data() == &ca.key)
     });
-    let plan = identities
+    let items = identities
         .into_iter()
-        .filter_map(|id| {
-            let key = policy.key(id.credential.key_data())?;
+        .filter_map(|identity| {
+            let key = policy.key(identity.credential.key_data())?;
             if !caller.may_use(key) {
                 return None;
             }
             // Only a plain key identity gets a certificate put before it.
-            let listing = match &id.credential {
+            let listing = match &identity.credential {
                 PublicCredential::Key(_) => certificates::listing(key.certificate, ca_armed),
                 PublicCredential::Cert(_) => Listing::Plain,
             };
-            Some((id, Some(key), listing))
+            Some(Planned {
+                identity,
+                key,
+                listing,
+            })
         })
         .collect();
-    (plan, ca_armed)
+    ListPlan { items, ca_armed }
 }
 
 /// The upstream agent's identities that `caller` may use, in upstream order.
@@ -387,8 +410,9 @@ pub fn filter_identities(
 /// (`None` when the upstream agent could not be asked).
 /// The CA counts as a key that must be armed, listed after the keys.
 pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusReport {
-    let armed =
-        |key: &KeyData| upstream.is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == key));
+    let armed = |key: &KeyData| {
+        upstream.is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == key))
+    };
     StatusReport {
         upstream_reachable: upstream.is_some(),
         keys: policy

@@ -102,7 +102,9 @@ fn member_of_an_allowed_group_may_sign_userauth() {
             &userauth_sign(1, "deploy"),
         );
         match d {
-            Decision::Sign { key, remote_user, .. } => {
+            Decision::Sign {
+                key, remote_user, ..
+            } => {
                 assert_eq!(key.name, "deploy");
                 assert_eq!(remote_user.as_deref(), Some("deploy"));
             }
@@ -363,4 +365,179 @@ fn group_names_are_every_configured_group_once() {
         ["deployers", "ops", "phab-admins", "signers"]
     );
     assert!(Policy::default().group_names().is_empty());
+}
+
+/// A cache that minted `cert` for uid 1000, serial 77.
+struct MintedFor(ssh_key::Certificate);
+
+impl certificates::Minted for MintedFor {
+    fn issued(&self, cert: &ssh_key::Certificate) -> Option<certificates::Issued> {
+        (cert == &self.0).then_some(certificates::Issued {
+            uid: 1000,
+            serial: 77,
+        })
+    }
+}
+
+fn cert_policy(mode: CertMode) -> Policy {
+    let mut p = policy();
+    for k in &mut p.keys {
+        k.certificate = mode;
+    }
+    p.ca = Some(CaRule {
+        name: "ca".into(),
+        key: key(60),
+        fingerprint: "SHA256:ca".into(),
+    });
+    p
+}
+
+#[test]
+fn the_key_blob_inside_the_data_is_what_the_certificate_rules_check() {
+    let PublicCredential::Cert(cert) = certificate(1) else {
+        unreachable!()
+    };
+    let minted = MintedFor((*cert).clone());
+    let alice = caller(1000, &["deployers"]);
+    let bob = caller(1001, &["deployers"]);
+    let in_data = build_cert_data(&cert);
+    for mode in [CertMode::Off, CertMode::Also, CertMode::Only] {
+        let p = cert_policy(mode);
+        // The request may name the certificate (ssh >= 10.3) or the plain
+        // key (ssh <= 10.2, CertificateFile) with the certificate in the data.
+        for credential in [
+            PublicCredential::Cert(cert.clone()),
+            PublicCredential::Key(key(1)),
+        ] {
+            let req = sign(credential, in_data.clone(), 0);
+            let d = decide_with(&p, &alice, &minted, &req);
+            assert!(
+                matches!(
+                    d,
+                    Decision::Sign {
+                        serial: Some(77),
+                        ..
+                    }
+                ),
+                "{mode:?}: {d:?}"
+            );
+            // Someone else replaying it, root included: refused, with the serial.
+            for other in [&bob, &caller(0, &[])] {
+                let d = decide_with(&p, other, &minted, &req);
+                assert_eq!(refused(&d), Some(Reason::CertificateNotYours), "{mode:?}");
+                assert!(matches!(
+                    d,
+                    Decision::Refuse {
+                        serial: Some(77),
+                        ..
+                    }
+                ));
+                assert!(d.is_audited());
+            }
+            // A certificate keyholder did not mint: refused.
+            let d = decide_with(&p, &alice, &NoneMinted, &req);
+            assert_eq!(refused(&d), Some(Reason::CertificateNotYours));
+        }
+        // Plain key in the data: refused in mode only, whatever the request names.
+        for credential in [
+            PublicCredential::Cert(cert.clone()),
+            PublicCredential::Key(key(1)),
+        ] {
+            let req = sign(credential, build(&key(1), "deploy", PUBLICKEY, None), 0);
+            let d = decide_with(&p, &alice, &minted, &req);
+            if mode == CertMode::Only {
+                assert_eq!(refused(&d), Some(Reason::CertificateRequired));
+                assert!(d.is_audited());
+            } else {
+                assert!(matches!(d, Decision::Sign { serial: None, .. }), "{d:?}");
+            }
+        }
+        // Group rules come first: an outsider with alice's certificate.
+        let req = sign(PublicCredential::Key(key(1)), in_data.clone(), 0);
+        let outsider = caller(1000, &["phab-admins"]);
+        assert_eq!(
+            refused(&decide_with(&p, &outsider, &minted, &req)),
+            Some(Reason::NotInGroup)
+        );
+    }
+    // The CA can never sign, not even for root, not even other data.
+    let p = cert_policy(CertMode::Only);
+    for data in [build(&key(60), "x", PUBLICKEY, None), b"tbs".to_vec()] {
+        let req = sign(PublicCredential::Key(key(60)), data, 0);
+        assert_eq!(
+            refused(&decide_with(&p, &caller(0, &[]), &minted, &req)),
+            Some(Reason::UnknownKey)
+        );
+    }
+}
+
+/// User-auth data carrying `cert` as its key blob.
+fn build_cert_data(cert: &ssh_key::Certificate) -> Vec<u8> {
+    use ssh_encoding::Encode;
+    let mut d = Vec::new();
+    vec![1u8; 32].encode(&mut d).unwrap();
+    d.push(50);
+    "deploy".encode(&mut d).unwrap();
+    "ssh-connection".encode(&mut d).unwrap();
+    PUBLICKEY.encode(&mut d).unwrap();
+    d.push(1);
+    "ssh-ed25519-cert-v01@openssh.com".encode(&mut d).unwrap();
+    let mut blob = Vec::new();
+    cert.encode(&mut blob).unwrap();
+    blob.encode(&mut d).unwrap();
+    d
+}
+
+#[test]
+fn listing_plans_certificates_and_never_the_ca() {
+    let ids = |with_ca: bool| {
+        let mut v = vec![
+            identity(PublicCredential::Key(key(1))),
+            identity(PublicCredential::Key(key(2))),
+        ];
+        if with_ca {
+            v.push(identity(PublicCredential::Key(key(60))));
+        }
+        v
+    };
+    let mut p = cert_policy(CertMode::Also);
+    p.keys[1].certificate = CertMode::Only;
+    let root = caller(0, &[]);
+    let plan = plan_identities(&p, &root, ids(true));
+    assert!(plan.ca_armed);
+    let got: Vec<(&str, Listing)> = plan
+        .items
+        .iter()
+        .map(|i| (i.key.name.as_str(), i.listing))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "deploy",
+                Listing::WithCertificate {
+                    fallback_plain: true
+                }
+            ),
+            (
+                "phab",
+                Listing::WithCertificate {
+                    fallback_plain: false
+                }
+            ),
+        ]
+    );
+    let plan = plan_identities(&p, &root, ids(false));
+    assert!(!plan.ca_armed);
+    let got: Vec<Listing> = plan.items.iter().map(|i| i.listing).collect();
+    assert_eq!(got, vec![Listing::Plain, Listing::Nothing]);
+    // Group filtering as before.
+    let plan = plan_identities(&p, &caller(1000, &["deployers"]), ids(true));
+    assert_eq!(plan.items.len(), 1);
+    // The CA counts in status.
+    let report = status_report(&p, Some(&ids(false)));
+    assert_eq!(
+        report.keys.last().map(|k| (k.name.as_str(), k.armed)),
+        Some(("ca", false))
+    );
 }
