@@ -175,6 +175,23 @@ async fn serve(mut config: Config) -> Result<()> {
         key_names(&config)
     );
 
+    if let Some(c) = &config.certificates {
+        tracing::info!(
+            "certificates: CA {} ({}), valid {} s (backdated {} s), key ID {:?}, for: {}",
+            c.ca.name,
+            c.ca.fingerprint,
+            c.validity_secs,
+            c.backdate_secs,
+            c.key_id,
+            config
+                .keys
+                .iter()
+                .filter(|k| k.cert.mode != crate::config::CertMode::Off)
+                .map(|k| format!("{} ({})", k.name, k.cert.mode.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if config.keys.is_empty() {
         tracing::warn!(
             "no keys configured in {}: every sign request will be refused",
