@@ -280,7 +280,10 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     let o = keyholder(&s.alice.as_user(), &["list", "--config", s.config()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("ED25519-CERT") && text.contains(&format!("serial {a}")), "{text}");
+    assert!(
+        text.contains("ED25519-CERT") && text.contains(&format!("serial {a}")),
+        "{text}"
+    );
     assert!(!text.contains('?'), "{text}");
 
     // Validity and backdating as configured.

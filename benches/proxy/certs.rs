@@ -41,7 +41,8 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
     let text = plain.replace(
         &format!("socket = \"{}\"", b.proxy.display()),
         &format!("socket = \"{}\"", socket.display()),
-    ) + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n";
+    )
+        + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n";
     std::fs::write(&config, text).map_err(|e| e.to_string())?;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| e.to_string())?;
@@ -97,12 +98,16 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
     let sign_plain = b.sign.clone();
     let plain_socket = b.proxy.clone();
     for round in 0..rounds {
-        let sides: [(bool, &PathBuf, &Vec<u8>); 2] =
-            [(false, &plain_socket, &sign_plain), (true, &socket, &sign_cert)];
+        let sides: [(bool, &PathBuf, &Vec<u8>); 2] = [
+            (false, &plain_socket, &sign_plain),
+            (true, &socket, &sign_cert),
+        ];
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let (certified, sock, sign) = sides[i];
-            let r = b.window_on(sock, sign, Op::Connect, 16, warmup_ms, window_ms)?.r;
+            let r = b
+                .window_on(sock, sign, Op::Connect, 16, warmup_ms, window_ms)?
+                .r;
             if !daemon.alive() {
                 return Err("the certificate daemon died".into());
             }
@@ -132,7 +137,8 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
     let settings =
         keyholder::certs::Settings::from_config(&loaded).ok_or("no [certificates] loaded")?;
     let key = settings.keys.get("bench").ok_or("no key bench")?.clone();
-    let backend = keyholder::backend::UpstreamBackend::new(b.direct.clone(), Duration::from_secs(30), 16);
+    let backend =
+        keyholder::backend::UpstreamBackend::new(b.direct.clone(), Duration::from_secs(30), 16);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
