@@ -42,6 +42,11 @@ pub enum Command {
     /// agent.spawn = true, and serves until SIGTERM or SIGINT (exit 0, socket removed).
     /// SIGHUP reloads the configuration; a configuration that fails to load leaves the
     /// last good one in force. Under systemd it reports readiness with sd_notify.
+    ///
+    /// A caller's groups are looked up for every request, cached for at most
+    /// limits.lookup_cache_secs (default 5; dropped when /etc/passwd or /etc/group change
+    /// and on SIGHUP); a lookup slower than limits.lookup_timeout_secs (default 5) gets that
+    /// caller's requests refused (user-lookup-timeout) while everyone else is served.
     Daemon {
         /// Where logs go; overrides `log` in the configuration.
         #[arg(long, value_enum, value_name = "TARGET")]

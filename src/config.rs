@@ -78,6 +78,8 @@ struct RawLimits {
     max_connections_per_user: Option<u32>,
     idle_timeout_secs: Option<u64>,
     upstream_timeout_secs: Option<u64>,
+    lookup_cache_secs: Option<u64>,
+    lookup_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,7 +182,17 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// An upstream answer that takes longer than this yields FAILURE.
     pub upstream_timeout: Duration,
+    /// A caller's user name and groups are reused for at most this long
+    /// (zero: looked up for every request).
+    pub lookup_cache: Duration,
+    /// A user-database lookup that takes longer leaves the request without
+    /// groups (`user-lookup-timeout`).
+    pub lookup_timeout: Duration,
 }
+
+/// The largest `lookup_cache_secs` and `lookup_timeout_secs` accepted: an
+/// hour is already far beyond any useful value.
+pub const MAX_LOOKUP_SECS: u64 = 3600;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -189,6 +201,8 @@ impl Default for Limits {
             max_connections_per_user: 512,
             idle_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(30),
+            lookup_cache: Duration::from_secs(5),
+            lookup_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -305,6 +319,24 @@ impl Config {
                 raw.limits.upstream_timeout_secs,
                 defaults.upstream_timeout.as_secs(),
             )?),
+            lookup_cache: Duration::from_secs(at_most(
+                &file,
+                "limits.lookup_cache_secs",
+                raw.limits.lookup_cache_secs,
+                defaults.lookup_cache.as_secs(),
+            )?),
+            lookup_timeout: Duration::from_secs(at_most(
+                &file,
+                "limits.lookup_timeout_secs",
+                positive(
+                    &file,
+                    "limits.lookup_timeout_secs",
+                    raw.limits.lookup_timeout_secs,
+                    defaults.lookup_timeout.as_secs(),
+                )
+                .map(Some)?,
+                defaults.lookup_timeout.as_secs(),
+            )?),
         };
 
         let mut keys = Vec::with_capacity(raw.keys.len());
@@ -386,6 +418,21 @@ fn positive<T: PartialEq + Default + Copy>(
     match value {
         Some(v) if v == T::default() => Err(Error::msg(format!(
             "{file}: {field}: must be greater than 0"
+        ))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+fn at_most(
+    file: &impl std::fmt::Display,
+    field: &str,
+    value: Option<u64>,
+    default: u64,
+) -> Result<u64> {
+    match value {
+        Some(v) if v > MAX_LOOKUP_SECS => Err(Error::msg(format!(
+            "{file}: {field}: must be at most {MAX_LOOKUP_SECS}"
         ))),
         Some(v) => Ok(v),
         None => Ok(default),
@@ -751,6 +798,18 @@ mod tests {
         assert!(parse("[limits]\nmax_connections = 0\n").is_err());
         assert!(parse("[limits]\nidle_timeout_secs = 0\n").is_err());
         assert!(parse("[limits]\nmax_connections = -1\n").is_err());
+        assert!(parse("[limits]\nlookup_timeout_secs = 0\n").is_err());
+        let e = parse("[limits]\nlookup_cache_secs = 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.lookup_cache_secs: must be at most 3600"),
+            "{e}"
+        );
+        assert!(parse("[limits]\nlookup_timeout_secs = 3601\n").is_err());
+        let c = parse("[limits]\nlookup_cache_secs = 0\nlookup_timeout_secs = 2\n").unwrap();
+        assert_eq!(c.limits.lookup_cache, Duration::ZERO);
+        assert_eq!(c.limits.lookup_timeout, Duration::from_secs(2));
         let e = parse(&format!(
             "[keys.\"../x\"]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n"
         ))

@@ -537,6 +537,80 @@ fn group_changes_apply_to_the_next_connection_without_restart() {
 }
 
 #[test]
+fn gpasswd_applies_to_the_next_request_on_an_open_connection() {
+    require_root!();
+    gpasswd_on_an_open_connection("");
+}
+
+#[test]
+fn gpasswd_applies_to_the_next_request_without_a_lookup_cache() {
+    require_root!();
+    gpasswd_on_an_open_connection("[limits]\nlookup_cache_secs = 0\n");
+}
+
+fn gpasswd_on_an_open_connection(extra: &str) {
+    let h = Host::new(extra);
+    let before = h.agent.keys();
+    let user = TestUser::create("gp", &[&h.deployers]);
+    let blob = pubkey_blob(&h.dir.join("deploy.pub"));
+    let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
+    let marks: Vec<_> = ["left", "gone", "back", "again"]
+        .iter()
+        .map(|m| std::env::temp_dir().join(unique(m)))
+        .collect();
+    // One connection, held open across `gpasswd -d` and `gpasswd -a`, each
+    // made while the connection waits and within the lookup cache's age.
+    let script = [
+        Step::Send(sign.clone()),
+        Step::Send(vec![11]),
+        Step::Mark(marks[0].clone()),
+        Step::Wait(marks[1].clone()),
+        Step::Send(sign.clone()),
+        Step::Send(vec![11]),
+        Step::Mark(marks[2].clone()),
+        Step::Wait(marks[3].clone()),
+        Step::Send(sign.clone()),
+        Step::Send(vec![11]),
+    ];
+    let (who, socket) = (user.as_user(), h.daemon.socket.clone());
+    let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
+    assert!(wait_for(Duration::from_secs(30), || marks[0].exists()));
+    user.leave(&h.deployers);
+    std::fs::write(&marks[1], "").unwrap();
+    assert!(wait_for(Duration::from_secs(30), || marks[2].exists()));
+    user.join(&h.deployers);
+    std::fs::write(&marks[3], "").unwrap();
+    let answers = client.join().unwrap();
+    for m in &marks {
+        let _ = std::fs::remove_file(m);
+    }
+    let kind = |i: usize| answers[i].as_ref().map(|a| a[0]);
+    let listed = |i: usize| listed_blobs(answers[i].as_deref().unwrap()).unwrap();
+    let deploy_keys = {
+        let mut v = vec![blob.clone(), pubkey_blob(&h.dir.join("deployrsa.pub"))];
+        v.sort();
+        v
+    };
+    // A member: signs and lists its keys.
+    assert_eq!(kind(0), Some(SIGN_RESPONSE));
+    assert_eq!(listed(1), deploy_keys);
+    // Removed from the group: the very next request on the same connection
+    // is refused, and the agent is unchanged.
+    assert_eq!(answers[2], Some(vec![FAILURE]));
+    assert_eq!(listed(3), Vec::<Vec<u8>>::new());
+    assert!(h
+        .daemon
+        .wait_log(&format!("sign user={} uid={} ", user.name, user.uid())));
+    assert!(h.daemon.log_text().lines().any(|l| l.contains(&user.name)
+        && l.contains("decision=refused")
+        && l.contains("reason=not-in-allowed-group")));
+    assert_eq!(h.agent.keys(), before);
+    // Added back: the next request signs again.
+    assert_eq!(kind(4), Some(SIGN_RESPONSE));
+    assert_eq!(listed(5), deploy_keys);
+}
+
+#[test]
 fn sighup_applies_a_good_config_and_keeps_the_last_good_one_on_error() {
     require_root!();
     let h = Host::new("");
@@ -659,7 +733,7 @@ fn non_root_cannot_run_the_daemon() {
 }
 
 #[test]
-fn a_reload_revokes_at_once_and_new_groups_count_from_the_next_connection() {
+fn a_reload_applies_at_once_to_open_connections_with_their_groups_looked_up_again() {
     require_root!();
     let h = Host::new("");
     let newcomers = TestGroup::create("new");
@@ -710,10 +784,11 @@ fn a_reload_revokes_at_once_and_new_groups_count_from_the_next_connection() {
         .map(|a| listed_blobs(a.as_deref().unwrap()))
         .collect();
     assert_eq!(open[0], blobs(&["deploy", "deployrsa"]));
-    // The open connection loses deploy at once, and gains nothing through
-    // newcomers: its groups were looked up when it connected.
-    assert_eq!(open[1], blobs(&["deployrsa"]));
-    // The next connection has everything newcomers now grants.
+    // The open connection gets the new rules at its next request, with its
+    // groups looked up again (SIGHUP drops the lookup cache): deploy stays
+    // (now through newcomers) and phab comes through newcomers too.
+    assert_eq!(open[1], blobs(&["deploy", "deployrsa", "phab"]));
+    // So does the next connection.
     assert_eq!(
         h.listed(&user.as_user()),
         h.expect(&["deploy", "deployrsa", "phab"])

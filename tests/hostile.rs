@@ -575,6 +575,68 @@ fn a_thousand_connections_from_one_user_under_the_default_limits() {
     assert_eq!(listed_blobs(answers[0].as_ref().unwrap()), Some(vec![]));
 }
 
+#[test]
+fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
+    require_root!();
+    let w = World::new();
+    let d = w.daemon("max_connections = 16\nmax_connections_per_user = 4\nidle_timeout_secs = 120");
+    // A user who has never connected: known from /etc/passwd at once.
+    let member = TestUser::create("sub", &[&w.deployers]);
+    // Eight uids with no passwd entry (a user's subordinate uids, as a user
+    // namespace maps them), each trying for a full per-user share.
+    let base = 3_900_000_000 + (std::process::id() % 10_000) * 16;
+    let uids: Vec<u32> = (base..base + 8).collect();
+    for &uid in &uids {
+        assert!(
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .unwrap()
+                .is_none(),
+            "uid {uid} has a passwd entry"
+        );
+    }
+    let flood: Vec<Holder> = uids
+        .iter()
+        .map(|&uid| Holder::start(&As::Ids { uid, gid: 65534 }, &d.socket, 4))
+        .collect();
+    // Together they get one user's share (4 of 32), not 16 of 16.
+    let admitted: usize = flood.iter().map(|h| h.report.admitted).sum();
+    let refused: usize = flood.iter().map(|h| h.report.refused).sum();
+    assert_eq!(
+        (admitted, refused),
+        (4, 28),
+        "{:?}",
+        flood.iter().map(|h| &h.report).collect::<Vec<_>>()
+    );
+    let shared =
+        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached";
+    assert!(d.wait_log(shared));
+    assert_eq!(d.log_count(shared), 1, "{}", d.log_text());
+    // Meanwhile the member is served with its keys, and has its whole share.
+    let answers = raw_as(
+        &member.as_user(),
+        &d.socket,
+        &[vec![11], w.sign_msg("deploy")],
+    );
+    assert_eq!(
+        listed_blobs(answers[0].as_ref().expect("member locked out")),
+        Some(w.blobs(&["deploy", "deploy2"]))
+    );
+    assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
+    let own = Holder::start(&member.as_user(), &d.socket, 5);
+    assert_eq!(
+        (own.report.admitted, own.report.refused),
+        (4, 1),
+        "{:?}",
+        own.report
+    );
+    // So is root.
+    let root = hold(&d.socket, 4);
+    assert_eq!(root.kept.len(), 4);
+    assert_eq!(own.release(), 4);
+    let still: usize = flood.into_iter().map(Holder::release).sum();
+    assert_eq!(still, 4);
+}
+
 // ---------------------------------------------------------------------------
 // Memory
 

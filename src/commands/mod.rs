@@ -36,8 +36,8 @@ use crate::error::{Error, Result};
 /// it, the defaults apply (with a note saying so) rather than failing.
 #[derive(Debug)]
 pub enum ClientConfig {
-    /// The file, loaded and validated.
-    Loaded(Config),
+    /// The file, loaded and validated (boxed: far larger than the other).
+    Loaded(Box<Config>),
     /// The file could not be read for lack of permission.
     Defaults {
         /// Says which file and that the defaults apply.
@@ -50,7 +50,7 @@ impl ClientConfig {
     /// other failure (missing file, invalid content) is an error.
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(path, &text).map(Self::Loaded),
+            Ok(text) => Config::parse(path, &text).map(|c| Self::Loaded(Box::new(c))),
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(Self::Defaults {
                 note: format!(
                     "{}: cannot read ({e}); using the default socket {DEFAULT_SOCKET}",
@@ -72,7 +72,7 @@ impl ClientConfig {
     /// The configuration, when it could be read.
     pub fn config(&self) -> Option<&Config> {
         match self {
-            Self::Loaded(c) => Some(c),
+            Self::Loaded(c) => Some(&**c),
             Self::Defaults { .. } => None,
         }
     }

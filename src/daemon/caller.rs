@@ -2,8 +2,9 @@
 //! user name and groups from the user database (NSS: files, LDAP, sssd).
 //!
 //! The peer process's own gids are never used: a setgid program gains
-//! nothing. A uid with no passwd entry has no groups. Looked up afresh for
-//! every connection, so group changes apply to the next connection.
+//! nothing. A uid with no passwd entry has no groups. Blocking: called only
+//! through [`super::lookups`], which caches the answer briefly, runs it off
+//! the async threads and bounds how long anyone waits for it.
 //!
 //! Membership is decided by gid: getgrouplist gives the user's gids, and each
 //! group the configuration names is looked up by name (getgrnam) and kept if
@@ -17,7 +18,28 @@ use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::policy::Caller;
 
-/// Resolves `uid`'s name and which of `configured` (group names) it is in.
+/// What the user database says about one uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The user name; `None` when the uid has no passwd entry.
+    pub user: Option<String>,
+    /// The configured groups the user is in (empty without a passwd entry).
+    pub groups: Vec<String>,
+}
+
+impl Entry {
+    /// The caller this entry describes, connected as `uid` from `pid`.
+    pub fn caller(&self, uid: u32, pid: Option<i32>) -> Caller {
+        Caller {
+            uid,
+            pid,
+            user: self.user.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+}
+
+/// Looks up `uid`'s name and which of `configured` (group names) it is in.
 /// Blocking (NSS may ask a directory server): run it off the async workers.
 ///
 /// An error of the user database, as opposed to "no such user or group", is
@@ -25,12 +47,10 @@ use crate::policy::Caller;
 /// had no keys would be a wrong answer (and a misleading audit line). Seen
 /// under descriptor exhaustion, where getpwuid_r fails with EMFILE. glibc's
 /// getgrouplist reports no such errors; it can only be taken as it is.
-pub fn resolve(uid: u32, pid: Option<i32>, configured: &[String]) -> nix::Result<Caller> {
+pub fn lookup(uid: u32, configured: &[String]) -> nix::Result<Entry> {
     let Some(user) = User::from_uid(Uid::from_raw(uid))? else {
         descriptors_left()?;
-        return Ok(Caller {
-            uid,
-            pid,
+        return Ok(Entry {
             user: None,
             groups: Vec::new(),
         });
@@ -50,9 +70,7 @@ pub fn resolve(uid: u32, pid: Option<i32>, configured: &[String]) -> nix::Result
         }
     }
     descriptors_left()?;
-    Ok(Caller {
-        uid,
-        pid,
+    Ok(Entry {
         user: Some(user.name),
         groups,
     })
@@ -113,10 +131,11 @@ mod tests {
     #[test]
     fn root_is_in_its_primary_group_and_only_configured_groups_are_listed() {
         let configured = ["root".to_owned(), "kht-no-such-group".to_owned()];
-        let c = resolve(0, Some(1), &configured).unwrap();
+        let c = lookup(0, &configured).unwrap().caller(0, Some(1));
         assert_eq!(c.user.as_deref(), Some("root"));
         assert_eq!(c.groups, ["root"]);
-        assert!(resolve(0, None, &[]).unwrap().groups.is_empty());
+        assert_eq!(c.pid, Some(1));
+        assert!(lookup(0, &[]).unwrap().groups.is_empty());
     }
 
     #[test]
@@ -133,7 +152,7 @@ mod tests {
 
     #[test]
     fn uid_without_passwd_entry_has_no_groups() {
-        let c = resolve(3_999_999_999, None, &["root".to_owned()]).unwrap();
+        let c = lookup(3_999_999_999, &["root".to_owned()]).unwrap();
         assert_eq!(c.user, None);
         assert!(c.groups.is_empty());
     }

@@ -1,6 +1,8 @@
-//! One client connection: read a message, classify it, ask the policy,
-//! carry the decision out, answer. Requests on a connection are handled one
-//! at a time, in order, as ssh-agent does.
+//! One client connection: read a message, classify it, resolve the caller
+//! (through the lookup cache, for every request, so that a group change
+//! applies to open connections too), ask the policy, carry the decision out,
+//! answer. Requests on a connection are handled one at a time, in order, as
+//! ssh-agent does.
 
 use std::sync::Arc;
 
@@ -11,11 +13,13 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
+use super::limits::Admission;
+use super::lookups::Who;
 use super::{audit, Shared};
 use crate::backend::BackendError;
 use crate::certs::MintError;
 use crate::policy::certificates::Listing;
-use crate::policy::{self, Caller, Decision, SUPPORTED_EXTENSIONS};
+use crate::policy::{self, Caller, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -26,9 +30,12 @@ const KEEP_BUFFER: usize = 16 * 1024;
 
 /// Serves one connection until the client leaves, errs, idles out, or the
 /// daemon shuts down.
+/// `admission` holds the connection's slots until it ends.
 pub async fn serve(
     stream: UnixStream,
-    caller: Caller,
+    uid: u32,
+    pid: Option<i32>,
+    mut admission: Admission,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -37,8 +44,11 @@ pub async fn serve(
     let mut buf = Vec::new();
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
+        // Reading the request and resolving its caller share the idle
+        // timeout: waiting for a lookup does not keep a connection alive.
+        let deadline = tokio::time::Instant::now() + idle;
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, protocol::read_frame(&mut reader, &mut buf)) => r,
+            r = tokio::time::timeout_at(deadline, protocol::read_frame(&mut reader, &mut buf)) => r,
             () = super::stopped(&mut shutdown) => break,
         };
         match read {
@@ -46,25 +56,61 @@ pub async fn serve(
             Ok(Err(FrameError::Closed)) => break,
             Ok(Err(e)) => {
                 tracing::info!(
-                    "closing connection of uid={} pid={}: {e}",
-                    caller.uid,
-                    caller.pid.unwrap_or(0)
+                    "closing connection of uid={uid} pid={}: {e}",
+                    pid.unwrap_or(0)
                 );
                 break;
             }
             Err(_) => {
-                tracing::debug!("closing idle connection of uid={}", caller.uid);
+                tracing::debug!("closing idle connection of uid={uid}");
                 break;
             }
         }
         // The settings in force now, not when the read began: a reload
         // while the connection waited applies to this request.
         let rt = Arc::clone(&shared.runtime.borrow());
+        let limits = &rt.limits;
+        let lookup = shared.lookups.caller(
+            uid,
+            pid,
+            &rt.groups,
+            limits.lookup_cache,
+            limits.lookup_timeout,
+        );
+        let who = tokio::select! {
+            w = tokio::time::timeout_at(deadline, lookup) => w,
+            () = super::stopped(&mut shutdown) => break,
+        };
+        let (caller, unresolved) = match who {
+            Ok(Who::Known(caller)) => {
+                if caller.user.is_some() {
+                    admission.move_to(uid);
+                }
+                (caller, None)
+            }
+            Ok(Who::TimedOut(caller)) => (caller, Some(Reason::LookupTimeout)),
+            // Who the caller is is unknown: refuse what depends on it
+            // rather than guess; the next request asks again.
+            Ok(Who::Failed(caller, e)) => {
+                if let Some(n) = shared.lookup_errors.hit() {
+                    tracing::error!(
+                        "cannot look up uid={uid} in the user database: {e}; refusing its \
+                         requests that need its groups (user-lookup-error) ({n} similar errors \
+                         not logged)"
+                    );
+                }
+                (caller, Some(Reason::LookupError))
+            }
+            Err(_) => {
+                tracing::debug!("closing idle connection of uid={uid} (waiting for its lookup)");
+                break;
+            }
+        };
         let request = protocol::classify(&buf);
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        let reply = handle(&rt, &shared, &caller, request).await;
+        let reply = handle(&rt, &shared, &caller, unresolved, request).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -73,14 +119,21 @@ pub async fn serve(
 }
 
 /// Decides and carries out one request; returns the framed answer.
+/// `unresolved`: why the caller's lookup gave no answer, if it did not.
 async fn handle(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
+    unresolved: Option<Reason>,
     request: Request,
 ) -> Vec<u8> {
     let backend = &shared.backend;
-    let decision = policy::decide_with(&rt.policy, caller, &shared.authority, &request);
+    let decision = match unresolved {
+        None => policy::decide_with(&rt.policy, caller, &shared.authority, &request),
+        Some(why) => {
+            policy::decide_unresolved(&rt.policy, caller, &shared.authority, &request, why)
+        }
+    };
     if let Some(line) = audit::line(caller, &decision) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {

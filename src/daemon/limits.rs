@@ -1,5 +1,9 @@
 //! Connection limits (`max_connections`, `max_connections_per_user`) and the
 //! once-per-burst logging of events that could otherwise flood the log.
+//!
+//! `max_connections_per_user` is a bucket per uid known to have a passwd
+//! entry, and one bucket shared by all the other uids (subordinate uids of a
+//! user namespace, say): extra uids do not multiply anyone's share.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,13 +18,18 @@ pub enum LimitHit {
     Total,
     /// `max_connections_per_user`
     PerUser,
+    /// `max_connections_per_user` of the bucket shared by uids without a
+    /// (known) passwd entry
+    Unlisted,
 }
 
 /// Admits connections within the limits.
 #[derive(Debug)]
 pub struct Limiter {
     total: Arc<Semaphore>,
-    per_user: Mutex<HashMap<u32, u32>>,
+    /// Open connections per bucket: `Some(uid)`, or `None` for the bucket
+    /// shared by uids without a known passwd entry.
+    per_user: Mutex<HashMap<Option<u32>, u32>>,
     max_per_user: std::sync::atomic::AtomicU32,
 }
 
@@ -28,7 +37,7 @@ pub struct Limiter {
 #[derive(Debug)]
 pub struct Admission {
     limiter: Arc<Limiter>,
-    uid: u32,
+    bucket: Option<u32>,
     _total: OwnedSemaphorePermit,
 }
 
@@ -48,29 +57,80 @@ impl Limiter {
             .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Admits a connection from `uid`, or says which limit it hits.
-    pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Admission, LimitHit> {
+    /// Admits a connection from `uid`, counted in its own bucket when it is
+    /// `listed` (known to have a passwd entry), else in the shared one; or
+    /// says which limit it hits.
+    pub fn admit(self: &Arc<Self>, uid: u32, listed: bool) -> Result<Admission, LimitHit> {
         let total = Arc::clone(&self.total)
             .try_acquire_owned()
             .map_err(|_| LimitHit::Total)?;
+        let bucket = listed.then_some(uid);
         let max = self.max_per_user.load(std::sync::atomic::Ordering::Relaxed);
         let mut map = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = map.entry(uid).or_insert(0);
+        let count = map.entry(bucket).or_insert(0);
         if *count >= max {
-            return Err(LimitHit::PerUser);
+            return Err(if listed {
+                LimitHit::PerUser
+            } else {
+                LimitHit::Unlisted
+            });
         }
         *count += 1;
         Ok(Admission {
             limiter: Arc::clone(self),
-            uid,
+            bucket,
             _total: total,
         })
     }
 
-    /// Connections open now by `uid`.
+    /// Connections open now in `uid`'s own bucket.
     pub fn open_by(&self, uid: u32) -> u32 {
+        self.open_in(Some(uid))
+    }
+
+    /// Connections open now in the bucket shared by unlisted uids.
+    pub fn open_unlisted(&self) -> u32 {
+        self.open_in(None)
+    }
+
+    fn open_in(&self, bucket: Option<u32>) -> u32 {
         let map = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&uid).copied().unwrap_or(0)
+        map.get(&bucket).copied().unwrap_or(0)
+    }
+}
+
+impl Admission {
+    /// Moves a connection counted in the shared bucket to `uid`'s own, once a
+    /// lookup found a passwd entry for it (when that bucket has room; else
+    /// it stays where it is).
+    pub fn move_to(&mut self, uid: u32) {
+        if self.bucket.is_some() {
+            return;
+        }
+        let max = self
+            .limiter
+            .max_per_user
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut map = self
+            .limiter
+            .per_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.get(&Some(uid)).copied().unwrap_or(0) >= max {
+            return;
+        }
+        *map.entry(Some(uid)).or_insert(0) += 1;
+        release(&mut map, None);
+        self.bucket = Some(uid);
+    }
+}
+
+fn release(map: &mut HashMap<Option<u32>, u32>, bucket: Option<u32>) {
+    if let Some(count) = map.get_mut(&bucket) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            map.remove(&bucket);
+        }
     }
 }
 
@@ -81,21 +141,16 @@ impl Drop for Admission {
             .per_user
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = map.get_mut(&self.uid) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.uid);
-            }
-        }
+        release(&mut map, self.bucket);
     }
 }
 
 /// Descriptors kept free beyond the two per connection (client and
 /// upstream): the listener, the log, the runtime's own, a spawned agent's
-/// pipes, and user-database lookups running at once (up to the blocking
-/// pool's 64 threads, each may open files or sockets). Those lookups must
-/// not run out: glibc reports a database it could not open as "no such
-/// user" (see `caller::resolve`).
+/// pipes, and user-database lookups running at once (at most
+/// `lookups::LISTED_LOOKUPS + lookups::UNLISTED_LOOKUPS`, each may open
+/// files or sockets). Those lookups must not run out: glibc reports a
+/// database it could not open as "no such user" (see `caller::lookup`).
 pub const SPARE_DESCRIPTORS: u64 = 256;
 
 /// How many connections fit in `nofile` descriptors: `max`, or fewer (at
@@ -191,27 +246,62 @@ mod tests {
     #[test]
     fn per_user_limit_leaves_room_for_others() {
         let l = Limiter::new(4, 2);
-        let a1 = l.admit(1000).unwrap();
-        let _a2 = l.admit(1000).unwrap();
-        assert_eq!(l.admit(1000).unwrap_err(), LimitHit::PerUser);
-        let _b1 = l.admit(1001).unwrap();
-        let _b2 = l.admit(1001).unwrap();
-        assert_eq!(l.admit(1002).unwrap_err(), LimitHit::Total);
+        let a1 = l.admit(1000, true).unwrap();
+        let _a2 = l.admit(1000, true).unwrap();
+        assert_eq!(l.admit(1000, true).unwrap_err(), LimitHit::PerUser);
+        let _b1 = l.admit(1001, true).unwrap();
+        let _b2 = l.admit(1001, true).unwrap();
+        assert_eq!(l.admit(1002, true).unwrap_err(), LimitHit::Total);
         drop(a1);
         assert_eq!(l.open_by(1000), 1);
-        assert!(l.admit(1000).is_ok());
+        assert!(l.admit(1000, true).is_ok());
     }
 
     #[test]
     fn refused_admissions_do_not_leak_slots() {
         let l = Limiter::new(2, 1);
-        let a = l.admit(5).unwrap();
+        let a = l.admit(5, true).unwrap();
         for _ in 0..100 {
-            assert!(l.admit(5).is_err());
+            assert!(l.admit(5, true).is_err());
         }
-        assert!(l.admit(6).is_ok());
+        assert!(l.admit(6, true).is_ok());
         drop(a);
         assert_eq!(l.open_by(5), 0);
+        assert!(l.per_user.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unlisted_uids_share_one_bucket() {
+        let l = Limiter::new(100, 3);
+        let held: Vec<Admission> = (0..3)
+            .map(|i| l.admit(100_000 + i, false).unwrap())
+            .collect();
+        for uid in 200_000..200_050 {
+            assert_eq!(l.admit(uid, false).unwrap_err(), LimitHit::Unlisted);
+        }
+        assert_eq!(l.open_unlisted(), 3);
+        // A listed user still has its own bucket.
+        let _own: Vec<Admission> = (0..3).map(|_| l.admit(1000, true).unwrap()).collect();
+        assert_eq!(l.admit(1000, true).unwrap_err(), LimitHit::PerUser);
+        drop(held);
+        assert_eq!(l.open_unlisted(), 0);
+    }
+
+    #[test]
+    fn a_connection_moves_to_its_own_bucket_when_room() {
+        let l = Limiter::new(100, 2);
+        let mut a = l.admit(1000, false).unwrap();
+        let mut b = l.admit(1000, false).unwrap();
+        assert_eq!(l.open_unlisted(), 2);
+        a.move_to(1000);
+        a.move_to(1000);
+        assert_eq!((l.open_unlisted(), l.open_by(1000)), (1, 1));
+        let _c = l.admit(1000, true).unwrap();
+        // Own bucket full: b stays counted in the shared one.
+        b.move_to(1000);
+        assert_eq!((l.open_unlisted(), l.open_by(1000)), (1, 2));
+        drop((a, b));
+        assert_eq!((l.open_unlisted(), l.open_by(1000)), (0, 1));
     }
 
     #[test]

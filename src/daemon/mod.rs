@@ -1,16 +1,19 @@
 //! `keyholder daemon`: wires the pieces together.
 //!
 //! Binds the proxy socket, starts (or finds) the upstream agent, and runs
-//! the accept loop: each accepted connection is admitted by the [`limits`],
-//! its caller resolved ([`caller`]), then served ([`connection`]) in its own
-//! task. A shutdown signal every task watches ends them all on SIGTERM or
-//! SIGINT; SIGHUP reloads the configuration (a bad one leaves the last good
-//! one in force). The decision itself lives in [`crate::policy`].
+//! the accept loop: each accepted connection is admitted by the [`limits`]
+//! (never waiting for the user database), then served ([`connection`]) in
+//! its own task, which resolves the caller for each request through
+//! [`lookups`]. A shutdown signal every task watches ends them all on
+//! SIGTERM or SIGINT; SIGHUP reloads the configuration (a bad one leaves the
+//! last good one in force) and drops the lookup cache. The decision itself
+//! lives in [`crate::policy`].
 
 pub mod audit;
 pub mod caller;
 pub mod connection;
 pub mod limits;
+pub mod lookups;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -46,7 +49,7 @@ pub struct Runtime {
     /// The upstream agent socket.
     pub agent_socket: PathBuf,
     /// The groups the keys name: a caller's membership is looked up for
-    /// these, when it connects.
+    /// these (for each request, through the lookup cache).
     pub groups: Arc<[String]>,
     /// What certificates are minted with, when `[certificates]` is set
     /// (a reload applies to the next certificate minted).
@@ -81,6 +84,8 @@ pub struct Shared {
     pub authority: crate::certs::Authority,
     /// Once-per-burst logging of certificates that could not be minted.
     pub mint_errors: SharedBurstLog,
+    /// Caller lookups and their cache.
+    pub lookups: Arc<lookups::Lookups>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -160,6 +165,7 @@ async fn serve(mut config: Config) -> Result<()> {
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         authority: crate::certs::Authority::new(),
         mint_errors: SharedBurstLog::new(BURST_WINDOW),
+        lookups: lookups::Lookups::new(),
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
@@ -217,6 +223,7 @@ async fn serve(mut config: Config) -> Result<()> {
                     shared.backend.set_timeout(new.limits.upstream_timeout);
                     config = new;
                 }
+                shared.lookups.clear();
             }
             () = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
                 if paused_until.is_some() => paused_until = None,
@@ -246,7 +253,14 @@ async fn serve(mut config: Config) -> Result<()> {
     if let Some(sup) = supervisor {
         let _ = sup.await;
     }
-    tracing::info!("stopped");
+    let lookups = shared.lookups.stats();
+    tracing::info!(
+        "stopped; user lookups since start: {} run, {} requests answered from the cache, \
+         {} timed out",
+        lookups.run,
+        lookups.reused,
+        lookups.timed_out
+    );
     Ok(())
 }
 
@@ -264,12 +278,20 @@ fn admit(
         return;
     };
     let (uid, pid) = (cred.uid(), cred.pid());
-    let admission = match limiter.admit(uid) {
+    // uids not known to have a passwd entry share one bucket. Known: a line
+    // of /etc/passwd, or an earlier lookup; the user database itself is
+    // never waited for here.
+    let listed = shared.lookups.listed(uid);
+    let admission = match limiter.admit(uid, listed) {
         Ok(a) => a,
         Err(hit) => {
             let (log, what) = match hit {
                 LimitHit::Total => (total_limit_log, "max_connections"),
                 LimitHit::PerUser => (user_limit_log, "max_connections_per_user"),
+                LimitHit::Unlisted => (
+                    user_limit_log,
+                    "max_connections_per_user (shared by uids without a passwd entry)",
+                ),
             };
             if let Some(n) = log.hit() {
                 tracing::warn!(
@@ -278,35 +300,27 @@ fn admit(
                     pid.unwrap_or(0)
                 );
             }
+            if hit == LimitHit::Unlisted {
+                // A directory user not seen yet lands here too: look it up
+                // in the background, so its next connection gets its own
+                // bucket if it has a passwd entry.
+                let (groups, limits) = {
+                    let rt = shared.runtime.borrow();
+                    (Arc::clone(&rt.groups), rt.limits)
+                };
+                shared
+                    .lookups
+                    .prefetch(uid, &groups, limits.lookup_cache, limits.lookup_timeout);
+            }
             return;
         }
     };
     let shared = Arc::clone(shared);
     let stop = stop.clone();
     let done = done.clone();
-    let runtime = tokio::runtime::Handle::current();
-    let configured = Arc::clone(&shared.runtime.borrow().groups);
-    // The lookup may block (NSS may ask a directory server), so it runs on a
-    // blocking thread, which then starts the connection's task itself: one
-    // hand-off between threads each way, not two.
-    tokio::task::spawn_blocking(move || match caller::resolve(uid, pid, &configured) {
-        Ok(caller) => {
-            runtime.spawn(async move {
-                connection::serve(stream, caller, shared, stop).await;
-                drop(admission);
-                drop(done);
-            });
-        }
-        // Who the caller is is unknown: close rather than guess.
-        Err(e) => {
-            if let Some(n) = shared.lookup_errors.hit() {
-                tracing::error!(
-                    "cannot look up uid={uid} in the user database: {e}; closing its \
-                     connection ({n} similar errors not logged)"
-                );
-            }
-            drop((stream, admission, done));
-        }
+    tokio::spawn(async move {
+        connection::serve(stream, uid, pid, admission, shared, stop).await;
+        drop(done);
     });
 }
 

@@ -14,6 +14,8 @@
 //!   answered by the daemon, never forwarded; anything else refused.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - A caller whose user lookup gave no answer (timed out or failed): what
+//!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! - Certificates ([`certificates`]): the key blob inside the user-auth data
 //!   counts; a certificate there must be one keyholder minted for this
@@ -169,6 +171,12 @@ pub enum Reason {
     CertificateNotYours,
     /// Mode `only`: the user-auth data carries the plain key.
     CertificateRequired,
+    /// The caller's user-database lookup missed its deadline, so its groups
+    /// are unknown (see [`decide_unresolved`]).
+    LookupTimeout,
+    /// The user database failed (rather than finding no such user), so the
+    /// caller's groups are unknown (see [`decide_unresolved`]).
+    LookupError,
 }
 
 impl std::fmt::Display for Reason {
@@ -183,6 +191,8 @@ impl std::fmt::Display for Reason {
             Self::Malformed(why) => write!(f, "malformed ({why})"),
             Self::CertificateNotYours => f.write_str("certificate-not-yours"),
             Self::CertificateRequired => f.write_str("certificate-required"),
+            Self::LookupTimeout => f.write_str("user-lookup-timeout"),
+            Self::LookupError => f.write_str("user-lookup-error"),
         }
     }
 }
@@ -230,15 +240,21 @@ impl Decision<'_> {
     pub fn is_audited(&self) -> bool {
         match self {
             Self::Sign { .. } => true,
-            Self::Refuse { reason, .. } => matches!(
+            Self::Refuse {
                 reason,
+                fingerprint,
+                ..
+            } => match reason {
                 Reason::AdminRequest(_)
-                    | Reason::UnknownKey
-                    | Reason::NotInGroup
-                    | Reason::NotUserAuth(_)
-                    | Reason::CertificateNotYours
-                    | Reason::CertificateRequired
-            ),
+                | Reason::UnknownKey
+                | Reason::NotInGroup
+                | Reason::NotUserAuth(_)
+                | Reason::CertificateNotYours
+                | Reason::CertificateRequired => true,
+                // A sign request (which names a key); a refused listing is not.
+                Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -275,6 +291,42 @@ pub fn decide_with<'p>(
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
+    }
+}
+
+/// Decides for a caller whose user-database lookup gave no answer, `why`
+/// being [`Reason::LookupTimeout`] or [`Reason::LookupError`]: `caller` has
+/// no user name and no groups. What depends on the caller's groups
+/// (listing keys, signing with a configured key) is refused for `why`, not
+/// answered as if the caller had no groups; root's requests never depend on
+/// them, and everything else is decided as usual.
+pub fn decide_unresolved<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    minted: &dyn Minted,
+    request: &Request,
+    why: Reason,
+) -> Decision<'p> {
+    let decision = decide_with(policy, caller, minted, request);
+    if caller.uid == 0 {
+        return decision;
+    }
+    match decision {
+        Decision::List => refuse(why),
+        Decision::Refuse {
+            reason: Reason::NotInGroup,
+            key,
+            fingerprint,
+            remote_user,
+            serial,
+        } => Decision::Refuse {
+            reason: why,
+            key,
+            fingerprint,
+            remote_user,
+            serial,
+        },
+        other => other,
     }
 }
 

@@ -541,3 +541,118 @@ fn listing_plans_certificates_and_never_the_ca() {
         Some(("ca", false))
     );
 }
+
+#[test]
+fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
+    let p = policy();
+    let unresolved = |uid| Caller {
+        uid,
+        pid: Some(7),
+        user: None,
+        groups: vec![],
+    };
+    let c = unresolved(1000);
+    let d = decide_unresolved(
+        &p,
+        &c,
+        &NoneMinted,
+        &userauth_sign(1, "deploy"),
+        Reason::LookupTimeout,
+    );
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(d.is_audited());
+    match &d {
+        Decision::Refuse {
+            key, fingerprint, ..
+        } => {
+            assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+            assert!(fingerprint.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(Reason::LookupTimeout.to_string(), "user-lookup-timeout");
+    assert_eq!(Reason::LookupError.to_string(), "user-lookup-error");
+    let d = decide_unresolved(
+        &p,
+        &c,
+        &NoneMinted,
+        &userauth_sign(2, "x"),
+        Reason::LookupError,
+    );
+    assert_eq!(refused(&d), Some(Reason::LookupError));
+    assert!(d.is_audited());
+    // allow_any_data keys too: the groups are what is unknown.
+    let any = sign(PublicCredential::Key(key(3)), b"anything".to_vec(), 0);
+    assert_eq!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &NoneMinted,
+            &any,
+            Reason::LookupTimeout
+        )),
+        Some(Reason::LookupTimeout)
+    );
+    // A listing is refused, not answered as if the caller had no keys, and
+    // is not an audit line.
+    let d = decide_unresolved(
+        &p,
+        &c,
+        &NoneMinted,
+        &Request::RequestIdentities,
+        Reason::LookupTimeout,
+    );
+    assert_eq!(refused(&d), Some(Reason::LookupTimeout));
+    assert!(!d.is_audited());
+    // What does not depend on groups is decided as usual.
+    assert_eq!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &NoneMinted,
+            &userauth_sign(77, "x"),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::UnknownKey)
+    );
+    assert!(matches!(
+        refused(&decide_unresolved(
+            &p,
+            &c,
+            &NoneMinted,
+            &classify(&[19]),
+            Reason::LookupTimeout
+        )),
+        Some(Reason::AdminRequest(_))
+    ));
+    let query = Request::Extension(Extension {
+        name: QUERY.into(),
+        details: vec![].into(),
+    });
+    assert_eq!(
+        decide_unresolved(&p, &c, &NoneMinted, &query, Reason::LookupTimeout),
+        Decision::Query
+    );
+    // root needs no groups.
+    let root = unresolved(0);
+    assert!(matches!(
+        decide_unresolved(
+            &p,
+            &root,
+            &NoneMinted,
+            &userauth_sign(1, "x"),
+            Reason::LookupTimeout
+        ),
+        Decision::Sign { .. }
+    ));
+    assert_eq!(
+        decide_unresolved(
+            &p,
+            &root,
+            &NoneMinted,
+            &Request::RequestIdentities,
+            Reason::LookupTimeout
+        ),
+        Decision::List
+    );
+}
