@@ -161,8 +161,8 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
         times.push(started.elapsed().as_nanos() as u64);
     }
     times.sort_unstable();
-    let p50 = load::percentile(&times, 0.50);
-    let p99 = load::percentile(&times, 0.99);
+    let p50 = load::percentile(&times, 50.0);
+    let p99 = load::percentile(&times, 99.0);
 
     let p: Vec<&RunResult> = plain_runs.iter().collect();
     let c: Vec<&RunResult> = cert_runs.iter().collect();

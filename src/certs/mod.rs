@@ -152,15 +152,70 @@ struct Profile {
     user: Option<String>,
 }
 
+impl Profile {
+    fn new(settings: &Settings, key: &KeySettings, user: Option<&str>) -> Self {
+        Self {
+            settings_ca: settings.ca.clone(),
+            validity_secs: settings.validity_secs,
+            backdate_secs: settings.backdate_secs,
+            key_id: settings.key_id.clone(),
+            host: settings.host.clone(),
+            key: key.clone(),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    /// Whether this is the profile of `settings`, `key`, `user` (compared
+    /// in place: the cache hit allocates nothing).
+    fn matches(&self, settings: &Settings, key: &KeySettings, user: Option<&str>) -> bool {
+        self.settings_ca == settings.ca
+            && self.validity_secs == settings.validity_secs
+            && self.backdate_secs == settings.backdate_secs
+            && self.key_id == settings.key_id
+            && self.host == settings.host
+            && &self.key == key
+            && self.user.as_deref() == user
+    }
+}
+
 #[derive(Debug)]
 struct Current {
     profile: Profile,
     cert: Arc<Certificate>,
 }
 
-/// One (uid, key): the current certificate, behind an async lock so that
-/// concurrent listings by the same caller mint once.
-type Slot = Arc<tokio::sync::Mutex<Option<Current>>>;
+/// One (uid, key): the current certificate, read without waiting, and a
+/// lock taken only to mint, so that concurrent listings by the same caller
+/// mint once.
+#[derive(Debug, Default)]
+struct Slot {
+    current: Mutex<Option<Arc<Current>>>,
+    minting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    /// The current certificate when it may be handed out at `now`.
+    fn reusable(
+        &self,
+        settings: &Settings,
+        key: &KeySettings,
+        user: Option<&str>,
+        now: u64,
+    ) -> Option<Arc<Certificate>> {
+        let current = lock(&self.current);
+        let c = current.as_ref()?;
+        let remaining = c.cert.valid_before().saturating_sub(now);
+        (c.profile.matches(settings, key, user)
+            && remaining.saturating_mul(2) > settings.validity_secs)
+            .then(|| Arc::clone(&c.cert))
+    }
+
+    fn expired(&self, now: u64) -> bool {
+        lock(&self.current)
+            .as_ref()
+            .is_none_or(|c| c.cert.valid_before() <= now)
+    }
+}
 
 #[derive(Debug)]
 struct Remembered {
@@ -208,7 +263,7 @@ impl Serials {
 #[derive(Debug, Default)]
 pub struct Authority {
     serials: Serials,
-    current: Mutex<HashMap<(u32, String), Slot>>,
+    current: Mutex<HashMap<u32, HashMap<String, Arc<Slot>>>>,
     remembered: Mutex<BTreeMap<u64, Remembered>>,
     ca_armed: Mutex<Option<bool>>,
 }
@@ -254,26 +309,15 @@ impl Authority {
         user: Option<&str>,
     ) -> Result<Handed, MintError> {
         let key = settings.keys.get(name).ok_or(MintError::NotConfigured)?;
-        let profile = Profile {
-            settings_ca: settings.ca.clone(),
-            validity_secs: settings.validity_secs,
-            backdate_secs: settings.backdate_secs,
-            key_id: settings.key_id.clone(),
-            host: settings.host.clone(),
-            key: key.clone(),
-            user: user.map(str::to_owned),
-        };
         let slot = self.slot(uid, name);
-        let mut current = slot.lock().await;
+        if let Some(cert) = slot.reusable(settings, key, user, unix_now()) {
+            return Ok(Handed { cert, fresh: false });
+        }
+        let _minting = slot.minting.lock().await;
+        // Someone else may have minted while this waited.
         let now = unix_now();
-        if let Some(c) = current.as_ref() {
-            let remaining = c.cert.valid_before().saturating_sub(now);
-            if c.profile == profile && remaining.saturating_mul(2) > settings.validity_secs {
-                return Ok(Handed {
-                    cert: Arc::clone(&c.cert),
-                    fresh: false,
-                });
-            }
+        if let Some(cert) = slot.reusable(settings, key, user, now) {
+            return Ok(Handed { cert, fresh: false });
         }
         let cert = Arc::new(
             mint(
@@ -290,41 +334,51 @@ impl Authority {
             .await?,
         );
         self.remember(uid, &cert, now);
-        *current = Some(Current {
-            profile,
+        *lock(&slot.current) = Some(Arc::new(Current {
+            profile: Profile::new(settings, key, user),
             cert: Arc::clone(&cert),
-        });
+        }));
         Ok(Handed { cert, fresh: true })
     }
 
     /// The slot of (uid, key), created when missing; the map stays bounded
     /// (idle slots whose certificate expired go first, then any idle one).
-    fn slot(&self, uid: u32, name: &str) -> Slot {
+    fn slot(&self, uid: u32, name: &str) -> Arc<Slot> {
         let mut map = lock(&self.current);
-        if let Some(slot) = map.get(&(uid, name.to_owned())) {
+        if let Some(slot) = map.get(&uid).and_then(|m| m.get(name)) {
             return Arc::clone(slot);
         }
-        if map.len() >= MAX_CURRENT {
+        let count = |map: &HashMap<u32, HashMap<String, Arc<Slot>>>| {
+            map.values().map(HashMap::len).sum::<usize>()
+        };
+        if count(&map) >= MAX_CURRENT {
             let now = unix_now();
-            map.retain(|_, slot| {
-                Arc::strong_count(slot) > 1
-                    || slot.try_lock().map_or(true, |c| {
-                        c.as_ref().is_some_and(|c| c.cert.valid_before() > now)
-                    })
-            });
-            if map.len() >= MAX_CURRENT {
-                let idle: Vec<(u32, String)> = map
-                    .iter()
-                    .filter(|(_, s)| Arc::strong_count(s) == 1)
-                    .take(map.len() + 1 - MAX_CURRENT)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in idle {
-                    map.remove(&k);
-                }
+            for slots in map.values_mut() {
+                slots.retain(|_, slot| Arc::strong_count(slot) > 1 || !slot.expired(now));
             }
+            map.retain(|_, slots| !slots.is_empty());
+            let mut excess = (count(&map) + 1).saturating_sub(MAX_CURRENT);
+            for slots in map.values_mut() {
+                if excess == 0 {
+                    break;
+                }
+                slots.retain(|_, slot| {
+                    if excess > 0 && Arc::strong_count(slot) == 1 {
+                        excess -= 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            map.retain(|_, slots| !slots.is_empty());
         }
-        Arc::clone(map.entry((uid, name.to_owned())).or_default())
+        Arc::clone(
+            map.entry(uid)
+                .or_default()
+                .entry(name.to_owned())
+                .or_default(),
+        )
     }
 
     /// Remembers who `cert` was minted for, until it expires (bounded:

@@ -39,6 +39,8 @@ impl Backend for TestCa {
             if request.credential.key_data() != self.key.public_key().key_data() {
                 return Err(BackendError::Refused);
             }
+            // Let other tasks run meanwhile, as a real backend does.
+            tokio::task::yield_now().await;
             self.signs.fetch_add(1, Ordering::SeqCst);
             *lock(&self.last_flags) = Some(request.flags);
             let sig: Signature = signature::Signer::try_sign(&self.key, &request.data)
@@ -186,7 +188,7 @@ fn a_certificate_past_half_its_validity_is_replaced() {
     // Pretend it was minted long ago: the cached one is expired.
     {
         let slot = authority.slot(1000, "deploy");
-        let mut cur = slot.try_lock().unwrap();
+        let mut cur = lock(&slot.current);
         let c = cur.as_mut().unwrap();
         let k = deploy_key();
         let old = mint(
@@ -200,7 +202,10 @@ fn a_certificate_past_half_its_validity_is_replaced() {
             1,
             unix_now() - 6,
         );
-        c.cert = Arc::new(run(old).unwrap());
+        *c = Arc::new(Current {
+            profile: c.profile.clone(),
+            cert: Arc::new(run(old).unwrap()),
+        });
     }
     let a2 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
     assert!(a2.fresh);
@@ -332,4 +337,53 @@ fn a_certificate_from_the_wire_is_recognised_without_its_comment() {
     ssh_encoding::Encode::encode(&*got.cert, &mut blob).unwrap();
     let wire = Certificate::decode(&mut &blob[..]).unwrap();
     assert_eq!(authority.issued(&wire).map(|i| i.uid), Some(1000));
+}
+
+#[test]
+fn concurrent_listings_by_one_caller_mint_once() {
+    let ca = TestCa::new(9);
+    let s = settings(&ca);
+    let authority = Authority::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        let calls = (0..16).map(|_| authority.certificate(&ca, &s, "deploy", 1000, Some("alice")));
+        futures_join_all(calls).await
+    });
+    assert_eq!(ca.signs.load(Ordering::SeqCst), 1);
+    assert_eq!(got.iter().filter(|h| h.as_ref().unwrap().fresh).count(), 1);
+    let serials: std::collections::BTreeSet<u64> = got
+        .iter()
+        .map(|h| h.as_ref().unwrap().cert.serial())
+        .collect();
+    assert_eq!(serials.len(), 1);
+}
+
+/// Polls every future to completion on the current task.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
 }
