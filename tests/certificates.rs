@@ -395,6 +395,32 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     );
     assert!(klog.contains("reason=certificate-required"), "{klog}");
 
+    // A look-alike: same key, serial, key ID and principals, signed by
+    // another CA (`ssh-keygen -s`). Not one keyholder minted: refused.
+    let other_ca = keygen(s.dir.path(), "otherca", "ed25519", "");
+    let forged_src = s.dir.join("forged.pub");
+    std::fs::copy(s.deploy_pub(), &forged_src).unwrap();
+    let o = run(std::process::Command::new("ssh-keygen")
+        .arg("-q")
+        .arg("-s")
+        .arg(&other_ca)
+        .args(["-I", &format!("keyholder:{}@{host}:deploy", s.alice.name)])
+        .args(["-n", acct, "-z", &a.to_string(), "-V", "-1m:+5m"])
+        .arg(&forged_src));
+    assert!(o.status.success(), "ssh-keygen -s: {}", stderr(&o));
+    let forged_line = std::fs::read_to_string(s.dir.join("forged-cert.pub")).unwrap();
+    assert_eq!(cert_of(&forged_line).serial(), a);
+    let forged = cert_blob(&forged_line);
+    let answers = raw_as(
+        &s.alice.as_user(),
+        &s.daemon.socket,
+        &[
+            sign_request(&plain, &userauth_data(&forged, acct, cert_alg), 0),
+            sign_request(&forged, &userauth_data(&forged, acct, cert_alg), 0),
+        ],
+    );
+    assert!(answers.iter().all(is_failure), "{answers:?}");
+
     // The CA: never listed (root included), never signs through the proxy.
     let ca = pubkey_blob(&s.dir.join("ca.pub"));
     for who in [As::Root, s.alice.as_user()] {
