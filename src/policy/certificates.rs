@@ -31,7 +31,7 @@ pub struct Issued {
 
 /// What keyholder remembers of the certificates it minted (the daemon's
 /// certificate cache).
-pub trait Minted {
+pub trait Minted: std::fmt::Debug {
     /// The owner and serial of `cert`, when keyholder minted exactly this
     /// certificate (same CA signature, same contents) and still remembers it.
     fn issued(&self, cert: &Certificate) -> Option<Issued>;

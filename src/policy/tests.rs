@@ -3,6 +3,60 @@
 
 use super::*;
 use crate::protocol::classify;
+use certificates::NoneMinted;
+
+/// `decide` on a connection with no session bindings.
+fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
+    super::decide(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+            minted: &NoneMinted,
+        },
+        r,
+    )
+}
+
+/// `decide_unresolved` on a connection with no session bindings.
+fn decide_unresolved<'p>(p: &'p Policy, c: &Caller, r: &Request, why: Reason) -> Decision<'p> {
+    super::decide_unresolved(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+            minted: &NoneMinted,
+        },
+        r,
+        why,
+    )
+}
+
+/// `decide` on a connection with no session bindings, knowing `minted`.
+fn decide_with<'p>(p: &'p Policy, c: &Caller, minted: &dyn Minted, r: &Request) -> Decision<'p> {
+    super::decide(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+            minted,
+        },
+        r,
+    )
+}
+
+/// `plan_identities` on a connection with no session bindings.
+fn plan_identities<'p>(p: &'p Policy, c: &Caller, ids: Vec<Identity>) -> ListPlan<'p> {
+    super::plan_identities(p, c, &Bindings::default(), ids)
+}
+
+/// `filter_identities` on a connection with no session bindings.
+fn filter_identities(p: &Policy, c: &Caller, ids: Vec<Identity>) -> Vec<Identity> {
+    super::filter_identities(p, c, &Bindings::default(), ids)
+}
 use crate::protocol::userauth::tests::{build, key};
 use crate::protocol::userauth::{PUBLICKEY, PUBLICKEY_HOSTBOUND};
 use ssh_agent_lib::proto::PublicCredential;
@@ -19,6 +73,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow_any_data: any,
         certificate: CertMode::Off,
+        rules: Rules::default(),
     }
 }
 
@@ -81,15 +136,42 @@ fn refused(d: &Decision<'_>) -> Option<Reason> {
 }
 
 #[test]
-fn listing_is_always_forwarded() {
+fn listing_is_forwarded_for_callers_who_may_use_a_key() {
     let p = policy();
     for c in [
         caller(0, &[]),
         caller(1000, &["deployers"]),
-        caller(1001, &[]),
+        caller(1000, &["users", "signers"]),
     ] {
         assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
     }
+}
+
+#[test]
+fn callers_who_may_use_no_key_get_an_empty_list_without_the_backend() {
+    let p = policy();
+    for c in [
+        caller(1001, &[]),
+        caller(1001, &["users", "deployers-not"]),
+        Caller {
+            user: None,
+            ..caller(70_000, &[])
+        },
+    ] {
+        assert_eq!(
+            decide(&p, &c, &Request::RequestIdentities),
+            Decision::EmptyList
+        );
+    }
+    // No keys configured: root too.
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &caller(0, &[]),
+            &Request::RequestIdentities
+        ),
+        Decision::EmptyList
+    );
 }
 
 #[test]
@@ -320,7 +402,12 @@ fn extensions() {
             details: vec![].into(),
         })
     };
-    assert_eq!(decide(&p, &c, &ext(SESSION_BIND)), Decision::SessionBind);
+    // session-bind is its own request (see `classify`), never an extension
+    // passed through.
+    assert!(matches!(
+        decide(&p, &c, &ext(SESSION_BIND)),
+        Decision::RefuseBind { .. }
+    ));
     assert_eq!(decide(&p, &c, &ext(QUERY)), Decision::Query);
     assert_eq!(decide(&p, &c, &ext(status::NAME)), Decision::Status);
     for other in ["restrict-destination-v00@openssh.com", "x@y", "QUERY"] {
@@ -368,6 +455,7 @@ fn group_names_are_every_configured_group_once() {
 }
 
 /// A cache that minted `cert` for uid 1000, serial 77.
+#[derive(Debug)]
 struct MintedFor(ssh_key::Certificate);
 
 impl certificates::Minted for MintedFor {
@@ -543,6 +631,112 @@ fn listing_plans_certificates_and_never_the_ca() {
 }
 
 #[test]
+fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_no_key() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let req = classify(&m);
+    assert!(matches!(req, Request::SessionBind(_)), "{req:?}");
+    let none = Bindings::default();
+    let ctx = Context {
+        bindings: &none,
+        now: 0,
+        minted: &NoneMinted,
+    };
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::VerifyBind
+    );
+    assert_eq!(
+        super::decide(&p, &caller(0, &[]), ctx, &req),
+        Decision::VerifyBind
+    );
+    for nobody in [caller(1000, &[]), caller(1000, &["other"])] {
+        assert_eq!(
+            super::decide(&p, &nobody, ctx, &req),
+            Decision::RefuseBind {
+                reason: "the caller may use no key",
+                forwarding: Some(false)
+            }
+        );
+    }
+    // After a non-forwarding binding: refused before verifying.
+    let Request::SessionBind(bind) = &req else {
+        panic!()
+    };
+    let mut after = Bindings::default();
+    after.record(crate::verify::binding(bind).unwrap()).unwrap();
+    let ctx = Context {
+        bindings: &after,
+        now: 0,
+        minted: &NoneMinted,
+    };
+    assert!(matches!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::RefuseBind { .. }
+    ));
+    // A malformed binding is refused and says what it could of its flag.
+    let cut = &m[..m.len() - 1];
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &classify(cut)),
+        Decision::RefuseBind {
+            reason: "missing forwarding flag",
+            forwarding: None
+        }
+    );
+}
+
+#[test]
+fn destination_refusals_are_audited_sign_refusals() {
+    use destinations::Rules;
+    let mut p = policy();
+    p.keys[0].rules = Rules {
+        destinations: Some(Default::default()),
+        ..Rules::default()
+    };
+    let c = caller(1000, &["ops"]);
+    let d = decide(&p, &c, &userauth_sign(1, "deploy"));
+    assert_eq!(refused(&d), Some(Reason::NoSessionBind));
+    assert!(d.is_audited());
+    let Decision::Refuse {
+        key, remote_user, ..
+    } = &d
+    else {
+        panic!()
+    };
+    assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+    assert_eq!(remote_user.as_deref(), Some("deploy"));
+    for r in [
+        Reason::DestinationNotAllowed,
+        Reason::NoSessionBind,
+        Reason::ForwardedUse,
+        Reason::RemoteUserNotAllowed,
+        Reason::BadSessionBind,
+    ] {
+        assert!(!r.to_string().contains(' '), "{r}");
+    }
+    // The group check comes first: a non-member learns nothing more.
+    assert_eq!(
+        refused(&decide(&p, &caller(1000, &[]), &userauth_sign(1, "deploy"))),
+        Some(Reason::NotInGroup)
+    );
+    // Keys without rules are untouched.
+    assert!(matches!(
+        decide(&p, &caller(1000, &["phab-admins"]), &userauth_sign(2, "x")),
+        Decision::Sign { .. }
+    ));
+}
+
+fn string_bytes(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
+}
+
+#[test]
 fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
     let p = policy();
     let unresolved = |uid| Caller {
@@ -552,13 +746,7 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         groups: vec![],
     };
     let c = unresolved(1000);
-    let d = decide_unresolved(
-        &p,
-        &c,
-        &NoneMinted,
-        &userauth_sign(1, "deploy"),
-        Reason::LookupTimeout,
-    );
+    let d = decide_unresolved(&p, &c, &userauth_sign(1, "deploy"), Reason::LookupTimeout);
     assert_eq!(refused(&d), Some(Reason::LookupTimeout));
     assert!(d.is_audited());
     match &d {
@@ -572,36 +760,18 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
     }
     assert_eq!(Reason::LookupTimeout.to_string(), "user-lookup-timeout");
     assert_eq!(Reason::LookupError.to_string(), "user-lookup-error");
-    let d = decide_unresolved(
-        &p,
-        &c,
-        &NoneMinted,
-        &userauth_sign(2, "x"),
-        Reason::LookupError,
-    );
+    let d = decide_unresolved(&p, &c, &userauth_sign(2, "x"), Reason::LookupError);
     assert_eq!(refused(&d), Some(Reason::LookupError));
     assert!(d.is_audited());
     // allow_any_data keys too: the groups are what is unknown.
     let any = sign(PublicCredential::Key(key(3)), b"anything".to_vec(), 0);
     assert_eq!(
-        refused(&decide_unresolved(
-            &p,
-            &c,
-            &NoneMinted,
-            &any,
-            Reason::LookupTimeout
-        )),
+        refused(&decide_unresolved(&p, &c, &any, Reason::LookupTimeout)),
         Some(Reason::LookupTimeout)
     );
     // A listing is refused, not answered as if the caller had no keys, and
     // is not an audit line.
-    let d = decide_unresolved(
-        &p,
-        &c,
-        &NoneMinted,
-        &Request::RequestIdentities,
-        Reason::LookupTimeout,
-    );
+    let d = decide_unresolved(&p, &c, &Request::RequestIdentities, Reason::LookupTimeout);
     assert_eq!(refused(&d), Some(Reason::LookupTimeout));
     assert!(!d.is_audited());
     // What does not depend on groups is decided as usual.
@@ -609,7 +779,6 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         refused(&decide_unresolved(
             &p,
             &c,
-            &NoneMinted,
             &userauth_sign(77, "x"),
             Reason::LookupTimeout
         )),
@@ -619,7 +788,6 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         refused(&decide_unresolved(
             &p,
             &c,
-            &NoneMinted,
             &classify(&[19]),
             Reason::LookupTimeout
         )),
@@ -630,29 +798,48 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         details: vec![].into(),
     });
     assert_eq!(
-        decide_unresolved(&p, &c, &NoneMinted, &query, Reason::LookupTimeout),
+        decide_unresolved(&p, &c, &query, Reason::LookupTimeout),
         Decision::Query
     );
     // root needs no groups.
     let root = unresolved(0);
     assert!(matches!(
-        decide_unresolved(
-            &p,
-            &root,
-            &NoneMinted,
-            &userauth_sign(1, "x"),
-            Reason::LookupTimeout
-        ),
+        decide_unresolved(&p, &root, &userauth_sign(1, "x"), Reason::LookupTimeout),
         Decision::Sign { .. }
     ));
     assert_eq!(
         decide_unresolved(
             &p,
             &root,
-            &NoneMinted,
             &Request::RequestIdentities,
             Reason::LookupTimeout
         ),
         Decision::List
     );
+}
+
+#[test]
+fn a_binding_from_a_caller_whose_lookup_failed_is_verified_not_refused() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let c = Caller {
+        uid: 1000,
+        pid: None,
+        user: None,
+        groups: vec![],
+    };
+    // Its groups are unknown, not empty: the binding is checked as usual.
+    assert_eq!(
+        decide_unresolved(&p, &c, &classify(&m), Reason::LookupTimeout),
+        Decision::VerifyBind
+    );
+    // Malformed ones are still refused.
+    assert!(matches!(
+        decide_unresolved(&p, &c, &classify(&m[..m.len() - 1]), Reason::LookupTimeout),
+        Decision::RefuseBind { .. }
+    ));
 }

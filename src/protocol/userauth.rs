@@ -16,7 +16,9 @@
 //! The same checks as OpenSSH's `ssh-agent` (`parse_userauth_request`):
 //! non-empty session id, the right service, a signature flag of TRUE, a key
 //! blob that is the signing key (or a certificate of it), no trailing bytes.
-//! The key blob is returned: what the target sees is what counts.
+//! The key blob is returned (what the target sees is what the certificate
+//! rules check), and the session id and the host key of a host-bound
+//! request for the destination rules.
 
 use ssh_agent_lib::proto::PublicCredential;
 use ssh_encoding::{Decode, Reader};
@@ -40,6 +42,10 @@ pub struct UserAuth {
     /// certificate of it. What the target sees, so what the certificate
     /// rules check.
     pub key: PublicCredential,
+    /// The session identifier the request is for.
+    pub session_id: Vec<u8>,
+    /// The server host key blob inside a host-bound request.
+    pub host_key: Option<Vec<u8>>,
 }
 
 /// Parses `data` as a public-key user-authentication request signed by
@@ -79,12 +85,15 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
     if key.key_data() != signing_key {
         return Err("public key in request is not the signing key");
     }
-    if hostbound {
+    let host_key = if hostbound {
         let host_key = Vec::<u8>::decode(r).map_err(|_| "malformed host key")?;
         if host_key.is_empty() {
             return Err("empty host key");
         }
-    }
+        Some(host_key)
+    } else {
+        None
+    };
     if !r.is_finished() {
         return Err("trailing bytes");
     }
@@ -92,6 +101,8 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
         user,
         hostbound,
         key,
+        session_id,
+        host_key,
     })
 }
 
@@ -107,8 +118,19 @@ pub(crate) mod tests {
         method: &str,
         host_key: Option<&[u8]>,
     ) -> Vec<u8> {
+        build_for(&[1u8; 32], key, user, method, host_key)
+    }
+
+    /// Like [`build`], for session identifier `sid`.
+    pub(crate) fn build_for(
+        sid: &[u8],
+        key: &KeyData,
+        user: &str,
+        method: &str,
+        host_key: Option<&[u8]>,
+    ) -> Vec<u8> {
         let mut d = Vec::new();
-        vec![1u8; 32].encode(&mut d).unwrap();
+        sid.encode(&mut d).unwrap();
         d.push(USERAUTH_REQUEST);
         user.encode(&mut d).unwrap();
         "ssh-connection".encode(&mut d).unwrap();
@@ -136,6 +158,8 @@ pub(crate) mod tests {
                 user: "deploy".into(),
                 hostbound: false,
                 key: PublicCredential::Key(k),
+                session_id: vec![1; 32],
+                host_key: None,
             }
         );
     }
@@ -146,6 +170,8 @@ pub(crate) mod tests {
         let got = parse(&build(&k, "git", PUBLICKEY_HOSTBOUND, Some(b"hostkey")), &k).unwrap();
         assert!(got.hostbound);
         assert_eq!(got.user, "git");
+        assert_eq!(got.session_id, vec![1; 32]);
+        assert_eq!(got.host_key.as_deref(), Some(&b"hostkey"[..]));
     }
 
     #[test]
