@@ -9,9 +9,12 @@
 //! The rules (contract, "Certificates"):
 //! - what counts is the key blob inside the user-auth data, because that is
 //!   what the target sees;
-//! - a certificate there must be one keyholder minted for this caller's uid,
-//!   whatever the key's mode (else `certificate-not-yours`): nobody can make
-//!   a target log another user's name, nor a certificate of some other CA;
+//! - a certificate there must be one keyholder minted for this caller's uid
+//!   (else `certificate-not-yours`): nobody can make a target log another
+//!   user's name. That holds in every mode for anything signed by
+//!   keyholder's CA; a certificate of some other CA (one the admin armed in
+//!   the upstream agent with the key) counts as its key in mode `off`, as
+//!   it always did, and is refused in modes `also` and `only`;
 //! - mode `only`: user-auth data carrying the plain key is refused
 //!   (`certificate-required`), so the key cannot be used anonymously.
 
@@ -57,6 +60,10 @@ pub enum DataKey {
     Certificate {
         /// From the cache; `None` when keyholder did not mint it.
         issued: Option<Issued>,
+        /// Signed by the configured CA (minted by keyholder, or forged
+        /// with a signature that does not verify: either way not the
+        /// caller's).
+        keyholder_ca: bool,
     },
 }
 
@@ -71,8 +78,17 @@ pub fn check(mode: CertMode, data_key: Option<DataKey>, uid: u32) -> Result<Opti
         Some(DataKey::Plain) => Ok(None),
         Some(DataKey::Certificate {
             issued: Some(issued),
+            ..
         }) if issued.uid == uid => Ok(Some(issued.serial)),
-        Some(DataKey::Certificate { .. }) => Err(Reason::CertificateNotYours),
+        Some(DataKey::Certificate {
+            issued: Some(_), ..
+        }) => Err(Reason::CertificateNotYours),
+        Some(DataKey::Certificate {
+            issued: None,
+            keyholder_ca,
+        }) if keyholder_ca || mode != CertMode::Off => Err(Reason::CertificateNotYours),
+        // Another CA's certificate of a key without certificates.
+        Some(DataKey::Certificate { issued: None, .. }) => Ok(None),
     }
 }
 
@@ -121,7 +137,22 @@ mod tests {
 
     #[test]
     fn every_mode_and_data_key() {
-        let cert = |i| Some(DataKey::Certificate { issued: i });
+        let cert = |i| {
+            Some(DataKey::Certificate {
+                issued: i,
+                keyholder_ca: true,
+            })
+        };
+        let foreign = Some(DataKey::Certificate {
+            issued: None,
+            keyholder_ca: false,
+        });
+        // Another CA's certificate: its key in mode off, refused otherwise.
+        assert_eq!(check(CertMode::Off, foreign, 1000), Ok(None));
+        assert_eq!(check(CertMode::Off, foreign, 0), Ok(None));
+        for mode in [CertMode::Also, CertMode::Only] {
+            assert_eq!(check(mode, foreign, 1000), Err(Reason::CertificateNotYours));
+        }
         for mode in [CertMode::Off, CertMode::Also, CertMode::Only] {
             // Not user-auth data (allow_any_data): no certificate rule.
             assert_eq!(check(mode, None, 1000), Ok(None));

@@ -419,10 +419,16 @@ fn decide_sign<'p>(
         PublicCredential::Key(_) => DataKey::Plain,
         PublicCredential::Cert(cert) => DataKey::Certificate {
             issued: ctx.minted.issued(cert),
+            keyholder_ca: policy
+                .ca
+                .as_ref()
+                .is_some_and(|ca| cert.signature_key() == &ca.key),
         },
     });
     let seen_serial = match data_key {
-        Some(DataKey::Certificate { issued: Some(i) }) => Some(i.serial),
+        Some(DataKey::Certificate {
+            issued: Some(i), ..
+        }) => Some(i.serial),
         _ => None,
     };
     let refusal = |reason, key| Decision::Refuse {

@@ -467,6 +467,14 @@ impl certificates::Minted for MintedFor {
     }
 }
 
+/// The CA that signs [`certificate`]'s certificates.
+fn test_ca() -> KeyData {
+    PrivateKey::from(Ed25519Keypair::from_seed(&[9; 32]))
+        .public_key()
+        .key_data()
+        .clone()
+}
+
 fn cert_policy(mode: CertMode) -> Policy {
     let mut p = policy();
     for k in &mut p.keys {
@@ -474,7 +482,7 @@ fn cert_policy(mode: CertMode) -> Policy {
     }
     p.ca = Some(CaRule {
         name: "ca".into(),
-        key: key(60),
+        key: test_ca(),
         fingerprint: "SHA256:ca".into(),
     });
     p
@@ -522,8 +530,24 @@ fn the_key_blob_inside_the_data_is_what_the_certificate_rules_check() {
                 ));
                 assert!(d.is_audited());
             }
-            // A certificate keyholder did not mint: refused.
+            // Signed by keyholder's CA but not remembered as minted (a
+            // forgery, or a restart since): refused.
             let d = decide_with(&p, &alice, &NoneMinted, &req);
+            assert_eq!(refused(&d), Some(Reason::CertificateNotYours));
+        }
+        // Another CA's certificate of the key (one the admin armed upstream
+        // with it): its key in mode off, refused with certificates on.
+        let mut other_ca = p.clone();
+        other_ca.ca = Some(CaRule {
+            name: "ca".into(),
+            key: key(61),
+            fingerprint: "SHA256:other".into(),
+        });
+        let req = sign(PublicCredential::Key(key(1)), in_data.clone(), 0);
+        let d = decide_with(&other_ca, &alice, &NoneMinted, &req);
+        if mode == CertMode::Off {
+            assert!(matches!(d, Decision::Sign { serial: None, .. }), "{d:?}");
+        } else {
             assert_eq!(refused(&d), Some(Reason::CertificateNotYours));
         }
         // Plain key in the data: refused in mode only, whatever the request names.
@@ -550,8 +574,8 @@ fn the_key_blob_inside_the_data_is_what_the_certificate_rules_check() {
     }
     // The CA can never sign, not even for root, not even other data.
     let p = cert_policy(CertMode::Only);
-    for data in [build(&key(60), "x", PUBLICKEY, None), b"tbs".to_vec()] {
-        let req = sign(PublicCredential::Key(key(60)), data, 0);
+    for data in [build(&test_ca(), "x", PUBLICKEY, None), b"tbs".to_vec()] {
+        let req = sign(PublicCredential::Key(test_ca()), data, 0);
         assert_eq!(
             refused(&decide_with(&p, &caller(0, &[]), &minted, &req)),
             Some(Reason::UnknownKey)
@@ -584,7 +608,7 @@ fn listing_plans_certificates_and_never_the_ca() {
             identity(PublicCredential::Key(key(2))),
         ];
         if with_ca {
-            v.push(identity(PublicCredential::Key(key(60))));
+            v.push(identity(PublicCredential::Key(test_ca())));
         }
         v
     };
