@@ -55,7 +55,9 @@ for path in usr/bin/keyholder etc/keyholder/keyholder.toml \
     usr/share/man/man1/keyholder.1.gz usr/share/man/man1/keyholder-arm.1.gz \
     usr/share/bash-completion/completions/keyholder usr/share/zsh/vendor-completions/_keyholder \
     usr/share/fish/vendor_completions.d/keyholder.fish usr/share/doc/keyholder/README.Debian; do
-    if ! printf '%s\n' "$contents" | grep -q " \./$path\$"; then
+    # A here-string, not a pipe: `grep -q` stops reading at the first match,
+    # and under pipefail the writer's SIGPIPE would read as "missing".
+    if ! grep -q " \./$path\$" <<<"$contents"; then
         echo "FAIL: $deb lacks /$path" >&2
         failed=1
     fi
@@ -64,7 +66,7 @@ if [ "$(dpkg-deb -f "$deb" Depends | grep -c openssh-client)" -ne 1 ]; then
     echo "FAIL: $deb does not depend on openssh-client" >&2
     failed=1
 fi
-if ! dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/keyholder/keyholder.toml; then
+if ! grep -qx /etc/keyholder/keyholder.toml <<<"$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)"; then
     echo "FAIL: /etc/keyholder/keyholder.toml is not a conffile" >&2
     failed=1
 fi
@@ -86,7 +88,7 @@ for unit in "$root"/usr/lib/systemd/system/*.service; do
     done
 done
 out="$(systemd-analyze verify --man=no "$verify_dir"/*.service 2>&1)" && rc=0 || rc=$?
-if [ "$rc" -ne 0 ] || printf '%s\n' "$out" | grep -q keyholder; then
+if [ "$rc" -ne 0 ] || grep -q keyholder <<<"$out"; then
     printf '%s\n' "$out" >&2
     echo "FAIL: systemd-analyze verify complained (exit $rc)" >&2
     failed=1

@@ -7,6 +7,7 @@
 //! - [`policy`]: the security decision, pure and exhaustively tested.
 //! - [`backend`]: what holds the keys: the upstream agent (client
 //!   connections, supervision) or the builtin backend (in-process keys).
+//! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
@@ -19,6 +20,7 @@
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
+pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -39,12 +39,15 @@
 //! the time to serve them all (medians over rounds). The default
 //! `max_connections_per_user` (512) is kept, so at most 512 per burst.
 //!
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
-//! their cost; the default is the daemon's default, INFO).
+//! their cost; the default is the daemon's default, INFO). The `certs` part
+//! (see `certs.rs`) compares `connect` with certificates on and off and
+//! times one mint.
 
+mod certs;
 mod load;
 mod setup;
 
@@ -263,8 +266,8 @@ impl Bench {
         let user_a = Account::user(&format!("{PREFIX}{pid}a"), &groups)?;
         let user_b = Account::user(&format!("{PREFIX}{pid}b"), &groups)?;
 
-        let choice = Choice::from_env()?;
         let key = dir.join("bench");
+        let choice = Choice::from_env()?;
         run(Command::new("ssh-keygen")
             .args(["-q", "-N", "", "-C", "bench"])
             .args(choice.keygen_args())
@@ -423,14 +426,29 @@ impl Bench {
         warmup_ms: u64,
         window_ms: u64,
     ) -> Result<Window> {
+        let socket = self.socket(side).to_owned();
+        let sign = self.sign.clone();
+        self.window_on(&socket, &sign, op, conns, warmup_ms, window_ms)
+    }
+
+    /// Runs one window as user a against `socket`, signing with `sign`.
+    fn window_on(
+        &mut self,
+        socket: &Path,
+        sign: &[u8],
+        op: Op,
+        conns: usize,
+        warmup_ms: u64,
+        window_ms: u64,
+    ) -> Result<Window> {
         check_interrupted()?;
         let spec = RunSpec {
-            socket: self.socket(side).to_owned(),
+            socket: socket.to_owned(),
             op,
             conns,
             warmup_ms,
             window_ms,
-            sign: self.sign.clone(),
+            sign: sign.to_vec(),
         };
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let cpu = |b: &Self| {
@@ -647,7 +665,25 @@ impl Choice {
     }
 }
 
+/// For an RSA key (`rsa`), the data names `rsa-sha2-512` and the flags ask
+/// for it (4), as OpenSSH clients do; otherwise flags 0.
 fn sign_request(pub_path: &Path, rsa: bool) -> Result<Vec<u8>> {
+    if rsa {
+        sign_request_flags(pub_path, &[], "rsa-sha2-512", 4)
+    } else {
+        sign_request_with(pub_path, &[], "")
+    }
+}
+
+/// Like [`sign_request`], with `in_data` (a certificate of the key, of
+/// algorithm `alg`) as the key blob in the data, unless empty.
+fn sign_request_with(pub_path: &Path, in_data: &[u8], alg: &str) -> Result<Vec<u8>> {
+    sign_request_flags(pub_path, in_data, alg, 0)
+}
+
+/// Like [`sign_request_with`], with SIGN_REQUEST `flags`; a non-empty `alg`
+/// with an empty `in_data` names the algorithm for the key itself.
+fn sign_request_flags(pub_path: &Path, in_data: &[u8], alg: &str, flags: u32) -> Result<Vec<u8>> {
     fn string(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend((bytes.len() as u32).to_be_bytes());
         out.extend(bytes);
@@ -655,6 +691,13 @@ fn sign_request(pub_path: &Path, rsa: bool) -> Result<Vec<u8>> {
     let text = std::fs::read_to_string(pub_path).map_err(|e| e.to_string())?;
     let key = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| e.to_string())?;
     let blob = key.to_bytes().map_err(|e| e.to_string())?;
+    let (data_blob, data_alg) = if in_data.is_empty() && alg.is_empty() {
+        (blob.as_slice(), key.algorithm().as_str().to_owned())
+    } else if in_data.is_empty() {
+        (blob.as_slice(), alg.to_owned())
+    } else {
+        (in_data, alg.to_owned())
+    };
     let mut data = Vec::new();
     string(&mut data, &[0x5a; 32]); // session id: a SHA-256 exchange hash
     data.push(50); // SSH_MSG_USERAUTH_REQUEST
@@ -662,13 +705,8 @@ fn sign_request(pub_path: &Path, rsa: bool) -> Result<Vec<u8>> {
     string(&mut data, b"ssh-connection");
     string(&mut data, b"publickey");
     data.push(1);
-    let (alg, flags) = if rsa {
-        ("rsa-sha2-512".to_owned(), 4u32) // SSH_AGENT_RSA_SHA2_512
-    } else {
-        (key.algorithm().as_str().to_owned(), 0)
-    };
-    string(&mut data, alg.as_bytes());
-    string(&mut data, &blob);
+    string(&mut data, data_alg.as_bytes());
+    string(&mut data, data_blob);
     let mut body = vec![13u8]; // SSH_AGENTC_SIGN_REQUEST
     string(&mut body, &blob);
     string(&mut body, &data);
@@ -748,6 +786,17 @@ fn bench() -> Result<String> {
         None
     };
     let rss_after_load = proc_kib(b.daemon.pid(), "VmRSS");
+
+    let certificates = if settings.wants("certs") {
+        Some(certs::phase(
+            &mut b,
+            settings.rounds,
+            settings.warmup_ms,
+            settings.window_ms,
+        )?)
+    } else {
+        None
+    };
 
     let memory = if settings.wants("memory") {
         Some(memory_phase(&mut b, settings.idle)?)
@@ -860,6 +909,9 @@ fn bench() -> Result<String> {
     }
     if let Some(bursts) = &bursts {
         out += bursts;
+    }
+    if let Some(c) = &certificates {
+        out += c;
     }
     out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
     out += &format!("| started, no client yet | {} | |\n", mib(rss_start));

@@ -668,7 +668,7 @@ impl Sshd {
     }
 
     /// Like [`Sshd::start`], with `extra` sshd_config lines (e.g.
-    /// `PubkeyAcceptedAlgorithms +ssh-rsa`).
+    /// `PubkeyAcceptedAlgorithms +ssh-rsa`, `TrustedUserCAKeys FILE`).
     pub fn start_with(dir: &TempDir, extra: &str) -> Self {
         Self::start_full(dir, "sshd", "ed25519", None, extra)
     }
