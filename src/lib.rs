@@ -11,11 +11,13 @@
 //! - [`config`]: the configuration file.
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
+//! - [`counter`]: an event count `backend` keeps and `daemon` reports.
 
 pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod counter;
 pub mod daemon;
 pub mod error;
 pub mod hardening;

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
+use crate::counter::Counter;
 use crate::error::{Error, Result};
 
 /// How long a freshly started agent has to create its socket.
@@ -37,6 +38,7 @@ pub struct Supervisor {
     config: AgentConfig,
     child: Child,
     started: Instant,
+    restarts: Counter,
 }
 
 impl Supervisor {
@@ -47,7 +49,14 @@ impl Supervisor {
             config,
             child,
             started: Instant::now(),
+            restarts: Counter::default(),
         })
+    }
+
+    /// Counts each restart of the agent in `restarts`.
+    pub fn count_restarts(mut self, restarts: Counter) -> Self {
+        self.restarts = restarts;
+        self
     }
 
     /// The agent's pid.
@@ -89,6 +98,7 @@ impl Supervisor {
                     Ok(child) => {
                         self.child = child;
                         self.started = Instant::now();
+                        self.restarts.add_one();
                         tracing::warn!(
                             "upstream agent restarted (pid {}) on {}; it holds no keys: run `keyholder arm`",
                             self.child.id().unwrap_or(0),

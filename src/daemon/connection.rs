@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::limits::Admission;
 use super::lookups::Who;
+use super::metrics::Closed;
 use super::{audit, Shared};
 use crate::backend::BackendError;
 use crate::policy::{self, Caller, Decision, Reason, SUPPORTED_EXTENSIONS};
@@ -61,6 +62,7 @@ pub async fn serve(
             }
             Err(_) => {
                 tracing::debug!("closing idle connection of uid={uid}");
+                shared.metrics.closed(Closed::Idle);
                 break;
             }
         }
@@ -101,6 +103,7 @@ pub async fn serve(
             }
             Err(_) => {
                 tracing::debug!("closing idle connection of uid={uid} (waiting for its lookup)");
+                shared.metrics.closed(Closed::Idle);
                 break;
             }
         };
@@ -130,6 +133,8 @@ async fn handle(
         None => policy::decide(&rt.policy, caller, &request),
         Some(why) => policy::decide_unresolved(&rt.policy, caller, &request, why),
     };
+    shared.metrics.decided(&decision, &request);
+    let metrics_wanted = status::wants_metrics(&request);
     if let Some(line) = audit::line(caller, &decision) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
@@ -141,7 +146,9 @@ async fn handle(
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
             // The signature goes back as the backend produced it.
-            return match backend.sign(sign).await {
+            let result = backend.sign(sign).await;
+            shared.metrics.signed(&key.name, caller.uid, &result);
+            return match result {
                 Ok(signature) => response::sign_response(&signature),
                 Err(e) => {
                     tracing::warn!(
@@ -173,7 +180,11 @@ async fn handle(
             }
             let ids = status.ok().map(|s| s.identities);
             let report = policy::status_report(&rt.policy, ids.as_deref());
-            Ok(extension_response(status::NAME, &report))
+            let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
+            Ok(extension_response(
+                status::NAME,
+                &status::Answer { report, metrics },
+            ))
         }
         // Refusals, and decisions that do not match their request (which
         // `decide` never produces).
@@ -189,12 +200,18 @@ async fn handle(
 }
 
 fn note_upstream_error(shared: &Shared, e: &BackendError) {
+    shared.metrics.upstream_error(e);
     if matches!(e, BackendError::Refused) {
         return;
     }
     if let Some(suppressed) = shared.upstream_errors.hit() {
         tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
     }
+}
+
+fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
+    let keys = rt.policy.keys.iter().map(|k| k.name.as_str());
+    shared.metrics.report(keys, shared.lookups.stats())
 }
 
 fn query_response() -> Response {

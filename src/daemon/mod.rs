@@ -14,6 +14,7 @@ pub mod caller;
 pub mod connection;
 pub mod limits;
 pub mod lookups;
+pub mod metrics;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -78,6 +79,8 @@ pub struct Shared {
     pub lookup_errors: SharedBurstLog,
     /// Caller lookups and their cache.
     pub lookups: Arc<lookups::Lookups>,
+    /// Counters since start (`keyholder status --prometheus`).
+    pub metrics: metrics::Metrics,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -115,6 +118,7 @@ async fn serve(mut config: Config) -> Result<()> {
     // First, so that a spawned agent inherits the raised descriptor limit.
     let max_connections = limits::fit_descriptors(config.limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = metrics::Metrics::new();
     let mut sigterm = signal_stream(SignalKind::terminate())?;
     let mut sigint = signal_stream(SignalKind::interrupt())?;
     let mut sighup = signal_stream(SignalKind::hangup())?;
@@ -122,7 +126,9 @@ async fn serve(mut config: Config) -> Result<()> {
     ensure_runtime_dir(&config.socket)?;
     let supervisor = if config.agent.spawn {
         ensure_runtime_dir(&config.agent.socket)?;
-        let sup = Supervisor::start(config.agent.clone()).await?;
+        let sup = Supervisor::start(config.agent.clone())
+            .await?
+            .count_restarts(metrics.upstream_restarts.clone());
         tracing::info!(
             "upstream agent {} started (pid {}) on {}",
             config.agent.program.display(),
@@ -156,6 +162,7 @@ async fn serve(mut config: Config) -> Result<()> {
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         lookups: lookups::Lookups::new(),
+        metrics,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
@@ -192,7 +199,9 @@ async fn serve(mut config: Config) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                if let Some(new) = reload(&config, &limiter, &runtime_tx) {
+                let reloaded = reload(&config, &limiter, &runtime_tx);
+                shared.metrics.reloaded(reloaded.is_some());
+                if let Some(new) = reloaded {
                     shared.backend.set_timeout(new.limits.upstream_timeout);
                     config = new;
                 }
@@ -250,6 +259,7 @@ fn admit(
     let Ok(cred) = stream.peer_cred() else {
         return;
     };
+    shared.metrics.accepted();
     let (uid, pid) = (cred.uid(), cred.pid());
     // uids not known to have a passwd entry share one bucket. Known: a line
     // of /etc/passwd, or an earlier lookup; the user database itself is
@@ -258,6 +268,7 @@ fn admit(
     let admission = match limiter.admit(uid, listed) {
         Ok(a) => a,
         Err(hit) => {
+            shared.metrics.closed(hit);
             let (log, what) = match hit {
                 LimitHit::Total => (total_limit_log, "max_connections"),
                 LimitHit::PerUser => (user_limit_log, "max_connections_per_user"),
@@ -292,7 +303,8 @@ fn admit(
     let stop = stop.clone();
     let done = done.clone();
     tokio::spawn(async move {
-        connection::serve(stream, uid, pid, admission, shared, stop).await;
+        let _open = shared.metrics.open();
+        connection::serve(stream, uid, pid, admission, Arc::clone(&shared), stop).await;
         drop(done);
     });
 }
