@@ -458,3 +458,36 @@ fn the_metrics_unit_replaces_the_textfile_atomically_as_an_unprivileged_user() {
     daemon.stop();
     run_unit(0);
 }
+
+#[test]
+fn the_documented_alert_rules_pass_promtool() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let rules = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|r| r.split("```").next())
+        .expect("a yaml block in docs/metrics.md");
+    for alert in [
+        "KeyholderKeyNotArmed",
+        "KeyholderRefusalsSpiking",
+        "KeyholderConnectionLimitHit",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
+    }
+    let dir = TempDir::new("mal");
+    let file = dir.join("rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    match Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+    {
+        Ok(o) => assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o)),
+        Err(_) => eprintln!(
+            "SKIPPED: promtool not installed (Debian package prometheus; .ci/run installs it): \
+             alert rules not checked"
+        ),
+    }
+}
