@@ -15,7 +15,10 @@ use crate::config::{LogTarget, DEFAULT_CONFIG};
 /// /run/keyholder/proxy.sock) and run plain ssh, scp, rsync or git. The
 /// daemon lists and signs only with the keys their Unix groups may use, and
 /// only SSH user-authentication requests; adding, removing and locking keys
-/// through the proxy is refused for everyone.
+/// through the proxy is refused for everyone. Per key, `destinations`,
+/// `remote_users` and `allow_forwarding` limit which hosts and accounts a key
+/// logs into and whether it works through a forwarded agent (keyholder
+/// verifies session-bind@openssh.com itself).
 #[derive(Debug, Parser)]
 #[command(
     name = "keyholder",
@@ -97,10 +100,13 @@ pub enum Command {
     List,
     /// Validate the configuration and key files. Exit 1 with precise messages on error.
     ///
-    /// Checks every private key file as arm will: present, a regular file owned by root,
+    /// The configuration file and every NAME.pub must be regular files owned by root and not
+    /// writable by group or others. Checks every private key file as arm will: present, a regular file owned by root,
     /// no group or other permissions, holding the configured public key, encrypted when
     /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
-    /// that need their contents are skipped with a note.
+    /// that need their contents are skipped with a note. A key's destinations file must be a
+    /// regular file owned by root, not writable by group or others, every line a host key,
+    /// @cert-authority or @revoked entry; its host key and CA counts are reported.
     CheckConfig,
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, PublicKey};
 
 use crate::error::{Error, Result};
+use crate::known_hosts::KnownHosts;
 
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
@@ -79,6 +81,10 @@ struct RawKey {
     groups: Vec<String>,
     #[serde(default)]
     allow_any_data: bool,
+    destinations: Option<PathBuf>,
+    remote_users: Option<Vec<String>>,
+    #[serde(default)]
+    allow_forwarding: bool,
 }
 
 /// The upstream agent settings (`[agent]`).
@@ -154,6 +160,23 @@ pub struct KeyConfig {
     pub groups: Vec<String>,
     /// Sign any data, not only SSH user-authentication requests.
     pub allow_any_data: bool,
+    /// The host keys and CAs the key may be used towards (`destinations`).
+    pub destinations: Option<Destinations>,
+    /// The remote user names the user-auth request may name.
+    pub remote_users: Option<Vec<String>>,
+    /// May be used through a forwarded agent.
+    pub allow_forwarding: bool,
+}
+
+/// A key's `destinations` file, read and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destinations {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its keys; `None` when a user other than root may not read it (the
+    /// commands for everyone still load the configuration; the daemon runs
+    /// as root and always reads it).
+    pub hosts: Option<Arc<KnownHosts>>,
 }
 
 /// A loaded, validated configuration.
@@ -178,10 +201,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates the configuration file at `path`.
+    /// Reads and validates the configuration file at `path`, which must be
+    /// a regular file owned by root and writable by no one else (see
+    /// [`read_trusted`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::msg(format!("{}: cannot read: {e}", path.display())))?;
+        let text =
+            read_trusted(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         Self::parse(path, &text)
     }
 
@@ -375,10 +400,13 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         ),
         None => {
             let pub_path = key_dir.join(format!("{name}.pub"));
-            let text = std::fs::read_to_string(&pub_path).map_err(|e| {
+            let text = read_trusted(&pub_path).map_err(|e| {
+                let hint = match e {
+                    TrustError::Io(_) => format!(" (put it there, or set keys.{name}.public_key)"),
+                    TrustError::Untrusted(_) => String::new(),
+                };
                 Error::msg(format!(
-                    "{file}: keys.{name}: cannot read public key {}: {e} \
-                     (put it there, or set keys.{name}.public_key)",
+                    "{file}: keys.{name}: public key {}: {e}{hint}",
                     pub_path.display()
                 ))
             })?;
@@ -389,6 +417,33 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
     let public_key = parse_public_key(&text)
         .map_err(|e| Error::msg(format!("{file}: {field}: not an OpenSSH public key: {e}")))?;
     let fingerprint = public_key.fingerprint(HashAlg::Sha256).to_string();
+    let destinations = match raw.destinations {
+        None => None,
+        Some(p) => {
+            let p = if p.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p
+            };
+            Some(load_destinations(&file, &name, p)?)
+        }
+    };
+    if let Some(users) = &raw.remote_users {
+        if users.is_empty() {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: empty; list the remote user names \
+                 the key may log in as, or leave it out to allow any"
+            )));
+        }
+        if let Some(bad) = users
+            .iter()
+            .find(|u| u.is_empty() || u.contains(|c: char| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.remote_users: {bad:?} is not a valid user name"
+            )));
+        }
+    }
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -397,7 +452,147 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         source,
         groups: raw.groups,
         allow_any_data: raw.allow_any_data,
+        destinations,
+        remote_users: raw.remote_users,
+        allow_forwarding: raw.allow_forwarding,
     })
+}
+
+/// Reads a key's destinations file: a regular file owned by root that
+/// group and others cannot write (whoever can write it chooses where the
+/// key may be used), in known_hosts format.
+fn load_destinations(
+    file: &impl std::fmt::Display,
+    name: &str,
+    path: PathBuf,
+) -> Result<Destinations> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let what = || format!("{file}: keys.{name}.destinations: {}", path.display());
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            return Ok(Destinations { path, hosts: None });
+        }
+        Err(e) => return Err(Error::msg(format!("{}: cannot open: {e}", what()))),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::msg(format!("{}: cannot stat: {e}", what())))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::msg(format!("{}: not a regular file", what())));
+    }
+    if meta.uid() != 0 {
+        return Err(Error::msg(format!(
+            "{}: owned by uid {}, not root",
+            what(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(Error::msg(format!(
+            "{}: writable by group or others (mode {:04o}); chmod go-w",
+            what(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| Error::msg(format!("{}: cannot read: {e}", what())))?;
+    let hosts = KnownHosts::parse(&text).map_err(|e| Error::msg(format!("{}: {e}", what())))?;
+    Ok(Destinations {
+        path,
+        hosts: Some(Arc::new(hosts)),
+    })
+}
+
+/// The largest configuration or public key file read (far above any real one).
+const MAX_FILE_LEN: u64 = 1024 * 1024;
+
+/// Why a file that must be trusted was not read.
+#[derive(Debug)]
+pub enum TrustError {
+    /// It could not be opened or read.
+    Io(std::io::Error),
+    /// It is not a regular file owned by root and writable by root alone.
+    Untrusted(String),
+}
+
+impl std::fmt::Display for TrustError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "cannot read: {e}"),
+            Self::Untrusted(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Reads a file whose content decides who may use which key (the
+/// configuration, `NAME.pub`): it must be a regular file, owned by root, not
+/// writable by group or others (a writable `.pub` would let its writer swap
+/// the key a group may use). Never blocks on what is not a regular file:
+/// it is opened non-blocking and without following a final symbolic link,
+/// and the opened descriptor is checked before anything is read.
+pub fn read_trusted(path: &Path) -> std::result::Result<String, TrustError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => TrustError::Untrusted(
+                "is a symbolic link, not a regular file; name the file itself".to_owned(),
+            ),
+            _ => TrustError::Io(e),
+        })?;
+    let meta = file.metadata().map_err(TrustError::Io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(TrustError::Untrusted(format!(
+            "is {what}, not a regular file; refusing to read it"
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 {
+        return Err(TrustError::Untrusted(format!(
+            "owned by uid {}, not root; refusing to trust it (chown root)",
+            meta.uid()
+        )));
+    }
+    if mode & 0o022 != 0 {
+        return Err(TrustError::Untrusted(format!(
+            "mode {mode:04o} is writable by group or others; refusing to trust it \
+             (chmod go-w)"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(TrustError::Io)?;
+    if text.len() as u64 > MAX_FILE_LEN {
+        return Err(TrustError::Untrusted(format!(
+            "larger than {MAX_FILE_LEN} bytes; refusing to read it"
+        )));
+    }
+    Ok(text)
 }
 
 /// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`). A
@@ -537,6 +732,104 @@ mod tests {
         .unwrap();
         assert_eq!(c.key_dir, Path::new("/srv/kh/keys"));
         assert_eq!(c.socket, Path::new("/srv/kh/p.sock"));
+    }
+}
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 test";
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kh-dest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn key_with(extra: &str) -> String {
+        format!("[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n{extra}")
+    }
+
+    #[test]
+    fn destinations_file_is_read_relative_to_the_config() {
+        let d = dir("ok");
+        std::fs::write(
+            d.join("targets"),
+            format!("web1 {ED}\n@cert-authority * {ED}\n"),
+        )
+        .unwrap();
+        let c = Config::parse(
+            &d.join("k.toml"),
+            &key_with("destinations = \"targets\"\nremote_users = [\"deploy\"]\nallow_forwarding = true\n"),
+        );
+        let is_root = nix::unistd::geteuid().is_root();
+        if !is_root {
+            // Not root: the file is not root's, which is refused.
+            assert!(c.unwrap_err().to_string().contains("not root"));
+            return;
+        }
+        let c = c.unwrap();
+        let k = c.key("deploy").unwrap();
+        let dest = k.destinations.as_ref().unwrap();
+        assert_eq!(dest.path, d.join("targets"));
+        assert_eq!(dest.hosts.as_ref().unwrap().counts(), (1, 1, 0));
+        assert_eq!(k.remote_users.as_deref(), Some(&["deploy".to_owned()][..]));
+        assert!(k.allow_forwarding);
+        // Defaults.
+        let c = Config::parse(&d.join("k.toml"), &key_with("")).unwrap();
+        let k = c.key("deploy").unwrap();
+        assert!(k.destinations.is_none() && k.remote_users.is_none() && !k.allow_forwarding);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_destinations_files_are_errors_naming_key_file_and_line() {
+        let d = dir("bad");
+        let conf = d.join("k.toml");
+        let e = Config::parse(&conf, &key_with("destinations = \"missing\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keys.deploy.destinations") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::write(
+            d.join("garbage"),
+            format!("web1 {ED}\nweb2 ssh-ed25519 nope\n"),
+        )
+        .unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+            .unwrap_err()
+            .to_string();
+        if nix::unistd::geteuid().is_root() {
+            assert!(e.contains("line 2"), "{e}");
+            std::fs::set_permissions(d.join("garbage"), std::fs::Permissions::from_mode(0o666))
+                .unwrap();
+            let e = Config::parse(&conf, &key_with("destinations = \"garbage\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("writable by group or others"), "{e}");
+        }
+        std::fs::create_dir(d.join("adir")).unwrap();
+        let e = Config::parse(&conf, &key_with("destinations = \"adir\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::os::unix::fs::symlink(d.join("garbage"), d.join("link")).unwrap();
+        assert!(Config::parse(&conf, &key_with("destinations = \"link\"\n")).is_err());
+        let e = Config::parse(&conf, &key_with("remote_users = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys.deploy.remote_users: empty"), "{e}");
+        let e = Config::parse(&conf, &key_with("remote_users = [\"a b\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid user name"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
 

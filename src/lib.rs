@@ -9,9 +9,13 @@
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
+//! - [`known_hosts`]: the keys of a `destinations` file (known_hosts format).
+//! - [`verify`]: signature checks of `session-bind@openssh.com` (CPU work,
+//!   run off the async threads).
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 //! - [`counter`]: an event count `backend` keeps and `daemon` reports.
+//! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
 pub mod cli;
@@ -21,11 +25,14 @@ pub mod counter;
 pub mod daemon;
 pub mod error;
 pub mod hardening;
+pub mod known_hosts;
 pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod shutdown;
+pub mod sockets;
+pub mod verify;
 
 /// Fails with a one-line error unless the effective uid is 0.
 pub fn require_root(what: &str) -> error::Result<()> {

@@ -850,14 +850,14 @@ fn arm_on_a_terminal_prompts_without_echo() {
     )
     .unwrap();
     let slave = std::fs::File::from(pty.slave);
-    let mut child = Command::new("setsid")
-        .args(["-c", "-w", KEYHOLDER, "--config", s.config(), "arm"])
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .stdin(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new("setsid")
+            .args(["-c", "-w", KEYHOLDER, "--config", s.config(), "arm"])
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .stdin(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap())
+            .stdout(Stdio::piped()),
+    );
     drop(slave);
     let master = std::fs::File::from(pty.master);
     let mut writer = master.try_clone().unwrap();

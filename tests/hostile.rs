@@ -1237,16 +1237,13 @@ fn the_running_daemon_is_hardened() {
     // unlike those of a control process started the same way.
     let gids = proc_status(pid, "Gid").unwrap();
     assert!(gids.starts_with(&format!("{gid}\t")), "{gids}");
-    let mut control = Command::new("setpriv")
-        .args([
-            &format!("--regid={gid}"),
-            "--clear-groups",
-            "--",
-            "sleep",
-            "30",
-        ])
-        .spawn()
-        .unwrap();
+    let mut control = spawn(Command::new("setpriv").args([
+        &format!("--regid={gid}"),
+        "--clear-groups",
+        "--",
+        "sleep",
+        "30",
+    ]));
     assert!(wait_for(Duration::from_secs(5), || proc_status(
         control.id(),
         "Name"

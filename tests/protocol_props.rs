@@ -23,6 +23,16 @@ fn rule(name: &str, k: &KeyData, groups: &[&str], allow_any_data: bool) -> KeyRu
         fingerprint: k.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         allow_any_data,
+        rules: Default::default(),
+    }
+}
+
+/// A connection with no session bindings.
+fn ctx() -> policy::Context<'static> {
+    static NONE: std::sync::OnceLock<policy::destinations::Bindings> = std::sync::OnceLock::new();
+    policy::Context {
+        bindings: NONE.get_or_init(Default::default),
+        now: 0,
     }
 }
 
@@ -105,9 +115,10 @@ fn classify_and_decide(body: &[u8]) -> Request {
     let policy = fixed_policy();
     let request = classify(body);
     for c in callers() {
-        let d = policy::decide(&policy, &c, &request);
+        let d = policy::decide(&policy, &c, ctx(), &request);
         let ok = match (&request, &d) {
-            (Request::RequestIdentities, Decision::List) => true,
+            (Request::RequestIdentities, Decision::List) => policy.any_key_for(&c),
+            (Request::RequestIdentities, Decision::EmptyList) => !policy.any_key_for(&c),
             (Request::Sign(s), Decision::Sign { key, .. }) => {
                 c.may_use(key)
                     && policy.key(s.credential.key_data()) == Some(*key)
@@ -116,6 +127,8 @@ fn classify_and_decide(body: &[u8]) -> Request {
             }
             (Request::Sign(_), Decision::Refuse { .. }) => true,
             (Request::Extension(_), _) => !matches!(d, Decision::List | Decision::Sign { .. }),
+            (Request::SessionBind(_), Decision::VerifyBind | Decision::RefuseBind { .. }) => true,
+            (Request::BadSessionBind(_), Decision::RefuseBind { .. }) => true,
             (
                 Request::Admin(_),
                 Decision::Refuse {
@@ -249,7 +262,7 @@ proptest! {
         let data = userauth_data(&deploy, &session, &user, hostkey.as_deref());
         let request = classify(&sign_message(&deploy, &data, 0));
         for c in callers() {
-            let d = policy::decide(&policy, &c, &request);
+            let d = policy::decide(&policy, &c, ctx(), &request);
             let allowed = c.uid == 0 || c.groups.iter().any(|g| g == "deployers");
             match d {
                 Decision::Sign { key, remote_user } => {
@@ -273,7 +286,7 @@ proptest! {
             prop_assume!(userauth::parse(&data, &k).is_err());
             let request = classify(&sign_message(&k, &data, 0));
             for c in callers() {
-                let d = policy::decide(&policy, &c, &request);
+                let d = policy::decide(&policy, &c, ctx(), &request);
                 let rule = policy.keys.iter().find(|r| r.name == name).unwrap();
                 let granted = matches!(d, Decision::Sign { .. });
                 prop_assert_eq!(granted, rule.allow_any_data && c.may_use(rule), "{} {:?}", name, d);

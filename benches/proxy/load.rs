@@ -75,6 +75,30 @@ pub struct HoldSpec {
     pub conns: usize,
 }
 
+/// A burst: `clients` connections opened at once, each listing then
+/// signing, then closing (a deploy tool starting hundreds of ssh at once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BurstSpec {
+    pub socket: PathBuf,
+    pub clients: usize,
+    /// The framed SIGN_REQUEST to send.
+    pub sign: Vec<u8>,
+}
+
+/// What one burst measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BurstResult {
+    /// Clients that got their list and their signature.
+    pub served: u64,
+    pub failures: u64,
+    /// From the moment all were let go until the last one was done.
+    pub total_ms: f64,
+    /// Per client, from its connect to its signature.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub first_error: Option<String>,
+}
+
 /// Worker entry point; `mode` is the value of [`WORKER_ENV`].
 pub fn worker_main(mode: &str) -> Result<(), String> {
     let spec = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} not set"))?;
@@ -82,6 +106,15 @@ pub fn worker_main(mode: &str) -> Result<(), String> {
         "run" => {
             let spec: RunSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
             let result = run(&spec);
+            println!(
+                "{}",
+                serde_json::to_string(&result).map_err(|e| e.to_string())?
+            );
+            Ok(())
+        }
+        "burst" => {
+            let spec: BurstSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
+            let result = burst(&spec);
             println!(
                 "{}",
                 serde_json::to_string(&result).map_err(|e| e.to_string())?
@@ -328,6 +361,57 @@ fn persistent_op(conn: &mut Option<Conn>, spec: &RunSpec) -> Result<(), Failure>
         c.sign(&spec.sign)
     } else {
         c.list()
+    }
+}
+
+/// Runs one burst: every client thread is started and waiting first, then
+/// all are let go at once; each connects, lists, signs and closes.
+pub fn burst(spec: &BurstSpec) -> BurstResult {
+    let spec = Arc::new(spec.clone());
+    let barrier = Arc::new(Barrier::new(spec.clients + 1));
+    let threads: Vec<_> = (0..spec.clients)
+        .map(|_| {
+            let (spec, barrier) = (spec.clone(), barrier.clone());
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let result =
+                        Conn::connect(&spec.socket)
+                            .map_err(Failure::Io)
+                            .and_then(|mut c| {
+                                c.list()?;
+                                c.sign(&spec.sign)
+                            });
+                    (result.map_err(|e| e.to_string()), t0.elapsed())
+                })
+                .expect("spawn burst thread")
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(spec.clients);
+    let (mut failures, mut first_error) = (0, None);
+    for t in threads {
+        let (result, took) = t.join().expect("burst thread panicked");
+        match result {
+            Ok(()) => times.push(took.as_nanos() as u64),
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    times.sort_unstable();
+    BurstResult {
+        served: times.len() as u64,
+        failures,
+        total_ms,
+        p50_ms: percentile(&times, 50.0) as f64 / 1e6,
+        p99_ms: percentile(&times, 99.0) as f64 / 1e6,
+        first_error,
     }
 }
 

@@ -30,7 +30,16 @@
 //!
 //! Everything is removed on exit, failure or Ctrl-C; every child has a
 //! parent-death signal, and users left by a run killed with SIGKILL are
-//! removed by the next run. `KH_BENCH_ONLY=sign1,sign16,connect16,list16,memory`
+//! removed by the next run.
+//!
+//! The `burst` workload: `KH_BENCH_BURST` (300) clients of user `a` are
+//! started and let go at once; each connects, lists, signs and closes (a
+//! deploy tool starting hundreds of ssh at once). One burst per side per
+//! round, the order swapped every round; the report gives the failures and
+//! the time to serve them all (medians over rounds). The default
+//! `max_connections_per_user` (512) is kept, so at most 512 per burst.
+//!
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
@@ -47,7 +56,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use load::{HoldSpec, Op, RunResult, RunSpec, SPEC_ENV, WORKER_ENV};
+use load::{BurstResult, BurstSpec, HoldSpec, Op, RunResult, RunSpec, SPEC_ENV, WORKER_ENV};
 use setup::{
     children_cpu_us, cpu_us, machine_cpu_us, proc_kib, run, wait_for, wait_socket, Account, Proc,
     Result, TempDir, PREFIX,
@@ -123,6 +132,8 @@ struct Settings {
     warmup_ms: u64,
     rounds: usize,
     idle: usize,
+    /// Clients per burst.
+    burst: usize,
     /// Groups each bench user is in besides its own and the key's.
     extra_groups: usize,
     only: Option<Vec<String>>,
@@ -145,6 +156,7 @@ impl Settings {
             warmup_ms: 500,
             rounds: num("KH_BENCH_ROUNDS", 5.0)? as usize,
             idle: num("KH_BENCH_IDLE", 1000.0)? as usize,
+            burst: num("KH_BENCH_BURST", 300.0)? as usize,
             extra_groups: match std::env::var("KH_BENCH_EXTRA_GROUPS") {
                 Ok(v) => v
                     .parse()
@@ -440,6 +452,97 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Runs one burst of `clients` as user a.
+    fn burst(&mut self, side: Side, clients: usize) -> Result<BurstResult> {
+        check_interrupted()?;
+        let spec = BurstSpec {
+            socket: self.socket(side).to_owned(),
+            clients,
+            sign: self.sign.clone(),
+        };
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let out = self
+            .user_a
+            .command(&exe)
+            .env(WORKER_ENV, "burst")
+            .env(
+                SPEC_ENV,
+                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+            )
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot start the load generator: {e}"))?;
+        check_interrupted()?;
+        self.check_alive()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line)
+            .map_err(|e| format!("burst generator ({}): {e}: {text:?}", out.status))
+    }
+}
+
+/// Bursts, one per side per round, and their report.
+fn burst_phase(b: &mut Bench, settings: &Settings) -> Result<String> {
+    let clients = settings.burst;
+    let mut results: BTreeMap<Side, Vec<BurstResult>> = BTreeMap::new();
+    for round in 0..settings.rounds {
+        let order = if round % 2 == 0 {
+            [Side::Direct, Side::Proxy]
+        } else {
+            [Side::Proxy, Side::Direct]
+        };
+        for side in order {
+            // Let the previous burst's connections close on both ends.
+            std::thread::sleep(Duration::from_millis(300));
+            let r = b.burst(side, clients)?;
+            eprintln!(
+                "round {}/{} burst{clients:<5} {:<6} all served in {:>8.1} ms  per client p50 {:>7.1} ms p99 {:>7.1} ms  failures {}{}",
+                round + 1,
+                settings.rounds,
+                side.name(),
+                r.total_ms,
+                r.p50_ms,
+                r.p99_ms,
+                r.failures,
+                r.first_error
+                    .as_ref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            );
+            results.entry(side).or_default().push(r);
+        }
+    }
+    let d = &results[&Side::Direct];
+    let p = &results[&Side::Proxy];
+    let med = |v: &[BurstResult], f: fn(&BurstResult) -> f64| median_of(v.iter().map(f).collect());
+    let ratios: Vec<f64> = d
+        .iter()
+        .zip(p)
+        .map(|(d, p)| d.total_ms / p.total_ms)
+        .collect();
+    let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    let mut out = String::new();
+    out += "| burst | direct: all served (ms) | proxy: all served (ms) | speed proxy/direct | \
+            direct per client p50 / p99 (ms) | proxy per client p50 / p99 (ms) | failures (direct / proxy) | ratio per round |\n\
+            |---|---:|---:|---:|---:|---:|---:|---|\n";
+    out += &format!(
+        "| {clients} clients at once: connect, list, sign, close | {:.1} | {:.1} | **{:.2}** | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |\n\n",
+        med(d, |r| r.total_ms),
+        med(p, |r| r.total_ms),
+        median_of(ratios.clone()),
+        med(d, |r| r.p50_ms),
+        med(d, |r| r.p99_ms),
+        med(p, |r| r.p50_ms),
+        med(p, |r| r.p99_ms),
+        d.iter().map(|r| r.failures).sum::<u64>(),
+        p.iter().map(|r| r.failures).sum::<u64>(),
+        per_round.join(" "),
+    );
+    Ok(out)
+}
+
 /// One window's result, with the CPU time each process spent per
 /// operation (agent, daemon, load generator), in µs.
 struct Window {
@@ -545,6 +648,11 @@ fn bench() -> Result<String> {
             }
         }
     }
+    let bursts = if settings.wants("burst") {
+        Some(burst_phase(&mut b, &settings)?)
+    } else {
+        None
+    };
     let rss_after_load = proc_kib(b.daemon.pid(), "VmRSS");
 
     let memory = if settings.wants("memory") {
@@ -648,6 +756,9 @@ fn bench() -> Result<String> {
             }
         }
         out += "\n";
+    }
+    if let Some(bursts) = &bursts {
+        out += bursts;
     }
     out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
     out += &format!("| started, no client yet | {} | |\n", mib(rss_start));

@@ -1,8 +1,11 @@
 //! Fuzzes everything keyholder does with client bytes before anything is
 //! forwarded: framing (`split_frame`), classification (`classify`), the
-//! user-auth parser for sign data, and the policy decision, against a small
-//! fixed policy and three callers. Beyond "no panic" it checks the
-//! invariants the contract rests on (see `check`).
+//! user-auth parser for sign data, the `session-bind@openssh.com` parser and
+//! its verification, and the policy decision (destination rules included),
+//! against a small fixed policy, three callers and four connection states
+//! (no binding, bound to the listed host, forwarded, a failed binding).
+//! Beyond "no panic" it checks the invariants the contract rests on (see
+//! `check`).
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request fuzz/seeds/request`
 //! (from the repository root; see notes/README-hardening.md).
@@ -11,8 +14,13 @@
 
 use std::sync::OnceLock;
 
-use keyholder::policy::{self, Caller, Decision, KeyRule, Policy, Reason};
+use std::sync::Arc;
+
+use keyholder::known_hosts::KnownHosts;
+use keyholder::policy::destinations::{self, Binding, Bindings, Rules, MAX_BINDINGS};
+use keyholder::policy::{self, Caller, Context, Decision, KeyRule, Policy, Reason};
 use keyholder::protocol::frame::split_frame;
+use keyholder::protocol::session_bind::{self, HostKey, MAX_SESSION_ID_LEN};
 use keyholder::protocol::{classify, userauth, AdminOp, Request};
 use libfuzzer_sys::fuzz_target;
 use ssh_encoding::Encode;
@@ -23,7 +31,7 @@ fn key(seed: u8) -> KeyData {
     KeyData::Ed25519(Ed25519PublicKey([seed; 32]))
 }
 
-fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool) -> KeyRule {
+fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rules) -> KeyRule {
     let key = key(seed);
     KeyRule {
         name: name.to_owned(),
@@ -31,12 +39,29 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool) -> KeyRule 
         key,
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         allow_any_data,
+        rules,
+    }
+}
+
+/// The listed host (key 0x44…, the seeds' bind_* files) and session 0x07….
+fn host_binding(forwarding: bool, sid: u8) -> Binding {
+    let key = key(0x44);
+    let mut host_key_blob = Vec::new();
+    key.encode(&mut host_key_blob).expect("encode a key");
+    Binding {
+        fingerprint: key.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
+        host_key_blob,
+        key,
+        cert: None,
+        session_id: vec![sid; 32],
+        forwarding,
     }
 }
 
 struct Fixture {
     policy: Policy,
     callers: Vec<Caller>,
+    connections: Vec<Bindings>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -44,10 +69,51 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| Fixture {
         policy: Policy {
             keys: vec![
-                rule("deploy", 0x11, &["deployers"], false),
-                rule("gitsign", 0x22, &["signers"], true),
-                rule("phab", 0x33, &["phab-admins", "deployers"], false),
+                rule(
+                    "deploy",
+                    0x11,
+                    &["deployers"],
+                    false,
+                    Rules {
+                        destinations: Some(Arc::new(KnownHosts {
+                            host_keys: vec![key(0x44)],
+                            cas: vec![key(0x55)],
+                            revoked: vec![],
+                        })),
+                        ..Rules::default()
+                    },
+                ),
+                rule(
+                    "gitsign",
+                    0x22,
+                    &["signers"],
+                    true,
+                    Rules {
+                        allow_forwarding: true,
+                        ..Rules::default()
+                    },
+                ),
+                rule(
+                    "phab",
+                    0x33,
+                    &["phab-admins", "deployers"],
+                    false,
+                    Rules {
+                        remote_users: Some(vec!["deploy".into()]),
+                        ..Rules::default()
+                    },
+                ),
             ],
+        },
+        connections: {
+            let mut bound = Bindings::default();
+            bound.record(host_binding(false, 7)).expect("first binding");
+            let mut forwarded = Bindings::default();
+            forwarded.record(host_binding(true, 6)).expect("first binding");
+            forwarded.record(host_binding(false, 7)).expect("second binding");
+            let mut failed = bound.clone();
+            failed.fail(None);
+            vec![Bindings::default(), bound, forwarded, failed]
         },
         callers: vec![
             Caller {
@@ -89,7 +155,10 @@ fn check(body: &[u8]) {
         (Some(11), Request::RequestIdentities) => assert_eq!(body.len(), 1),
         (Some(11), Request::Malformed { .. }) => assert!(body.len() > 1),
         (Some(13), Request::Sign(_) | Request::Malformed { kind: 13, .. }) => {}
-        (Some(27), Request::Extension(e)) => assert!(!e.name.is_empty()),
+        (Some(27), Request::Extension(e)) => {
+            assert!(!e.name.is_empty() && e.name != policy::SESSION_BIND)
+        }
+        (Some(27), Request::SessionBind(_) | Request::BadSessionBind(_)) => {}
         (Some(27), Request::Malformed { kind: 27, .. }) => {}
         (Some(t), Request::Unknown(u)) => assert_eq!(t, *u),
         (k, r) => panic!("type {k:?} classified as {r:?}"),
@@ -104,16 +173,46 @@ fn check(body: &[u8]) {
         assert_eq!(again, body, "sign request does not re-encode to its bytes");
     }
 
-    for caller in &f.callers {
-        let decision = policy::decide(&f.policy, caller, &request);
+    // A binding that parses is strict (see `check_bind`); recording it as if
+    // it verified keeps the connection's invariants.
+    if let Request::SessionBind(bind) = &request {
+        check_bind(body, bind);
+    }
+
+    for (caller, bindings) in f
+        .callers
+        .iter()
+        .flat_map(|c| f.connections.iter().map(move |b| (c, b)))
+    {
+        let ctx = Context { bindings, now: 1000 };
+        let decision = policy::decide(&f.policy, caller, ctx, &request);
         match (&request, &decision) {
-            (Request::RequestIdentities, Decision::List) => {}
+            (Request::RequestIdentities, Decision::List) => {
+                assert!(f.policy.any_key_for(caller))
+            }
+            (Request::RequestIdentities, Decision::EmptyList) => {
+                assert!(!f.policy.any_key_for(caller))
+            }
             (Request::Sign(sign), Decision::Sign { key, remote_user }) => {
                 let wanted = sign.credential.key_data();
                 assert_eq!(f.policy.key(wanted), Some(*key));
                 assert!(caller.may_use(key), "{caller:?} may not use {}", key.name);
                 let auth = userauth::parse(&sign.data, wanted);
                 assert!(key.allow_any_data || auth.is_ok(), "{auth:?}");
+                assert_eq!(
+                    destinations::check_sign(&key.rules, bindings, auth.as_ref().ok(), 1000),
+                    Ok(())
+                );
+                if key.rules.destinations.is_some() {
+                    // Only the listed host, for its own session.
+                    let a = auth.as_ref().expect("destinations need user-auth data");
+                    let last = bindings.last().expect("destinations need a binding");
+                    assert_eq!(a.session_id, last.session_id);
+                    assert!(!bindings.failed());
+                }
+                if !key.rules.allow_forwarding {
+                    assert!(!bindings.maybe_forwarded());
+                }
                 assert_eq!(remote_user, &auth.ok().map(|a| a.user));
             }
             (Request::Sign(sign), Decision::Refuse { reason, key, .. }) => {
@@ -129,12 +228,39 @@ fn check(body: &[u8]) {
                         assert!(configured.is_some_and(|k| !k.allow_any_data));
                         assert!(userauth::parse(&sign.data, wanted).is_err());
                     }
+                    Reason::DestinationNotAllowed
+                    | Reason::NoSessionBind
+                    | Reason::BadSessionBind => {
+                        let k = configured.expect("a configured key");
+                        assert!(caller.may_use(k));
+                        assert!(
+                            k.rules.destinations.is_some() || bindings.maybe_forwarded(),
+                            "{reason:?}"
+                        );
+                        if *reason == Reason::NoSessionBind {
+                            assert!(bindings.list().is_empty());
+                        }
+                    }
+                    Reason::ForwardedUse => {
+                        let k = configured.expect("a configured key");
+                        assert!(!k.rules.allow_forwarding && bindings.forwarded());
+                    }
+                    Reason::RemoteUserNotAllowed => {
+                        let k = configured.expect("a configured key");
+                        assert!(k.rules.remote_users.is_some());
+                    }
                     other => panic!("sign refused for {other:?}"),
                 }
             }
+            (Request::SessionBind(_), Decision::VerifyBind) => {
+                assert!(f.policy.any_key_for(caller))
+            }
+            (Request::SessionBind(_), Decision::RefuseBind { .. }) => {}
+            (Request::BadSessionBind(m), Decision::RefuseBind { reason, forwarding }) => {
+                assert_eq!((m.reason, m.forwarding), (*reason, *forwarding))
+            }
             (Request::Extension(e), d) => match (e.name.as_str(), d) {
-                (policy::SESSION_BIND, Decision::ForwardExtension)
-                | (policy::QUERY, Decision::Query)
+                (policy::QUERY, Decision::Query)
                 | ("status@keyholder", Decision::Status) => {}
                 (
                     name,
@@ -142,9 +268,7 @@ fn check(body: &[u8]) {
                         reason: Reason::UnknownExtension,
                         ..
                     },
-                ) => assert!(
-                    ![policy::SESSION_BIND, policy::QUERY, "status@keyholder"].contains(&name)
-                ),
+                ) => assert!(![policy::QUERY, "status@keyholder"].contains(&name)),
                 (name, d) => panic!("extension {name}: {d:?}"),
             },
             (
@@ -172,8 +296,57 @@ fn check(body: &[u8]) {
         }
         // The audit line (which quotes client data) must not panic either,
         // and exists exactly for audited decisions.
-        let line = keyholder::daemon::audit::line(caller, &decision);
+        let binding = keyholder::daemon::audit::Binding::of(bindings);
+        let line = keyholder::daemon::audit::refusal(caller, &decision, &binding).or_else(|| {
+            keyholder::daemon::audit::sign(
+                caller,
+                &decision,
+                &binding,
+                keyholder::daemon::audit::Outcome::Signed,
+            )
+        });
         assert_eq!(line.is_some(), decision.is_audited());
+    }
+}
+
+/// A parsed binding is strict, re-parses to itself, verifies or not
+/// without panicking, and recording it keeps a connection's bounds.
+fn check_bind(body: &[u8], bind: &session_bind::SessionBind) {
+    assert!(!bind.session_id.is_empty() && bind.session_id.len() <= MAX_SESSION_ID_LEN);
+    assert_eq!(
+        session_bind::parse_host_key(&bind.host_key_blob).as_ref(),
+        Some(&bind.host_key)
+    );
+    if let HostKey::Cert(cert) = &bind.host_key {
+        assert_eq!(bind.host_key.key(), cert.public_key());
+    }
+    // The body ends with the forwarding flag.
+    assert_eq!(body.last().copied(), Some(u8::from(bind.forwarding)));
+    let verified = keyholder::verify::binding(bind);
+    if let Ok(b) = &verified {
+        assert_eq!(b.session_id, bind.session_id);
+        assert_eq!(&b.key, bind.host_key.key());
+    }
+    // As if it verified, on each connection state.
+    let fact = verified.unwrap_or_else(|_| Binding {
+        host_key_blob: bind.host_key_blob.clone(),
+        key: bind.host_key.key().clone(),
+        fingerprint: String::new(),
+        cert: None,
+        session_id: bind.session_id.clone(),
+        forwarding: bind.forwarding,
+    });
+    for conn in &fixture().connections {
+        let mut c = conn.clone();
+        let pre = c.check(destinations::Proposed {
+            host_key_blob: &fact.host_key_blob,
+            session_id: &fact.session_id,
+        });
+        assert_eq!(c.record(fact.clone()), pre);
+        assert!(c.list().len() <= MAX_BINDINGS);
+        if conn.list().iter().any(|b| !b.forwarding) {
+            assert!(pre.is_err());
+        }
     }
 }
 

@@ -99,11 +99,13 @@ impl std::fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-/// The backend the configuration asks for.
-pub fn open(config: &Config) -> Arc<dyn Backend> {
-    Arc::new(UpstreamBackend::new(
+/// The backend the configuration asks for. Fallible, so that a backend
+/// that must load or lock something at start (a PKCS#11 module, locked
+/// memory) reports it as one line without the daemon knowing which it is.
+pub fn open(config: &Config) -> crate::error::Result<Arc<dyn Backend>> {
+    Ok(Arc::new(UpstreamBackend::new(
         config.agent.socket.clone(),
         config.limits.upstream_timeout,
         config.limits.max_connections,
-    ))
+    )))
 }

@@ -8,7 +8,6 @@
 //! and its socket is removed. The child also gets SIGTERM should the daemon
 //! itself die (`PR_SET_PDEATHSIG`), so no orphaned agent keeps keys in memory.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -127,33 +126,20 @@ impl Supervisor {
     }
 }
 
-/// Removes the agent socket if it is a socket (never another kind of file).
+/// Removes a socket file on the way out, if nothing answers on it any more
+/// (never another kind of file, never a socket someone else now listens on).
 pub(crate) fn remove_socket(path: &Path) {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
+    if let Err(e) = crate::sockets::remove_stale(path, "socket") {
+        tracing::warn!("left in place: {e}");
     }
 }
 
-/// Clears a stale socket, starts the agent and waits for its socket.
+/// Clears a stale socket (never a live one), starts the agent and waits for its socket.
 async fn spawn_agent(config: &AgentConfig) -> Result<Child> {
     let socket = &config.socket;
-    match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(socket).map_err(|e| {
-                Error::msg(format!(
-                    "cannot remove stale agent socket {}: {e}",
-                    socket.display()
-                ))
-            })?;
-        }
-        Ok(_) => {
-            return Err(Error::msg(format!(
-                "agent.socket {} exists and is not a socket; refusing to replace it",
-                socket.display()
-            )))
-        }
-        Err(_) => {}
-    }
+    // Only a socket nothing answers on is removed: a live agent there (a
+    // running daemon's) is never replaced.
+    crate::sockets::remove_stale(socket, "agent.socket")?;
     let mut command = Command::new(&config.program);
     command
         .arg("-D")

@@ -16,6 +16,12 @@
 //! (ECONNREFUSED, ENOENT, …) fails at once. At most [`CONNECTS_IN_FLIGHT`]
 //! connects run at once.
 //!
+//! Listings are coalesced: at most one REQUEST_IDENTITIES is in flight
+//! upstream at a time, and every list (or status) request is answered by a
+//! flight that started after it arrived, so the answer is as fresh as if it
+//! had been sent alone; a flood of lists or `status@keyholder` costs the
+//! agent one request at a time, however many callers wait.
+//!
 //! Every call (waiting for a pooled connection, connecting, the request and
 //! its answer) ends within the timeout. Answers are read with the proxy's own
 //! capped framing ([`crate::protocol::read_frame`], 256 KiB) and a sign
@@ -81,7 +87,16 @@ pub struct UpstreamBackend {
     slots: Semaphore,
     /// Connects in flight.
     connects: Semaphore,
+    /// Connects retried because the agent's backlog was full.
+    connect_retries: AtomicU64,
+    /// Listing flights started so far.
+    lists_started: AtomicU64,
+    /// The last listing flight that ended: its number and its answer.
+    last_list: tokio::sync::Mutex<Option<(u64, ListAnswer)>>,
 }
+
+/// The answer of one listing flight.
+type ListAnswer = Result<Vec<Identity>, BackendError>;
 
 /// One upstream connection and its read buffer.
 #[derive(Debug)]
@@ -110,6 +125,9 @@ impl UpstreamBackend {
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(slots),
             connects: Semaphore::new(CONNECTS_IN_FLIGHT),
+            connect_retries: AtomicU64::new(0),
+            lists_started: AtomicU64::new(0),
+            last_list: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -117,12 +135,9 @@ impl UpstreamBackend {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
-    /// Connections idle in the pool now (for tests).
-    pub fn idle_connections(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+    /// Connects retried so far because the agent's listen backlog was full.
+    pub fn connect_retries(&self) -> u64 {
+        self.connect_retries.load(Ordering::Relaxed)
     }
 
     /// Sends one framed request and hands the answer's body to `parse`, all
@@ -133,7 +148,16 @@ impl UpstreamBackend {
         request: &Request,
         parse: impl FnOnce(&[u8]) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let deadline = Instant::now() + self.timeout();
+        self.call_until(Instant::now() + self.timeout(), request, parse)
+            .await
+    }
+
+    async fn call_until<T>(
+        &self,
+        deadline: Instant,
+        request: &Request,
+        parse: impl FnOnce(&[u8]) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         let frame = encode(request)?;
         let _slot = timeout_at(deadline, self.slots.acquire())
             .await
@@ -165,6 +189,29 @@ impl UpstreamBackend {
                 }
             }
         }
+    }
+
+    /// REQUEST_IDENTITIES, answered by a flight that started after this call
+    /// began: the current one if none is in flight, else the next, shared
+    /// with every caller that arrived meanwhile.
+    async fn list(&self) -> Result<Vec<Identity>, BackendError> {
+        let deadline = Instant::now() + self.timeout();
+        let arrived = self.lists_started.load(Ordering::SeqCst);
+        let mut last = timeout_at(deadline, self.last_list.lock())
+            .await
+            .map_err(|_| BackendError::Timeout)?;
+        if let Some((flight, answer)) = &*last {
+            if *flight > arrived {
+                return duplicate(answer);
+            }
+        }
+        let flight = self.lists_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = self
+            .call_until(deadline, &Request::RequestIdentities, parse_identities)
+            .await;
+        let shared = duplicate(&answer);
+        *last = Some((flight, answer));
+        shared
     }
 
     /// An idle connection the agent has not closed, if there is one.
@@ -201,6 +248,7 @@ impl UpstreamBackend {
                 Err(_) => return Err(BackendError::Timeout),
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(e)) if e.raw_os_error() == Some(Errno::EAGAIN as i32) => {
+                    self.connect_retries.fetch_add(1, Ordering::Relaxed);
                     let pause = jittered(delay);
                     if Instant::now() + pause >= deadline {
                         return Err(BackendError::Timeout);
@@ -243,7 +291,7 @@ impl Conn {
         match read_frame(&mut self.stream, &mut self.buf).await {
             Ok(()) => Ok(()),
             Err(FrameError::Closed) => Err(Trip::ClosedBeforeAnswer("connection closed".into())),
-            Err(e @ FrameError::Io(_)) if matches!(&e, FrameError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset) => {
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 Err(Trip::ClosedBeforeAnswer(e.to_string()))
             }
             Err(e) => Err(Trip::Failed(e.to_string())),
@@ -264,6 +312,22 @@ fn encode(request: &Request) -> Result<Zeroizing<Vec<u8>>, BackendError> {
     header.encode(&mut *out).map_err(broken)?;
     request.encode(&mut *out).map_err(broken)?;
     Ok(out)
+}
+
+/// A copy of a listing flight's answer for one of the callers it serves.
+fn duplicate(answer: &ListAnswer) -> ListAnswer {
+    match answer {
+        Ok(ids) => Ok(ids.clone()),
+        Err(BackendError::Unreachable(e)) => {
+            Err(BackendError::Unreachable(e.raw_os_error().map_or_else(
+                || std::io::Error::new(e.kind(), e.to_string()),
+                std::io::Error::from_raw_os_error,
+            )))
+        }
+        Err(BackendError::Timeout) => Err(BackendError::Timeout),
+        Err(BackendError::Refused) => Err(BackendError::Refused),
+        Err(BackendError::Broken(e)) => Err(BackendError::Broken(e.clone())),
+    }
 }
 
 /// FAILURE (in step: the connection stays usable), or an answer of a kind
@@ -316,7 +380,7 @@ impl Backend for UpstreamBackend {
     }
 
     fn identities(&self) -> BackendFuture<'_, Vec<Identity>> {
-        Box::pin(self.call(&Request::RequestIdentities, parse_identities))
+        Box::pin(self.list())
     }
 
     fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>> {
@@ -435,18 +499,97 @@ mod tests {
         }
     }
 
+    fn temp_socket(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("kh-up-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (dir.join("agent.sock"), dir)
+    }
+
     #[tokio::test]
-    async fn no_socket_is_an_outage_not_a_retry() {
-        let dir = std::env::temp_dir().join(format!("kh-up-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let socket = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&socket);
+    async fn an_outage_fails_at_once_without_retrying() {
+        let (socket, dir) = temp_socket("outage");
         let b = UpstreamBackend::new(socket.clone(), Duration::from_secs(5), 8);
-        // ENOENT: reported as such (a retry would end in Timeout).
+        // ENOENT, then ECONNREFUSED (a socket file nothing listens on):
+        // reported as such (a retry would end in Timeout).
         assert!(matches!(
             b.identities().await,
-            Err(BackendError::Unreachable(_))
+            Err(BackendError::Unreachable(e)) if e.kind() == std::io::ErrorKind::NotFound
         ));
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(matches!(
+            b.sign(SignRequest {
+                credential: PublicCredential::Key(ssh_key::public::KeyData::Ed25519(
+                    ssh_key::public::Ed25519PublicKey([1; 32])
+                )),
+                data: vec![1],
+                flags: 0
+            })
+            .await,
+            Err(BackendError::Unreachable(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        ));
+        assert_eq!(b.connect_retries(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A listener with a backlog of 1 that accepts nothing, filled up: the
+    /// next non-blocking connect gets EAGAIN, as with a busy agent.
+    fn full_listener(path: &std::path::Path) -> (std::os::fd::OwnedFd, Vec<std::os::fd::OwnedFd>) {
+        use nix::sys::socket::{
+            bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let addr = UnixAddr::new(path).unwrap();
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &addr).unwrap();
+        listen(&listener, Backlog::new(1).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match connect(s.as_raw_fd(), &addr) {
+                Ok(()) => queued.push(s),
+                Err(Errno::EAGAIN) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 100);
+        }
+        (listener, queued)
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_is_retried_until_there_is_room_or_the_deadline() {
+        let (socket, dir) = temp_socket("backlog");
+        let (listener, _queued) = full_listener(&socket);
+        let b = UpstreamBackend::new(socket.clone(), Duration::from_millis(200), 8);
+        // Never any room: Timeout, after retries (not Unreachable).
+        let deadline = Instant::now() + Duration::from_millis(200);
+        assert!(matches!(
+            b.connect(deadline).await,
+            Err(BackendError::Timeout)
+        ));
+        let retried = b.connect_retries();
+        assert!(retried > 0);
+        // Room made while it retries: connected.
+        let accepter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(b.connect(deadline).await.is_ok());
+        assert!(b.connect_retries() > retried);
+        accepter.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

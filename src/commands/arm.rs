@@ -10,6 +10,9 @@
 //!   public key, refused if unencrypted while `require_encrypted`, decrypted,
 //!   and added with ADD_IDENTITY (comment: the key's name).
 //!
+//! Before anything is sent, the peer of `agent.socket` must be root
+//! (`SO_PEERCRED` uid 0): a socket someone else listens on gets no key.
+//!
 //! One passphrase serves every key it opens. From a file (option or systemd
 //! credential) that is the only try; on the terminal, keys the first
 //! passphrase did not open are asked for one by one (up to three times
@@ -118,14 +121,28 @@ pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
 }
 
 /// Connects to the upstream agent, with a message that says where and why
-/// when it cannot.
+/// when it cannot. The agent must run as root (`SO_PEERCRED` of the
+/// connection): decrypted keys are never sent to a socket someone else
+/// listens on.
 fn connect(config: &Config) -> Result<AgentClient> {
-    AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout).map_err(|e| {
-        Error::msg(format!(
-            "upstream agent unreachable at {}: {e} (is `keyholder daemon` running?)",
-            config.agent.socket.display()
-        ))
-    })
+    let socket = config.agent.socket.display();
+    let client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)
+        .map_err(|e| {
+            Error::msg(format!(
+                "upstream agent unreachable at {socket}: {e} (is `keyholder daemon` running?)"
+            ))
+        })?;
+    match client.peer() {
+        Ok((0, _)) => Ok(client),
+        Ok((uid, pid)) => Err(Error::msg(format!(
+            "the agent at {socket} runs as uid {uid} (pid {}), not root; refusing to send it \
+             any key (check agent.socket)",
+            pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+        ))),
+        Err(e) => Err(Error::msg(format!(
+            "cannot tell who listens on {socket}: {e}; refusing to send it any key"
+        ))),
+    }
 }
 
 /// The public keys the upstream agent holds (a certificate as its key).

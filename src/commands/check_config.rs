@@ -92,6 +92,7 @@ pub fn run(path: &Path) -> Result<u8> {
             key.allow_any_data,
         );
         say!("  public key: {public}");
+        check_rules(key, &mut found);
         let state = check_key(&config, key, root, &mut found);
         say!(
             "  private key: {} ({state})",
@@ -114,6 +115,46 @@ pub fn run(path: &Path) -> Result<u8> {
         );
         Ok(1)
     }
+}
+
+/// The key's destination rules: the destinations file was read and parsed
+/// by `Config::load` (type, owner, mode, every line); say what it holds.
+fn check_rules(key: &KeyConfig, found: &mut Findings) {
+    match key.destinations.as_ref().map(|d| (d, &d.hosts)) {
+        None => {}
+        Some((dest, None)) => {
+            say!("  destinations: {}", dest.path.display());
+            found.note(format!(
+                "keys.{}.destinations: {}: this user may not read it; run as root to check it",
+                key.name,
+                dest.path.display()
+            ));
+        }
+        Some((dest, Some(known))) => {
+            let (hosts, cas, revoked) = known.counts();
+            say!(
+                "  destinations: {}: {hosts} host key(s), {cas} CA(s){}",
+                dest.path.display(),
+                if revoked > 0 {
+                    format!(", {revoked} revoked")
+                } else {
+                    String::new()
+                }
+            );
+            if hosts == 0 && cas == 0 {
+                found.warning(format!(
+                    "keys.{}.destinations: {} lists no host key and no CA: the key signs for no \
+                     destination",
+                    key.name,
+                    dest.path.display()
+                ));
+            }
+        }
+    }
+    if let Some(users) = &key.remote_users {
+        say!("  remote_users: {}", users.join(","));
+    }
+    say!("  allow_forwarding: {}", key.allow_forwarding);
 }
 
 fn check_key_dir(config: &Config, found: &mut Findings) {

@@ -89,6 +89,13 @@ impl AgentClient {
         })
     }
 
+    /// The uid and pid of the process listening on the socket
+    /// (`SO_PEERCRED`, as of when it started listening).
+    pub fn peer(&self) -> std::io::Result<(u32, Option<i32>)> {
+        let cred = self.stream.peer_cred()?;
+        Ok((cred.uid(), cred.pid()))
+    }
+
     /// The socket this client is connected to.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -28,7 +28,7 @@ pub mod status;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, DEFAULT_SOCKET};
+use crate::config::{read_trusted, Config, TrustError, DEFAULT_SOCKET};
 use crate::error::{Error, Result};
 
 /// The configuration as the commands for everyone (`status`, `list`) see
@@ -49,15 +49,17 @@ impl ClientConfig {
     /// Loads `path`; permission denied falls back to the defaults, any
     /// other failure (missing file, invalid content) is an error.
     pub fn load(path: &Path) -> Result<Self> {
-        match std::fs::read_to_string(path) {
+        match read_trusted(path) {
             Ok(text) => Config::parse(path, &text).map(|c| Self::Loaded(Box::new(c))),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(Self::Defaults {
-                note: format!(
-                    "{}: cannot read ({e}); using the default socket {DEFAULT_SOCKET}",
-                    path.display()
-                ),
-            }),
-            Err(e) => Err(Error::msg(format!("{}: cannot read: {e}", path.display()))),
+            Err(TrustError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Ok(Self::Defaults {
+                    note: format!(
+                        "{}: cannot read ({e}); using the default socket {DEFAULT_SOCKET}",
+                        path.display()
+                    ),
+                })
+            }
+            Err(e) => Err(Error::msg(format!("{}: {e}", path.display()))),
         }
     }
 

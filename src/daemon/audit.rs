@@ -1,13 +1,21 @@
-//! The audit log: one line per sign decision and per refused admin request,
-//! with the contract's fields:
-//! `user= uid= pid= key= fingerprint= remote_user= decision= reason=`.
+//! The audit log: one line per sign request, written when its outcome is
+//! known, and one per refused admin request, with the contract's fields in
+//! order:
+//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`.
 //!
-//! Values that come from clients (the remote user name) are quoted and
-//! escaped when they contain anything but plain characters, so a client
-//! cannot forge fields or lines.
+//! A sign the policy allowed is `decision=granted` only once the backend
+//! returned a signature; a backend failure after that is `decision=failed`
+//! with `reason=upstream-error` or `reason=upstream-timeout`. This module
+//! formats lines; it never decides, and never writes a granted line for a
+//! request whose outcome it was not told.
+//!
+//! Values that come from clients (the remote user name) or the user
+//! database are quoted and escaped when they contain anything but plain
+//! characters, so a client cannot forge fields or lines.
 
 use std::fmt;
 
+use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 
 /// The tracing target of audit lines.
@@ -32,62 +40,143 @@ impl fmt::Display for Field<'_> {
     }
 }
 
-/// The audit line for `decision`, or `None` when it is not audited.
-pub fn line(caller: &Caller, decision: &Decision<'_>) -> Option<String> {
+/// What the connection a request came on is bound to: the fields
+/// `dest= forwarded= serial=` ([`Binding::of`] the connection's session
+/// bindings; `serial` is filled by the certificates work, `-` until then).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// Fingerprint of the host key the connection is bound to.
+    pub dest: Option<String>,
+    /// Whether the binding is a forwarding one.
+    pub forwarded: bool,
+    /// Serial of the certificate the request used.
+    pub serial: Option<String>,
+}
+
+impl Binding {
+    /// The fields for a connection with `bindings`: `dest` is the host key
+    /// it last bound to (the certified key, for a host certificate);
+    /// `forwarded` whether it is (or may be: a failed binding that said so)
+    /// a forwarded agent.
+    pub fn of(bindings: &Bindings) -> Self {
+        Self {
+            dest: bindings.last().map(|b| b.fingerprint.clone()),
+            forwarded: bindings.maybe_forwarded(),
+            serial: None,
+        }
+    }
+}
+
+/// How a sign request the policy allowed ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend returned a signature (relayed to the client).
+    Signed,
+    /// The backend answered FAILURE, was unreachable, or broke mid-answer.
+    UpstreamError,
+    /// The backend did not answer within `upstream_timeout_secs`.
+    UpstreamTimeout,
+}
+
+/// The audit line of a refusal, or `None` when `decision` is not an
+/// audited refusal (a granted sign is logged by [`sign`], once it ended).
+pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> Option<String> {
+    let Decision::Refuse {
+        reason,
+        key,
+        fingerprint,
+        remote_user,
+    } = decision
+    else {
+        return None;
+    };
     if !decision.is_audited() {
         return None;
     }
-    let (kind, key, fingerprint, remote_user, verdict, reason) = match decision {
-        Decision::Sign { key, remote_user } => {
+    let kind = if matches!(reason, Reason::AdminRequest(_)) {
+        "admin"
+    } else {
+        "sign"
+    };
+    Some(format_line(
+        kind,
+        caller,
+        key.map(|k| k.name.as_str()),
+        fingerprint.as_deref(),
+        remote_user.as_deref(),
+        binding,
+        "refused",
+        &reason.to_string(),
+    ))
+}
+
+/// The audit line of a sign the policy allowed, ended with `outcome`, or
+/// `None` when `decision` is not a sign.
+pub fn sign(
+    caller: &Caller,
+    decision: &Decision<'_>,
+    binding: &Binding,
+    outcome: Outcome,
+) -> Option<String> {
+    let Decision::Sign { key, remote_user } = decision else {
+        return None;
+    };
+    let (verdict, reason) = match outcome {
+        Outcome::Signed => {
             let via = if caller.uid == 0 {
                 "root".to_owned()
             } else {
                 let group = key.groups.iter().find(|g| caller.groups.contains(g));
                 format!("group:{}", group.map_or("-", String::as_str))
             };
-            (
-                "sign",
-                Some(key.name.as_str()),
-                Some(key.fingerprint.clone()),
-                remote_user.as_deref(),
-                "granted",
-                via,
-            )
+            ("granted", via)
         }
-        Decision::Refuse {
-            reason,
-            key,
-            fingerprint,
-            remote_user,
-        } => (
-            if matches!(reason, Reason::AdminRequest(_)) {
-                "admin"
-            } else {
-                "sign"
-            },
-            key.map(|k| k.name.as_str()),
-            fingerprint.clone(),
-            remote_user.as_deref(),
-            "refused",
-            reason.to_string(),
-        ),
-        _ => return None,
+        Outcome::UpstreamError => ("failed", "upstream-error".to_owned()),
+        Outcome::UpstreamTimeout => ("failed", "upstream-timeout".to_owned()),
     };
-    Some(format!(
-        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} decision={verdict} reason={}",
+    Some(format_line(
+        "sign",
+        caller,
+        Some(key.name.as_str()),
+        Some(key.fingerprint.as_str()),
+        remote_user.as_deref(),
+        binding,
+        verdict,
+        &reason,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn format_line(
+    kind: &str,
+    caller: &Caller,
+    key: Option<&str>,
+    fingerprint: Option<&str>,
+    remote_user: Option<&str>,
+    binding: &Binding,
+    verdict: &str,
+    reason: &str,
+) -> String {
+    format!(
+        "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} dest={} \
+         forwarded={} serial={} decision={verdict} reason={}",
         Field(caller.user.as_deref()),
         caller.uid,
         caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         Field(key),
-        Field(fingerprint.as_deref()),
+        Field(fingerprint),
         Field(remote_user),
-        Field(Some(&reason)),
-    ))
+        Field(binding.dest.as_deref()),
+        if binding.forwarded { "yes" } else { "no" },
+        Field(binding.serial.as_deref()),
+        Field(Some(reason)),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::KeyRule;
 
     #[test]
     fn hostile_values_are_quoted() {
@@ -98,5 +187,107 @@ mod tests {
             Field(Some("x decision=granted\nfake")).to_string(),
             "\"x decision=granted\\nfake\""
         );
+    }
+
+    fn key() -> KeyRule {
+        let text =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG0dfWR7X83D9xk2DLJjEwGct6dhvTRdMC/OJMR2HDp9 t";
+        KeyRule {
+            name: "deploy".to_owned(),
+            key: crate::config::parse_public_key(text).unwrap(),
+            fingerprint: "SHA256:fp".to_owned(),
+            groups: vec!["ops".to_owned()],
+            allow_any_data: false,
+            rules: Default::default(),
+        }
+    }
+
+    fn caller() -> Caller {
+        Caller {
+            uid: 1000,
+            pid: Some(42),
+            user: Some("alice".to_owned()),
+            groups: vec!["ops".to_owned()],
+        }
+    }
+
+    #[test]
+    fn sign_lines_have_every_field_in_order() {
+        let key = key();
+        let decision = Decision::Sign {
+            key: &key,
+            remote_user: Some("deploy".to_owned()),
+        };
+        let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
+        assert_eq!(
+            line,
+            "sign user=alice uid=1000 pid=42 key=deploy fingerprint=SHA256:fp remote_user=deploy \
+             dest=- forwarded=no serial=- decision=granted reason=group:ops"
+        );
+        let bound = Binding {
+            dest: Some("SHA256:host".to_owned()),
+            forwarded: true,
+            serial: Some("7".to_owned()),
+        };
+        let line = sign(&caller(), &decision, &bound, Outcome::UpstreamTimeout).unwrap();
+        assert!(
+            line.ends_with(
+                "dest=SHA256:host forwarded=yes serial=7 decision=failed reason=upstream-timeout"
+            ),
+            "{line}"
+        );
+        let line = sign(&caller(), &decision, &bound, Outcome::UpstreamError).unwrap();
+        assert!(
+            line.ends_with("decision=failed reason=upstream-error"),
+            "{line}"
+        );
+        assert!(refusal(&caller(), &decision, &bound).is_none());
+    }
+
+    #[test]
+    fn refusal_lines_have_every_field_in_order() {
+        let decision = Decision::Refuse {
+            reason: Reason::UnknownKey,
+            key: None,
+            fingerprint: Some("SHA256:x".to_owned()),
+            remote_user: None,
+        };
+        let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "sign user=alice uid=1000 pid=42 key=- fingerprint=SHA256:x remote_user=- \
+                 dest=- forwarded=no serial=- decision=refused reason={}",
+                Reason::UnknownKey
+            )
+        );
+        assert!(sign(&caller(), &decision, &Binding::default(), Outcome::Signed).is_none());
+        assert!(refusal(&caller(), &Decision::List, &Binding::default()).is_none());
+    }
+
+    #[test]
+    fn binding_fields_come_from_the_connections_bindings() {
+        use crate::policy::destinations::Binding as Bound;
+        let key = key();
+        let bound = |forwarding, sid: u8| Bound {
+            host_key_blob: vec![sid],
+            key: key.key.clone(),
+            fingerprint: format!("SHA256:host{sid}"),
+            cert: None,
+            session_id: vec![sid; 32],
+            forwarding,
+        };
+        assert_eq!(Binding::of(&Bindings::default()), Binding::default());
+        let mut b = Bindings::default();
+        b.record(bound(true, 1)).unwrap();
+        b.record(bound(false, 2)).unwrap();
+        let f = Binding::of(&b);
+        assert_eq!(f.dest.as_deref(), Some("SHA256:host2"));
+        assert!(f.forwarded);
+        // A failed binding that said "forwarding" counts.
+        let mut failed = Bindings::default();
+        failed.fail(Some(true));
+        assert!(Binding::of(&failed).forwarded);
+        assert_eq!(Binding::of(&failed).dest, None);
     }
 }

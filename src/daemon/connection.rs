@@ -2,7 +2,9 @@
 //! (through the lookup cache, for every request, so that a group change
 //! applies to open connections too), ask the policy, carry the decision out,
 //! answer. Requests on a connection are handled one at a time, in order, as
-//! ssh-agent does.
+//! ssh-agent does. The connection's session bindings
+//! (`session-bind@openssh.com`) live here, with the connection: verified and
+//! kept by keyholder, never forwarded to the backend.
 
 use std::sync::Arc;
 
@@ -18,7 +20,8 @@ use super::lookups::Who;
 use super::metrics::Closed;
 use super::{audit, Shared};
 use crate::backend::BackendError;
-use crate::policy::{self, Caller, Decision, Reason, SUPPORTED_EXTENSIONS};
+use crate::policy::destinations::Bindings;
+use crate::policy::{self, Caller, Context, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -40,6 +43,7 @@ pub async fn serve(
 ) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    let mut bindings = Bindings::default();
     let mut buf = Vec::new();
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
@@ -111,7 +115,7 @@ pub async fn serve(
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        let reply = handle(&rt, &shared, &caller, unresolved, request).await;
+        let reply = handle(&rt, &shared, &caller, unresolved, &mut bindings, request).await;
         match tokio::time::timeout(idle, write_half.write_all(&reply)).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -126,28 +130,47 @@ async fn handle(
     shared: &Shared,
     caller: &Caller,
     unresolved: Option<Reason>,
+    bindings: &mut Bindings,
     request: Request,
 ) -> Vec<u8> {
     let backend = &shared.backend;
+    let ctx = Context {
+        bindings,
+        now: unix_now(),
+    };
     let decision = match unresolved {
-        None => policy::decide(&rt.policy, caller, &request),
-        Some(why) => policy::decide_unresolved(&rt.policy, caller, &request, why),
+        None => policy::decide(&rt.policy, caller, ctx, &request),
+        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
     };
     shared.metrics.decided(&decision, &request);
     let metrics_wanted = status::wants_metrics(&request);
-    if let Some(line) = audit::line(caller, &decision) {
+    // What the connection is bound to, for the audit line.
+    let binding = audit::Binding::of(bindings);
+    // A refusal's outcome is known now; a sign's only once the backend
+    // answered (logged below).
+    if let Some(line) = audit::refusal(caller, &decision, &binding) {
         tracing::info!(target: audit::TARGET, "{line}");
     } else if let Decision::Refuse { reason, .. } = &decision {
         tracing::debug!("refused uid={}: {reason}", caller.uid);
     }
-    let answer = match (decision, request) {
+    let answer = match (&decision, request) {
+        (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => backend.identities().await.map(|ids| {
-            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, ids))
+            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
         }),
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
-            // The signature goes back as the backend produced it.
+            // The signature goes back as the backend produced it; the audit
+            // line is written once that outcome is known.
             let result = backend.sign(sign).await;
             shared.metrics.signed(&key.name, caller.uid, &result);
+            let outcome = match &result {
+                Ok(_) => audit::Outcome::Signed,
+                Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(_) => audit::Outcome::UpstreamError,
+            };
+            if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
+                tracing::info!(target: audit::TARGET, "{line}");
+            }
             return match result {
                 Ok(signature) => response::sign_response(&signature),
                 Err(e) => {
@@ -161,16 +184,31 @@ async fn handle(
                 }
             };
         }
-        // A stop-gap until keyholder verifies and keeps bindings itself
-        // (destinations): SUCCESS, answered here. Never forwarded: upstream
-        // connections are pooled, shared by every client, so a binding
-        // forwarded on one would bind the next client's requests too.
-        (Decision::SessionBind, _) => {
-            tracing::debug!(
-                "session-bind@openssh.com for uid={}: SUCCESS, answered locally",
-                caller.uid
-            );
-            Ok(Response::Success)
+        (Decision::VerifyBind, Request::SessionBind(bind)) => {
+            let forwarding = bind.forwarding;
+            let verified = shared.verifier.verify(caller.uid, bind).await;
+            match verified.and_then(|b| {
+                let fingerprint = b.fingerprint.clone();
+                bindings.record(b).map(|()| fingerprint)
+            }) {
+                Ok(fingerprint) => {
+                    tracing::debug!(
+                        "session bound for uid={} pid={}: host key {fingerprint}, forwarding={}",
+                        caller.uid,
+                        caller.pid.unwrap_or(0),
+                        if forwarding { "yes" } else { "no" }
+                    );
+                    Ok(Response::Success)
+                }
+                Err(why) => {
+                    bad_bind(caller, bindings, why, Some(forwarding));
+                    Ok(Response::Failure)
+                }
+            }
+        }
+        (Decision::RefuseBind { reason, forwarding }, _) => {
+            bad_bind(caller, bindings, reason, *forwarding);
+            Ok(Response::Failure)
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
@@ -197,6 +235,27 @@ async fn handle(
             response::FAILURE.to_vec()
         }
     }
+}
+
+/// Remembers a failed binding (keys with destinations sign nothing more on
+/// this connection) and says why, at debug level: anyone may send bindings,
+/// so this line must not be a way to flood the log; what a failed binding
+/// costs a caller shows in the audit line of its next sign request
+/// (`reason=bad-session-bind`).
+fn bad_bind(caller: &Caller, bindings: &mut Bindings, why: &str, forwarding: Option<bool>) {
+    bindings.fail(forwarding);
+    tracing::debug!(
+        "session binding refused for uid={} pid={}: {why}",
+        caller.uid,
+        caller.pid.unwrap_or(0)
+    );
+}
+
+/// Seconds since the epoch (host certificates' validity).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn note_upstream_error(shared: &Shared, e: &BackendError) {

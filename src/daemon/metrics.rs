@@ -589,7 +589,8 @@ mod tests {
 
     #[test]
     fn refusals_count_by_reason_code() {
-        use crate::policy::{decide, Caller, Policy};
+        use crate::policy::destinations::Bindings;
+        use crate::policy::{decide, Caller, Context, Policy};
         use crate::protocol::classify;
         let m = Metrics::new();
         let p = Policy::default();
@@ -610,7 +611,11 @@ mod tests {
         .unwrap();
         for message in [sign, vec![17], vec![22], vec![200]] {
             let request = classify(&message);
-            m.decided(&decide(&p, &nobody, &request), &request);
+            let ctx = Context {
+                bindings: &Bindings::default(),
+                now: 0,
+            };
+            m.decided(&decide(&p, &nobody, ctx, &request), &request);
         }
         let r = m.report([], LookupStats::default());
         assert_eq!(

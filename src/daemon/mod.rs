@@ -5,9 +5,11 @@
 //! (never waiting for the user database), then served ([`connection`]) in
 //! its own task, which resolves the caller for each request through
 //! [`lookups`]. A shutdown signal every task watches ends them all on
-//! SIGTERM or SIGINT; SIGHUP reloads the configuration (a bad one leaves the
-//! last good one in force) and drops the lookup cache. The decision itself
-//! lives in [`crate::policy`].
+//! SIGTERM or SIGINT; SIGHUP reloads the configuration on a blocking thread,
+//! never in the accept loop (a bad one leaves the last good one in force),
+//! and drops the lookup cache. Before anything is spawned or bound, a daemon
+//! already answering on the sockets makes this one exit
+//! ([`crate::sockets`]). The decision itself lives in [`crate::policy`].
 
 pub mod audit;
 pub mod caller;
@@ -15,8 +17,9 @@ pub mod connection;
 pub mod limits;
 pub mod lookups;
 pub mod metrics;
+pub mod verifier;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,7 @@ use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::sockets::{self, Probe};
 use limits::{LimitHit, Limiter, SharedBurstLog};
 
 /// How long open connections get to finish on shutdown.
@@ -79,6 +83,8 @@ pub struct Shared {
     pub lookup_errors: SharedBurstLog,
     /// Caller lookups and their cache.
     pub lookups: Arc<lookups::Lookups>,
+    /// Session-binding verification slots.
+    pub verifier: verifier::Verifier,
     /// Counters since start (`keyholder status --prometheus`).
     pub metrics: metrics::Metrics,
 }
@@ -123,9 +129,14 @@ async fn serve(mut config: Config) -> Result<()> {
     let mut sigint = signal_stream(SignalKind::interrupt())?;
     let mut sighup = signal_stream(SignalKind::hangup())?;
 
-    ensure_runtime_dir(&config.socket)?;
+    // Before anything is spawned or touched: a second daemon started by
+    // mistake must leave the running one (and its agent) alone.
+    refuse_if_running(&config)?;
+    ensure_runtime_dir(&config.socket, "socket")?;
+    if config.agent.spawn {
+        ensure_runtime_dir(&config.agent.socket, "agent.socket")?;
+    }
     let supervisor = if config.agent.spawn {
-        ensure_runtime_dir(&config.agent.socket)?;
         let sup = Supervisor::start(config.agent.clone())
             .await?
             .count_restarts(metrics.upstream_restarts.clone());
@@ -154,14 +165,27 @@ async fn serve(mut config: Config) -> Result<()> {
             return Err(e);
         }
     };
+    let backend = match crate::backend::open(&config) {
+        Ok(b) => b,
+        Err(e) => {
+            drop(listener);
+            remove_socket(&config.socket);
+            let _ = stop_tx.send(true);
+            if let Some(sup) = supervisor {
+                let _ = sup.await;
+            }
+            return Err(e);
+        }
+    };
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
-        backend: crate::backend::open(&config),
+        backend,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         lookups: lookups::Lookups::new(),
+        verifier: verifier::Verifier::default(),
         metrics,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -191,6 +215,11 @@ async fn serve(mut config: Config) -> Result<()> {
     // would spin. The pause is a branch of its own rather than a sleep in
     // the accept branch, so signals are still handled during it.
     let mut paused_until: Option<tokio::time::Instant> = None;
+    // A reload reads files (which may be slow, or not what they should be)
+    // on a blocking thread; the loop applies its result when it is ready.
+    // A SIGHUP during a reload is coalesced into one more after it.
+    let mut reloading: Option<tokio::task::JoinHandle<Result<Config>>> = None;
+    let mut reload_again = false;
     loop {
         tokio::select! {
             // Signals first: a pending SIGTERM must not lose the draw, time
@@ -199,11 +228,34 @@ async fn serve(mut config: Config) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                let reloaded = reload(&config, &limiter, &runtime_tx);
-                shared.metrics.reloaded(reloaded.is_some());
-                if let Some(new) = reloaded {
-                    shared.backend.set_timeout(new.limits.upstream_timeout);
-                    config = new;
+                if reloading.is_some() {
+                    reload_again = true;
+                } else {
+                    reloading = Some(start_reload(&config.path));
+                }
+            }
+            loaded = async {
+                match reloading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if reloading.is_some() => {
+                reloading = None;
+                shared.metrics.reloaded(matches!(loaded, Ok(Ok(_))));
+                match loaded {
+                    Ok(Ok(new)) => {
+                        config = apply_reload(&config, new, &limiter, &runtime_tx);
+                        shared.backend.set_timeout(config.limits.upstream_timeout);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("reload failed, keeping the last good configuration: {e}");
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the last good configuration: {e}");
+                    }
+                }
+                if std::mem::take(&mut reload_again) {
+                    reloading = Some(start_reload(&config.path));
                 }
                 shared.lookups.clear();
             }
@@ -309,19 +361,20 @@ fn admit(
     });
 }
 
-/// Re-reads the configuration. Returns the new one when it loaded.
-fn reload(
+/// Loads the configuration at `path` again, on a blocking thread.
+fn start_reload(path: &Path) -> tokio::task::JoinHandle<Result<Config>> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || Config::load(&path))
+}
+
+/// Puts a freshly loaded configuration in force (what a reload can change);
+/// returns the configuration now current.
+fn apply_reload(
     current: &Config,
+    new: Config,
     limiter: &Limiter,
     runtime: &watch::Sender<Arc<Runtime>>,
-) -> Option<Config> {
-    let new = match Config::load(&current.path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload failed, keeping the last good configuration: {e}");
-            return None;
-        }
-    };
+) -> Config {
     let restart_only = [
         ("socket", current.socket != new.socket),
         ("agent", current.agent != new.agent),
@@ -351,7 +404,7 @@ fn reload(
     kept.agent = current.agent.clone();
     kept.log = current.log;
     kept.limits.max_connections = current.limits.max_connections;
-    Some(kept)
+    kept
 }
 
 pub use crate::shutdown::stopped;
@@ -372,50 +425,61 @@ fn signal_stream(kind: SignalKind) -> Result<tokio::signal::unix::Signal> {
     signal(kind).map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))
 }
 
-/// Creates the socket's directory (root-owned, 0755) when it is missing.
-fn ensure_runtime_dir(socket: &Path) -> Result<()> {
-    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    if dir.is_dir() {
-        return Ok(());
+/// Creates the socket's directory (root-owned, 0755) when it is missing,
+/// and refuses one that anyone but root could write (where someone could
+/// replace the socket, or put their own in its place).
+fn ensure_runtime_dir(socket: &Path, what: &str) -> Result<()> {
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))?;
     }
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))
+    sockets::check_dir(dir, what)
+}
+
+/// Fails with "already running (pid N)" when something answers on the
+/// proxy socket or, with `agent.spawn`, on `agent.socket`.
+fn refuse_if_running(config: &Config) -> Result<()> {
+    if let Ok(live @ Probe::Live { .. }) = sockets::probe(&config.socket) {
+        return Err(Error::msg(format!(
+            "keyholder is already running ({}): {} answers; not starting a second daemon",
+            live.pid_text(),
+            config.socket.display()
+        )));
+    }
+    if config.agent.spawn {
+        if let Ok(live @ Probe::Live { .. }) = sockets::probe(&config.agent.socket) {
+            return Err(Error::msg(format!(
+                "already running ({}): an agent answers on agent.socket {}; not starting \
+                 another (is another keyholder daemon running with this configuration?)",
+                live.pid_text(),
+                config.agent.socket.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Binds the proxy socket (mode 0666), replacing a stale socket left by a
 /// crash. Refuses to replace anything that is not a socket, or a socket
 /// another process still listens on.
 fn bind_proxy(path: &Path) -> Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::msg(format!(
-                    "{} is in use by another process (is keyholder already running?)",
-                    path.display()
-                )));
-            }
-            std::fs::remove_file(path).map_err(|e| {
-                Error::msg(format!(
-                    "cannot remove stale socket {}: {e}",
-                    path.display()
-                ))
-            })?;
-            tracing::info!("replaced stale socket {}", path.display());
-        }
-        Ok(_) => {
-            return Err(Error::msg(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            )))
-        }
-        Err(_) => {}
+    let stale = matches!(sockets::probe(path), Ok(Probe::Stale));
+    sockets::remove_stale(path, "socket")?;
+    if stale {
+        tracing::info!("replaced stale socket {}", path.display());
     }
-    let listener = UnixListener::bind(path)
+    // Mode 0666 from the moment the path exists: no window in which a
+    // client sees (or a monitor records) another mode.
+    let listener = sockets::bind_with_mode(path, 0o666)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            UnixListener::from_std(l)
+        })
         .map_err(|e| Error::msg(format!("cannot listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| Error::msg(format!("cannot chmod {}: {e}", path.display())))?;
     Ok(listener)
 }

@@ -6,12 +6,16 @@
 //! The rules (from the contract):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
 //!   caller may use ([`filter_identities`]). A certificate counts as the key it
-//!   certifies.
+//!   certifies. A caller who may use no configured key gets an empty list
+//!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
 //!   use it, and the data is an SSH user-authentication request (unless the key
 //!   sets `allow_any_data`).
-//! - EXTENSION: `session-bind@openssh.com`, `query` and `status@keyholder`
-//!   answered by the daemon, never forwarded; anything else refused.
+//! - EXTENSION: `session-bind@openssh.com` verified (by the daemon, with
+//!   `crate::verify`) and kept on the connection, never forwarded; `query` and
+//!   `status@keyholder` answered by the daemon; anything else refused.
+//! - Per key, the destination, remote-user and forwarding rules over the
+//!   connection's bindings ([`destinations`]), for signing and listing.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
 //! - A caller whose user lookup gave no answer (timed out or failed): what
@@ -23,13 +27,17 @@
 use ssh_agent_lib::proto::{Extension, Identity, SignRequest};
 use ssh_key::public::KeyData;
 
+pub mod destinations;
+
+use destinations::{Bindings, Proposed, Rules};
+
 use crate::config::Config;
 use crate::protocol::request::Request;
+use crate::protocol::session_bind::SessionBind;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
 use crate::protocol::{userauth, AdminOp};
 
-/// The extension OpenSSH's `ssh` sends to bind a connection to a host key.
-pub const SESSION_BIND: &str = "session-bind@openssh.com";
+pub use crate::protocol::request::SESSION_BIND;
 /// The extension that lists supported extensions.
 pub const QUERY: &str = "query";
 /// Extensions the proxy supports, as answered to `query`.
@@ -48,6 +56,8 @@ pub struct KeyRule {
     pub groups: Vec<String>,
     /// Sign any data, not only user-authentication requests.
     pub allow_any_data: bool,
+    /// Destinations, remote users, forwarding.
+    pub rules: Rules,
 }
 
 /// The rules in force: the configured keys.
@@ -69,6 +79,16 @@ impl From<&Config> for Policy {
                     fingerprint: k.fingerprint.clone(),
                     groups: k.groups.clone(),
                     allow_any_data: k.allow_any_data,
+                    rules: Rules {
+                        // Unread (only for a user other than root, never
+                        // the daemon): no host is admitted.
+                        destinations: k
+                            .destinations
+                            .as_ref()
+                            .map(|d| d.hosts.clone().unwrap_or_default()),
+                        remote_users: k.remote_users.clone(),
+                        allow_forwarding: k.allow_forwarding,
+                    },
                 })
                 .collect(),
         }
@@ -93,6 +113,20 @@ impl Policy {
     pub fn key(&self, key: &KeyData) -> Option<&KeyRule> {
         self.keys.iter().find(|k| &k.key == key)
     }
+
+    /// Whether `caller` may use some configured key.
+    pub fn any_key_for(&self, caller: &Caller) -> bool {
+        self.keys.iter().any(|k| caller.may_use(k))
+    }
+}
+
+/// What a decision needs to know about the connection beyond the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The connection's session bindings.
+    pub bindings: &'a Bindings,
+    /// Now, in Unix seconds (host certificates' validity).
+    pub now: u64,
 }
 
 /// Who is asking, as resolved by the daemon from `SO_PEERCRED` and the user
@@ -136,6 +170,17 @@ pub enum Reason {
     UnknownType(u8),
     /// A malformed message.
     Malformed(&'static str),
+    /// The key has destinations; the bound host is not one of them (or the
+    /// request does not match the binding).
+    DestinationNotAllowed,
+    /// The key has destinations; the connection has no binding.
+    NoSessionBind,
+    /// The connection has a forwarding binding; the key does not allow it.
+    ForwardedUse,
+    /// The user-auth request names a remote user the key does not allow.
+    RemoteUserNotAllowed,
+    /// A binding on this connection failed.
+    BadSessionBind,
     /// The caller's user-database lookup missed its deadline, so its groups
     /// are unknown (see [`decide_unresolved`]).
     LookupTimeout,
@@ -154,6 +199,11 @@ impl std::fmt::Display for Reason {
             Self::UnknownExtension => f.write_str("unsupported-extension"),
             Self::UnknownType(t) => write!(f, "unknown-message-type:{t}"),
             Self::Malformed(why) => write!(f, "malformed ({why})"),
+            Self::DestinationNotAllowed => f.write_str("destination-not-allowed"),
+            Self::NoSessionBind => f.write_str("no-session-bind"),
+            Self::ForwardedUse => f.write_str("forwarded-use"),
+            Self::RemoteUserNotAllowed => f.write_str("remote-user-not-allowed"),
+            Self::BadSessionBind => f.write_str("bad-session-bind"),
             Self::LookupTimeout => f.write_str("user-lookup-timeout"),
             Self::LookupError => f.write_str("user-lookup-error"),
         }
@@ -165,6 +215,9 @@ impl std::fmt::Display for Reason {
 pub enum Decision<'p> {
     /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
     List,
+    /// Answer an empty identity list without asking the backend: the caller
+    /// may use no configured key.
+    EmptyList,
     /// Forward the sign request unchanged.
     Sign {
         /// The configured key it uses.
@@ -173,8 +226,17 @@ pub enum Decision<'p> {
         /// `allow_any_data` keys signing other data).
         remote_user: Option<String>,
     },
-    /// Answer `session-bind@openssh.com` in the daemon; never forwarded.
-    SessionBind,
+    /// Verify the session binding (off the async threads) and, if it
+    /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
+    VerifyBind,
+    /// Answer FAILURE to a session binding and remember it failed
+    /// ([`Bindings::fail`] with `forwarding`).
+    RefuseBind {
+        /// Why.
+        reason: &'static str,
+        /// The binding's forwarding flag, if it could be read.
+        forwarding: Option<bool>,
+    },
     /// Answer `query` with [`SUPPORTED_EXTENSIONS`].
     Query,
     /// Answer `status@keyholder` with [`status_report`].
@@ -206,7 +268,12 @@ impl Decision<'_> {
                 Reason::AdminRequest(_)
                 | Reason::UnknownKey
                 | Reason::NotInGroup
-                | Reason::NotUserAuth(_) => true,
+                | Reason::NotUserAuth(_)
+                | Reason::DestinationNotAllowed
+                | Reason::NoSessionBind
+                | Reason::ForwardedUse
+                | Reason::RemoteUserNotAllowed
+                | Reason::BadSessionBind => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -225,11 +292,23 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
     }
 }
 
-/// Decides what to do with `request` from `caller` under `policy`.
-pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Decision<'p> {
+/// Decides what to do with `request` from `caller` under `policy`, on a
+/// connection described by `ctx`.
+pub fn decide<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    ctx: Context<'_>,
+    request: &Request,
+) -> Decision<'p> {
     match request {
-        Request::RequestIdentities => Decision::List,
-        Request::Sign(sign) => decide_sign(policy, caller, sign),
+        Request::RequestIdentities if policy.any_key_for(caller) => Decision::List,
+        Request::RequestIdentities => Decision::EmptyList,
+        Request::Sign(sign) => decide_sign(policy, caller, ctx, sign),
+        Request::SessionBind(bind) => decide_bind(policy, caller, ctx.bindings, bind),
+        Request::BadSessionBind(m) => Decision::RefuseBind {
+            reason: m.reason,
+            forwarding: m.forwarding,
+        },
         Request::Extension(ext) => decide_extension(ext),
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
@@ -246,31 +325,46 @@ pub fn decide<'p>(policy: &'p Policy, caller: &Caller, request: &Request) -> Dec
 pub fn decide_unresolved<'p>(
     policy: &'p Policy,
     caller: &Caller,
+    ctx: Context<'_>,
     request: &Request,
     why: Reason,
 ) -> Decision<'p> {
-    let decision = decide(policy, caller, request);
+    let decision = decide(policy, caller, ctx, request);
     if caller.uid == 0 {
         return decision;
     }
-    match decision {
-        Decision::List => refuse(why),
-        Decision::Refuse {
-            reason: Reason::NotInGroup,
-            key,
-            fingerprint,
-            remote_user,
-        } => Decision::Refuse {
+    match (decision, request) {
+        // Not "may use no key": its groups are unknown. Verified as for
+        // anyone, so that the lookup's failure does not spoil the
+        // connection's bindings.
+        (Decision::RefuseBind { .. }, Request::SessionBind(bind)) => {
+            check_order(ctx.bindings, bind)
+        }
+        (Decision::List | Decision::EmptyList, _) => refuse(why),
+        (
+            Decision::Refuse {
+                reason: Reason::NotInGroup,
+                key,
+                fingerprint,
+                remote_user,
+            },
+            _,
+        ) => Decision::Refuse {
             reason: why,
             key,
             fingerprint,
             remote_user,
         },
-        other => other,
+        (other, _) => other,
     }
 }
 
-fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> Decision<'p> {
+fn decide_sign<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    ctx: Context<'_>,
+    sign: &SignRequest,
+) -> Decision<'p> {
     let wanted = sign.credential.key_data();
     let auth = userauth::parse(&sign.data, wanted);
     let remote_user = auth.as_ref().ok().map(|a| a.user.clone());
@@ -286,32 +380,71 @@ fn decide_sign<'p>(policy: &'p Policy, caller: &Caller, sign: &SignRequest) -> D
     if !caller.may_use(key) {
         return refusal(Reason::NotInGroup, Some(key));
     }
-    match auth {
-        Ok(auth) => Decision::Sign {
-            key,
-            remote_user: Some(auth.user),
+    match &auth {
+        Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
+        _ => {
+            match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
+                Ok(()) => Decision::Sign {
+                    key,
+                    remote_user: remote_user.clone(),
+                },
+                Err(reason) => refusal(reason, Some(key)),
+            }
+        }
+    }
+}
+
+/// A binding is checked for order before it is verified, and not verified
+/// at all for a caller who may use no key (it fails: nothing it could bind
+/// would let it sign).
+fn decide_bind<'p>(
+    policy: &Policy,
+    caller: &Caller,
+    bindings: &Bindings,
+    bind: &SessionBind,
+) -> Decision<'p> {
+    if !policy.any_key_for(caller) {
+        return Decision::RefuseBind {
+            reason: "the caller may use no key",
+            forwarding: Some(bind.forwarding),
+        };
+    }
+    check_order(bindings, bind)
+}
+
+/// Verify `bind` unless it is out of order on a connection with `bindings`.
+fn check_order<'p>(bindings: &Bindings, bind: &SessionBind) -> Decision<'p> {
+    match bindings.check(Proposed {
+        host_key_blob: &bind.host_key_blob,
+        session_id: &bind.session_id,
+    }) {
+        Ok(()) => Decision::VerifyBind,
+        Err(reason) => Decision::RefuseBind {
+            reason,
+            forwarding: Some(bind.forwarding),
         },
-        Err(_) if key.allow_any_data => Decision::Sign {
-            key,
-            remote_user: None,
-        },
-        Err(why) => refusal(Reason::NotUserAuth(why), Some(key)),
     }
 }
 
 fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
     match ext.name.as_str() {
-        SESSION_BIND => Decision::SessionBind,
+        // Parsed by `classify` into its own request; never reaches here.
+        SESSION_BIND => Decision::RefuseBind {
+            reason: "not parsed",
+            forwarding: None,
+        },
         QUERY => Decision::Query,
         status::NAME => Decision::Status,
         _ => refuse(Reason::UnknownExtension),
     }
 }
 
-/// The upstream agent's identities that `caller` may use, in upstream order.
+/// The upstream agent's identities that `caller` may use on a connection
+/// with `bindings`, in upstream order.
 pub fn filter_identities(
     policy: &Policy,
     caller: &Caller,
+    bindings: &Bindings,
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
     identities
@@ -319,7 +452,7 @@ pub fn filter_identities(
         .filter(|id| {
             policy
                 .key(id.credential.key_data())
-                .is_some_and(|k| caller.may_use(k))
+                .is_some_and(|k| caller.may_use(k) && destinations::listed(&k.rules, bindings))
         })
         .collect()
 }

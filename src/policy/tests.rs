@@ -3,6 +3,38 @@
 
 use super::*;
 use crate::protocol::classify;
+
+/// `decide` on a connection with no session bindings.
+fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
+    super::decide(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+        },
+        r,
+    )
+}
+
+/// `decide_unresolved` on a connection with no session bindings.
+fn decide_unresolved<'p>(p: &'p Policy, c: &Caller, r: &Request, why: Reason) -> Decision<'p> {
+    super::decide_unresolved(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+        },
+        r,
+        why,
+    )
+}
+
+/// `filter_identities` on a connection with no session bindings.
+fn filter_identities(p: &Policy, c: &Caller, ids: Vec<Identity>) -> Vec<Identity> {
+    super::filter_identities(p, c, &Bindings::default(), ids)
+}
 use crate::protocol::userauth::tests::{build, key};
 use crate::protocol::userauth::{PUBLICKEY, PUBLICKEY_HOSTBOUND};
 use ssh_agent_lib::proto::PublicCredential;
@@ -18,6 +50,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         key,
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow_any_data: any,
+        rules: Rules::default(),
     }
 }
 
@@ -79,15 +112,42 @@ fn refused(d: &Decision<'_>) -> Option<Reason> {
 }
 
 #[test]
-fn listing_is_always_forwarded() {
+fn listing_is_forwarded_for_callers_who_may_use_a_key() {
     let p = policy();
     for c in [
         caller(0, &[]),
         caller(1000, &["deployers"]),
-        caller(1001, &[]),
+        caller(1000, &["users", "signers"]),
     ] {
         assert_eq!(decide(&p, &c, &Request::RequestIdentities), Decision::List);
     }
+}
+
+#[test]
+fn callers_who_may_use_no_key_get_an_empty_list_without_the_backend() {
+    let p = policy();
+    for c in [
+        caller(1001, &[]),
+        caller(1001, &["users", "deployers-not"]),
+        Caller {
+            user: None,
+            ..caller(70_000, &[])
+        },
+    ] {
+        assert_eq!(
+            decide(&p, &c, &Request::RequestIdentities),
+            Decision::EmptyList
+        );
+    }
+    // No keys configured: root too.
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &caller(0, &[]),
+            &Request::RequestIdentities
+        ),
+        Decision::EmptyList
+    );
 }
 
 #[test]
@@ -316,7 +376,12 @@ fn extensions() {
             details: vec![].into(),
         })
     };
-    assert_eq!(decide(&p, &c, &ext(SESSION_BIND)), Decision::SessionBind);
+    // session-bind is its own request (see `classify`), never an extension
+    // passed through.
+    assert!(matches!(
+        decide(&p, &c, &ext(SESSION_BIND)),
+        Decision::RefuseBind { .. }
+    ));
     assert_eq!(decide(&p, &c, &ext(QUERY)), Decision::Query);
     assert_eq!(decide(&p, &c, &ext(status::NAME)), Decision::Status);
     for other in ["restrict-destination-v00@openssh.com", "x@y", "QUERY"] {
@@ -361,6 +426,110 @@ fn group_names_are_every_configured_group_once() {
         ["deployers", "ops", "phab-admins", "signers"]
     );
     assert!(Policy::default().group_names().is_empty());
+}
+
+#[test]
+fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_no_key() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let req = classify(&m);
+    assert!(matches!(req, Request::SessionBind(_)), "{req:?}");
+    let none = Bindings::default();
+    let ctx = Context {
+        bindings: &none,
+        now: 0,
+    };
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::VerifyBind
+    );
+    assert_eq!(
+        super::decide(&p, &caller(0, &[]), ctx, &req),
+        Decision::VerifyBind
+    );
+    for nobody in [caller(1000, &[]), caller(1000, &["other"])] {
+        assert_eq!(
+            super::decide(&p, &nobody, ctx, &req),
+            Decision::RefuseBind {
+                reason: "the caller may use no key",
+                forwarding: Some(false)
+            }
+        );
+    }
+    // After a non-forwarding binding: refused before verifying.
+    let Request::SessionBind(bind) = &req else {
+        panic!()
+    };
+    let mut after = Bindings::default();
+    after.record(crate::verify::binding(bind).unwrap()).unwrap();
+    let ctx = Context {
+        bindings: &after,
+        now: 0,
+    };
+    assert!(matches!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
+        Decision::RefuseBind { .. }
+    ));
+    // A malformed binding is refused and says what it could of its flag.
+    let cut = &m[..m.len() - 1];
+    assert_eq!(
+        super::decide(&p, &caller(1000, &["ops"]), ctx, &classify(cut)),
+        Decision::RefuseBind {
+            reason: "missing forwarding flag",
+            forwarding: None
+        }
+    );
+}
+
+#[test]
+fn destination_refusals_are_audited_sign_refusals() {
+    use destinations::Rules;
+    let mut p = policy();
+    p.keys[0].rules = Rules {
+        destinations: Some(Default::default()),
+        ..Rules::default()
+    };
+    let c = caller(1000, &["ops"]);
+    let d = decide(&p, &c, &userauth_sign(1, "deploy"));
+    assert_eq!(refused(&d), Some(Reason::NoSessionBind));
+    assert!(d.is_audited());
+    let Decision::Refuse {
+        key, remote_user, ..
+    } = &d
+    else {
+        panic!()
+    };
+    assert_eq!(key.map(|k| k.name.as_str()), Some("deploy"));
+    assert_eq!(remote_user.as_deref(), Some("deploy"));
+    for r in [
+        Reason::DestinationNotAllowed,
+        Reason::NoSessionBind,
+        Reason::ForwardedUse,
+        Reason::RemoteUserNotAllowed,
+        Reason::BadSessionBind,
+    ] {
+        assert!(!r.to_string().contains(' '), "{r}");
+    }
+    // The group check comes first: a non-member learns nothing more.
+    assert_eq!(
+        refused(&decide(&p, &caller(1000, &[]), &userauth_sign(1, "deploy"))),
+        Some(Reason::NotInGroup)
+    );
+    // Keys without rules are untouched.
+    assert!(matches!(
+        decide(&p, &caller(1000, &["phab-admins"]), &userauth_sign(2, "x")),
+        Decision::Sign { .. }
+    ));
+}
+
+fn string_bytes(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
 }
 
 #[test]
@@ -443,4 +612,30 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         ),
         Decision::List
     );
+}
+
+#[test]
+fn a_binding_from_a_caller_whose_lookup_failed_is_verified_not_refused() {
+    use crate::protocol::session_bind::tests::signed;
+    let p = policy();
+    let (_, contents) = signed(1, &[5; 32], 0);
+    let mut m = vec![27u8];
+    m.extend(string_bytes(SESSION_BIND.as_bytes()));
+    m.extend(&contents);
+    let c = Caller {
+        uid: 1000,
+        pid: None,
+        user: None,
+        groups: vec![],
+    };
+    // Its groups are unknown, not empty: the binding is checked as usual.
+    assert_eq!(
+        decide_unresolved(&p, &c, &classify(&m), Reason::LookupTimeout),
+        Decision::VerifyBind
+    );
+    // Malformed ones are still refused.
+    assert!(matches!(
+        decide_unresolved(&p, &c, &classify(&m[..m.len() - 1]), Reason::LookupTimeout),
+        Decision::RefuseBind { .. }
+    ));
 }

@@ -8,6 +8,8 @@
 //!   by their type byte alone: a private key in an add request is never decoded.
 //! - [`userauth`]: parsing of the data in a sign request, to tell an SSH
 //!   user-authentication request from anything else.
+//! - [`session_bind`]: parsing of `session-bind@openssh.com` (host key or
+//!   host certificate, session id, signature, forwarding flag).
 //! - [`response`]: encoding answers to the client.
 //! - [`status`]: the `status@keyholder` vendor extension's payload.
 //!
@@ -17,6 +19,7 @@
 pub mod frame;
 pub mod request;
 pub mod response;
+pub mod session_bind;
 pub mod status;
 pub mod userauth;
 

@@ -2,11 +2,17 @@
 //! the proxy acts on.
 //!
 //! Only three bodies are ever decoded: REQUEST_IDENTITIES (must be empty),
-//! SIGN_REQUEST and EXTENSION. Everything else is decided on the type byte
+//! SIGN_REQUEST and EXTENSION (and, of extensions, the contents of
+//! `session-bind@openssh.com`). Everything else is decided on the type byte
 //! alone, so a private key sent in an add request is never parsed.
 
 use ssh_agent_lib::proto::{Extension, SignRequest};
 use ssh_encoding::{Decode, Encode, Reader};
+
+use super::session_bind::{self, Malformed, SessionBind};
+
+/// The extension OpenSSH's `ssh` sends to bind a connection to a host key.
+pub const SESSION_BIND: &str = "session-bind@openssh.com";
 
 /// SSH_AGENTC_REQUEST_IDENTITIES
 pub const REQUEST_IDENTITIES: u8 = 11;
@@ -78,7 +84,12 @@ pub enum Request {
     RequestIdentities,
     /// A well-formed SIGN_REQUEST.
     Sign(SignRequest),
-    /// A well-formed EXTENSION (name and opaque contents).
+    /// A well-formed `session-bind@openssh.com` EXTENSION.
+    SessionBind(Box<SessionBind>),
+    /// A `session-bind@openssh.com` EXTENSION whose contents are malformed.
+    BadSessionBind(Malformed),
+    /// A well-formed EXTENSION (name and opaque contents), other than
+    /// `session-bind@openssh.com`.
     Extension(Extension),
     /// An administrative request (body not decoded).
     Admin(AdminOp),
@@ -113,6 +124,12 @@ pub fn classify(message: &[u8]) -> Request {
             Err(reason) => Request::Malformed { kind, reason },
         },
         EXTENSION => match decode_extension(body) {
+            Ok(ext) if ext.name == SESSION_BIND => {
+                match session_bind::parse(ext.details.as_ref()) {
+                    Ok(bind) => Request::SessionBind(Box::new(bind)),
+                    Err(m) => Request::BadSessionBind(m),
+                }
+            }
             Ok(ext) => Request::Extension(ext),
             Err(reason) => Request::Malformed { kind, reason },
         },

@@ -15,7 +15,8 @@
 //!
 //! The same checks as OpenSSH's `ssh-agent` (`parse_userauth_request`):
 //! non-empty session id, the right service, a signature flag of TRUE, a key
-//! blob that is the signing key, no trailing bytes.
+//! blob that is the signing key, no trailing bytes. The session id and the
+//! host key of a host-bound request are returned for the destination rules.
 
 use ssh_agent_lib::proto::PublicCredential;
 use ssh_encoding::{Decode, Reader};
@@ -35,6 +36,10 @@ pub struct UserAuth {
     pub user: String,
     /// Whether the host-bound method was used.
     pub hostbound: bool,
+    /// The session identifier the request is for.
+    pub session_id: Vec<u8>,
+    /// The server host key blob inside a host-bound request.
+    pub host_key: Option<Vec<u8>>,
 }
 
 /// Parses `data` as a public-key user-authentication request signed by
@@ -73,16 +78,24 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
     if key.key_data() != signing_key {
         return Err("public key in request is not the signing key");
     }
-    if hostbound {
+    let host_key = if hostbound {
         let host_key = Vec::<u8>::decode(r).map_err(|_| "malformed host key")?;
         if host_key.is_empty() {
             return Err("empty host key");
         }
-    }
+        Some(host_key)
+    } else {
+        None
+    };
     if !r.is_finished() {
         return Err("trailing bytes");
     }
-    Ok(UserAuth { user, hostbound })
+    Ok(UserAuth {
+        user,
+        hostbound,
+        session_id,
+        host_key,
+    })
 }
 
 #[cfg(test)]
@@ -97,8 +110,19 @@ pub(crate) mod tests {
         method: &str,
         host_key: Option<&[u8]>,
     ) -> Vec<u8> {
+        build_for(&[1u8; 32], key, user, method, host_key)
+    }
+
+    /// Like [`build`], for session identifier `sid`.
+    pub(crate) fn build_for(
+        sid: &[u8],
+        key: &KeyData,
+        user: &str,
+        method: &str,
+        host_key: Option<&[u8]>,
+    ) -> Vec<u8> {
         let mut d = Vec::new();
-        vec![1u8; 32].encode(&mut d).unwrap();
+        sid.encode(&mut d).unwrap();
         d.push(USERAUTH_REQUEST);
         user.encode(&mut d).unwrap();
         "ssh-connection".encode(&mut d).unwrap();
@@ -124,7 +148,9 @@ pub(crate) mod tests {
             got,
             UserAuth {
                 user: "deploy".into(),
-                hostbound: false
+                hostbound: false,
+                session_id: vec![1; 32],
+                host_key: None,
             }
         );
     }
@@ -135,6 +161,8 @@ pub(crate) mod tests {
         let got = parse(&build(&k, "git", PUBLICKEY_HOSTBOUND, Some(b"hostkey")), &k).unwrap();
         assert!(got.hostbound);
         assert_eq!(got.user, "git");
+        assert_eq!(got.session_id, vec![1; 32]);
+        assert_eq!(got.host_key.as_deref(), Some(&b"hostkey"[..]));
     }
 
     #[test]
