@@ -403,10 +403,11 @@ fn the_metrics_unit_replaces_the_textfile_atomically_as_an_unprivileged_user() {
     let prom = textfile.join("keyholder.prom");
     let config = daemon.config.clone();
     let run_unit = |expect_up: u64| -> String {
+        // UMask=0022 as in the unit.
         let sh = |who: &As, script: &str| -> Output {
             run(who
                 .command("/bin/sh")
-                .args(["-c", script])
+                .args(["-c", &format!("umask 0022; {script}")])
                 .env("RUNTIME_DIRECTORY", &runtime)
                 .env("KEYHOLDER_PROM", &prom)
                 .env("KEYHOLDER_CONFIG", &config)
@@ -426,12 +427,31 @@ fn the_metrics_unit_replaces_the_textfile_atomically_as_an_unprivileged_user() {
         // The unprivileged step cannot write the textfile directory itself.
         let o = sh(&unprivileged, &format!("touch {}/x", textfile.display()));
         assert!(!o.status.success());
-        let o = sh(&As::Root, &install);
+        // "!": root, but with CapabilityBoundingSet= empty: no capability.
+        let o = run(Command::new("setpriv")
+            .args([
+                "--bounding-set=-all",
+                "--inh-caps=-all",
+                "--",
+                "/bin/sh",
+                "-c",
+            ])
+            .arg(format!(
+                "grep CapEff /proc/self/status; umask 0022; {install}"
+            ))
+            .env("RUNTIME_DIRECTORY", &runtime)
+            .env("KEYHOLDER_PROM", &prom)
+            .current_dir("/"));
         assert!(
             o.status.success(),
             "ExecStartPost: {}{}",
             stdout(&o),
             stderr(&o)
+        );
+        assert!(
+            stdout(&o).contains("CapEff:\t0000000000000000"),
+            "{}",
+            stdout(&o)
         );
         let names: Vec<String> = std::fs::read_dir(&textfile)
             .unwrap()
