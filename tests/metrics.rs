@@ -195,6 +195,10 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
         get("keyholder_signatures_total{key=\"\",decision=\"refused\",reason=\"key-not-configured\"}"),
         1
     );
+    assert_eq!(
+        get("keyholder_signatures_total{key=\"deploy\",decision=\"failed\",reason=\"upstream-timeout\"}"),
+        0
+    );
     assert_eq!(get("keyholder_signing_users{key=\"deploy\"}"), 2);
     assert_eq!(get("keyholder_signing_users{key=\"phab\"}"), 0);
     assert_eq!(

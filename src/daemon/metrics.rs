@@ -308,19 +308,19 @@ impl Metrics {
             );
             for name in &names {
                 let k = of(name);
-                // The plain key "" (not configured) is only ever refused.
+                // The key "" (not configured) is only ever refused. Granted
+                // and failed are listed at 0 too, so that increase() sees
+                // the first one.
                 if !name.is_empty() {
                     b.keyed(&[("key", name), ("decision", "granted")], k.granted);
                     for (reason, n) in [
                         ("upstream-error", k.failed_error),
                         ("upstream-timeout", k.failed_timeout),
                     ] {
-                        if n > 0 {
-                            b.keyed(
-                                &[("key", name), ("decision", "failed"), ("reason", reason)],
-                                n,
-                            );
-                        }
+                        b.keyed(
+                            &[("key", name), ("decision", "failed"), ("reason", reason)],
+                            n,
+                        );
                     }
                 }
                 for (reason, n) in &k.refused {
