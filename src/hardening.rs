@@ -1,6 +1,7 @@
 //! Process hardening for the privileged commands: no core dumps, not
 //! ptrace-able by non-root (`PR_SET_DUMPABLE 0`), memory locked against swap
-//! where that cannot backfire, umask 077.
+//! where that cannot backfire, umask 077; and an allocator that gives freed
+//! memory back (see [`return_freed_memory`]).
 
 use nix::sys::mman::{mlockall, MlockAllFlags};
 use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
@@ -63,4 +64,43 @@ fn has_capability(cap: u32) -> bool {
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
         .is_some_and(|bits| bits & (1u64 << cap) != 0)
+}
+
+/// Allocations at least this large get their own mapping, returned to the
+/// kernel when freed. A message buffer grows 16, 32, 64, 128, 256 KiB (see
+/// `protocol::frame`), so every large one is above it.
+pub const MMAP_THRESHOLD: usize = 64 * 1024;
+/// Free memory at the top of a heap beyond this is returned at once.
+pub const TRIM_THRESHOLD: usize = 128 * 1024;
+
+/// Makes glibc's allocator give freed memory back to the kernel, so that
+/// resident (and, under `mlockall`, locked) memory falls back after a flood
+/// of large messages. By default glibc raises its mmap threshold to the size
+/// of any mapped chunk that is freed (up to 32 MiB): after the first large
+/// message buffers are freed, every later one comes from a heap, and a heap
+/// keeps what it once held. Fixed thresholds turn that adjustment off.
+/// Must run before the async runtime starts its threads. Best effort: a
+/// refused setting is reported, never fatal.
+pub fn return_freed_memory() -> Result<(), String> {
+    let settings = [
+        (
+            "M_MMAP_THRESHOLD",
+            nix::libc::M_MMAP_THRESHOLD,
+            MMAP_THRESHOLD,
+        ),
+        (
+            "M_TRIM_THRESHOLD",
+            nix::libc::M_TRIM_THRESHOLD,
+            TRIM_THRESHOLD,
+        ),
+    ];
+    for (name, param, value) in settings {
+        let value = i32::try_from(value).map_err(|_| format!("{name} {value} out of range"))?;
+        // SAFETY: mallopt only changes allocator parameters; it is called
+        // before any other thread exists.
+        if unsafe { nix::libc::mallopt(param, value) } != 1 {
+            return Err(format!("mallopt({name}, {value}) refused"));
+        }
+    }
+    Ok(())
 }

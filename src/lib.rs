@@ -15,6 +15,7 @@
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 //! - [`counter`]: an event count `backend` keeps and `daemon` reports.
+//! - [`ratelog`]: rate-limited logging of lines a flood could repeat, for both.
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod protocol;
+pub mod ratelog;
 pub mod shutdown;
 pub mod sockets;
 pub mod verify;

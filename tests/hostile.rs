@@ -507,7 +507,7 @@ fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
     );
     assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
     // Logged once for the whole burst of 484 refusals.
-    let per_user = "connection limit max_connections_per_user reached";
+    let per_user = "connection limit max_connections_per_user reached: closing";
     assert!(d.wait_log(per_user));
     assert_eq!(d.log_count(per_user), 1, "{}", d.log_text());
 
@@ -524,7 +524,7 @@ fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
     assert_eq!((r.admitted, r.refused), (0, 30), "{r:?}");
     assert!(r.slowest_refusal_ms < 1000, "{r:?}");
     assert_eq!(late_conns.release(), 0);
-    let total = "connection limit max_connections reached";
+    let total = "connection limit max_connections reached: closing";
     assert!(d.wait_log(total));
     assert_eq!(d.log_count(total), 1, "{}", d.log_text());
 
@@ -566,7 +566,7 @@ fn a_thousand_connections_from_one_user_under_the_default_limits() {
         Some(w.blobs(&["deploy", "deploy2"]))
     );
     assert_eq!(answers[1].as_ref().unwrap()[0], SIGN_RESPONSE);
-    let per_user = "connection limit max_connections_per_user reached";
+    let per_user = "connection limit max_connections_per_user reached: closing";
     assert!(d.wait_log(per_user));
     assert_eq!(d.log_count(per_user), 1);
     assert_eq!(hog_conns.release(), 512);
@@ -608,7 +608,7 @@ fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
         flood.iter().map(|h| &h.report).collect::<Vec<_>>()
     );
     let shared =
-        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached";
+        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached: closing";
     assert!(d.wait_log(shared));
     assert_eq!(d.log_count(shared), 1, "{}", d.log_text());
     // Meanwhile the member is served with its keys, and has its whole share.

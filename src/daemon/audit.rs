@@ -17,6 +17,24 @@ use std::fmt;
 
 use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
+use crate::ratelog::Kind;
+
+/// Refused requests that are audited (admin requests, keys not configured or
+/// not allowed, data that is not a user-auth request): rate-limited per uid.
+/// Granted and failed signs never go through a rate limit.
+pub static REFUSED: Kind = Kind {
+    name: "audit: refused requests",
+    burst: 10,
+    level: tracing::Level::INFO,
+};
+
+/// Refusals that are not audited (unknown types, malformed messages,
+/// unsupported extensions), logged at debug level.
+pub static REFUSED_UNAUDITED: Kind = Kind {
+    name: "refused requests (not audited)",
+    burst: 10,
+    level: tracing::Level::DEBUG,
+};
 
 /// The tracing target of audit lines.
 pub const TARGET: &str = "keyholder::audit";

@@ -23,6 +23,14 @@ use crate::backend::BackendError;
 use crate::policy::destinations::Bindings;
 use crate::policy::{self, Caller, Context, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
+use crate::ratelog::{self, Kind};
+
+/// Connections closed on a message that breaks the framing: rate-limited per uid.
+pub static BAD_MESSAGE: Kind = Kind {
+    name: "connections closed on a bad message",
+    burst: 3,
+    level: tracing::Level::INFO,
+};
 
 /// Input buffer per connection; a typical sign request fits in one read.
 const READ_BUFFER: usize = 2048;
@@ -58,10 +66,12 @@ pub async fn serve(
             Ok(Ok(())) => {}
             Ok(Err(FrameError::Closed)) => break,
             Ok(Err(e)) => {
-                tracing::info!(
-                    "closing connection of uid={uid} pid={}: {e}",
-                    pid.unwrap_or(0)
-                );
+                if shared.log.allow(&BAD_MESSAGE, log_bucket(&shared, uid)) {
+                    tracing::info!(
+                        "closing connection of uid={uid} pid={}: {e}",
+                        pid.unwrap_or(0)
+                    );
+                }
                 break;
             }
             Err(_) => {
@@ -147,11 +157,22 @@ async fn handle(
     // What the connection is bound to, for the audit line.
     let binding = audit::Binding::of(bindings);
     // A refusal's outcome is known now; a sign's only once the backend
-    // answered (logged below).
+    // answered (logged below). Refusals are rate-limited per uid; granted
+    // and failed signs never are.
     if let Some(line) = audit::refusal(caller, &decision, &binding) {
-        tracing::info!(target: audit::TARGET, "{line}");
+        if shared
+            .log
+            .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
+        {
+            tracing::info!(target: audit::TARGET, "{line}");
+        }
     } else if let Decision::Refuse { reason, .. } = &decision {
-        tracing::debug!("refused uid={}: {reason}", caller.uid);
+        if shared
+            .log
+            .allow(&audit::REFUSED_UNAUDITED, log_bucket(shared, caller.uid))
+        {
+            tracing::debug!("refused uid={}: {reason}", caller.uid);
+        }
     }
     let answer = match (&decision, request) {
         (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
@@ -234,6 +255,16 @@ async fn handle(
             note_upstream_error(shared, &e);
             response::FAILURE.to_vec()
         }
+    }
+}
+
+/// Whose rate-limit bucket a caller's lines count in: its uid, or one for
+/// every uid not known to have a passwd entry (as for the connection limit).
+fn log_bucket(shared: &Shared, uid: u32) -> ratelog::Who {
+    if shared.lookups.listed(uid) {
+        ratelog::Who::Uid(uid)
+    } else {
+        ratelog::Who::Unlisted
     }
 }
 

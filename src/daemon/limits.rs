@@ -11,6 +11,30 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::ratelog::Kind;
+
+/// "connection limit max_connections reached", once per burst per uid.
+pub static TOTAL_REACHED: Kind = Kind {
+    name: "connection limit max_connections reached",
+    burst: 1,
+    level: tracing::Level::WARN,
+};
+
+/// "connection limit max_connections_per_user reached", once per burst per uid.
+pub static PER_USER_REACHED: Kind = Kind {
+    name: "connection limit max_connections_per_user reached",
+    burst: 1,
+    level: tracing::Level::WARN,
+};
+
+/// The same for the one bucket of uids without a passwd entry.
+pub static UNLISTED_REACHED: Kind = Kind {
+    name:
+        "connection limit max_connections_per_user (shared by uids without a passwd entry) reached",
+    burst: 1,
+    level: tracing::Level::WARN,
+};
+
 /// Which limit refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitHit {

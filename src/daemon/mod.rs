@@ -33,6 +33,7 @@ use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
+use crate::ratelog::{RateLog, Who};
 use crate::sockets::{self, Probe};
 use limits::{LimitHit, Limiter, SharedBurstLog};
 
@@ -85,6 +86,8 @@ pub struct Shared {
     pub lookups: Arc<lookups::Lookups>,
     /// Session-binding verification slots.
     pub verifier: verifier::Verifier,
+    /// Per-uid rate limiting of refusals and other lines a flood repeats.
+    pub log: Arc<RateLog>,
     /// Counters since start (`keyholder status --prometheus`).
     pub metrics: metrics::Metrics,
 }
@@ -97,6 +100,9 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     let hardening = crate::hardening::apply()?;
     if let Err(why) = &hardening.mlock {
         tracing::warn!("memory not locked: {why}");
+    }
+    if let Err(why) = crate::hardening::return_freed_memory() {
+        tracing::warn!("freed memory may stay resident: {why}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,12 +138,13 @@ async fn serve(mut config: Config) -> Result<()> {
     // Before anything is spawned or touched: a second daemon started by
     // mistake must leave the running one (and its agent) alone.
     refuse_if_running(&config)?;
+    let log = RateLog::start(RateLog::window_from_env(), stop_rx.clone());
     ensure_runtime_dir(&config.socket, "socket")?;
     if config.agent.spawn {
         ensure_runtime_dir(&config.agent.socket, "agent.socket")?;
     }
     let supervisor = if config.agent.spawn {
-        let sup = Supervisor::start(config.agent.clone())
+        let sup = Supervisor::start(config.agent.clone(), Arc::clone(&log))
             .await?
             .count_restarts(metrics.upstream_restarts.clone());
         tracing::info!(
@@ -186,11 +193,10 @@ async fn serve(mut config: Config) -> Result<()> {
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         lookups: lookups::Lookups::new(),
         verifier: verifier::Verifier::default(),
+        log,
         metrics,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let total_limit_log = SharedBurstLog::new(BURST_WINDOW);
-    let user_limit_log = SharedBurstLog::new(BURST_WINDOW);
     let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
 
     crate::notify::notify("READY=1");
@@ -264,7 +270,7 @@ async fn serve(mut config: Config) -> Result<()> {
             accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
-                    admit(stream, &limiter, &shared, &stop_rx, &done_tx, &total_limit_log, &user_limit_log);
+                    admit(stream, &limiter, &shared, &stop_rx, &done_tx);
                 }
                 Err(e) => {
                     if let Some(n) = accept_error_log.hit() {
@@ -305,8 +311,6 @@ fn admit(
     shared: &Arc<Shared>,
     stop: &watch::Receiver<bool>,
     done: &mpsc::Sender<()>,
-    total_limit_log: &SharedBurstLog,
-    user_limit_log: &SharedBurstLog,
 ) {
     let Ok(cred) = stream.peer_cred() else {
         return;
@@ -321,18 +325,19 @@ fn admit(
         Ok(a) => a,
         Err(hit) => {
             shared.metrics.closed(hit);
-            let (log, what) = match hit {
-                LimitHit::Total => (total_limit_log, "max_connections"),
-                LimitHit::PerUser => (user_limit_log, "max_connections_per_user"),
-                LimitHit::Unlisted => (
-                    user_limit_log,
-                    "max_connections_per_user (shared by uids without a passwd entry)",
-                ),
+            // Once per burst per uid (uids without a passwd entry share one
+            // bucket, as they share one connection limit); the count follows
+            // when the window ends.
+            let kind = match hit {
+                LimitHit::Total => &limits::TOTAL_REACHED,
+                LimitHit::PerUser => &limits::PER_USER_REACHED,
+                LimitHit::Unlisted => &limits::UNLISTED_REACHED,
             };
-            if let Some(n) = log.hit() {
+            let who = if listed { Who::Uid(uid) } else { Who::Unlisted };
+            if shared.log.allow(kind, who) {
                 tracing::warn!(
-                    "connection limit {what} reached: closing new connection of uid={uid} pid={} \
-                     ({n} more refused since the last report)",
+                    "{}: closing new connection of uid={uid} pid={}",
+                    kind.name,
                     pid.unwrap_or(0)
                 );
             }

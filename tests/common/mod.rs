@@ -926,6 +926,17 @@ impl Daemon {
     /// which must exec it so that [`Daemon::pid`] is the daemon's pid. An
     /// empty wrapper runs it directly.
     pub fn start_via(dir: &TempDir, config_body: &str, wrapper: &[&str]) -> Self {
+        Self::start_via_env(dir, config_body, wrapper, &[])
+    }
+
+    /// Like [`Daemon::start_via`], with `env` added to the daemon's
+    /// environment (e.g. a short log window, `KEYHOLDER_LOG_WINDOW_MS`).
+    pub fn start_via_env(
+        dir: &TempDir,
+        config_body: &str,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let config = dir.join("keyholder.toml");
         std::fs::write(&config, config_body).unwrap();
         let socket = dir.join("proxy.sock");
@@ -941,6 +952,7 @@ impl Daemon {
                 .args(["daemon", "--log", "stderr", "--config"])
                 .arg(&config)
                 .env("KEYHOLDER_LOG_LEVEL", "debug")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(logfile),
