@@ -88,7 +88,8 @@ pub enum Command {
         #[arg(long, conflicts_with = "prometheus")]
         json: bool,
         /// Print the daemon's counters in the Prometheus text format instead (same exit codes;
-        /// `keyholder_up 0` when the daemon does not answer). See docs/metrics.md.
+        /// `keyholder_up 0` when the daemon does not answer). Reference: docs/metrics.md
+        /// (/usr/share/doc/keyholder/metrics.md).
         #[arg(long)]
         prometheus: bool,
     },
