@@ -243,6 +243,27 @@ fn sub_extra(name: &str) -> Roff {
             );
             item(&mut r, [bold("1")], "It could not start, or failed.");
         }
+        "ca" => {
+            item(&mut r, [bold("0")], "The CA public key line was printed.");
+            item(
+                &mut r,
+                [bold("1")],
+                "No certificate CA is configured ([certificates] ca), or another error.",
+            );
+        }
+        "cert" => {
+            item(
+                &mut r,
+                [bold("0")],
+                "Your certificate for the key was printed.",
+            );
+            item(
+                &mut r,
+                [bold("1")],
+                "There is none for you (the reason is printed): your groups do not allow the key, \
+                 certificates are off for it, or it or the CA is not armed.",
+            );
+        }
         _ => {
             item(&mut r, [bold("0")], "Success.");
             item(&mut r, [bold("1")], "Failure, with a message saying why.");
@@ -253,6 +274,8 @@ fn sub_extra(name: &str) -> Roff {
         "arm" => pages.extend([("ssh-add", "1"), ("systemd-creds", "1")]),
         "daemon" => pages.extend([("ssh-agent", "1"), ("systemctl", "1")]),
         "list" => pages.extend([("ssh", "1")]),
+        "ca" => pages.extend([("sshd_config", "5"), ("ssh-keygen", "1")]),
+        "cert" => pages.extend([("ssh", "1"), ("ssh_config", "5")]),
         _ => {}
     }
     see_also(&mut r, &pages);

@@ -18,7 +18,9 @@ use crate::config::{LogTarget, DEFAULT_CONFIG};
 /// through the proxy is refused for everyone. Per key, `destinations`,
 /// `remote_users` and `allow_forwarding` limit which hosts and accounts a key
 /// logs into and whether it works through a forwarded agent (keyholder
-/// verifies session-bind@openssh.com itself).
+/// verifies session-bind@openssh.com itself). With [certificates], each caller
+/// also gets a short-lived certificate naming them, so targets' logs say who
+/// logged in.
 #[derive(Debug, Parser)]
 #[command(
     name = "keyholder",
@@ -109,6 +111,24 @@ pub enum Command {
     /// regular file owned by root, not writable by group or others, every line a host key,
     /// @cert-authority or @revoked entry; its host key and CA counts are reported.
     CheckConfig,
+    /// Print the certificate CA's public key line, for targets' TrustedUserCAKeys.
+    ///
+    /// Reads `[certificates] ca` from the configuration (key_dir/CA.pub). On each target, put
+    /// the line in a file named by sshd's TrustedUserCAKeys: logins with keyholder's
+    /// certificates are then accepted without an authorized_keys entry, and sshd logs the key
+    /// ID ("ID keyholder:alice@deploy1:deploy (serial …)"). Exit 1 when no CA is configured.
+    Ca,
+    /// Print your current certificate for key NAME (for ssh -o CertificateFile=FILE).
+    ///
+    /// Asks the daemon over the proxy socket, as you: the certificate it lists to you for NAME
+    /// (minted for you when needed: key ID naming you, valid `validity_secs`). OpenSSH never
+    /// pairs an agent certificate with `-i /etc/keyholder.d/NAME.pub -o IdentitiesOnly=yes`;
+    /// tools that pin an identity that way add `-o CertificateFile=FILE` with this output.
+    /// Exit 1 with the reason when there is none for you.
+    Cert {
+        /// The key's name (its table in the configuration).
+        name: String,
+    },
 }
 
 /// The clap command tree of `keyholder` (for man pages and completions).

@@ -53,6 +53,16 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
+    certificates: Option<RawCertificates>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificates {
+    ca: String,
+    validity_secs: Option<u64>,
+    backdate_secs: Option<u64>,
+    key_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,11 +91,80 @@ struct RawKey {
     groups: Vec<String>,
     #[serde(default)]
     allow_any_data: bool,
+    certificate: Option<CertMode>,
+    principals: Option<Vec<String>>,
+    cert_extensions: Option<Vec<String>>,
+    force_command: Option<String>,
+    source_address: Option<Vec<String>>,
     destinations: Option<PathBuf>,
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
 }
+
+/// Whether a key is listed with a certificate minted for each caller
+/// (`certificate = "off" | "also" | "only"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertMode {
+    /// No certificates: the plain key only.
+    #[default]
+    Off,
+    /// The caller's certificate, then the plain key; both sign.
+    Also,
+    /// The caller's certificate, then the plain key; user-auth data
+    /// carrying the plain key is refused.
+    Only,
+}
+
+impl CertMode {
+    /// The configuration's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Also => "also",
+            Self::Only => "only",
+        }
+    }
+}
+
+/// What goes into a key's certificates (`[keys.NAME]` certificate fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyCertConfig {
+    /// `certificate`.
+    pub mode: CertMode,
+    /// Remote users the certificate is valid for (non-empty unless off).
+    pub principals: Vec<String>,
+    /// Certificate extensions (default `["permit-pty"]`), sorted, unique.
+    pub extensions: Vec<String>,
+    /// Critical option `force-command`.
+    pub force_command: Option<String>,
+    /// Critical option `source-address`, as listed.
+    pub source_address: Vec<String>,
+}
+
+/// The `[certificates]` section: the CA and what every certificate gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificatesConfig {
+    /// The CA key, `key_dir/NAME` (+ `.pub`). Its `groups` are empty: it is
+    /// never a key callers may use.
+    pub ca: KeyConfig,
+    /// `valid_before = issue time + validity_secs` (10..=86400).
+    pub validity_secs: u64,
+    /// `valid_after = issue time - backdate_secs` (0..=3600).
+    pub backdate_secs: u64,
+    /// The key ID template (`{user}`, `{uid}`, `{host}`, `{key}`, `{serial}`).
+    pub key_id: String,
+}
+
+/// Default `[certificates] validity_secs`.
+pub const DEFAULT_CERT_VALIDITY_SECS: u64 = 300;
+/// Default `[certificates] backdate_secs`.
+pub const DEFAULT_CERT_BACKDATE_SECS: u64 = 60;
+/// Default `[certificates] key_id`.
+pub const DEFAULT_KEY_ID: &str = "keyholder:{user}@{host}:{key}";
+/// Placeholders a key ID template may use.
+pub const KEY_ID_PLACEHOLDERS: [&str; 5] = ["user", "uid", "host", "key", "serial"];
 
 /// The upstream agent settings (`[agent]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +239,8 @@ pub struct KeyConfig {
     pub groups: Vec<String>,
     /// Sign any data, not only SSH user-authentication requests.
     pub allow_any_data: bool,
+    /// Certificates for this key.
+    pub cert: KeyCertConfig,
     /// The host keys and CAs the key may be used towards (`destinations`).
     pub destinations: Option<Destinations>,
     /// The remote user names the user-auth request may name.
@@ -198,6 +279,8 @@ pub struct Config {
     pub limits: Limits,
     /// Configured keys, sorted by name.
     pub keys: Vec<KeyConfig>,
+    /// `[certificates]`, when present.
+    pub certificates: Option<Box<CertificatesConfig>>,
 }
 
 impl Config {
@@ -285,6 +368,20 @@ impl Config {
         for (name, key) in raw.keys {
             keys.push(load_key(path, &key_dir, name, key)?);
         }
+        let certificates = match raw.certificates {
+            Some(c) => Some(Box::new(load_certificates(path, &key_dir, c, &keys)?)),
+            None => None,
+        };
+        if certificates.is_none() {
+            if let Some(k) = keys.iter().find(|k| k.cert.mode != CertMode::Off) {
+                return Err(Error::msg(format!(
+                    "{file}: keys.{}.certificate = \"{}\" needs a [certificates] section \
+                     naming the CA (ca = \"NAME\")",
+                    k.name,
+                    k.cert.mode.name()
+                )));
+            }
+        }
         for (i, a) in keys.iter().enumerate() {
             if let Some(b) = keys
                 .iter()
@@ -318,12 +415,22 @@ impl Config {
             },
             limits,
             keys,
+            certificates,
         })
     }
 
     /// The configured key with this name.
     pub fn key(&self, name: &str) -> Option<&KeyConfig> {
         self.keys.iter().find(|k| k.name == name)
+    }
+
+    /// Every key file `arm` and `check-config` handle: the keys, then the
+    /// certificate CA (never a key callers may use; listed here only so
+    /// that it is armed and checked like the others).
+    pub fn key_files(&self) -> Vec<KeyConfig> {
+        let mut all = self.keys.clone();
+        all.extend(self.certificates.iter().map(|c| c.ca.clone()));
+        all
     }
 }
 
@@ -392,6 +499,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         )));
     }
 
+    let cert = load_key_cert(&file, &name, &raw)?;
     let (text, source, field) = match raw.public_key {
         Some(text) => (
             text,
@@ -452,6 +560,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         source,
         groups: raw.groups,
         allow_any_data: raw.allow_any_data,
+        cert,
         destinations,
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
@@ -595,6 +704,200 @@ pub fn read_trusted(path: &Path) -> std::result::Result<String, TrustError> {
     Ok(text)
 }
 
+/// A certificate field value: printable ASCII, no spaces or commas (they
+/// separate values in sshd's logs and options), not empty.
+fn plain_value(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 256 && v.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+}
+
+fn load_key_cert(file: &impl std::fmt::Display, name: &str, raw: &RawKey) -> Result<KeyCertConfig> {
+    let mode = raw.certificate.unwrap_or_default();
+    let principals = raw.principals.clone().unwrap_or_default();
+    if mode != CertMode::Off && principals.is_empty() {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.principals: required with certificate = \"{}\": \
+             list the remote users the certificate is valid for",
+            mode.name()
+        )));
+    }
+    if let Some(bad) = principals.iter().find(|p| !plain_value(p)) {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.principals: {bad:?} is not a valid principal \
+             (printable, no spaces or commas)"
+        )));
+    }
+    let mut extensions = raw
+        .cert_extensions
+        .clone()
+        .unwrap_or_else(|| vec!["permit-pty".to_owned()]);
+    if let Some(bad) = extensions.iter().find(|e| !plain_value(e)) {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.cert_extensions: {bad:?} is not a valid extension name"
+        )));
+    }
+    extensions.sort();
+    extensions.dedup();
+    if let Some(cmd) = &raw.force_command {
+        if cmd.is_empty() || cmd.chars().any(char::is_control) {
+            return Err(Error::msg(format!(
+                "{file}: keys.{name}.force_command: must be a non-empty command \
+                 without control characters"
+            )));
+        }
+    }
+    let source_address = raw.source_address.clone().unwrap_or_default();
+    if raw.source_address.is_some() && source_address.is_empty() {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.source_address: empty; list addresses or CIDR blocks, \
+             or leave it out"
+        )));
+    }
+    if let Some(bad) = source_address.iter().find(|a| !valid_cidr(a)) {
+        return Err(Error::msg(format!(
+            "{file}: keys.{name}.source_address: {bad:?} is not an address or CIDR block"
+        )));
+    }
+    Ok(KeyCertConfig {
+        mode,
+        principals,
+        extensions,
+        force_command: raw.force_command.clone(),
+        source_address,
+    })
+}
+
+/// `192.0.2.1`, `192.0.2.0/24`, `2001:db8::/32`: what sshd's source-address
+/// critical option accepts.
+fn valid_cidr(text: &str) -> bool {
+    let (addr, bits) = match text.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (text, None),
+    };
+    let max = match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    bits.is_none_or(|b| {
+        !b.is_empty()
+            && b.bytes().all(|c| c.is_ascii_digit())
+            && b.parse::<u8>().is_ok_and(|n| n <= max)
+    })
+}
+
+fn load_certificates(
+    path: &Path,
+    key_dir: &Path,
+    raw: RawCertificates,
+    keys: &[KeyConfig],
+) -> Result<CertificatesConfig> {
+    let file = path.display();
+    let name = raw.ca;
+    if !valid_key_name(&name) {
+        return Err(Error::msg(format!(
+            "{file}: certificates.ca: {name:?} is not a valid key name (a file name in key_dir)"
+        )));
+    }
+    if keys.iter().any(|k| k.name == name) {
+        return Err(Error::msg(format!(
+            "{file}: certificates.ca: {name:?} is also a [keys] entry; the CA signs \
+             certificates only and may not be a key callers use"
+        )));
+    }
+    let pub_path = key_dir.join(format!("{name}.pub"));
+    let text = std::fs::read_to_string(&pub_path).map_err(|e| {
+        Error::msg(format!(
+            "{file}: certificates.ca: cannot read the CA public key {}: {e}",
+            pub_path.display()
+        ))
+    })?;
+    let public_key = parse_public_key(&text).map_err(|e| {
+        Error::msg(format!(
+            "{file}: certificates.ca: {}: not an OpenSSH public key: {e}",
+            pub_path.display()
+        ))
+    })?;
+    if !matches!(
+        public_key,
+        KeyData::Ed25519(_) | KeyData::Rsa(_) | KeyData::Ecdsa(_)
+    ) {
+        return Err(Error::msg(format!(
+            "{file}: certificates.ca: {}: a CA must be an Ed25519, ECDSA or RSA key",
+            pub_path.display()
+        )));
+    }
+    let fingerprint = public_key.fingerprint(HashAlg::Sha256).to_string();
+    if let Some(k) = keys.iter().find(|k| k.public_key == public_key) {
+        return Err(Error::msg(format!(
+            "{file}: certificates.ca: the CA's public key is also keys.{} ({fingerprint}); \
+             the CA may not be a key callers use",
+            k.name
+        )));
+    }
+    let validity_secs = raw.validity_secs.unwrap_or(DEFAULT_CERT_VALIDITY_SECS);
+    if !(10..=86400).contains(&validity_secs) {
+        return Err(Error::msg(format!(
+            "{file}: certificates.validity_secs: {validity_secs} is outside 10..=86400"
+        )));
+    }
+    let backdate_secs = raw.backdate_secs.unwrap_or(DEFAULT_CERT_BACKDATE_SECS);
+    if backdate_secs > 3600 {
+        return Err(Error::msg(format!(
+            "{file}: certificates.backdate_secs: {backdate_secs} is outside 0..=3600"
+        )));
+    }
+    let key_id = raw.key_id.unwrap_or_else(|| DEFAULT_KEY_ID.to_owned());
+    check_key_id_template(&key_id)
+        .map_err(|why| Error::msg(format!("{file}: certificates.key_id: {key_id:?}: {why}")))?;
+    Ok(CertificatesConfig {
+        ca: KeyConfig {
+            private_key_path: key_dir.join(&name),
+            name,
+            public_key,
+            fingerprint,
+            source: PublicKeySource::File(pub_path),
+            groups: Vec::new(),
+            allow_any_data: false,
+            cert: KeyCertConfig::default(),
+            destinations: None,
+            remote_users: None,
+            allow_forwarding: false,
+        },
+        validity_secs,
+        backdate_secs,
+        key_id,
+    })
+}
+
+/// A key ID template: printable ASCII (spaces allowed), braces only around
+/// a known placeholder, not empty.
+fn check_key_id_template(template: &str) -> std::result::Result<(), String> {
+    if template.is_empty() || template.len() > 256 {
+        return Err("must be 1 to 256 characters".to_owned());
+    }
+    if !template.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err("only printable ASCII characters are allowed".to_owned());
+    }
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        let after = rest.get(open + 1..).unwrap_or("");
+        if rest.get(open..open + 1) == Some("}") {
+            return Err("unmatched '}'".to_owned());
+        }
+        let Some(close) = after.find('}') else {
+            return Err("unmatched '{'".to_owned());
+        };
+        let name = after.get(..close).unwrap_or("");
+        if !KEY_ID_PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "unknown placeholder {{{name}}} (known: {{user}}, {{uid}}, {{host}}, {{key}}, {{serial}})"
+            ));
+        }
+        rest = after.get(close + 1..).unwrap_or("");
+    }
+    Ok(())
+}
+
 /// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`). A
 /// certificate line is accepted and stands for the key it certifies.
 pub fn parse_public_key(text: &str) -> std::result::Result<KeyData, String> {
@@ -721,6 +1024,61 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("same public key"), "{e}");
+    }
+
+    #[test]
+    fn certificate_fields_are_validated() {
+        let key = |extra: &str| {
+            parse(&format!(
+                "[keys.deploy]\npublic_key = \"{ED}\"\ngroups = [\"ops\"]\n{extra}"
+            ))
+        };
+        // Off by default, with the default extension.
+        let c = key("").unwrap();
+        let k = &c.key("deploy").unwrap().cert;
+        assert_eq!(k.mode, CertMode::Off);
+        assert_eq!(k.extensions, ["permit-pty"]);
+        // A mode needs [certificates] and principals.
+        let e = key("certificate = \"also\"\nprincipals = [\"deploy\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[certificates]"), "{e}");
+        let e = key("certificate = \"only\"\n").unwrap_err().to_string();
+        assert!(e.contains("keys.deploy.principals"), "{e}");
+        let e = key("certificate = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sometimes") && e.contains("line 4"), "{e}");
+        for (bad, field) in [
+            ("principals = [\"a b\"]", "principals"),
+            ("principals = [\"a,b\"]", "principals"),
+            ("cert_extensions = [\"\"]", "cert_extensions"),
+            ("force_command = \"\"", "force_command"),
+            ("source_address = []", "source_address"),
+            ("source_address = [\"10.0.0.0/33\"]", "source_address"),
+            ("source_address = [\"example.org\"]", "source_address"),
+        ] {
+            let e = key(&format!("{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains(&format!("keys.deploy.{field}")), "{bad}: {e}");
+        }
+        let c = key(
+            "cert_extensions = [\"permit-pty\", \"permit-agent-forwarding\", \"permit-pty\"]\n\
+             source_address = [\"192.0.2.0/24\", \"2001:db8::/32\", \"::1\"]\n",
+        )
+        .unwrap();
+        let k = &c.key("deploy").unwrap().cert;
+        assert_eq!(k.extensions, ["permit-agent-forwarding", "permit-pty"]);
+        assert_eq!(k.source_address.len(), 3);
+    }
+
+    #[test]
+    fn key_id_templates() {
+        assert!(check_key_id_template(DEFAULT_KEY_ID).is_ok());
+        assert!(check_key_id_template("{user} uid {uid} on {host}: {key} #{serial}").is_ok());
+        assert!(check_key_id_template("fixed").is_ok());
+        for bad in ["", "{name}", "{user", "user}", "{}", "a\tb", "é"] {
+            assert!(check_key_id_template(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

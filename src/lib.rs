@@ -6,6 +6,7 @@
 //!   classification, the few bodies the proxy parses).
 //! - [`policy`]: the security decision, pure and exhaustively tested.
 //! - [`backend`]: the upstream agent (client connections, supervision).
+//! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
@@ -19,6 +20,7 @@
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
 pub mod backend;
+pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -35,6 +35,8 @@ fn main() -> ExitCode {
         }),
         Command::List => keyholder::commands::list::run(&cli.config),
         Command::CheckConfig => keyholder::commands::check_config::run(&cli.config),
+        Command::Ca => keyholder::commands::certificates::run_ca(&cli.config),
+        Command::Cert { name } => keyholder::commands::certificates::run_cert(&cli.config, &name),
     };
     match result {
         Ok(code) => ExitCode::from(code),

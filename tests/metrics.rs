@@ -515,3 +515,50 @@ fn the_documented_alert_rules_pass_promtool() {
         ),
     }
 }
+
+#[test]
+fn certificates_issued_are_counted_per_key() {
+    require_root!();
+    let dir = TempDir::new("mce");
+    let agent = Agent::start(&dir);
+    keygen(dir.path(), "deploy", "ed25519", "");
+    keygen(dir.path(), "ca", "ed25519", "");
+    let group = TestGroup::create("mcg");
+    let alice = TestUser::create("mca", &[&group]);
+    let bob = TestUser::create("mcb", &[&group]);
+    let config = format!(
+        "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\nrequire_encrypted = false\n\n\
+         [agent]\nsocket = \"{}\"\nspawn = false\n\n[certificates]\nca = \"ca\"\n\n\
+         [keys.deploy]\ngroups = [\"{}\"]\ncertificate = \"also\"\nprincipals = [\"deploy\"]\n",
+        dir.join("proxy.sock").display(),
+        dir.path().display(),
+        agent.socket.display(),
+        group.name
+    );
+    let daemon = Daemon::start_with(&dir, &config);
+    let config = daemon.config.to_str().unwrap();
+    let o = keyholder(&As::Root, &["arm", "--config", config]);
+    assert!(o.status.success(), "arm: {}{}", stdout(&o), stderr(&o));
+    // alice twice (the second listing reuses her certificate), bob once.
+    for who in [&alice, &alice, &bob] {
+        let listed = daemon.listed(&who.as_user());
+        assert!(
+            listed.iter().any(|l| l.contains("-cert-v01@openssh.com")),
+            "{listed:?}"
+        );
+    }
+    assert_eq!(daemon.log_count("cert user="), 2, "{}", daemon.log_text());
+    let (code, text) = prometheus(&alice.as_user(), &daemon.config);
+    assert_eq!(code, 0, "{text}");
+    let s = samples(&text);
+    assert_eq!(
+        s["keyholder_certificates_issued_total{key=\"deploy\"}"], 2,
+        "{text}"
+    );
+    // The CA counts as a key in status (armed), never as a signing key here.
+    assert_eq!(
+        s["keyholder_keys_armed"], s["keyholder_keys_configured"],
+        "{text}"
+    );
+    assert_promtool_passes(&text);
+}

@@ -23,6 +23,7 @@ fn rule(name: &str, k: &KeyData, groups: &[&str], allow_any_data: bool) -> KeyRu
         fingerprint: k.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         allow_any_data,
+        certificate: Default::default(),
         rules: Default::default(),
     }
 }
@@ -33,6 +34,7 @@ fn ctx() -> policy::Context<'static> {
     policy::Context {
         bindings: NONE.get_or_init(Default::default),
         now: 0,
+        minted: &policy::certificates::NoneMinted,
     }
 }
 
@@ -52,6 +54,7 @@ fn fixed_policy() -> Policy {
             rule("deploy", &key([0x11; 32]), &["deployers"], false),
             rule("gitsign", &key([0x22; 32]), &["signers"], true),
         ],
+        ca: None,
     }
 }
 
@@ -265,7 +268,9 @@ proptest! {
             let d = policy::decide(&policy, &c, ctx(), &request);
             let allowed = c.uid == 0 || c.groups.iter().any(|g| g == "deployers");
             match d {
-                Decision::Sign { key, remote_user } => {
+                Decision::Sign {
+                    key, remote_user, ..
+                } => {
                     prop_assert!(allowed);
                     prop_assert_eq!(&key.name, "deploy");
                     prop_assert_eq!(remote_user, Some(user.clone()));

@@ -39,12 +39,15 @@
 //! the time to serve them all (medians over rounds). The default
 //! `max_connections_per_user` (512) is kept, so at most 512 per burst.
 //!
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
-//! their cost; the default is the daemon's default, INFO).
+//! their cost; the default is the daemon's default, INFO). The `certs` part
+//! (see `certs.rs`) compares `connect` with certificates on and off and
+//! times one mint.
 
+mod certs;
 mod load;
 mod setup;
 
@@ -397,14 +400,29 @@ impl Bench {
         warmup_ms: u64,
         window_ms: u64,
     ) -> Result<Window> {
+        let socket = self.socket(side).to_owned();
+        let sign = self.sign.clone();
+        self.window_on(&socket, &sign, op, conns, warmup_ms, window_ms)
+    }
+
+    /// Runs one window as user a against `socket`, signing with `sign`.
+    fn window_on(
+        &mut self,
+        socket: &Path,
+        sign: &[u8],
+        op: Op,
+        conns: usize,
+        warmup_ms: u64,
+        window_ms: u64,
+    ) -> Result<Window> {
         check_interrupted()?;
         let spec = RunSpec {
-            socket: self.socket(side).to_owned(),
+            socket: socket.to_owned(),
             op,
             conns,
             warmup_ms,
             window_ms,
-            sign: self.sign.clone(),
+            sign: sign.to_vec(),
         };
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let cpu = |b: &Self| {
@@ -559,6 +577,12 @@ struct Window {
 /// A framed SIGN_REQUEST whose data is an SSH user-authentication request
 /// (method `publickey`) for the key in `pub_path`, as `ssh` sends it.
 fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
+    sign_request_with(pub_path, &[], "")
+}
+
+/// Like [`sign_request`], with `in_data` (a certificate of the key, of
+/// algorithm `alg`) as the key blob in the data, unless empty.
+fn sign_request_with(pub_path: &Path, in_data: &[u8], alg: &str) -> Result<Vec<u8>> {
     fn string(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend((bytes.len() as u32).to_be_bytes());
         out.extend(bytes);
@@ -566,6 +590,11 @@ fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
     let text = std::fs::read_to_string(pub_path).map_err(|e| e.to_string())?;
     let key = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| e.to_string())?;
     let blob = key.to_bytes().map_err(|e| e.to_string())?;
+    let (data_blob, data_alg) = if in_data.is_empty() {
+        (blob.as_slice(), key.algorithm().as_str().to_owned())
+    } else {
+        (in_data, alg.to_owned())
+    };
     let mut data = Vec::new();
     string(&mut data, &[0x5a; 32]); // session id: a SHA-256 exchange hash
     data.push(50); // SSH_MSG_USERAUTH_REQUEST
@@ -573,8 +602,8 @@ fn sign_request(pub_path: &Path) -> Result<Vec<u8>> {
     string(&mut data, b"ssh-connection");
     string(&mut data, b"publickey");
     data.push(1);
-    string(&mut data, key.algorithm().as_str().as_bytes());
-    string(&mut data, &blob);
+    string(&mut data, data_alg.as_bytes());
+    string(&mut data, data_blob);
     let mut body = vec![13u8]; // SSH_AGENTC_SIGN_REQUEST
     string(&mut body, &blob);
     string(&mut body, &data);
@@ -654,6 +683,17 @@ fn bench() -> Result<String> {
         None
     };
     let rss_after_load = proc_kib(b.daemon.pid(), "VmRSS");
+
+    let certificates = if settings.wants("certs") {
+        Some(certs::phase(
+            &mut b,
+            settings.rounds,
+            settings.warmup_ms,
+            settings.window_ms,
+        )?)
+    } else {
+        None
+    };
 
     let memory = if settings.wants("memory") {
         Some(memory_phase(&mut b, settings.idle)?)
@@ -759,6 +799,9 @@ fn bench() -> Result<String> {
     }
     if let Some(bursts) = &bursts {
         out += bursts;
+    }
+    if let Some(c) = &certificates {
+        out += c;
     }
     out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
     out += &format!("| started, no client yet | {} | |\n", mib(rss_start));

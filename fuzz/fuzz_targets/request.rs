@@ -40,6 +40,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rule
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         allow_any_data,
         rules,
+        certificate: Default::default(),
     }
 }
 
@@ -104,6 +105,7 @@ fn fixture() -> &'static Fixture {
                     },
                 ),
             ],
+            ca: None,
         },
         connections: {
             let mut bound = Bindings::default();
@@ -184,7 +186,11 @@ fn check(body: &[u8]) {
         .iter()
         .flat_map(|c| f.connections.iter().map(move |b| (c, b)))
     {
-        let ctx = Context { bindings, now: 1000 };
+        let ctx = Context {
+            bindings,
+            now: 1000,
+            minted: &keyholder::policy::certificates::NoneMinted,
+        };
         let decision = policy::decide(&f.policy, caller, ctx, &request);
         match (&request, &decision) {
             (Request::RequestIdentities, Decision::List) => {
@@ -193,7 +199,7 @@ fn check(body: &[u8]) {
             (Request::RequestIdentities, Decision::EmptyList) => {
                 assert!(!f.policy.any_key_for(caller))
             }
-            (Request::Sign(sign), Decision::Sign { key, remote_user }) => {
+            (Request::Sign(sign), Decision::Sign { key, remote_user, .. }) => {
                 let wanted = sign.credential.key_data();
                 assert_eq!(f.policy.key(wanted), Some(*key));
                 assert!(caller.may_use(key), "{caller:?} may not use {}", key.name);

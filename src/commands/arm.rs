@@ -2,7 +2,8 @@
 //! them to the upstream agent (never through the proxy, which refuses
 //! additions for everyone). Root only.
 //!
-//! For each configured key, in configuration order:
+//! For each configured key, in configuration order, then the certificate CA
+//! (`[certificates] ca`), which is armed like a key:
 //! - already loaded upstream (a certificate counts as its key): armed, no
 //!   passphrase needed, nothing sent; so `arm` is idempotent;
 //! - otherwise `key_dir/NAME` is checked (regular file, owned by root, no
@@ -57,7 +58,9 @@ enum State {
 pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
     crate::require_root("arm")?;
     crate::hardening::apply()?;
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
+    // The certificate CA is armed with the keys, like one of them.
+    config.keys = config.key_files();
     if config.keys.is_empty() {
         say!(
             "{}: no keys configured; nothing to arm",

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::keyfile::{self, ReadError};
-use crate::config::{Config, KeyConfig, PublicKeySource};
+use crate::config::{CertMode, Config, KeyConfig, PublicKeySource};
 use crate::error::Result;
 
 /// What was found; messages wait in `pending` until [`Findings::flush`],
@@ -93,11 +93,66 @@ pub fn run(path: &Path) -> Result<u8> {
         );
         say!("  public key: {public}");
         check_rules(key, &mut found);
-        let state = check_key(&config, key, root, &mut found);
+        if key.cert.mode != CertMode::Off {
+            let c = &key.cert;
+            say!(
+                "  certificate={} principals={} extensions={}{}{}",
+                c.mode.name(),
+                c.principals.join(","),
+                if c.extensions.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    c.extensions.join(",")
+                },
+                c.force_command
+                    .as_ref()
+                    .map_or_else(String::new, |f| format!(" force_command={f:?}")),
+                if c.source_address.is_empty() {
+                    String::new()
+                } else {
+                    format!(" source_address={}", c.source_address.join(","))
+                }
+            );
+        }
+        let state = check_key(
+            &config,
+            key,
+            &format!("keys.{}", key.name),
+            root,
+            &mut found,
+        );
         say!(
             "  private key: {} ({state})",
             key.private_key_path.display()
         );
+        found.flush();
+    }
+    if let Some(c) = &config.certificates {
+        say!(
+            "certificates: CA {} {} validity_secs={} backdate_secs={} key_id={:?}",
+            c.ca.name,
+            c.ca.fingerprint,
+            c.validity_secs,
+            c.backdate_secs,
+            c.key_id
+        );
+        if let PublicKeySource::File(p) = &c.ca.source {
+            say!(
+                "  public key: {} (targets trust it: `keyholder ca`)",
+                p.display()
+            );
+        }
+        let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
+        say!(
+            "  private key: {} ({state}; armed by `keyholder arm` with the keys)",
+            c.ca.private_key_path.display()
+        );
+        if !config.keys.iter().any(|k| k.cert.mode != CertMode::Off) {
+            found.note(
+                "[certificates] is set, but no key has certificate = \"also\" or \"only\""
+                    .to_owned(),
+            );
+        }
         found.flush();
     }
     if found.errors == 0 {
@@ -186,13 +241,18 @@ fn check_key_dir(config: &Config, found: &mut Findings) {
 }
 
 /// Checks one key's files; returns a word on the private key's state.
-fn check_key(config: &Config, key: &KeyConfig, root: bool, found: &mut Findings) -> String {
-    let name = &key.name;
+fn check_key(
+    config: &Config,
+    key: &KeyConfig,
+    name: &str,
+    root: bool,
+    found: &mut Findings,
+) -> String {
     if let PublicKeySource::File(public) = &key.source {
         if let Ok(meta) = std::fs::metadata(public) {
             if meta.mode() & 0o004 == 0 {
                 found.warning(format!(
-                    "keys.{name}: {} is not world-readable (mode {:04o}): deployers cannot select \
+                    "{name}: {} is not world-readable (mode {:04o}): deployers cannot select \
                      the key with `ssh -i {0} -o IdentitiesOnly=yes`",
                     public.display(),
                     meta.mode() & 0o7777
@@ -207,26 +267,26 @@ fn check_key(config: &Config, key: &KeyConfig, root: bool, found: &mut Findings)
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !config.agent.spawn => {
             found.warning(format!(
-                "keys.{name}: private key {file} does not exist: `keyholder arm` cannot load it \
+                "{name}: private key {file} does not exist: `keyholder arm` cannot load it \
                  (fine if the upstream agent gets the key another way)"
             ));
             return "missing".to_owned();
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             found.error(format!(
-                "keys.{name}: private key {file} does not exist (`keyholder arm` loads it from there)"
+                "{name}: private key {file} does not exist (`keyholder arm` loads it from there)"
             ));
             return "missing".to_owned();
         }
         Err(e) => {
-            found.error(format!("keys.{name}: private key {file}: {e}"));
+            found.error(format!("{name}: private key {file}: {e}"));
             return "not inspected".to_owned();
         }
     };
     let problems = keyfile::problems(path, &meta);
     let bad_type = !meta.file_type().is_file();
     for p in problems {
-        found.error(format!("keys.{name}: {p}"));
+        found.error(format!("{name}: {p}"));
     }
     if bad_type {
         return "not a regular file".to_owned();
@@ -236,21 +296,21 @@ fn check_key(config: &Config, key: &KeyConfig, root: bool, found: &mut Findings)
         Ok((_, text)) => text,
         Err(ReadError::Denied(e)) if !root => {
             found.note(format!(
-                "keys.{name}: {file}: not readable as uid {} ({e}): whether it holds the \
+                "{name}: {file}: not readable as uid {} ({e}): whether it holds the \
                  configured key and is encrypted was not checked (run check-config as root)",
                 nix::unistd::geteuid()
             ));
             return "contents not checked".to_owned();
         }
         Err(e) => {
-            found.error(format!("keys.{name}: {e}"));
+            found.error(format!("{name}: {e}"));
             return "unreadable".to_owned();
         }
     };
     let private = match keyfile::parse(key, path, &text) {
         Ok(p) => p,
         Err(e) => {
-            found.error(format!("keys.{name}: {e}"));
+            found.error(format!("{name}: {e}"));
             return "invalid".to_owned();
         }
     };
@@ -258,13 +318,13 @@ fn check_key(config: &Config, key: &KeyConfig, root: bool, found: &mut Findings)
         "encrypted".to_owned()
     } else if config.require_encrypted {
         found.error(format!(
-            "keys.{name}: {file} is not encrypted, but require_encrypted = true \
+            "{name}: {file} is not encrypted, but require_encrypted = true \
              (set a passphrase with: ssh-keygen -p -f {file})"
         ));
         "NOT encrypted".to_owned()
     } else {
         found.note(format!(
-            "keys.{name}: {file} is not encrypted (allowed by require_encrypted = false)"
+            "{name}: {file} is not encrypted (allowed by require_encrypted = false)"
         ));
         "not encrypted".to_owned()
     }

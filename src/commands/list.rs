@@ -12,12 +12,13 @@
 //! (`ssh -i FILE -o IdentitiesOnly=yes`), or `(inline)` when the public key
 //! is written in the configuration. An identity that matches no configured
 //! key (the daemon runs another configuration, or this one is unreadable)
-//! is shown as `?` with the agent's comment. Exit 1, with a message on
+//! is shown as `?` with the agent's comment. A key listed with the caller's
+//! certificate gets a second row for it (key ID, serial, principals). Exit 1, with a message on
 //! stderr, when there is none.
 
 use std::path::Path;
 
-use ssh_agent_lib::proto::{Identity, Request, Response};
+use ssh_agent_lib::proto::{Identity, PublicCredential, Request, Response};
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg};
 
@@ -89,14 +90,22 @@ fn rows(config: Option<&crate::config::Config>, ids: &[Identity]) -> Vec<[String
     let mut matched = vec![false; ids.len()];
     if let Some(config) = config {
         for key in &config.keys {
-            let Some(i) = ids
-                .iter()
-                .position(|id| id.credential.key_data() == &key.public_key)
-            else {
-                continue;
-            };
-            if let Some(m) = matched.get_mut(i) {
+            // The key, and the caller's certificate for it when one is
+            // listed (a certificate counts as its key).
+            let mut plain = false;
+            let mut cert = None;
+            for (id, m) in ids.iter().zip(matched.iter_mut()) {
+                if id.credential.key_data() != &key.public_key {
+                    continue;
+                }
                 *m = true;
+                match &id.credential {
+                    PublicCredential::Cert(c) => cert = cert.or(Some(c)),
+                    PublicCredential::Key(_) => plain = true,
+                }
+            }
+            if !plain && cert.is_none() {
+                continue;
             }
             let path = match &key.source {
                 PublicKeySource::File(p) => p.display().to_string(),
@@ -108,6 +117,20 @@ fn rows(config: Option<&crate::config::Config>, ids: &[Identity]) -> Vec<[String
                 algorithm(&key.public_key),
                 path,
             ]);
+            if let Some(c) = cert {
+                rows.push([
+                    key.name.clone(),
+                    key.fingerprint.clone(),
+                    format!("{}-CERT", algorithm(&key.public_key)),
+                    format!(
+                        "certificate {:?}, serial {}, for {} (`keyholder cert {}`)",
+                        c.key_id(),
+                        c.serial(),
+                        c.valid_principals().join(","),
+                        key.name
+                    ),
+                ]);
+            }
         }
     }
     for (id, seen) in ids.iter().zip(matched) {

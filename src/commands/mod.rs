@@ -1,5 +1,5 @@
 //! The admin and monitoring commands: `arm`, `disarm`, `status`, `list`,
-//! `check-config`. Each returns its exit code, or an error printed as one
+//! `check-config`, `ca`, `cert`. Each returns its exit code, or an error printed as one
 //! line (exit 1).
 //!
 //! Helpers shared by them: [`client`] (a blocking agent-protocol client
@@ -17,6 +17,7 @@ macro_rules! say {
 }
 
 pub mod arm;
+pub mod certificates;
 pub mod check_config;
 pub mod client;
 pub mod disarm;

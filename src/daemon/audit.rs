@@ -1,7 +1,9 @@
 //! The audit log: one line per sign request, written when its outcome is
 //! known, and one per refused admin request, with the contract's fields in
 //! order:
-//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`.
+//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`
+//! (`serial` is that of the keyholder certificate in the user-auth data),
+//! and one line per certificate issued ([`issued`]).
 //!
 //! A sign the policy allowed is `decision=granted` only once the backend
 //! returned a signature; a backend failure after that is `decision=failed`
@@ -60,7 +62,8 @@ impl fmt::Display for Field<'_> {
 
 /// What the connection a request came on is bound to: the fields
 /// `dest= forwarded= serial=` ([`Binding::of`] the connection's session
-/// bindings; `serial` is filled by the certificates work, `-` until then).
+/// bindings; `serial` comes from the decision: the certificate in the
+/// user-auth data, when keyholder minted it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Binding {
     /// Fingerprint of the host key the connection is bound to.
@@ -104,10 +107,12 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
         key,
         fingerprint,
         remote_user,
+        serial,
     } = decision
     else {
         return None;
     };
+    let binding = &with_serial(binding, *serial);
     if !decision.is_audited() {
         return None;
     }
@@ -136,9 +141,15 @@ pub fn sign(
     binding: &Binding,
     outcome: Outcome,
 ) -> Option<String> {
-    let Decision::Sign { key, remote_user } = decision else {
+    let Decision::Sign {
+        key,
+        remote_user,
+        serial,
+    } = decision
+    else {
         return None;
     };
+    let binding = &with_serial(binding, *serial);
     let (verdict, reason) = match outcome {
         Outcome::Signed => {
             let via = if caller.uid == 0 {
@@ -162,6 +173,15 @@ pub fn sign(
         verdict,
         &reason,
     ))
+}
+
+/// `binding` with the serial of the decision's certificate, if any.
+fn with_serial(binding: &Binding, serial: Option<u64>) -> Binding {
+    let mut b = binding.clone();
+    if let Some(s) = serial {
+        b.serial = Some(s.to_string());
+    }
+    b
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -191,6 +211,39 @@ fn format_line(
     )
 }
 
+/// What the audit line of an issued certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedLine<'a> {
+    /// The key it certifies.
+    pub key: &'a str,
+    /// Its serial.
+    pub serial: u64,
+    /// Its key ID.
+    pub key_id: &'a str,
+    /// Its principals.
+    pub principals: &'a [String],
+    /// Unix seconds.
+    pub valid_after: u64,
+    /// Unix seconds.
+    pub valid_before: u64,
+}
+
+/// The audit line of a certificate issued to `caller`:
+/// `cert user= uid= key= serial= key_id= principals= valid_after= valid_before=`.
+pub fn issued(caller: &Caller, cert: &IssuedLine<'_>) -> String {
+    format!(
+        "cert user={} uid={} key={} serial={} key_id={} principals={} valid_after={} valid_before={}",
+        Field(caller.user.as_deref()),
+        caller.uid,
+        Field(Some(cert.key)),
+        cert.serial,
+        Field(Some(cert.key_id)),
+        Field(Some(&cert.principals.join(","))),
+        cert.valid_after,
+        cert.valid_before,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +270,7 @@ mod tests {
             groups: vec!["ops".to_owned()],
             allow_any_data: false,
             rules: Default::default(),
+            certificate: Default::default(),
         }
     }
 
@@ -235,6 +289,7 @@ mod tests {
         let decision = Decision::Sign {
             key: &key,
             remote_user: Some("deploy".to_owned()),
+            serial: None,
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
         assert_eq!(
@@ -263,12 +318,53 @@ mod tests {
     }
 
     #[test]
+    fn serial_comes_from_the_certificate_in_the_decision() {
+        let key = key();
+        let decision = Decision::Sign {
+            key: &key,
+            remote_user: Some("deploy".to_owned()),
+            serial: Some(42),
+        };
+        let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
+        assert!(line.contains(" serial=42 decision=granted"), "{line}");
+        let decision = Decision::Refuse {
+            reason: Reason::CertificateNotYours,
+            key: Some(&key),
+            fingerprint: Some("SHA256:fp".to_owned()),
+            remote_user: None,
+            serial: Some(43),
+        };
+        let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
+        assert!(
+            line.ends_with(" serial=43 decision=refused reason=certificate-not-yours"),
+            "{line}"
+        );
+        let issued_line = issued(
+            &caller(),
+            &IssuedLine {
+                key: "deploy",
+                serial: 42,
+                key_id: "keyholder:alice@h:deploy",
+                principals: &["deploy".to_owned(), "ops".to_owned()],
+                valid_after: 1,
+                valid_before: 2,
+            },
+        );
+        assert_eq!(
+            issued_line,
+            "cert user=alice uid=1000 key=deploy serial=42 key_id=keyholder:alice@h:deploy \
+             principals=deploy,ops valid_after=1 valid_before=2"
+        );
+    }
+
+    #[test]
     fn refusal_lines_have_every_field_in_order() {
         let decision = Decision::Refuse {
             reason: Reason::UnknownKey,
             key: None,
             fingerprint: Some("SHA256:x".to_owned()),
             remote_user: None,
+            serial: None,
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert_eq!(

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use ssh_agent_lib::proto::extension::QueryResponse;
-use ssh_agent_lib::proto::{Extension, Response};
+use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
 use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -20,6 +20,8 @@ use super::lookups::Who;
 use super::metrics::Closed;
 use super::{audit, Shared};
 use crate::backend::BackendError;
+use crate::certs::MintError;
+use crate::policy::certificates::Listing;
 use crate::policy::destinations::Bindings;
 use crate::policy::{self, Caller, Context, Decision, Reason, SUPPORTED_EXTENSIONS};
 use crate::protocol::{self, response, status, FrameError, Request};
@@ -30,6 +32,14 @@ pub static BAD_MESSAGE: Kind = Kind {
     name: "connections closed on a bad message",
     burst: 3,
     level: tracing::Level::INFO,
+};
+
+/// Listings that got no certificate for a key with certificates on (bad
+/// user name, backend failure): rate-limited per uid.
+pub static MINT_FAILED: Kind = Kind {
+    name: "certificates not minted",
+    burst: 3,
+    level: tracing::Level::WARN,
 };
 
 /// Input buffer per connection; a typical sign request fits in one read.
@@ -147,6 +157,7 @@ async fn handle(
     let ctx = Context {
         bindings,
         now: unix_now(),
+        minted: &shared.authority,
     };
     let decision = match unresolved {
         None => policy::decide(&rt.policy, caller, ctx, &request),
@@ -176,10 +187,16 @@ async fn handle(
     }
     let answer = match (&decision, request) {
         (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
-        (Decision::List, _) => backend.identities().await.map(|ids| {
-            Response::IdentitiesAnswer(policy::filter_identities(&rt.policy, caller, bindings, ids))
-        }),
-        (Decision::Sign { key, .. }, Request::Sign(sign)) => {
+        (Decision::List, _) => match backend.identities().await {
+            Ok(ids) => Ok(Response::IdentitiesAnswer(
+                list(rt, shared, caller, bindings, ids).await,
+            )),
+            Err(e) => Err(e),
+        },
+        (Decision::Sign { key, .. }, Request::Sign(mut sign)) => {
+            // The backend signs with the plain key, whether the request
+            // named it or a certificate of it; flags unchanged.
+            sign.credential = PublicCredential::Key(key.key.clone());
             // The signature goes back as the backend produced it; the audit
             // line is written once that outcome is known.
             let result = backend.sign(sign).await;
@@ -256,6 +273,119 @@ async fn handle(
             response::FAILURE.to_vec()
         }
     }
+}
+
+/// The answer to REQUEST_IDENTITIES: the identities the caller may use, in
+/// the backend's order, each key with certificates on preceded by the
+/// caller's certificate for it.
+async fn list(
+    rt: &super::Runtime,
+    shared: &Shared,
+    caller: &Caller,
+    bindings: &Bindings,
+    identities: Vec<Identity>,
+) -> Vec<Identity> {
+    let plan = policy::plan_identities(&rt.policy, caller, bindings, identities);
+    let ca_armed = plan.ca_armed;
+    if let Some(ca) = &rt.policy.ca {
+        if rt
+            .policy
+            .keys
+            .iter()
+            .any(|k| k.certificate != crate::config::CertMode::Off)
+        {
+            match shared.authority.note_ca_armed(ca_armed) {
+                Some(false) => tracing::warn!(
+                    "certificate CA {} is not armed: keys with certificate = \"also\" are listed \
+                     without a certificate, keys with certificate = \"only\" not at all \
+                     (run `keyholder arm`)",
+                    ca.name
+                ),
+                Some(true) => tracing::info!("certificate CA {} is armed", ca.name),
+                None => {}
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(plan.items.len() * 2);
+    for policy::Planned {
+        identity,
+        key,
+        listing,
+    } in plan.items
+    {
+        let fallback_plain = match listing {
+            Listing::Plain => {
+                out.push(identity);
+                continue;
+            }
+            Listing::Nothing => continue,
+            Listing::WithCertificate { fallback_plain } => fallback_plain,
+        };
+        let minted = match &rt.certs {
+            Some(settings) => {
+                shared
+                    .authority
+                    .certificate(
+                        shared.backend.as_ref(),
+                        settings,
+                        &key.name,
+                        caller.uid,
+                        caller.user.as_deref(),
+                    )
+                    .await
+            }
+            None => Err(MintError::NotConfigured),
+        };
+        match minted {
+            Ok(handed) => {
+                if handed.fresh {
+                    shared.metrics.certificate_issued(&key.name);
+                    let c = &handed.cert;
+                    let line = audit::issued(
+                        caller,
+                        &audit::IssuedLine {
+                            key: &key.name,
+                            serial: c.serial(),
+                            key_id: c.key_id(),
+                            principals: c.valid_principals(),
+                            valid_after: c.valid_after(),
+                            valid_before: c.valid_before(),
+                        },
+                    );
+                    tracing::info!(target: audit::TARGET, "{line}");
+                }
+                out.push(Identity {
+                    comment: handed.cert.key_id().to_owned(),
+                    credential: PublicCredential::Cert(Box::new((*handed.cert).clone())),
+                });
+                out.push(identity);
+            }
+            Err(e) => {
+                if shared
+                    .log
+                    .allow(&MINT_FAILED, log_bucket(shared, caller.uid))
+                {
+                    tracing::warn!(
+                        "no certificate for key={} uid={}: {e}; listing {}",
+                        key.name,
+                        caller.uid,
+                        if fallback_plain {
+                            "the plain key only"
+                        } else {
+                            "nothing for it (certificate = \"only\")"
+                        }
+                    );
+                }
+                if let MintError::Backend(b) = &e {
+                    note_upstream_error(shared, b);
+                }
+                if fallback_plain {
+                    out.push(identity);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Whose rate-limit bucket a caller's lines count in: its uid, or one for

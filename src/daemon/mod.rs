@@ -57,6 +57,9 @@ pub struct Runtime {
     /// The groups the keys name: a caller's membership is looked up for
     /// these (for each request, through the lookup cache).
     pub groups: Arc<[String]>,
+    /// What certificates are minted with, when `[certificates]` is set
+    /// (a reload applies to the next certificate minted).
+    pub certs: Option<crate::certs::Settings>,
 }
 
 impl From<&Config> for Runtime {
@@ -67,6 +70,7 @@ impl From<&Config> for Runtime {
             policy,
             limits: config.limits,
             agent_socket: config.agent.socket.clone(),
+            certs: crate::certs::Settings::from_config(config),
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Shared {
     pub upstream_errors: SharedBurstLog,
     /// Once-per-burst logging of user database errors.
     pub lookup_errors: SharedBurstLog,
+    /// Certificates minted, cached and remembered.
+    pub authority: crate::certs::Authority,
     /// Caller lookups and their cache.
     pub lookups: Arc<lookups::Lookups>,
     /// Session-binding verification slots.
@@ -191,6 +197,7 @@ async fn serve(mut config: Config) -> Result<()> {
         backend,
         upstream_errors: SharedBurstLog::new(BURST_WINDOW),
         lookup_errors: SharedBurstLog::new(BURST_WINDOW),
+        authority: crate::certs::Authority::new(),
         lookups: lookups::Lookups::new(),
         verifier: verifier::Verifier::default(),
         log,
@@ -208,6 +215,23 @@ async fn serve(mut config: Config) -> Result<()> {
         key_names(&config)
     );
 
+    if let Some(c) = &config.certificates {
+        tracing::info!(
+            "certificates: CA {} ({}), valid {} s (backdated {} s), key ID {:?}, for: {}",
+            c.ca.name,
+            c.ca.fingerprint,
+            c.validity_secs,
+            c.backdate_secs,
+            c.key_id,
+            config
+                .keys
+                .iter()
+                .filter(|k| k.cert.mode != crate::config::CertMode::Off)
+                .map(|k| format!("{} ({})", k.name, k.cert.mode.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if config.keys.is_empty() {
         tracing::warn!(
             "no keys configured in {}: every sign request will be refused",

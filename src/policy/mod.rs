@@ -18,20 +18,26 @@
 //!   connection's bindings ([`destinations`]), for signing and listing.
 //! - Admin requests: refused for everyone, root included.
 //! - Unknown types and malformed bodies: refused.
+//! - Certificates ([`certificates`]): the key blob inside the user-auth data
+//!   counts; a certificate there must be one keyholder minted for this
+//!   caller; mode `only` refuses the plain key there. The CA is never a
+//!   key callers may use: it is not in [`Policy::keys`].
 //! - A caller whose user lookup gave no answer (timed out or failed): what
 //!   depends on its groups is refused ([`decide_unresolved`]).
 //!
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
 
-use ssh_agent_lib::proto::{Extension, Identity, SignRequest};
+use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, SignRequest};
 use ssh_key::public::KeyData;
 
+pub mod certificates;
 pub mod destinations;
 
+use certificates::{DataKey, Listing, Minted};
 use destinations::{Bindings, Proposed, Rules};
 
-use crate::config::Config;
+use crate::config::{CertMode, Config};
 use crate::protocol::request::Request;
 use crate::protocol::session_bind::SessionBind;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
@@ -58,6 +64,19 @@ pub struct KeyRule {
     pub allow_any_data: bool,
     /// Destinations, remote users, forwarding.
     pub rules: Rules,
+    /// Certificates for this key (`certificate`).
+    pub certificate: CertMode,
+}
+
+/// The certificate CA: only its name and public key (status, listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRule {
+    /// Configured name (`certificates.ca`).
+    pub name: String,
+    /// The public key.
+    pub key: KeyData,
+    /// `SHA256:…`
+    pub fingerprint: String,
 }
 
 /// The rules in force: the configured keys.
@@ -65,6 +84,8 @@ pub struct KeyRule {
 pub struct Policy {
     /// Keys in configuration order.
     pub keys: Vec<KeyRule>,
+    /// The certificate CA, when `[certificates]` is configured.
+    pub ca: Option<CaRule>,
 }
 
 impl From<&Config> for Policy {
@@ -89,8 +110,14 @@ impl From<&Config> for Policy {
                         remote_users: k.remote_users.clone(),
                         allow_forwarding: k.allow_forwarding,
                     },
+                    certificate: k.cert.mode,
                 })
                 .collect(),
+            ca: config.certificates.as_ref().map(|c| CaRule {
+                name: c.ca.name.clone(),
+                key: c.ca.public_key.clone(),
+                fingerprint: c.ca.fingerprint.clone(),
+            }),
         }
     }
 }
@@ -127,6 +154,8 @@ pub struct Context<'a> {
     pub bindings: &'a Bindings,
     /// Now, in Unix seconds (host certificates' validity).
     pub now: u64,
+    /// The certificates keyholder minted, and for whom.
+    pub minted: &'a dyn Minted,
 }
 
 /// Who is asking, as resolved by the daemon from `SO_PEERCRED` and the user
@@ -187,6 +216,11 @@ pub enum Reason {
     /// The user database failed (rather than finding no such user), so the
     /// caller's groups are unknown (see [`decide_unresolved`]).
     LookupError,
+    /// The user-auth data carries a certificate keyholder did not mint for
+    /// this caller.
+    CertificateNotYours,
+    /// Mode `only`: the user-auth data carries the plain key.
+    CertificateRequired,
 }
 
 impl std::fmt::Display for Reason {
@@ -206,6 +240,8 @@ impl std::fmt::Display for Reason {
             Self::BadSessionBind => f.write_str("bad-session-bind"),
             Self::LookupTimeout => f.write_str("user-lookup-timeout"),
             Self::LookupError => f.write_str("user-lookup-error"),
+            Self::CertificateNotYours => f.write_str("certificate-not-yours"),
+            Self::CertificateRequired => f.write_str("certificate-required"),
         }
     }
 }
@@ -225,6 +261,8 @@ pub enum Decision<'p> {
         /// The remote user name in the user-auth request (absent for
         /// `allow_any_data` keys signing other data).
         remote_user: Option<String>,
+        /// The serial of the certificate in the user-auth data, if any.
+        serial: Option<u64>,
     },
     /// Verify the session binding (off the async threads) and, if it
     /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
@@ -251,6 +289,9 @@ pub enum Decision<'p> {
         fingerprint: Option<String>,
         /// For sign requests: the remote user, when the data says.
         remote_user: Option<String>,
+        /// For sign requests: the serial of a keyholder certificate in the
+        /// user-auth data, whoever it was minted for.
+        serial: Option<u64>,
     },
 }
 
@@ -273,7 +314,9 @@ impl Decision<'_> {
                 | Reason::NoSessionBind
                 | Reason::ForwardedUse
                 | Reason::RemoteUserNotAllowed
-                | Reason::BadSessionBind => true,
+                | Reason::BadSessionBind
+                | Reason::CertificateNotYours
+                | Reason::CertificateRequired => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -289,6 +332,7 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         key: None,
         fingerprint: None,
         remote_user: None,
+        serial: None,
     }
 }
 
@@ -347,12 +391,14 @@ pub fn decide_unresolved<'p>(
                 key,
                 fingerprint,
                 remote_user,
+                serial,
             },
             _,
         ) => Decision::Refuse {
             reason: why,
             key,
             fingerprint,
+            serial,
             remote_user,
         },
         (other, _) => other,
@@ -368,11 +414,29 @@ fn decide_sign<'p>(
     let wanted = sign.credential.key_data();
     let auth = userauth::parse(&sign.data, wanted);
     let remote_user = auth.as_ref().ok().map(|a| a.user.clone());
+    // The key blob inside the data is what the target sees.
+    let data_key = auth.as_ref().ok().map(|a| match &a.key {
+        PublicCredential::Key(_) => DataKey::Plain,
+        PublicCredential::Cert(cert) => DataKey::Certificate {
+            issued: ctx.minted.issued(cert),
+            keyholder_ca: policy
+                .ca
+                .as_ref()
+                .is_some_and(|ca| cert.signature_key() == &ca.key),
+        },
+    });
+    let seen_serial = match data_key {
+        Some(DataKey::Certificate {
+            issued: Some(i), ..
+        }) => Some(i.serial),
+        _ => None,
+    };
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
+        serial: seen_serial,
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
@@ -383,10 +447,15 @@ fn decide_sign<'p>(
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
+            let serial = match certificates::check(key.certificate, data_key, caller.uid) {
+                Ok(serial) => serial,
+                Err(reason) => return refusal(reason, Some(key)),
+            };
             match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
                 Ok(()) => Decision::Sign {
                     key,
                     remote_user: remote_user.clone(),
+                    serial,
                 },
                 Err(reason) => refusal(reason, Some(key)),
             }
@@ -439,6 +508,63 @@ fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
     }
 }
 
+/// One identity to list, and how (see [`certificates::listing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned<'p> {
+    /// The backend's identity.
+    pub identity: Identity,
+    /// The configured key it is.
+    pub key: &'p KeyRule,
+    /// With a certificate before it, or not at all.
+    pub listing: Listing,
+}
+
+/// What REQUEST_IDENTITIES answers, before certificates are minted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPlan<'p> {
+    /// The identities `caller` may use, in the backend's order.
+    pub items: Vec<Planned<'p>>,
+    /// Whether the backend holds the CA.
+    pub ca_armed: bool,
+}
+
+/// The backend's identities that `caller` may use on a connection with
+/// `bindings` (as [`filter_identities`]), in the backend's order, each with
+/// how it is listed given whether the CA is among them. The CA itself is
+/// never planned (it is not a configured key), for root neither.
+pub fn plan_identities<'p>(
+    policy: &'p Policy,
+    caller: &Caller,
+    bindings: &Bindings,
+    identities: Vec<Identity>,
+) -> ListPlan<'p> {
+    let ca_armed = policy.ca.as_ref().is_some_and(|ca| {
+        identities
+            .iter()
+            .any(|id| id.credential.key_data() == &ca.key)
+    });
+    let items = identities
+        .into_iter()
+        .filter_map(|identity| {
+            let key = policy.key(identity.credential.key_data())?;
+            if !(caller.may_use(key) && destinations::listed(&key.rules, bindings)) {
+                return None;
+            }
+            // Only a plain key identity gets a certificate put before it.
+            let listing = match &identity.credential {
+                PublicCredential::Key(_) => certificates::listing(key.certificate, ca_armed),
+                PublicCredential::Cert(_) => Listing::Plain,
+            };
+            Some(Planned {
+                identity,
+                key,
+                listing,
+            })
+        })
+        .collect();
+    ListPlan { items, ca_armed }
+}
+
 /// The upstream agent's identities that `caller` may use on a connection
 /// with `bindings`, in upstream order.
 pub fn filter_identities(
@@ -459,7 +585,11 @@ pub fn filter_identities(
 
 /// Which configured keys are armed, given the upstream agent's identities
 /// (`None` when the upstream agent could not be asked).
+/// The CA counts as a key that must be armed, listed after the keys.
 pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusReport {
+    let armed = |key: &KeyData| {
+        upstream.is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == key))
+    };
     StatusReport {
         upstream_reachable: upstream.is_some(),
         keys: policy
@@ -468,9 +598,13 @@ pub fn status_report(policy: &Policy, upstream: Option<&[Identity]>) -> StatusRe
             .map(|k| KeyStatus {
                 name: k.name.clone(),
                 fingerprint: k.fingerprint.clone(),
-                armed: upstream
-                    .is_some_and(|ids| ids.iter().any(|id| id.credential.key_data() == &k.key)),
+                armed: armed(&k.key),
             })
+            .chain(policy.ca.iter().map(|ca| KeyStatus {
+                name: ca.name.clone(),
+                fingerprint: ca.fingerprint.clone(),
+                armed: armed(&ca.key),
+            }))
             .collect(),
     }
 }

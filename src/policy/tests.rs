@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::protocol::classify;
+use certificates::NoneMinted;
 
 /// `decide` on a connection with no session bindings.
 fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
@@ -12,6 +13,7 @@ fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
         Context {
             bindings: &Bindings::default(),
             now: 0,
+            minted: &NoneMinted,
         },
         r,
     )
@@ -25,10 +27,30 @@ fn decide_unresolved<'p>(p: &'p Policy, c: &Caller, r: &Request, why: Reason) ->
         Context {
             bindings: &Bindings::default(),
             now: 0,
+            minted: &NoneMinted,
         },
         r,
         why,
     )
+}
+
+/// `decide` on a connection with no session bindings, knowing `minted`.
+fn decide_with<'p>(p: &'p Policy, c: &Caller, minted: &dyn Minted, r: &Request) -> Decision<'p> {
+    super::decide(
+        p,
+        c,
+        Context {
+            bindings: &Bindings::default(),
+            now: 0,
+            minted,
+        },
+        r,
+    )
+}
+
+/// `plan_identities` on a connection with no session bindings.
+fn plan_identities<'p>(p: &'p Policy, c: &Caller, ids: Vec<Identity>) -> ListPlan<'p> {
+    super::plan_identities(p, c, &Bindings::default(), ids)
 }
 
 /// `filter_identities` on a connection with no session bindings.
@@ -50,6 +72,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         key,
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow_any_data: any,
+        certificate: CertMode::Off,
         rules: Rules::default(),
     }
 }
@@ -61,6 +84,7 @@ fn policy() -> Policy {
             rule("phab", 2, &["phab-admins"], false),
             rule("signer", 3, &["signers"], true),
         ],
+        ca: None,
     }
 }
 
@@ -160,7 +184,9 @@ fn member_of_an_allowed_group_may_sign_userauth() {
             &userauth_sign(1, "deploy"),
         );
         match d {
-            Decision::Sign { key, remote_user } => {
+            Decision::Sign {
+                key, remote_user, ..
+            } => {
                 assert_eq!(key.name, "deploy");
                 assert_eq!(remote_user.as_deref(), Some("deploy"));
             }
@@ -286,7 +312,7 @@ fn non_userauth_data_is_refused_unless_allow_any_data() {
         // the allow_any_data key signs the same data
         let d = decide(&p, &c, &sign(PublicCredential::Key(key(3)), data, 0));
         assert!(
-            matches!(d, Decision::Sign { key, remote_user: None } if key.name == "signer"),
+            matches!(d, Decision::Sign { key, remote_user: None, .. } if key.name == "signer"),
             "{d:?}"
         );
     }
@@ -428,6 +454,206 @@ fn group_names_are_every_configured_group_once() {
     assert!(Policy::default().group_names().is_empty());
 }
 
+/// A cache that minted `cert` for uid 1000, serial 77.
+#[derive(Debug)]
+struct MintedFor(ssh_key::Certificate);
+
+impl certificates::Minted for MintedFor {
+    fn issued(&self, cert: &ssh_key::Certificate) -> Option<certificates::Issued> {
+        (cert == &self.0).then_some(certificates::Issued {
+            uid: 1000,
+            serial: 77,
+        })
+    }
+}
+
+/// The CA that signs [`certificate`]'s certificates.
+fn test_ca() -> KeyData {
+    PrivateKey::from(Ed25519Keypair::from_seed(&[9; 32]))
+        .public_key()
+        .key_data()
+        .clone()
+}
+
+fn cert_policy(mode: CertMode) -> Policy {
+    let mut p = policy();
+    for k in &mut p.keys {
+        k.certificate = mode;
+    }
+    p.ca = Some(CaRule {
+        name: "ca".into(),
+        key: test_ca(),
+        fingerprint: "SHA256:ca".into(),
+    });
+    p
+}
+
+#[test]
+fn the_key_blob_inside_the_data_is_what_the_certificate_rules_check() {
+    let PublicCredential::Cert(cert) = certificate(1) else {
+        unreachable!()
+    };
+    let minted = MintedFor((*cert).clone());
+    let alice = caller(1000, &["deployers"]);
+    let bob = caller(1001, &["deployers"]);
+    let in_data = build_cert_data(&cert);
+    for mode in [CertMode::Off, CertMode::Also, CertMode::Only] {
+        let p = cert_policy(mode);
+        // The request may name the certificate (ssh >= 10.3) or the plain
+        // key (ssh <= 10.2, CertificateFile) with the certificate in the data.
+        for credential in [
+            PublicCredential::Cert(cert.clone()),
+            PublicCredential::Key(key(1)),
+        ] {
+            let req = sign(credential, in_data.clone(), 0);
+            let d = decide_with(&p, &alice, &minted, &req);
+            assert!(
+                matches!(
+                    d,
+                    Decision::Sign {
+                        serial: Some(77),
+                        ..
+                    }
+                ),
+                "{mode:?}: {d:?}"
+            );
+            // Someone else replaying it, root included: refused, with the serial.
+            for other in [&bob, &caller(0, &[])] {
+                let d = decide_with(&p, other, &minted, &req);
+                assert_eq!(refused(&d), Some(Reason::CertificateNotYours), "{mode:?}");
+                assert!(matches!(
+                    d,
+                    Decision::Refuse {
+                        serial: Some(77),
+                        ..
+                    }
+                ));
+                assert!(d.is_audited());
+            }
+            // Signed by keyholder's CA but not remembered as minted (a
+            // forgery, or a restart since): refused.
+            let d = decide_with(&p, &alice, &NoneMinted, &req);
+            assert_eq!(refused(&d), Some(Reason::CertificateNotYours));
+        }
+        // Another CA's certificate of the key (one the admin armed upstream
+        // with it): its key in mode off, refused with certificates on.
+        let mut other_ca = p.clone();
+        other_ca.ca = Some(CaRule {
+            name: "ca".into(),
+            key: key(61),
+            fingerprint: "SHA256:other".into(),
+        });
+        let req = sign(PublicCredential::Key(key(1)), in_data.clone(), 0);
+        let d = decide_with(&other_ca, &alice, &NoneMinted, &req);
+        if mode == CertMode::Off {
+            assert!(matches!(d, Decision::Sign { serial: None, .. }), "{d:?}");
+        } else {
+            assert_eq!(refused(&d), Some(Reason::CertificateNotYours));
+        }
+        // Plain key in the data: refused in mode only, whatever the request names.
+        for credential in [
+            PublicCredential::Cert(cert.clone()),
+            PublicCredential::Key(key(1)),
+        ] {
+            let req = sign(credential, build(&key(1), "deploy", PUBLICKEY, None), 0);
+            let d = decide_with(&p, &alice, &minted, &req);
+            if mode == CertMode::Only {
+                assert_eq!(refused(&d), Some(Reason::CertificateRequired));
+                assert!(d.is_audited());
+            } else {
+                assert!(matches!(d, Decision::Sign { serial: None, .. }), "{d:?}");
+            }
+        }
+        // Group rules come first: an outsider with alice's certificate.
+        let req = sign(PublicCredential::Key(key(1)), in_data.clone(), 0);
+        let outsider = caller(1000, &["phab-admins"]);
+        assert_eq!(
+            refused(&decide_with(&p, &outsider, &minted, &req)),
+            Some(Reason::NotInGroup)
+        );
+    }
+    // The CA can never sign, not even for root, not even other data.
+    let p = cert_policy(CertMode::Only);
+    for data in [build(&test_ca(), "x", PUBLICKEY, None), b"tbs".to_vec()] {
+        let req = sign(PublicCredential::Key(test_ca()), data, 0);
+        assert_eq!(
+            refused(&decide_with(&p, &caller(0, &[]), &minted, &req)),
+            Some(Reason::UnknownKey)
+        );
+    }
+}
+
+/// User-auth data carrying `cert` as its key blob.
+fn build_cert_data(cert: &ssh_key::Certificate) -> Vec<u8> {
+    use ssh_encoding::Encode;
+    let mut d = Vec::new();
+    vec![1u8; 32].encode(&mut d).unwrap();
+    d.push(50);
+    "deploy".encode(&mut d).unwrap();
+    "ssh-connection".encode(&mut d).unwrap();
+    PUBLICKEY.encode(&mut d).unwrap();
+    d.push(1);
+    "ssh-ed25519-cert-v01@openssh.com".encode(&mut d).unwrap();
+    let mut blob = Vec::new();
+    cert.encode(&mut blob).unwrap();
+    blob.encode(&mut d).unwrap();
+    d
+}
+
+#[test]
+fn listing_plans_certificates_and_never_the_ca() {
+    let ids = |with_ca: bool| {
+        let mut v = vec![
+            identity(PublicCredential::Key(key(1))),
+            identity(PublicCredential::Key(key(2))),
+        ];
+        if with_ca {
+            v.push(identity(PublicCredential::Key(test_ca())));
+        }
+        v
+    };
+    let mut p = cert_policy(CertMode::Also);
+    p.keys[1].certificate = CertMode::Only;
+    let root = caller(0, &[]);
+    let plan = plan_identities(&p, &root, ids(true));
+    assert!(plan.ca_armed);
+    let got: Vec<(&str, Listing)> = plan
+        .items
+        .iter()
+        .map(|i| (i.key.name.as_str(), i.listing))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "deploy",
+                Listing::WithCertificate {
+                    fallback_plain: true
+                }
+            ),
+            (
+                "phab",
+                Listing::WithCertificate {
+                    fallback_plain: false
+                }
+            ),
+        ]
+    );
+    let plan = plan_identities(&p, &root, ids(false));
+    assert!(!plan.ca_armed);
+    let got: Vec<Listing> = plan.items.iter().map(|i| i.listing).collect();
+    assert_eq!(got, vec![Listing::Plain, Listing::Nothing]);
+    // Group filtering as before.
+    let plan = plan_identities(&p, &caller(1000, &["deployers"]), ids(true));
+    assert_eq!(plan.items.len(), 1);
+    // The CA counts in status.
+    let report = status_report(&p, Some(&ids(false)));
+    assert_eq!(
+        report.keys.last().map(|k| (k.name.as_str(), k.armed)),
+        Some(("ca", false))
+    );
+}
+
 #[test]
 fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_no_key() {
     use crate::protocol::session_bind::tests::signed;
@@ -442,6 +668,7 @@ fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_
     let ctx = Context {
         bindings: &none,
         now: 0,
+        minted: &NoneMinted,
     };
     assert_eq!(
         super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
@@ -469,6 +696,7 @@ fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_
     let ctx = Context {
         bindings: &after,
         now: 0,
+        minted: &NoneMinted,
     };
     assert!(matches!(
         super::decide(&p, &caller(1000, &["ops"]), ctx, &req),

@@ -15,8 +15,10 @@
 //!
 //! The same checks as OpenSSH's `ssh-agent` (`parse_userauth_request`):
 //! non-empty session id, the right service, a signature flag of TRUE, a key
-//! blob that is the signing key, no trailing bytes. The session id and the
-//! host key of a host-bound request are returned for the destination rules.
+//! blob that is the signing key (or a certificate of it), no trailing bytes.
+//! The key blob is returned (what the target sees is what the certificate
+//! rules check), and the session id and the host key of a host-bound
+//! request for the destination rules.
 
 use ssh_agent_lib::proto::PublicCredential;
 use ssh_encoding::{Decode, Reader};
@@ -36,6 +38,10 @@ pub struct UserAuth {
     pub user: String,
     /// Whether the host-bound method was used.
     pub hostbound: bool,
+    /// The key blob inside the request: the plain signing key, or a
+    /// certificate of it. What the target sees, so what the certificate
+    /// rules check.
+    pub key: PublicCredential,
     /// The session identifier the request is for.
     pub session_id: Vec<u8>,
     /// The server host key blob inside a host-bound request.
@@ -75,6 +81,7 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
         .ok()
         .filter(|k| super::request::encodes_to(k, &blob))
         .ok_or("malformed public key")?;
+    // A certificate counts as the key it certifies.
     if key.key_data() != signing_key {
         return Err("public key in request is not the signing key");
     }
@@ -93,6 +100,7 @@ pub fn parse(data: &[u8], signing_key: &KeyData) -> Result<UserAuth, &'static st
     Ok(UserAuth {
         user,
         hostbound,
+        key,
         session_id,
         host_key,
     })
@@ -149,6 +157,7 @@ pub(crate) mod tests {
             UserAuth {
                 user: "deploy".into(),
                 hostbound: false,
+                key: PublicCredential::Key(k),
                 session_id: vec![1; 32],
                 host_key: None,
             }

@@ -544,10 +544,27 @@ impl Sshd {
         Self::start_opts(dir, "sshd", "ed25519", None)
     }
 
+    /// Like [`Sshd::start`], with `extra` sshd_config lines (e.g.
+    /// `TrustedUserCAKeys FILE`).
+    pub fn start_with(dir: &TempDir, extra: &str) -> Self {
+        Self::start_full(dir, "sshd", "ed25519", None, extra)
+    }
+
     /// An sshd in `dir/name` with a host key of `kind` (as for `keygen`),
     /// and, with `ca`, a host certificate for it signed by that CA private
     /// key (`ssh-keygen -s CA -h`), served with `HostCertificate`.
     pub fn start_opts(dir: &TempDir, name: &str, kind: &str, ca: Option<&Path>) -> Self {
+        Self::start_full(dir, name, kind, ca, "")
+    }
+
+    /// [`Sshd::start_opts`] with `extra` sshd_config lines.
+    pub fn start_full(
+        dir: &TempDir,
+        name: &str,
+        kind: &str,
+        ca: Option<&Path>,
+        extra: &str,
+    ) -> Self {
         let root = dir.join(name);
         std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -580,7 +597,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {root}/{host_key}\n{cert_line}PidFile none\n\
                  AuthorizedKeysFile {root}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n",
+                 PermitRootLogin no\nLogLevel VERBOSE\nPrintMotd no\nAcceptEnv none\n{extra}\n",
                 root = root.display()
             ),
         )

@@ -57,6 +57,7 @@ fn auth(user: &str, sid: u8, host_key: Option<Vec<u8>>) -> UserAuth {
         hostbound: host_key.is_some(),
         session_id: vec![sid; 32],
         host_key,
+        key: ssh_agent_lib::proto::PublicCredential::Key(key(1)),
     }
 }
 

@@ -1,0 +1,202 @@
+//! The certificate mode (`KH_BENCH_ONLY=…,certs`): a second daemon in front
+//! of the same agent with `[certificates]` on (CA `benchca`, key `bench` in
+//! mode `also`), and
+//! - `connect` at 16 connections against both daemons, back to back, the
+//!   order swapped every round: the certified side lists user a's cached
+//!   certificate and signs user-auth data carrying it (as `ssh` does), the
+//!   plain side the plain key;
+//! - the cost of one mint: [`keyholder::certs::mint`] called in this process
+//!   through the same upstream backend the daemon uses (build, one CA
+//!   signature by the agent, verification), sequentially, p50/p99.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyholder::backend::Backend;
+use load::{Op, RunResult};
+use setup::{run, wait_socket, Proc, Result};
+
+use crate::{check_interrupted, load, median, median_of, setup, us, Bench, KEYHOLDER};
+
+/// Mints timed in-process.
+const MINTS: usize = 200;
+
+/// Runs the certificate phase; returns its Markdown.
+pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Result<String> {
+    check_interrupted()?;
+    let dir = b.dir.0.clone();
+    let ca = dir.join("benchca");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "benchca", "-f"])
+        .arg(&ca))?;
+    run(Command::new("ssh-add")
+        .arg("-q")
+        .arg(&ca)
+        .env("SSH_AUTH_SOCK", &b.direct))?;
+    let socket = dir.join("proxy-certs.sock");
+    let config = dir.join("keyholder-certs.toml");
+    let plain = std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
+    let text = plain.replace(
+        &format!("socket = \"{}\"", b.proxy.display()),
+        &format!("socket = \"{}\"", socket.display()),
+    )
+        + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n";
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| e.to_string())?;
+    let log = dir.join("daemon-certs.log");
+    let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut daemon = Proc {
+        name: "keyholder daemon (certificates)",
+        child: Command::new("setpriv")
+            .args(["--pdeathsig=TERM", "--", KEYHOLDER, "daemon", "--config"])
+            .arg(&config)
+            .env_remove("KEYHOLDER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .map_err(|e| format!("cannot start {KEYHOLDER}: {e}"))?,
+    };
+    if !wait_socket(&socket) {
+        return Err(format!(
+            "the certificate daemon did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ));
+    }
+
+    // User a's certificate, as `keyholder cert` prints it; the sign request
+    // names the plain key and carries the certificate in the data (ssh 9.2).
+    let out = b
+        .user_a
+        .command(Path::new(KEYHOLDER))
+        .args(["cert", "bench", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "keyholder cert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let cert = ssh_key::Certificate::from_openssh(&line).map_err(|e| e.to_string())?;
+    let mut cert_blob = Vec::new();
+    ssh_encoding::Encode::encode(&cert, &mut cert_blob).map_err(|e| e.to_string())?;
+    let sign_cert = crate::sign_request_with(
+        &dir.join("bench.pub"),
+        &cert_blob,
+        "ssh-ed25519-cert-v01@openssh.com",
+    )?;
+
+    let mut plain_runs: Vec<RunResult> = Vec::new();
+    let mut cert_runs: Vec<RunResult> = Vec::new();
+    let sign_plain = b.sign.clone();
+    let plain_socket = b.proxy.clone();
+    for round in 0..rounds {
+        let sides: [(bool, &PathBuf, &Vec<u8>); 2] = [
+            (false, &plain_socket, &sign_plain),
+            (true, &socket, &sign_cert),
+        ];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (certified, sock, sign) = sides[i];
+            let r = b
+                .window_on(sock, sign, Op::Connect, 16, warmup_ms, window_ms)?
+                .r;
+            if !daemon.alive() {
+                return Err("the certificate daemon died".into());
+            }
+            eprintln!(
+                "round {}/{rounds} connect16 {:<13} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  failures {}",
+                round + 1,
+                if certified { "certificates" } else { "plain" },
+                r.ops_per_sec(),
+                us(r.p50_ns),
+                us(r.p99_ns),
+                r.failures
+            );
+            if certified {
+                cert_runs.push(r);
+            } else {
+                plain_runs.push(r);
+            }
+        }
+    }
+    let issued = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches(" cert user=")
+        .count();
+
+    // One mint, in-process, through the daemon's own upstream backend.
+    let loaded = keyholder::config::Config::load(&config).map_err(|e| e.to_string())?;
+    let settings =
+        keyholder::certs::Settings::from_config(&loaded).ok_or("no [certificates] loaded")?;
+    let key = settings.keys.get("bench").ok_or("no key bench")?.clone();
+    let backend =
+        keyholder::backend::UpstreamBackend::new(b.direct.clone(), Duration::from_secs(30), 16);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut times: Vec<u64> = Vec::with_capacity(MINTS);
+    for i in 0..MINTS {
+        let started = Instant::now();
+        rt.block_on(keyholder::certs::mint(
+            &backend as &dyn Backend,
+            &settings,
+            "bench",
+            &key.key,
+            &key.cert,
+            b.user_a.id()?,
+            Some(&b.user_a.name),
+            i as u64 + 1,
+            keyholder::certs::unix_now(),
+        ))
+        .map_err(|e| format!("mint: {e}"))?;
+        times.push(started.elapsed().as_nanos() as u64);
+    }
+    times.sort_unstable();
+    let p50 = load::percentile(&times, 50.0);
+    let p99 = load::percentile(&times, 99.0);
+
+    let p: Vec<&RunResult> = plain_runs.iter().collect();
+    let c: Vec<&RunResult> = cert_runs.iter().collect();
+    let ratios: Vec<f64> = p
+        .iter()
+        .zip(&c)
+        .map(|(p, c)| c.ops_per_sec() / p.ops_per_sec())
+        .collect();
+    let ratio = median_of(ratios.clone());
+    let mut out = String::from(
+        "| certificates | plain ops/s | certificates ops/s | certificates/plain | target | \
+         plain p50 / p99 (µs) | certificates p50 / p99 (µs) | failures (plain / certificates) | ratio per round |\n\
+         |---|---:|---:|---:|---|---:|---:|---:|---|\n",
+    );
+    out += &format!(
+        "| `connect` 16 concurrent, certificate cached | {:.0} | {:.0} | **{ratio:.2}** | ≥ 0.90 {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |\n",
+        median(&p, |r| r.ops_per_sec()),
+        median(&c, |r| r.ops_per_sec()),
+        if ratio >= 0.90 { "met" } else { "**MISSED**" },
+        median(&p, |r| us(r.p50_ns)),
+        median(&p, |r| us(r.p99_ns)),
+        median(&c, |r| us(r.p50_ns)),
+        median(&c, |r| us(r.p99_ns)),
+        p.iter().map(|r| r.failures).sum::<u64>(),
+        c.iter().map(|r| r.failures).sum::<u64>(),
+        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
+    );
+    out += &format!(
+        "\nOne mint (Ed25519 CA and key; build, CA signature by the ssh-agent, verify), \
+         {MINTS} in a row in-process: p50 **{:.0} µs**, p99 **{:.0} µs**. \
+         The certificate daemon issued {issued} certificate(s) during the connect runs \
+         (cached: user a's, reused).\n\n",
+        us(p50),
+        us(p99),
+    );
+    Ok(out)
+}
