@@ -589,6 +589,7 @@ mod tests {
 
     #[test]
     fn refusals_count_by_reason_code() {
+        use crate::policy::certificates::NoneMinted;
         use crate::policy::destinations::Bindings;
         use crate::policy::{decide, Caller, Context, Policy};
         use crate::protocol::classify;
@@ -614,6 +615,7 @@ mod tests {
             let ctx = Context {
                 bindings: &Bindings::default(),
                 now: 0,
+                minted: &NoneMinted,
             };
             m.decided(&decide(&p, &nobody, ctx, &request), &request);
         }
