@@ -89,7 +89,7 @@ echo "== systemd-analyze verify (the packaged units)"
 verify_dir="$root/verify"
 mkdir "$verify_dir"
 # The metrics timer must not be enabled by the maintainer scripts.
-if dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst 2>/dev/null | grep -q "enable 'keyholder-metrics"; then
+if grep -q "enable 'keyholder-metrics" <<<"$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst 2>/dev/null)"; then
     echo "FAIL: the package enables keyholder-metrics (it must ship disabled)" >&2
     failed=1
 fi
