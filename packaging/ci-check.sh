@@ -64,7 +64,7 @@ contents="$(dpkg-deb -c "$deb")"
 for path in usr/bin/keyholder etc/keyholder/keyholder.toml \
     usr/lib/systemd/system/keyholder.service usr/lib/systemd/system/keyholder-arm.service \
     usr/lib/systemd/system/keyholder-metrics.service usr/lib/systemd/system/keyholder-metrics.timer \
-    usr/share/doc/keyholder/metrics.md \
+    usr/share/doc/keyholder/docs/metrics.md \
     usr/share/man/man1/keyholder.1.gz usr/share/man/man1/keyholder-arm.1.gz \
     usr/share/bash-completion/completions/keyholder usr/share/zsh/vendor-completions/_keyholder \
     usr/share/fish/vendor_completions.d/keyholder.fish usr/share/doc/keyholder/README.Debian; do

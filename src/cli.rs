@@ -91,7 +91,7 @@ pub enum Command {
         json: bool,
         /// Print the daemon's counters in the Prometheus text format instead (same exit codes;
         /// `keyholder_up 0` when the daemon does not answer). Reference: docs/metrics.md
-        /// (/usr/share/doc/keyholder/metrics.md).
+        /// (/usr/share/doc/keyholder/docs/metrics.md).
         #[arg(long)]
         prometheus: bool,
     },
