@@ -102,7 +102,8 @@ pub struct Shared {
 pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     crate::require_root("keyholder daemon")?;
     let config = Config::load(config_path)?;
-    crate::logging::init(log.unwrap_or(config.log))?;
+    let target = log.unwrap_or(config.log);
+    crate::logging::init(target)?;
     let hardening = crate::hardening::apply()?;
     if let Err(why) = &hardening.mlock {
         tracing::warn!("memory not locked: {why}");
@@ -124,7 +125,9 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
             .await
             .unwrap_or_else(|e| Err(Error::msg(format!("the daemon's main task failed: {e}"))))
     });
-    if let Err(e) = &result {
+    // `main` prints the error on stderr; the system log gets it too, but a
+    // log on stderr would show the same line twice.
+    if let (Err(e), LogTarget::Syslog) = (&result, target) {
         tracing::error!("{e}");
     }
     // Do not wait for a user-database lookup stuck in a blocking thread.
