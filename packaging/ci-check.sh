@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packaging checks for CI (Debian 12, as root):
-#   1. `systemd-analyze security --offline=true` rates every unit OK or better
-#      (overall exposure <= 4.9);
+#   1. `systemd-analyze security --offline=true` rates every service OK or
+#      better (overall exposure <= 4.9), and the timer is shipped disabled
+#      (no [Install] of its service, which the timer starts);
 #   2. the Debian package builds (packaging/build-deb.sh) and holds what it
 #      must;
 #   3. `systemd-analyze verify` reports nothing about the units as shipped in
@@ -39,6 +40,16 @@ for unit in "${units[@]}"; do
         failed=1
     fi
 done
+# keyholder-metrics.service is started by its timer only: it has no
+# [Install] section, and the package must not enable either.
+if grep -q '^\[Install\]' packaging/systemd/keyholder-metrics.service; then
+    echo "FAIL: keyholder-metrics.service has an [Install] section (the timer starts it)" >&2
+    failed=1
+fi
+if ! grep -q 'unit-name = "keyholder-metrics", enable = false, start = false' Cargo.toml; then
+    echo "FAIL: Cargo.toml must ship keyholder-metrics disabled and not started" >&2
+    failed=1
+fi
 [ "$failed" -eq 0 ] || exit 1
 
 echo "== build the Debian package"
@@ -52,6 +63,8 @@ dpkg-deb -x "$deb" "$root"
 contents="$(dpkg-deb -c "$deb")"
 for path in usr/bin/keyholder etc/keyholder/keyholder.toml \
     usr/lib/systemd/system/keyholder.service usr/lib/systemd/system/keyholder-arm.service \
+    usr/lib/systemd/system/keyholder-metrics.service usr/lib/systemd/system/keyholder-metrics.timer \
+    usr/share/doc/keyholder/docs/metrics.md \
     usr/share/man/man1/keyholder.1.gz usr/share/man/man1/keyholder-arm.1.gz \
     usr/share/bash-completion/completions/keyholder usr/share/zsh/vendor-completions/_keyholder \
     usr/share/fish/vendor_completions.d/keyholder.fish usr/share/doc/keyholder/README.Debian; do
@@ -75,7 +88,13 @@ fi
 echo "== systemd-analyze verify (the packaged units)"
 verify_dir="$root/verify"
 mkdir "$verify_dir"
-for unit in "$root"/usr/lib/systemd/system/*.service; do
+# The metrics timer must not be enabled by the maintainer scripts.
+if grep -q "enable 'keyholder-metrics" <<<"$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst 2>/dev/null)"; then
+    echo "FAIL: the package enables keyholder-metrics (it must ship disabled)" >&2
+    failed=1
+fi
+
+for unit in "$root"/usr/lib/systemd/system/*.service "$root"/usr/lib/systemd/system/*.timer; do
     sed "s|/usr/bin/keyholder|$root/usr/bin/keyholder|g" "$unit" > "$verify_dir/$(basename "$unit")"
     # Each man:keyholder… page the unit points to must be in the package.
     for page in $(grep -o 'man:keyholder[a-z-]*([0-9])' "$unit" | sed 's/^man://'); do
@@ -87,13 +106,13 @@ for unit in "$root"/usr/lib/systemd/system/*.service; do
         fi
     done
 done
-out="$(systemd-analyze verify --man=no "$verify_dir"/*.service 2>&1)" && rc=0 || rc=$?
+out="$(systemd-analyze verify --man=no "$verify_dir"/*.service "$verify_dir"/*.timer 2>&1)" && rc=0 || rc=$?
 if [ "$rc" -ne 0 ] || grep -q keyholder <<<"$out"; then
     printf '%s\n' "$out" >&2
     echo "FAIL: systemd-analyze verify complained (exit $rc)" >&2
     failed=1
 else
-    echo "verify: no complaints about ${units[*]}"
+    echo "verify: no complaints about ${units[*]} packaging/systemd/*.timer"
 fi
 
 if [ "$failed" -ne 0 ]; then

@@ -91,8 +91,13 @@ pub enum Command {
     /// When this user may not read the configuration, the default socket is asked.
     Status {
         /// Print a stable JSON document instead of text (same exit codes).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// Print the daemon's counters in the Prometheus text format instead (same exit codes;
+        /// `keyholder_up 0` when the daemon does not answer). Reference: docs/metrics.md
+        /// (/usr/share/doc/keyholder/docs/metrics.md).
+        #[arg(long)]
+        prometheus: bool,
     },
     /// List the keys you may use, with names, fingerprints and public key paths.
     ///

@@ -16,6 +16,7 @@
 //!   run off the async threads).
 //! - [`cli`]: the command line definition (binary, man page, completions).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
+//! - [`counter`]: an event count `backend` keeps and `daemon` reports.
 //! - [`ratelog`]: rate-limited logging of lines a flood could repeat, for both.
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 
@@ -24,6 +25,7 @@ pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod counter;
 pub mod daemon;
 pub mod error;
 pub mod hardening;

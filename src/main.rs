@@ -28,7 +28,11 @@ fn main() -> ExitCode {
             keyholder::commands::arm::run(&cli.config, passphrase_file.as_deref())
         }
         Command::Disarm => keyholder::commands::disarm::run(&cli.config),
-        Command::Status { json } => Ok(keyholder::commands::status::run(&cli.config, json)),
+        Command::Status { json, prometheus } => Ok(if prometheus {
+            keyholder::commands::status::run_prometheus(&cli.config)
+        } else {
+            keyholder::commands::status::run(&cli.config, json)
+        }),
         Command::List => keyholder::commands::list::run(&cli.config),
         Command::CheckConfig => keyholder::commands::check_config::run(&cli.config),
         Command::Ca => keyholder::commands::certificates::run_ca(&cli.config),

@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
+use crate::counter::Counter;
 use crate::error::{Error, Result};
 use crate::ratelog::{Kind, RateLog, Who};
 
@@ -52,6 +53,7 @@ pub struct Supervisor {
     child: Child,
     started: Instant,
     log: Arc<RateLog>,
+    restarts: Counter,
 }
 
 impl Supervisor {
@@ -64,7 +66,14 @@ impl Supervisor {
             child,
             started: Instant::now(),
             log,
+            restarts: Counter::default(),
         })
+    }
+
+    /// Counts each restart of the agent in `restarts`.
+    pub fn count_restarts(mut self, restarts: Counter) -> Self {
+        self.restarts = restarts;
+        self
     }
 
     /// The agent's pid.
@@ -106,6 +115,7 @@ impl Supervisor {
                     Ok(child) => {
                         self.child = child;
                         self.started = Instant::now();
+                        self.restarts.add_one();
                         tracing::warn!(
                             "upstream agent restarted (pid {}) on {}; it holds no keys: run `keyholder arm`",
                             self.child.id().unwrap_or(0),

@@ -24,6 +24,7 @@ pub mod disarm;
 pub mod keyfile;
 pub mod list;
 pub mod passphrase;
+pub mod prometheus;
 pub mod status;
 
 use std::path::{Path, PathBuf};

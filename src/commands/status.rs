@@ -10,6 +10,8 @@
 //! | 3    | UNKNOWN  | configuration error; an answer that cannot be understood; no keys configured |
 //!
 //! `--json` prints one object instead (see [`Json`]); its fields are stable.
+//! `--prometheus` prints the daemon's counters in the Prometheus text format
+//! instead (see [`super::prometheus`]), with the same exit codes.
 //! Everything is done within [`TIMEOUT`], so monitoring never hangs.
 
 use std::path::Path;
@@ -21,7 +23,7 @@ use ssh_encoding::{Decode, Reader};
 
 use super::client::{describe, AgentClient, ClientError};
 use super::ClientConfig;
-use crate::protocol::status::{self, KeyStatus, StatusReport};
+use crate::protocol::status::{self, Answer, KeyStatus, Metrics, StatusReport};
 
 /// The deadline for connecting and for the answer.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,12 +101,14 @@ struct Found {
     socket: Option<String>,
     daemon_reachable: bool,
     report: Option<StatusReport>,
+    /// The daemon's counters, when asked for and reported.
+    metrics: Option<Metrics>,
     notes: Vec<String>,
 }
 
 /// Reports status; returns the monitoring-plugin exit code.
 pub fn run(config_path: &Path, json: bool) -> u8 {
-    let found = evaluate(config_path);
+    let found = evaluate(config_path, false);
     let keys = found
         .report
         .as_ref()
@@ -151,13 +155,30 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
     found.state.code()
 }
 
-fn evaluate(config_path: &Path) -> Found {
+/// `keyholder status --prometheus`: prints the Prometheus text format and
+/// returns the exit code `status` would.
+pub fn run_prometheus(config_path: &Path) -> u8 {
+    let found = evaluate(config_path, true);
+    let text = super::prometheus::render(&super::prometheus::Input {
+        state: found.state,
+        message: &found.message,
+        daemon_reachable: found.daemon_reachable,
+        report: found.report.as_ref(),
+        metrics: found.metrics.as_ref(),
+    });
+    say!("{}", text.trim_end_matches('\n'));
+    found.state.code()
+}
+
+/// Asks the daemon; with `metrics`, for the counters too (format 2).
+fn evaluate(config_path: &Path, metrics: bool) -> Found {
     let mut found = Found {
         state: State::Unknown,
         message: String::new(),
         socket: None,
         daemon_reachable: false,
         report: None,
+        metrics: None,
         notes: Vec::new(),
     };
     let config = match ClientConfig::load(config_path) {
@@ -184,7 +205,12 @@ fn evaluate(config_path: &Path) -> Found {
     };
     let request = Request::Extension(Extension {
         name: status::NAME.to_owned(),
-        details: Vec::new().into(),
+        details: if metrics {
+            status::metrics_request()
+        } else {
+            Vec::new()
+        }
+        .into(),
     });
     let report = match client.call(&request) {
         Ok(Response::ExtensionResponse(ext)) if ext.name == status::NAME => {
@@ -208,7 +234,10 @@ fn evaluate(config_path: &Path) -> Found {
     };
     found.daemon_reachable = true;
     let report = match report {
-        Ok(r) => r,
+        Ok(Answer { report, metrics }) => {
+            found.metrics = metrics;
+            report
+        }
         Err(e) => {
             found.message = format!("UNKNOWN: {e}");
             return found;
@@ -259,10 +288,11 @@ fn evaluate(config_path: &Path) -> Found {
     found
 }
 
-/// Decodes the extension's payload; trailing bytes are an error.
-fn decode_report(bytes: &[u8]) -> Result<StatusReport, String> {
+/// Decodes the extension's payload (format 1 or 2); trailing bytes are an
+/// error.
+fn decode_report(bytes: &[u8]) -> Result<Answer, String> {
     let mut reader = bytes;
-    let report = StatusReport::decode(&mut reader)
+    let report = Answer::decode(&mut reader)
         .map_err(|e| format!("cannot decode the daemon's status answer: {e}"))?;
     if !reader.is_finished() {
         return Err(format!(
@@ -290,7 +320,8 @@ mod tests {
         };
         let mut bytes = Vec::new();
         report.encode(&mut bytes).unwrap();
-        assert_eq!(decode_report(&bytes).unwrap(), report);
+        assert_eq!(decode_report(&bytes).unwrap().report, report);
+        assert_eq!(decode_report(&bytes).unwrap().metrics, None);
         bytes.push(0);
         assert!(decode_report(&bytes).is_err());
         assert!(decode_report(&[0, 0, 0, 2]).is_err());

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::limits::Admission;
 use super::lookups::Who;
+use super::metrics::Closed;
 use super::{audit, Shared};
 use crate::backend::BackendError;
 use crate::certs::MintError;
@@ -85,6 +86,7 @@ pub async fn serve(
             }
             Err(_) => {
                 tracing::debug!("closing idle connection of uid={uid}");
+                shared.metrics.closed(Closed::Idle);
                 break;
             }
         }
@@ -125,6 +127,7 @@ pub async fn serve(
             }
             Err(_) => {
                 tracing::debug!("closing idle connection of uid={uid} (waiting for its lookup)");
+                shared.metrics.closed(Closed::Idle);
                 break;
             }
         };
@@ -160,6 +163,8 @@ async fn handle(
         None => policy::decide(&rt.policy, caller, ctx, &request),
         Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
     };
+    shared.metrics.decided(&decision, &request);
+    let metrics_wanted = status::wants_metrics(&request);
     // What the connection is bound to, for the audit line.
     let binding = audit::Binding::of(bindings);
     // A refusal's outcome is known now; a sign's only once the backend
@@ -195,6 +200,7 @@ async fn handle(
             // The signature goes back as the backend produced it; the audit
             // line is written once that outcome is known.
             let result = backend.sign(sign).await;
+            shared.metrics.signed(&key.name, caller.uid, &result);
             let outcome = match &result {
                 Ok(_) => audit::Outcome::Signed,
                 Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
@@ -250,7 +256,11 @@ async fn handle(
             }
             let ids = status.ok().map(|s| s.identities);
             let report = policy::status_report(&rt.policy, ids.as_deref());
-            Ok(extension_response(status::NAME, &report))
+            let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
+            Ok(extension_response(
+                status::NAME,
+                &status::Answer { report, metrics },
+            ))
         }
         // Refusals, and decisions that do not match their request (which
         // `decide` never produces).
@@ -329,6 +339,7 @@ async fn list(
         match minted {
             Ok(handed) => {
                 if handed.fresh {
+                    shared.metrics.certificate_issued(&key.name);
                     let c = &handed.cert;
                     let line = audit::issued(
                         caller,
@@ -409,12 +420,18 @@ fn unix_now() -> u64 {
 }
 
 fn note_upstream_error(shared: &Shared, e: &BackendError) {
+    shared.metrics.upstream_error(e);
     if matches!(e, BackendError::Refused) {
         return;
     }
     if let Some(suppressed) = shared.upstream_errors.hit() {
         tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
     }
+}
+
+fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
+    let keys = rt.policy.keys.iter().map(|k| k.name.as_str());
+    shared.metrics.report(keys, shared.lookups.stats())
 }
 
 fn query_response() -> Response {

@@ -16,6 +16,7 @@ pub mod caller;
 pub mod connection;
 pub mod limits;
 pub mod lookups;
+pub mod metrics;
 pub mod verifier;
 
 use std::os::unix::fs::PermissionsExt;
@@ -93,13 +94,16 @@ pub struct Shared {
     pub verifier: verifier::Verifier,
     /// Per-uid rate limiting of refusals and other lines a flood repeats.
     pub log: Arc<RateLog>,
+    /// Counters since start (`keyholder status --prometheus`).
+    pub metrics: metrics::Metrics,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
     crate::require_root("keyholder daemon")?;
     let config = Config::load(config_path)?;
-    crate::logging::init(log.unwrap_or(config.log))?;
+    let target = log.unwrap_or(config.log);
+    crate::logging::init(target)?;
     let hardening = crate::hardening::apply()?;
     if let Err(why) = &hardening.mlock {
         tracing::warn!("memory not locked: {why}");
@@ -121,7 +125,9 @@ pub fn run(config_path: &Path, log: Option<LogTarget>) -> Result<()> {
             .await
             .unwrap_or_else(|e| Err(Error::msg(format!("the daemon's main task failed: {e}"))))
     });
-    if let Err(e) = &result {
+    // `main` prints the error on stderr; the system log gets it too, but a
+    // log on stderr would show the same line twice.
+    if let (Err(e), LogTarget::Syslog) = (&result, target) {
         tracing::error!("{e}");
     }
     // Do not wait for a user-database lookup stuck in a blocking thread.
@@ -133,6 +139,7 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     // First, so that a spawned agent inherits the raised descriptor limit.
     let max_connections = limits::fit_descriptors(config.limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = metrics::Metrics::new();
     let mut sigterm = signal_stream(SignalKind::terminate())?;
     let mut sigint = signal_stream(SignalKind::interrupt())?;
     let mut sighup = signal_stream(SignalKind::hangup())?;
@@ -146,7 +153,9 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
         ensure_runtime_dir(&config.agent.socket, "agent.socket")?;
     }
     let supervisor = if config.agent.spawn {
-        let sup = Supervisor::start(config.agent.clone(), Arc::clone(&log)).await?;
+        let sup = Supervisor::start(config.agent.clone(), Arc::clone(&log))
+            .await?
+            .count_restarts(metrics.upstream_restarts.clone());
         tracing::info!(
             "upstream agent {} started (pid {}) on {}",
             config.agent.program.display(),
@@ -195,6 +204,7 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
         lookups: lookups::Lookups::new(),
         verifier: verifier::Verifier::default(),
         log,
+        metrics,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
@@ -264,6 +274,7 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
                 }
             }, if reloading.is_some() => {
                 reloading = None;
+                shared.metrics.reloaded(matches!(loaded, Ok(Ok(_))));
                 match loaded {
                     Ok(Ok(new)) => {
                         config = apply_reload(&config, new, &limiter, &runtime_tx);
@@ -334,6 +345,7 @@ fn admit(
     let Ok(cred) = stream.peer_cred() else {
         return;
     };
+    shared.metrics.accepted();
     let (uid, pid) = (cred.uid(), cred.pid());
     // uids not known to have a passwd entry share one bucket. Known: a line
     // of /etc/passwd, or an earlier lookup; the user database itself is
@@ -342,6 +354,7 @@ fn admit(
     let admission = match limiter.admit(uid, listed) {
         Ok(a) => a,
         Err(hit) => {
+            shared.metrics.closed(hit);
             // Once per burst per uid (uids without a passwd entry share one
             // bucket, as they share one connection limit); the count follows
             // when the window ends.
@@ -377,7 +390,8 @@ fn admit(
     let stop = stop.clone();
     let done = done.clone();
     tokio::spawn(async move {
-        connection::serve(stream, uid, pid, admission, shared, stop).await;
+        let _open = shared.metrics.open();
+        connection::serve(stream, uid, pid, admission, Arc::clone(&shared), stop).await;
         drop(done);
     });
 }

@@ -1,25 +1,58 @@
 //! The `status@keyholder` vendor extension: the daemon tells any local user
 //! which configured keys exist and which are armed (loaded in the upstream
-//! agent). No secrets: names, fingerprints, and booleans.
+//! agent), and, when asked, its counters (see [`Metrics`]). No secrets:
+//! names, fingerprints, booleans and counts; never a uid or a user name.
 //!
-//! Request: SSH_AGENTC_EXTENSION, `string "status@keyholder"`, no contents.
+//! Request: SSH_AGENTC_EXTENSION, `string "status@keyholder"`, then either
+//! no contents (format 1, what every `keyholder status` sends) or
+//! `uint32 2` (format 2: format 1 plus the counters; sent by
+//! `keyholder status --prometheus`). A daemon that predates format 2 ignores
+//! the contents and answers format 1, which the client handles; a client
+//! that predates it never asks, and gets format 1 byte for byte as before.
 //! Answer: SSH_AGENT_EXTENSION_RESPONSE (29), `string "status@keyholder"`, then
 //!
 //! ```text
-//! uint32  format version (1)
+//! uint32  format version (1 or 2)
 //! boolean upstream agent reachable
 //! uint32  number of keys, then for each:
 //!   string  key name
 //!   string  SHA256 fingerprint
 //!   boolean armed
+//! -- format 2 only:
+//! string  the daemon's version
+//! uint32  number of metric families, then for each:
+//!   string  name (`keyholder_…`)
+//!   string  type (`counter` or `gauge`)
+//!   string  help text
+//!   uint32  number of samples, then for each:
+//!     uint32  number of labels, then for each: string name, string value
+//!     uint64  value
 //! ```
+//!
+//! Families are self-describing so that a daemon can add counters without a
+//! new format: a client prints what it gets (after checking names).
 
 use ssh_encoding::{CheckedSum, Decode, Encode, Reader, Writer};
 
+use super::Request;
+
 /// The extension's name.
 pub const NAME: &str = "status@keyholder";
-/// The payload format version.
+/// The payload format version without counters.
 pub const VERSION: u32 = 1;
+/// The payload format version with counters ([`Metrics`]).
+pub const VERSION_METRICS: u32 = 2;
+
+/// The request contents that ask for format 2.
+pub fn metrics_request() -> Vec<u8> {
+    VERSION_METRICS.to_be_bytes().to_vec()
+}
+
+/// Whether a `status@keyholder` request asks for the counters (format 2).
+/// Any other contents get format 1.
+pub fn wants_metrics(request: &Request) -> bool {
+    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_METRICS.to_be_bytes())
+}
 
 /// One configured key's state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -54,6 +87,13 @@ impl Encode for StatusReport {
 
     fn encode(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
         VERSION.encode(w)?;
+        self.encode_body(w)
+    }
+}
+
+impl StatusReport {
+    /// Everything after the version.
+    fn encode_body(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
         u8::from(self.upstream_reachable).encode(w)?;
         u32::try_from(self.keys.len())
             .map_err(|_| ssh_encoding::Error::Length)?
@@ -74,6 +114,12 @@ impl Decode for StatusReport {
         if u32::decode(r)? != VERSION {
             return Err(ssh_encoding::Error::Length);
         }
+        Self::decode_body(r)
+    }
+}
+
+impl StatusReport {
+    fn decode_body(r: &mut impl Reader) -> ssh_encoding::Result<Self> {
         let upstream_reachable = u8::decode(r)? != 0;
         let n = u32::decode(r)?;
         let mut keys = Vec::new();
@@ -88,6 +134,167 @@ impl Decode for StatusReport {
             upstream_reachable,
             keys,
         })
+    }
+}
+
+/// The daemon's counters (format 2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// The daemon's version (`CARGO_PKG_VERSION` of the running binary).
+    pub daemon_version: String,
+    /// Metric families, each named once.
+    pub families: Vec<Family>,
+}
+
+/// One metric family: a name, its type, help, and its samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    /// `keyholder_…`
+    pub name: String,
+    /// `counter` or `gauge` (kept as sent: a client checks it).
+    pub kind: String,
+    /// One line of help.
+    pub help: String,
+    /// The samples, each with its own label set.
+    pub samples: Vec<Sample>,
+}
+
+/// One sample of a family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// Label names and values, in order.
+    pub labels: Vec<(String, String)>,
+    /// The value (every keyholder metric is a whole number).
+    pub value: u64,
+}
+
+/// A whole answer: the report, and the counters when format 2 was asked
+/// for. Without counters it encodes to exactly the format-1 answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Keys and the upstream agent.
+    pub report: StatusReport,
+    /// The counters (format 2), or `None` (format 1).
+    pub metrics: Option<Metrics>,
+}
+
+fn len_u32(n: usize) -> ssh_encoding::Result<u32> {
+    u32::try_from(n).map_err(|_| ssh_encoding::Error::Length)
+}
+
+impl Encode for Metrics {
+    fn encoded_len(&self) -> ssh_encoding::Result<usize> {
+        let mut sizes = vec![self.daemon_version.encoded_len()?, 4];
+        for f in &self.families {
+            sizes.push(f.name.encoded_len()?);
+            sizes.push(f.kind.encoded_len()?);
+            sizes.push(f.help.encoded_len()?);
+            sizes.push(4);
+            for s in &f.samples {
+                sizes.push(4 + 8);
+                for (k, v) in &s.labels {
+                    sizes.push(k.encoded_len()?);
+                    sizes.push(v.encoded_len()?);
+                }
+            }
+        }
+        sizes.checked_sum()
+    }
+
+    fn encode(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
+        self.daemon_version.encode(w)?;
+        len_u32(self.families.len())?.encode(w)?;
+        for f in &self.families {
+            f.name.encode(w)?;
+            f.kind.encode(w)?;
+            f.help.encode(w)?;
+            len_u32(f.samples.len())?.encode(w)?;
+            for s in &f.samples {
+                len_u32(s.labels.len())?.encode(w)?;
+                for (k, v) in &s.labels {
+                    k.encode(w)?;
+                    v.encode(w)?;
+                }
+                s.value.encode(w)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Decode for Metrics {
+    type Error = ssh_encoding::Error;
+
+    // Counts come from the wire: nothing is reserved for them up front; each
+    // element consumes bytes, so the frame cap bounds the loops.
+    fn decode(r: &mut impl Reader) -> ssh_encoding::Result<Self> {
+        let daemon_version = String::decode(r)?;
+        let mut families = Vec::new();
+        for _ in 0..u32::decode(r)? {
+            let name = String::decode(r)?;
+            let kind = String::decode(r)?;
+            let help = String::decode(r)?;
+            let mut samples = Vec::new();
+            for _ in 0..u32::decode(r)? {
+                let mut labels = Vec::new();
+                for _ in 0..u32::decode(r)? {
+                    labels.push((String::decode(r)?, String::decode(r)?));
+                }
+                samples.push(Sample {
+                    labels,
+                    value: u64::decode(r)?,
+                });
+            }
+            families.push(Family {
+                name,
+                kind,
+                help,
+                samples,
+            });
+        }
+        Ok(Self {
+            daemon_version,
+            families,
+        })
+    }
+}
+
+impl Encode for Answer {
+    fn encoded_len(&self) -> ssh_encoding::Result<usize> {
+        match &self.metrics {
+            None => self.report.encoded_len(),
+            Some(m) => [self.report.encoded_len()?, m.encoded_len()?].checked_sum(),
+        }
+    }
+
+    fn encode(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
+        match &self.metrics {
+            None => self.report.encode(w),
+            Some(m) => {
+                VERSION_METRICS.encode(w)?;
+                self.report.encode_body(w)?;
+                m.encode(w)
+            }
+        }
+    }
+}
+
+impl Decode for Answer {
+    type Error = ssh_encoding::Error;
+
+    /// Format 1 or 2.
+    fn decode(r: &mut impl Reader) -> ssh_encoding::Result<Self> {
+        match u32::decode(r)? {
+            VERSION => Ok(Self {
+                report: StatusReport::decode_body(r)?,
+                metrics: None,
+            }),
+            VERSION_METRICS => Ok(Self {
+                report: StatusReport::decode_body(r)?,
+                metrics: Some(Metrics::decode(r)?),
+            }),
+            _ => Err(ssh_encoding::Error::Length),
+        }
     }
 }
 
@@ -110,5 +317,79 @@ mod tests {
         assert_eq!(buf.len(), s.encoded_len().unwrap());
         assert_eq!(StatusReport::decode(&mut &buf[..]).unwrap(), s);
         assert!(StatusReport::decode(&mut &buf[..buf.len() - 1]).is_err());
+    }
+
+    fn report() -> StatusReport {
+        StatusReport {
+            upstream_reachable: true,
+            keys: vec![KeyStatus {
+                name: "deploy".into(),
+                fingerprint: "SHA256:x".into(),
+                armed: false,
+            }],
+        }
+    }
+
+    fn encoded(value: &impl Encode) -> Vec<u8> {
+        let mut buf = Vec::new();
+        value.encode(&mut buf).unwrap();
+        assert_eq!(buf.len(), value.encoded_len().unwrap());
+        buf
+    }
+
+    #[test]
+    fn an_answer_without_counters_is_format_1_byte_for_byte() {
+        let answer = Answer {
+            report: report(),
+            metrics: None,
+        };
+        let bytes = encoded(&answer);
+        assert_eq!(bytes, encoded(&report()));
+        // What a client that predates format 2 decodes.
+        assert_eq!(StatusReport::decode(&mut &bytes[..]).unwrap(), report());
+        assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
+    }
+
+    #[test]
+    fn an_answer_with_counters_round_trips() {
+        let answer = Answer {
+            report: report(),
+            metrics: Some(Metrics {
+                daemon_version: "0.1.0".into(),
+                families: vec![Family {
+                    name: "keyholder_signatures_total".into(),
+                    kind: "counter".into(),
+                    help: "Signatures.".into(),
+                    samples: vec![Sample {
+                        labels: vec![("key".into(), "deploy".into())],
+                        value: u64::MAX,
+                    }],
+                }],
+            }),
+        };
+        let bytes = encoded(&answer);
+        assert_eq!(&bytes[..4], &[0, 0, 0, 2]);
+        assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
+        // An older client refuses it (it never asks for it).
+        assert!(StatusReport::decode(&mut &bytes[..]).is_err());
+        for cut in 0..bytes.len() {
+            assert!(Answer::decode(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn only_the_exact_contents_ask_for_counters() {
+        use ssh_agent_lib::proto::Extension;
+        let ext = |details: Vec<u8>| {
+            Request::Extension(Extension {
+                name: NAME.into(),
+                details: details.into(),
+            })
+        };
+        assert!(wants_metrics(&ext(metrics_request())));
+        assert!(!wants_metrics(&ext(Vec::new())));
+        assert!(!wants_metrics(&ext(vec![0, 0, 0, 1])));
+        assert!(!wants_metrics(&ext(vec![0, 0, 0, 2, 0])));
+        assert!(!wants_metrics(&Request::RequestIdentities));
     }
 }
