@@ -86,6 +86,9 @@ pub enum BackendError {
     Unreachable(std::io::Error),
     /// No answer within the timeout.
     Timeout,
+    /// An in-process backend had no free signer within the timeout (its
+    /// work queue stayed full). Counted and audited as a timeout.
+    Busy,
     /// The backend answered FAILURE (or refused what was asked).
     Refused,
     /// The connection broke or the answer could not be decoded.
@@ -97,6 +100,9 @@ impl std::fmt::Display for BackendError {
         match self {
             Self::Unreachable(e) => write!(f, "upstream agent unreachable: {e}"),
             Self::Timeout => f.write_str("upstream agent did not answer in time"),
+            Self::Busy => f.write_str(
+                "no signing worker free within upstream_timeout_secs (the work queue stayed full)",
+            ),
             Self::Refused => f.write_str("upstream agent refused"),
             Self::Broken(e) => write!(f, "upstream agent connection failed: {e}"),
         }

@@ -325,6 +325,7 @@ fn duplicate(answer: &ListAnswer) -> ListAnswer {
             )))
         }
         Err(BackendError::Timeout) => Err(BackendError::Timeout),
+        Err(BackendError::Busy) => Err(BackendError::Busy),
         Err(BackendError::Refused) => Err(BackendError::Refused),
         Err(BackendError::Broken(e)) => Err(BackendError::Broken(e.clone())),
     }

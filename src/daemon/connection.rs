@@ -203,7 +203,7 @@ async fn handle(
             shared.metrics.signed(&key.name, caller.uid, &result);
             let outcome = match &result {
                 Ok(_) => audit::Outcome::Signed,
-                Err(BackendError::Timeout) => audit::Outcome::UpstreamTimeout,
+                Err(BackendError::Timeout | BackendError::Busy) => audit::Outcome::UpstreamTimeout,
                 Err(_) => audit::Outcome::UpstreamError,
             };
             if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
@@ -211,12 +211,9 @@ async fn handle(
             }
             return match result {
                 Ok(signature) => response::sign_response(&signature),
+                // The audit line above says which sign failed and why; the
+                // error itself is logged once per burst, not once per sign.
                 Err(e) => {
-                    tracing::warn!(
-                        "sign with key={} for uid={} failed upstream: {e}",
-                        key.name,
-                        caller.uid
-                    );
                     note_upstream_error(shared, &e);
                     response::FAILURE.to_vec()
                 }

@@ -89,7 +89,7 @@ const UPSTREAM_ERRORS: [&str; 4] = ["unreachable", "timeout", "refused", "broken
 fn upstream_index(e: &BackendError) -> usize {
     match e {
         BackendError::Unreachable(_) => 0,
-        BackendError::Timeout => 1,
+        BackendError::Timeout | BackendError::Busy => 1,
         BackendError::Refused => 2,
         BackendError::Broken(_) => 3,
     }
@@ -247,7 +247,7 @@ impl Metrics {
                     k.users.insert(uid);
                 }
             }
-            Err(BackendError::Timeout) => k.failed_timeout += 1,
+            Err(BackendError::Timeout | BackendError::Busy) => k.failed_timeout += 1,
             Err(_) => k.failed_error += 1,
         });
     }

@@ -286,7 +286,7 @@ impl Backend for Builtin {
         Box::pin(async move {
             self.inner.sign(&request).await.map_err(|e| match e {
                 SignError::NotHeld => BackendError::Refused,
-                SignError::Busy(_) | SignError::Timeout(_) => BackendError::Timeout,
+                SignError::Busy(_) | SignError::Timeout(_) => BackendError::Busy,
                 SignError::Failed(e) => BackendError::Broken(e),
             })
         })
