@@ -38,12 +38,20 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
     let socket = dir.join("proxy-certs.sock");
     let config = dir.join("keyholder-certs.toml");
     let plain = std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
-    let text = plain.replace(
-        &format!("socket = \"{}\"", b.proxy.display()),
-        &format!("socket = \"{}\"", socket.display()),
-    )
+    // With the builtin backend the certificate daemon serves an agent.socket
+    // of its own, and holds the key and the CA itself.
+    let builtin_socket = dir.join("builtin-agent-certs.sock");
+    let text = plain
+        .replace(
+            &format!("socket = \"{}\"", b.proxy.display()),
+            &format!("socket = \"{}\"", socket.display()),
+        )
+        .replace(
+            &format!("socket = \"{}\"", dir.join("builtin-agent.sock").display()),
+            &format!("socket = \"{}\"", builtin_socket.display()),
+        )
         + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n";
-    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    std::fs::write(&config, &text).map_err(|e| e.to_string())?;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| e.to_string())?;
     let log = dir.join("daemon-certs.log");
@@ -65,6 +73,17 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
             "the certificate daemon did not start:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         ));
+    }
+    if text.contains("backend = \"builtin\"") {
+        if !wait_socket(&builtin_socket) {
+            return Err("the certificate daemon's agent.socket did not appear".into());
+        }
+        for key in [dir.join("bench"), ca.clone()] {
+            run(Command::new("ssh-add")
+                .arg("-q")
+                .arg(&key)
+                .env("SSH_AUTH_SOCK", &builtin_socket))?;
+        }
     }
 
     // User a's certificate, as `keyholder cert` prints it; the sign request
