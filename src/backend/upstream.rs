@@ -46,7 +46,7 @@ use ssh_agent_lib::proto::{
     SignRequest,
 };
 use ssh_encoding::{Decode, Encode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
@@ -98,10 +98,17 @@ pub struct UpstreamBackend {
 /// The answer of one listing flight.
 type ListAnswer = Result<Vec<Identity>, BackendError>;
 
-/// One upstream connection and its read buffer.
+/// Read buffer of an upstream connection: a sign answer (and a short
+/// listing) arrives whole in one read, header and body together.
+const UPSTREAM_READ_BUFFER: usize = 2048;
+
+/// One upstream connection and its message buffer. Reads go through a
+/// buffer, so an answer costs one `recv`, not one for its header and one for
+/// its body; bytes left in it after an answer mean the connection is out of
+/// step (it is then never reused, see [`Conn::is_open`]).
 #[derive(Debug)]
 struct Conn {
-    stream: UnixStream,
+    stream: BufReader<UnixStream>,
     buf: Vec<u8>,
 }
 
@@ -169,7 +176,10 @@ impl UpstreamBackend {
             let mut conn = match pooled.take() {
                 Some(conn) => conn,
                 None => Conn {
-                    stream: self.connect(deadline).await?,
+                    stream: BufReader::with_capacity(
+                        UPSTREAM_READ_BUFFER,
+                        self.connect(deadline).await?,
+                    ),
                     buf: Vec::new(),
                 },
             };
@@ -264,12 +274,16 @@ impl UpstreamBackend {
 
 impl Conn {
     /// Whether the agent has not closed this idle connection (nothing may
-    /// be readable on it: an idle connection that has data is out of step).
+    /// be readable on it, nor left in its buffer: an idle connection that
+    /// has data is out of step).
     fn is_open(&self) -> bool {
+        if !self.stream.buffer().is_empty() {
+            return false;
+        }
         let mut byte = [0u8; 1];
         matches!(
             recv(
-                self.stream.as_raw_fd(),
+                self.stream.get_ref().as_raw_fd(),
                 &mut byte,
                 MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
             ),
@@ -278,7 +292,7 @@ impl Conn {
     }
 
     async fn round_trip(&mut self, frame: &[u8]) -> Result<(), Trip> {
-        self.stream.write_all(frame).await.map_err(|e| {
+        self.stream.get_mut().write_all(frame).await.map_err(|e| {
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
