@@ -52,14 +52,16 @@ const KEEP_BUFFER: usize = 16 * 1024;
 /// daemon shuts down.
 /// `admission` holds the connection's slots until it ends.
 pub async fn serve(
-    stream: UnixStream,
+    mut stream: UnixStream,
     uid: u32,
     pid: Option<i32>,
     mut admission: Admission,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (read_half, mut write_half) = stream.into_split();
+    // Borrowed halves: closing the connection is one `close`, without the
+    // `shutdown` an owned write half sends when dropped.
+    let (read_half, mut write_half) = stream.split();
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
     let mut bindings = Bindings::default();
     let mut buf = Vec::new();
