@@ -481,20 +481,6 @@ fn connect(socket: &Path) -> UnixStream {
     s
 }
 
-/// VmRSS once it has stopped moving.
-fn settled_rss(pid: u32) -> u64 {
-    let mut last = proc_kib(pid, "VmRSS");
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = proc_kib(pid, "VmRSS");
-        if now.abs_diff(last) < 256 {
-            return now;
-        }
-        last = now;
-    }
-    last
-}
-
 #[test]
 fn memory_returns_near_the_idle_baseline_after_a_half_frame_flood() {
     require_root!();

@@ -666,20 +666,6 @@ fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
 // ---------------------------------------------------------------------------
 // Memory
 
-/// VmRSS once it has stopped moving (the daemon has read what was sent).
-fn settled_rss(pid: u32) -> u64 {
-    let mut last = proc_kib(pid, "VmRSS");
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = proc_kib(pid, "VmRSS");
-        if now.abs_diff(last) < 256 {
-            return now;
-        }
-        last = now;
-    }
-    last
-}
-
 #[test]
 fn daemon_memory_stays_bounded_with_idle_and_half_sent_connections() {
     require_root!();

@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use ssh_agent_lib::proto::{PublicCredential, Request, Response};
+use ssh_agent_lib::proto::PublicCredential;
 use ssh_key::PublicKey;
 
-use super::client::{describe, AgentClient};
+use super::client::daemon_identities;
 use crate::config::{CertMode, Config};
 use crate::error::{Error, Result};
 
@@ -54,20 +54,8 @@ pub fn run_cert(config_path: &Path, name: &str) -> Result<u8> {
             "{file}: keys.{name} has no certificates (certificate = \"off\")"
         )));
     }
-    let socket = config.socket.display();
     let timeout = config.limits.upstream_timeout + MARGIN;
-    let mut client = AgentClient::connect(&config.socket, timeout)
-        .map_err(|e| Error::msg(format!("daemon unreachable at {socket}: {e}")))?;
-    let ids = match client.call(&Request::RequestIdentities) {
-        Ok(Response::IdentitiesAnswer(ids)) => ids,
-        Ok(other) => {
-            return Err(Error::msg(format!(
-                "daemon at {socket} answered {} to a request for identities",
-                describe(&other)
-            )))
-        }
-        Err(e) => return Err(Error::msg(format!("daemon at {socket}: {e}"))),
-    };
+    let ids = daemon_identities(&config.socket, timeout)?;
     let cert = ids.iter().find_map(|id| match &id.credential {
         PublicCredential::Cert(c) if c.public_key() == &key.public_key => Some(c),
         _ => None,

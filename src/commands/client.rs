@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ssh_agent_lib::proto::{Request, Response};
+use ssh_agent_lib::proto::{Identity, Request, Response};
 use ssh_encoding::{Decode, Encode, Reader};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -168,6 +168,23 @@ pub fn describe(response: &Response) -> &'static str {
         Response::SignResponse(_) => "SIGN_RESPONSE",
         Response::ExtensionFailure => "EXTENSION_FAILURE",
         Response::ExtensionResponse(_) => "EXTENSION_RESPONSE",
+    }
+}
+
+/// The identities the daemon lists to this caller on the proxy socket at
+/// `socket`, with a one-line error naming the socket.
+pub fn daemon_identities(socket: &Path, timeout: Duration) -> crate::error::Result<Vec<Identity>> {
+    use crate::error::Error;
+    let shown = socket.display();
+    let mut client = AgentClient::connect(socket, timeout)
+        .map_err(|e| Error::msg(format!("daemon unreachable at {shown}: {e}")))?;
+    match client.call(&Request::RequestIdentities) {
+        Ok(Response::IdentitiesAnswer(ids)) => Ok(ids),
+        Ok(other) => Err(Error::msg(format!(
+            "daemon at {shown} answered {} to a request for identities",
+            describe(&other)
+        ))),
+        Err(e) => Err(Error::msg(format!("daemon at {shown}: {e}"))),
     }
 }
 

@@ -18,14 +18,14 @@
 
 use std::path::Path;
 
-use ssh_agent_lib::proto::{Identity, PublicCredential, Request, Response};
+use ssh_agent_lib::proto::{Identity, PublicCredential};
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg};
 
-use super::client::{describe, AgentClient};
+use super::client::daemon_identities;
 use super::ClientConfig;
 use crate::config::PublicKeySource;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Added to the daemon's upstream timeout for this command's deadline.
 const LIST_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -37,24 +37,12 @@ pub fn run(config_path: &Path) -> Result<u8> {
         eprintln!("keyholder: note: {note}");
     }
     let socket_path = config.socket();
-    let socket = socket_path.display();
     // Longer than the daemon's own upstream deadline, so that its FAILURE
     // (upstream too slow) arrives before this gives up.
     let timeout = config.config().map_or(super::status::TIMEOUT, |c| {
         c.limits.upstream_timeout + LIST_MARGIN
     });
-    let mut client = AgentClient::connect(&socket_path, timeout)
-        .map_err(|e| Error::msg(format!("daemon unreachable at {socket}: {e}")))?;
-    let ids = match client.call(&Request::RequestIdentities) {
-        Ok(Response::IdentitiesAnswer(ids)) => ids,
-        Ok(other) => {
-            return Err(Error::msg(format!(
-                "daemon at {socket} answered {} to a request for identities",
-                describe(&other)
-            )))
-        }
-        Err(e) => return Err(Error::msg(format!("daemon at {socket}: {e}"))),
-    };
+    let ids = daemon_identities(&socket_path, timeout)?;
 
     let rows = rows(config.config(), &ids);
     if rows.is_empty() {

@@ -1188,3 +1188,18 @@ pub fn read_line_with(child: &mut Child, prefix: &str) -> String {
         seen.push('\n');
     }
 }
+
+/// The daemon's VmRSS (KiB) once it has stopped moving (two readings 200 ms
+/// apart within 256 KiB of each other, or after 10 s).
+pub fn settled_rss(pid: u32) -> u64 {
+    let mut last = proc_kib(pid, "VmRSS");
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = proc_kib(pid, "VmRSS");
+        if now.abs_diff(last) < 256 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}

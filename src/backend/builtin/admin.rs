@@ -19,9 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssh_agent_lib::proto::{
-    AddIdentity, Identity, PublicCredential, RemoveIdentity, Request, Response,
-};
+use ssh_agent_lib::proto::{AddIdentity, PublicCredential, RemoveIdentity, Request, Response};
 use ssh_encoding::{Decode, Reader};
 use ssh_key::HashAlg;
 use tokio::io::AsyncWriteExt;
@@ -234,7 +232,7 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
         }
     };
     let answer = match request {
-        Request::RequestIdentities => Response::IdentitiesAnswer(identities(inner)),
+        Request::RequestIdentities => Response::IdentitiesAnswer(inner.identities()),
         Request::SignRequest(sign) => match inner.sign(&sign).await {
             Ok(blob) => return response::sign_response(&blob),
             Err(e) => {
@@ -268,18 +266,6 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
         }
     };
     response::encode(&answer)
-}
-
-fn identities(inner: &Inner) -> Vec<Identity> {
-    inner
-        .store
-        .list()
-        .into_iter()
-        .map(|(key, comment)| Identity {
-            credential: PublicCredential::Key(key),
-            comment,
-        })
-        .collect()
 }
 
 fn remove(inner: &Inner, credential: &PublicCredential, pid: i32) -> Response {

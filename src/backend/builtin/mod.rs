@@ -189,6 +189,20 @@ pub struct Builtin {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    /// The keys held, in the order added (for the proxy and `agent.socket`).
+    fn identities(&self) -> Vec<Identity> {
+        self.store
+            .list()
+            .into_iter()
+            .map(|(key, comment)| Identity {
+                credential: PublicCredential::Key(key),
+                comment,
+            })
+            .collect()
+    }
+}
+
 /// Settings read once at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -255,15 +269,7 @@ impl Builtin {
 
     /// The keys held, in the order added.
     pub fn identities(&self) -> Vec<Identity> {
-        self.inner
-            .store
-            .list()
-            .into_iter()
-            .map(|(key, comment)| Identity {
-                credential: PublicCredential::Key(key),
-                comment,
-            })
-            .collect()
+        self.inner.identities()
     }
 
     /// Signs on the pool; returns the signature blob (`string alg, string sig`).
