@@ -112,10 +112,10 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
     else {
         return None;
     };
-    let binding = &with_serial(binding, *serial);
     if !decision.is_audited() {
         return None;
     }
+    let binding = &with_serial(binding, *serial);
     let kind = if matches!(reason, Reason::AdminRequest(_)) {
         "admin"
     } else {
