@@ -473,14 +473,14 @@ fn a_no_key_users_bursts_never_reach_the_agent() {
 }
 
 #[test]
-fn a_flood_of_status_requests_is_one_agent_request_at_a_time() {
+fn a_flood_of_status_requests_is_two_agent_requests_at_a_time() {
     require_root!();
     raise_nofile(200);
     let b = Burst::new("");
     let lists = b.agent.requests(11);
     // The agent is held while 200 status requests of one user arrive; when
-    // it goes on, one listing in flight answers the first, and the next one
-    // every request that arrived meanwhile.
+    // it goes on, the two listings in flight answer the first two, and the
+    // next one every request that arrived meanwhile.
     b.agent.signal(nix::sys::signal::Signal::SIGSTOP);
     let mut flood = start_burst(
         &b.outsider.as_user(),
@@ -500,8 +500,8 @@ fn a_flood_of_status_requests_is_one_agent_request_at_a_time() {
     b.agent.signal(nix::sys::signal::Signal::SIGCONT);
     let t = finish_burst(flood);
     t.assert_all_served(200, "");
-    // Two when every request was read while the first listing was held (a
-    // few more if the daemon was slow to read some); one per request
+    // Three when every request was read while the first listings were held
+    // (a few more if the daemon was slow to read some); one per request
     // without coalescing.
     let asked = b.agent.requests(11) - lists;
     assert!(

@@ -2,7 +2,7 @@
 //! of the same agent with `[certificates]` on (CA `benchca`, key `bench` in
 //! mode `also`), and
 //! - `connect` at 16 connections against both daemons, back to back, the
-//!   order swapped every round: the certified side lists user a's cached
+//!   interleaved in one window per round (see `load::RunSpec`): the certified side lists user a's cached
 //!   certificate and signs user-auth data carrying it (as `ssh` does), the
 //!   plain side the plain key;
 //! - the cost of one mint: [`keyholder::certs::mint`] called in this process
@@ -10,21 +10,21 @@
 //!   signature by the agent, verification), sequentially, p50/p99.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keyholder::backend::Backend;
-use load::{Op, RunResult};
+use load::{Op, RunResult, SideSpec};
 use setup::{run, wait_socket, Proc, Result};
 
-use crate::{check_interrupted, load, median, median_of, setup, us, Bench, KEYHOLDER};
+use crate::{check_interrupted, load, median, median_of, setup, us, Bench, Timing, KEYHOLDER};
 
 /// Mints timed in-process.
 const MINTS: usize = 200;
 
 /// Runs the certificate phase; returns its Markdown.
-pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Result<String> {
+pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     check_interrupted()?;
     let dir = b.dir.0.clone();
     let ca = dir.join("benchca");
@@ -117,19 +117,23 @@ pub fn phase(b: &mut Bench, rounds: usize, warmup_ms: u64, window_ms: u64) -> Re
     let sign_plain = b.sign.clone();
     let plain_socket = b.proxy.clone();
     for round in 0..rounds {
-        let sides: [(bool, &PathBuf, &Vec<u8>); 2] = [
-            (false, &plain_socket, &sign_plain),
-            (true, &socket, &sign_cert),
+        // Side 0 plain, side 1 certificates, interleaved in one window.
+        let sides = vec![
+            SideSpec {
+                socket: plain_socket.clone(),
+                sign: sign_plain.clone(),
+            },
+            SideSpec {
+                socket: socket.clone(),
+                sign: sign_cert.clone(),
+            },
         ];
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (certified, sock, sign) = sides[i];
-            let r = b
-                .window_on(sock, sign, Op::Connect, 16, warmup_ms, window_ms)?
-                .r;
-            if !daemon.alive() {
-                return Err("the certificate daemon died".into());
-            }
+        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing)?;
+        if !daemon.alive() {
+            return Err("the certificate daemon died".into());
+        }
+        for (certified, w) in [false, true].into_iter().zip(windows) {
+            let r = w.r;
             eprintln!(
                 "round {}/{rounds} connect16 {:<13} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  failures {}",
                 round + 1,

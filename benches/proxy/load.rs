@@ -35,31 +35,62 @@ pub enum Op {
     Connect,
 }
 
-/// One measurement window.
+/// One side of an interleaved window: where to connect, what to sign.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSpec {
+pub struct SideSpec {
     pub socket: PathBuf,
-    pub op: Op,
-    pub conns: usize,
-    pub warmup_ms: u64,
-    pub window_ms: u64,
     /// The framed SIGN_REQUEST to send.
     pub sign: Vec<u8>,
 }
 
-/// What one window measured.
+/// One measurement window: both sides, interleaved in short slices.
+///
+/// The host this runs on speeds up and slows down by ±15 % within a second
+/// (the agent's own CPU time per signature moves with it), so two windows
+/// of seconds run one after the other do not see the same machine. Here
+/// the sides alternate every `slice_ms` in an ABBA pattern (A B B A A B …),
+/// so both sides sample the same moments of the host. In each slice the
+/// first `settle_ms` are not counted: operations of the other side still in
+/// the agent's queue are done by then.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub sides: Vec<SideSpec>,
+    pub op: Op,
+    pub conns: usize,
+    /// Alternating, not counted.
+    pub warmup_ms: u64,
+    /// Time per side, settle periods included.
+    pub window_ms: u64,
+    pub slice_ms: u64,
+    pub settle_ms: u64,
+    /// The side the ABBA pattern starts with.
+    pub first: usize,
+    /// Processes whose CPU time is read at every slice boundary and
+    /// charged to the side whose slice it was (the agent, the daemon).
+    pub pids: Vec<u32>,
+}
+
+/// What one side of a window measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunResult {
-    /// Operations completed (started inside the window).
+    /// Operations started in counted time.
     pub ops: u64,
     pub failures: u64,
-    /// The window's length.
+    /// Counted time (slices less their settle periods).
     pub secs: f64,
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub first_error: Option<String>,
-    /// Operations completed, warm-up included (for CPU time per operation).
+    /// Operations started in this side's slices, settle periods included
+    /// (for CPU time per operation).
     pub all_ops: u64,
+    /// CPU time of each of [`RunSpec::pids`] during this side's slices, µs.
+    pub cpu_us: Vec<f64>,
+    /// Run-queue wait of each of [`RunSpec::pids`] during this side's
+    /// slices, µs: runnable, not running.
+    pub wait_us: Vec<f64>,
+    /// The load generator's own CPU time during this side's slices, µs.
+    pub client_cpu_us: f64,
 }
 
 impl RunResult {
@@ -221,55 +252,179 @@ impl Conn {
     }
 }
 
-struct ThreadResult {
+/// The slices of a window, on one clock.
+struct Schedule {
+    /// When the warm-up ends and the first counted slice begins.
+    start: Instant,
+    slice: Duration,
+    settle: Duration,
+    /// The side of each counted slice.
+    sides: Vec<usize>,
+    /// Sides alternate every `warmup_slice` during the warm-up.
+    warmup_begin: Instant,
+    warmup_slice: Duration,
+    /// How many sides alternate.
+    nsides: usize,
+}
+
+/// Where an instant falls.
+enum At {
+    Warmup(usize),
+    /// Side, counted (past the settle period)?
+    Slice(usize, bool),
+    Done,
+}
+
+impl Schedule {
+    fn at(&self, t: Instant) -> At {
+        if t < self.start {
+            let k = (t.saturating_duration_since(self.warmup_begin).as_nanos()
+                / self.warmup_slice.as_nanos().max(1)) as usize;
+            return At::Warmup(k % self.nsides.max(1));
+        }
+        let since = t - self.start;
+        let k = (since.as_nanos() / self.slice.as_nanos().max(1)) as usize;
+        match self.sides.get(k) {
+            Some(&side) => {
+                let into = since - self.slice * k as u32;
+                At::Slice(side, into >= self.settle)
+            }
+            None => At::Done,
+        }
+    }
+
+    fn end(&self) -> Instant {
+        self.start + self.slice * self.sides.len() as u32
+    }
+}
+
+/// The ABBA order of `n` slices per side, starting with `first` (of
+/// `sides` sides: with one, every slice is side 0).
+fn abba(sides: usize, n: usize, first: usize) -> Vec<usize> {
+    if sides < 2 {
+        return vec![0; n];
+    }
+    let other = 1 - first.min(1);
+    (0..n)
+        .flat_map(|pair| {
+            if pair % 2 == 0 {
+                [first.min(1), other]
+            } else {
+                [other, first.min(1)]
+            }
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct SideTally {
     all_ops: u64,
     latencies: Vec<u64>,
     failures: u64,
     first_error: Option<String>,
 }
 
-/// Runs one window: `conns` threads, each looping `op` until the window
-/// ends. Operations started during the warm-up are not counted.
-pub fn run(spec: &RunSpec) -> RunResult {
+/// Runs one interleaved window: `conns` threads, each looping `op` on the
+/// side whose slice it is, until the last slice ends.
+pub fn run(spec: &RunSpec) -> Vec<RunResult> {
     let spec = Arc::new(spec.clone());
+    let nsides = spec.sides.len();
+    let slice_ms = spec.slice_ms.clamp(1, spec.window_ms.max(1));
+    let per_side = (spec.window_ms / slice_ms).max(1) as usize;
+    let settle_ms = spec.settle_ms.min(slice_ms / 2);
     let barrier = Arc::new(Barrier::new(spec.conns + 1));
-    let window: Arc<OnceLock<(Instant, Instant)>> = Arc::new(OnceLock::new());
+    let schedule: Arc<OnceLock<Schedule>> = Arc::new(OnceLock::new());
     let threads: Vec<_> = (0..spec.conns)
         .map(|_| {
-            let (spec, barrier, window) = (spec.clone(), barrier.clone(), window.clone());
+            let (spec, barrier, schedule) = (spec.clone(), barrier.clone(), schedule.clone());
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
-                .spawn(move || client_thread(&spec, &barrier, &window))
+                .spawn(move || client_thread(&spec, &barrier, &schedule))
                 .expect("spawn load thread")
         })
         .collect();
-    // Everyone connected: fix the window, then let them go.
+    // Everyone connected: fix the schedule, then let them go.
     barrier.wait();
-    let start = Instant::now() + Duration::from_millis(spec.warmup_ms);
-    let end = start + Duration::from_millis(spec.window_ms);
-    let _ = window.set((start, end));
+    let warmup_begin = Instant::now();
+    let sched = Schedule {
+        start: warmup_begin + Duration::from_millis(spec.warmup_ms),
+        slice: Duration::from_millis(slice_ms),
+        settle: Duration::from_millis(settle_ms),
+        sides: abba(nsides, per_side, spec.first),
+        warmup_begin,
+        warmup_slice: Duration::from_millis((spec.warmup_ms / 2).max(1)),
+        nsides,
+    };
+    let boundaries: Vec<(Instant, usize)> = (0..sched.sides.len())
+        .map(|k| (sched.start + sched.slice * (k as u32 + 1), sched.sides[k]))
+        .collect();
+    let start = sched.start;
+    let _ = schedule.set(sched);
     barrier.wait();
 
-    let mut latencies = Vec::new();
-    let mut failures = 0;
-    let mut first_error = None;
-    let mut all_ops = 0;
+    // CPU time and run-queue wait at every slice boundary, charged to the
+    // slice's side.
+    let mut cpu = vec![vec![0.0; spec.pids.len()]; nsides];
+    let mut wait = vec![vec![0.0; spec.pids.len()]; nsides];
+    let mut client_cpu = vec![0.0; nsides];
+    let sample = || -> (Vec<(f64, f64)>, f64) {
+        (
+            spec.pids
+                .iter()
+                .map(|&p| crate::setup::sched_us(p).unwrap_or((0.0, 0.0)))
+                .collect(),
+            crate::setup::self_cpu_us(),
+        )
+    };
+    sleep_until(start);
+    let mut last = sample();
+    for (end, side) in boundaries {
+        sleep_until(end);
+        let now = sample();
+        for (i, (a, b)) in now.0.iter().zip(&last.0).enumerate() {
+            cpu[side][i] += a.0 - b.0;
+            wait[side][i] += a.1 - b.1;
+        }
+        client_cpu[side] += now.1 - last.1;
+        last = now;
+    }
+
+    let mut tallies: Vec<SideTally> = (0..nsides).map(|_| SideTally::default()).collect();
     for t in threads {
         let r = t.join().expect("load thread panicked");
-        all_ops += r.all_ops;
-        latencies.extend(r.latencies);
-        failures += r.failures;
-        first_error = first_error.or(r.first_error);
+        for (total, mine) in tallies.iter_mut().zip(r) {
+            total.all_ops += mine.all_ops;
+            total.latencies.extend(mine.latencies);
+            total.failures += mine.failures;
+            total.first_error = total.first_error.take().or(mine.first_error);
+        }
     }
-    latencies.sort_unstable();
-    RunResult {
-        ops: latencies.len() as u64,
-        failures,
-        secs: spec.window_ms as f64 / 1000.0,
-        p50_ns: percentile(&latencies, 50.0),
-        p99_ns: percentile(&latencies, 99.0),
-        first_error,
-        all_ops,
+    let counted = (slice_ms - settle_ms) as f64 / 1000.0 * per_side as f64;
+    tallies
+        .into_iter()
+        .zip(cpu.into_iter().zip(wait).zip(client_cpu))
+        .map(|(mut t, ((cpu_us, wait_us), client_cpu_us))| {
+            t.latencies.sort_unstable();
+            RunResult {
+                ops: t.latencies.len() as u64,
+                failures: t.failures,
+                secs: counted,
+                p50_ns: percentile(&t.latencies, 50.0),
+                p99_ns: percentile(&t.latencies, 99.0),
+                first_error: t.first_error,
+                all_ops: t.all_ops,
+                cpu_us,
+                wait_us,
+                client_cpu_us,
+            }
+        })
+        .collect()
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
     }
 }
 
@@ -285,80 +440,95 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn client_thread(
     spec: &RunSpec,
     barrier: &Barrier,
-    window: &OnceLock<(Instant, Instant)>,
-) -> ThreadResult {
+    schedule: &OnceLock<Schedule>,
+) -> Vec<SideTally> {
     let persistent = spec.op != Op::Connect;
-    let mut conn = None;
-    let mut early_error = None;
+    let mut tallies: Vec<SideTally> = spec
+        .sides
+        .iter()
+        .map(|_| SideTally {
+            latencies: Vec::with_capacity(1 << 15),
+            ..SideTally::default()
+        })
+        .collect();
+    let mut conns: Vec<Option<Conn>> = spec.sides.iter().map(|_| None).collect();
+    let mut early_errors: Vec<Option<String>> = spec.sides.iter().map(|_| None).collect();
     if persistent {
-        match Conn::connect(&spec.socket) {
-            Ok(c) => conn = Some(c),
-            Err(e) => early_error = Some(format!("connect: {e}")),
+        for (i, side) in spec.sides.iter().enumerate() {
+            match Conn::connect(&side.socket) {
+                Ok(c) => conns[i] = Some(c),
+                Err(e) => early_errors[i] = Some(format!("connect: {e}")),
+            }
         }
     }
-    let mut latencies = Vec::with_capacity(1 << 16);
-    let mut all_ops = 0;
-    let mut failures = 0;
-    let mut first_error = None;
     barrier.wait();
     barrier.wait();
-    let (start, end) = *window.get().expect("window set before the second barrier");
-    if let Some(e) = early_error {
-        failures += 1;
-        first_error = Some(e);
+    let schedule = schedule
+        .get()
+        .expect("schedule set before the second barrier");
+    for (t, e) in tallies.iter_mut().zip(early_errors) {
+        if let Some(e) = e {
+            t.failures += 1;
+            t.first_error = Some(e);
+        }
     }
+    let end = schedule.end();
     loop {
         let t0 = Instant::now();
         if t0 >= end {
             break;
         }
+        let (side, warm, counted) = match schedule.at(t0) {
+            At::Warmup(side) => (side, true, false),
+            At::Slice(side, counted) => (side, false, counted),
+            At::Done => break,
+        };
+        let s = &spec.sides[side];
         let result = if persistent {
-            persistent_op(&mut conn, spec)
+            persistent_op(&mut conns[side], s, spec.op)
         } else {
-            Conn::connect(&spec.socket)
+            Conn::connect(&s.socket)
                 .map_err(Failure::Io)
                 .and_then(|mut c| {
                     c.list()?;
-                    c.sign(&spec.sign)
+                    c.sign(&s.sign)
                 })
         };
         let t1 = Instant::now();
+        let tally = &mut tallies[side];
         match result {
             Ok(()) => {
-                all_ops += 1;
-                if t0 >= start {
-                    latencies.push((t1 - t0).as_nanos() as u64);
+                if !warm {
+                    tally.all_ops += 1;
+                }
+                if counted {
+                    tally.latencies.push((t1 - t0).as_nanos() as u64);
                 }
             }
             Err(e) => {
-                if t0 >= start {
-                    failures += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
+                if !warm {
+                    tally.failures += 1;
+                    tally.first_error.get_or_insert_with(|| e.to_string());
                 }
                 if matches!(e, Failure::Io(_)) {
-                    conn = None;
+                    conns[side] = None;
                 }
                 // Do not spin on a broken socket.
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
-    ThreadResult {
-        all_ops,
-        latencies,
-        failures,
-        first_error,
-    }
+    tallies
 }
 
 /// One operation on a persistent connection, (re)connecting first if needed.
-fn persistent_op(conn: &mut Option<Conn>, spec: &RunSpec) -> Result<(), Failure> {
+fn persistent_op(conn: &mut Option<Conn>, side: &SideSpec, op: Op) -> Result<(), Failure> {
     if conn.is_none() {
-        *conn = Some(Conn::connect(&spec.socket)?);
+        *conn = Some(Conn::connect(&side.socket)?);
     }
     let c = conn.as_mut().expect("connected above");
-    if spec.op == Op::Sign {
-        c.sign(&spec.sign)
+    if op == Op::Sign {
+        c.sign(&side.sign)
     } else {
         c.list()
     }

@@ -288,27 +288,30 @@ fn end_processes_of(uid: u32) {
     }
 }
 
-/// CPU time (user + system) a process has used so far, in microseconds.
-pub fn cpu_us(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces): state is
-    // field 3, utime and stime are fields 14 and 15.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100);
-    Some((utime + stime) as f64 * 1e6 / tick as f64)
+/// CPU time and run-queue wait of a process, all its threads summed, in
+/// microseconds, from `/proc/PID/task/*/schedstat` (nanoseconds, exact,
+/// where `stat` counts clock ticks). The wait is time runnable but not
+/// running: preempted, or queued behind another task on its CPU.
+pub fn sched_us(pid: u32) -> Option<(f64, f64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let (mut cpu, mut wait) = (0u64, 0u64);
+    for task in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let mut fields = text
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0));
+        cpu += fields.next().unwrap_or(0);
+        wait += fields.next().unwrap_or(0);
+    }
+    Some((cpu as f64 / 1e3, wait as f64 / 1e3))
 }
 
-/// CPU time used by waited-for children (the load generators), in
-/// microseconds.
-pub fn children_cpu_us() -> f64 {
+/// CPU time of this process (all its threads), in microseconds.
+pub fn self_cpu_us() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
         let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 * 1e6 + tv.tv_usec() as f64;
         t(u.user_time()) + t(u.system_time())
     })

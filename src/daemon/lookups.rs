@@ -4,8 +4,10 @@
 //!
 //! - An answer is reused for at most `limits.lookup_cache_secs`, counted
 //!   from when its lookup was started, and never across a change of
-//!   `/etc/passwd` or `/etc/group` (device, inode, size, mtime, ctime;
-//!   checked with two `stat`s at each use) or a SIGHUP ([`Lookups::clear`]).
+//!   `/etc/passwd` or `/etc/group` (watched with inotify, asked at each
+//!   use; where inotify cannot watch them, device, inode, size, mtime and
+//!   ctime compared with two `stat`s at each use: see
+//!   [`super::userdb_watch`]) or a SIGHUP ([`Lookups::clear`]).
 //!   Requests that arrive while a lookup runs wait for it only when its
 //!   answer would be fresh enough for them as a cached one; with no cache,
 //!   every request gets a lookup started after it arrived.
@@ -25,7 +27,6 @@
 //! than the cache allows.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -35,11 +36,12 @@ use tokio::sync::{watch, Semaphore};
 
 use super::caller::{self, Entry};
 use super::limits::SharedBurstLog;
+use super::userdb_watch::{Seen, UserDbWatch};
 use crate::policy::Caller;
 
-/// The files whose change drops the cache.
+/// The local user database read by the accept loop (its changes, and
+/// /etc/group's, drop the cache: see [`super::userdb_watch`]).
 const PASSWD: &str = "/etc/passwd";
-const GROUP: &str = "/etc/group";
 /// Lookups at once for uids known to have a passwd entry.
 pub const LISTED_LOOKUPS: usize = 16;
 /// Lookups at once for the other uids.
@@ -82,33 +84,6 @@ pub struct LookupStats {
     pub reused: u64,
     /// Requests whose lookup missed its deadline.
     pub timed_out: u64,
-}
-
-/// The identity of the user database files at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-type Stamps = [Option<FileStamp>; 2];
-
-fn stamp(path: &str) -> Option<FileStamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        size: m.size(),
-        mtime: (m.mtime(), m.mtime_nsec()),
-        ctime: (m.ctime(), m.ctime_nsec()),
-    })
-}
-
-fn stamps() -> Stamps {
-    [stamp(PASSWD), stamp(GROUP)]
 }
 
 /// How a lookup ended.
@@ -161,7 +136,7 @@ fn usable(created: Instant, now: Instant, cache: Duration, valid: bool) -> bool 
 struct State {
     /// The files as last seen; `None` before the first look and after a
     /// SIGHUP.
-    stamps: Option<Stamps>,
+    seen: Option<Seen>,
     /// Bumped whenever the cache is dropped.
     generation: u64,
     /// The latest lookup per uid, while the cache is on.
@@ -178,11 +153,11 @@ struct State {
 
 impl State {
     /// Drops the cache when the files changed since last seen.
-    fn refresh(&mut self, now: Stamps) {
-        if self.stamps == Some(now) {
+    fn refresh(&mut self, now: Seen) {
+        if self.seen == Some(now) {
             return;
         }
-        self.stamps = Some(now);
+        self.seen = Some(now);
         self.generation += 1;
         self.latest.clear();
         if let Some(local) = local_uids() {
@@ -232,6 +207,8 @@ fn parse_passwd_uids(text: &[u8]) -> HashSet<u32> {
 #[derive(Debug)]
 pub struct Lookups {
     state: Mutex<State>,
+    /// Whether /etc/passwd or /etc/group changed.
+    files: UserDbWatch,
     listed_slots: Arc<Semaphore>,
     unlisted_slots: Arc<Semaphore>,
     prefetching: AtomicUsize,
@@ -249,6 +226,7 @@ impl Lookups {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
+            files: UserDbWatch::new(),
             listed_slots: Arc::new(Semaphore::new(LISTED_LOOKUPS)),
             unlisted_slots: Arc::new(Semaphore::new(UNLISTED_LOOKUPS)),
             prefetching: AtomicUsize::new(0),
@@ -267,7 +245,7 @@ impl Lookups {
     /// gets a fresh lookup.
     pub fn clear(&self) {
         let mut st = self.lock();
-        st.stamps = None;
+        st.seen = None;
         st.generation += 1;
         st.latest.clear();
     }
@@ -283,9 +261,9 @@ impl Lookups {
 
     /// Whether `uid` is known to have a passwd entry: a line of
     /// /etc/passwd, or an earlier lookup that found one. Never waits for the
-    /// user database (two `stat`s; /etc/passwd is re-read when it changed).
+    /// user database (/etc/passwd is re-read when it changed).
     pub fn listed(&self, uid: u32) -> bool {
-        let now = stamps();
+        let now = self.files.seen();
         let mut st = self.lock();
         st.refresh(now);
         st.listed(uid)
@@ -402,7 +380,7 @@ impl Lookups {
         now: Instant,
         keep: bool,
     ) -> Result<(Arc<Flight>, bool), Overdue> {
-        let files = stamps();
+        let files = self.files.seen();
         let mut st = self.lock();
         st.refresh(files);
         let generation = st.generation;
