@@ -223,7 +223,7 @@ impl AsyncRead for Socket {
             };
             let unfilled = buf.initialize_unfilled();
             let want = unfilled.len();
-            match guard.try_io(|fd| (&mut &*fd.get_ref()).read(unfilled)) {
+            match guard.try_io(|fd| (&mut fd.get_ref()).read(unfilled)) {
                 Ok(Ok(n)) => {
                     // A short read drained the socket: the next read waits
                     // for the runtime rather than asking the kernel first
