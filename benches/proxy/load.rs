@@ -45,13 +45,13 @@ pub struct SideSpec {
 
 /// One measurement window: both sides, interleaved in short slices.
 ///
-/// The host this runs on speeds up and slows down by ±15 % within a second
-/// (the agent's own CPU time per signature moves with it), so two windows
-/// of seconds run one after the other do not see the same machine. Here
-/// the sides alternate every `slice_ms` in an ABBA pattern (A B B A A B …),
-/// so both sides sample the same moments of the host. In each slice the
-/// first `settle_ms` are not counted: operations of the other side still in
-/// the agent's queue are done by then.
+/// The host this runs on speeds up and slows down by 15 % and more within a
+/// second (the agent's own CPU time per signature moves with it), so two
+/// windows of seconds run one after the other do not see the same machine.
+/// Here the sides alternate every `slice_ms` in an ABBA pattern (A B B A A
+/// B …), so both sides sample the same moments of the host. In each slice
+/// the first `settle_ms` are not counted: operations of the other side
+/// still in the agent's queue are done by then.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSpec {
     pub sides: Vec<SideSpec>,

@@ -158,12 +158,12 @@ impl Settings {
             timing: Timing {
                 window_ms: (num("KH_BENCH_SECS", 3.0)? * 1000.0) as u64,
                 warmup_ms: 500,
-                slice_ms: num("KH_BENCH_SLICE_MS", 300.0)? as u64,
+                slice_ms: num("KH_BENCH_SLICE_MS", 200.0)? as u64,
                 settle_ms: match std::env::var("KH_BENCH_SETTLE_MS") {
                     Ok(v) => v
                         .parse()
                         .map_err(|_| format!("KH_BENCH_SETTLE_MS={v:?}: not a number"))?,
-                    Err(_) => 50,
+                    Err(_) => 30,
                 },
             },
             rounds: num("KH_BENCH_ROUNDS", 5.0)? as usize,
