@@ -18,12 +18,14 @@
 //!   audit line per signature, written to a file).
 //!
 //! The load generator is this binary re-executed as user `a` under
-//! `setpriv --init-groups` (see `load.rs`). Each scenario runs in windows of
-//! `KH_BENCH_SECS` (3) seconds after a 0.5 s warm-up, direct and proxy back
-//! to back, the order swapped every round, for `KH_BENCH_ROUNDS` (5) rounds;
-//! the report gives medians over rounds (for proxy/direct, the median of
-//! each round's paired ratio), total failures, the CPU time per operation of
-//! each process and how busy the rest of the machine was, as Markdown on
+//! `setpriv --init-groups` (see `load.rs`). Each scenario runs, in each of
+//! `KH_BENCH_ROUNDS` (5) rounds, one window in which direct and proxy
+//! alternate every `KH_BENCH_SLICE_MS` (200) ms in ABBA order, for
+//! `KH_BENCH_SECS` (3) seconds per side after a 0.5 s warm-up (see
+//! `load::RunSpec`); the report gives medians over rounds (for
+//! proxy/direct, the median of each round's ratio, and the pooled ratio),
+//! total failures, the CPU time per operation of each process, the agent's
+//! run-queue wait and how busy the rest of the machine was, as Markdown on
 //! stdout (progress goes to stderr). Then the memory phase holds
 //! `KH_BENCH_IDLE` (1000) idle connections, half from each user (the default
 //! `max_connections_per_user` of 512 is kept), and reads the daemon's VmRSS.

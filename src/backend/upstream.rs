@@ -50,12 +50,7 @@ use ssh_agent_lib::proto::{
     SignRequest,
 };
 use ssh_encoding::{Decode, Encode};
-use std::io::Read;
-use std::pin::Pin;
-use std::task::Poll;
-
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, BufReader, Interest, ReadBuf};
+use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
@@ -63,6 +58,7 @@ use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
 use crate::protocol::{read_frame, FrameError, MAX_MESSAGE_LEN};
+use crate::stream::Stream;
 
 /// Upstream connections open at most (in use and idle together). The agent
 /// is single-threaded: more connections than this add poll work for it and
@@ -156,89 +152,8 @@ const UPSTREAM_READ_BUFFER: usize = 2048;
 /// step (it is then never reused, see [`Conn::is_open`]).
 #[derive(Debug)]
 struct Conn {
-    stream: BufReader<Socket>,
+    stream: BufReader<Stream>,
     buf: Vec<u8>,
-}
-
-/// An upstream socket, registered with the runtime for reading only.
-///
-/// A socket registered for writing too gets an event each time the agent
-/// reads a request from it (its buffer has room again), and a daemon thread
-/// asleep in `epoll_wait` is woken for nothing, once per request: measured
-/// with `perf trace` on `sign` 1, an extra wake-up 10 to 60 µs after every
-/// request was sent. Requests are small and the socket's buffer large, so a
-/// send normally completes at once; when it cannot (the agent has stopped
-/// reading), it is retried with a short backoff, within the call's
-/// deadline.
-#[derive(Debug)]
-struct Socket {
-    fd: AsyncFd<std::os::unix::net::UnixStream>,
-}
-
-/// The pauses between retries of a send that found the buffer full.
-const SEND_RETRY_MIN: Duration = Duration::from_millis(1);
-const SEND_RETRY_MAX: Duration = Duration::from_millis(20);
-
-impl Socket {
-    fn new(stream: UnixStream) -> Result<Self, BackendError> {
-        let broken = |e: std::io::Error| BackendError::Broken(format!("upstream socket: {e}"));
-        let std = stream.into_std().map_err(broken)?;
-        // SAFETY: the `UnixStream` owns its descriptor: it stays open and is
-        // the same one until the `AsyncFd` (which owns the stream) drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(std, Interest::READABLE) }
-            .map_err(|e| broken(std::io::Error::other(e.to_string())))?;
-        Ok(Self { fd })
-    }
-
-    /// Sends all of `frame` (SIGPIPE never raised: MSG_NOSIGNAL).
-    async fn send_all(&self, mut frame: &[u8]) -> std::io::Result<()> {
-        let mut pause = SEND_RETRY_MIN;
-        while !frame.is_empty() {
-            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-            match nix::sys::socket::send(self.fd.as_raw_fd(), frame, flags) {
-                Ok(n) => frame = frame.get(n..).unwrap_or_default(),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(SEND_RETRY_MAX);
-                }
-                Err(e) => return Err(std::io::Error::from(e)),
-            }
-        }
-        Ok(())
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        loop {
-            let mut guard = match self.fd.poll_read_ready(cx) {
-                Poll::Ready(Ok(guard)) => guard,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            };
-            let unfilled = buf.initialize_unfilled();
-            let want = unfilled.len();
-            match guard.try_io(|fd| (&mut fd.get_ref()).read(unfilled)) {
-                Ok(Ok(n)) => {
-                    // A short read drained the socket: the next read waits
-                    // for the runtime rather than asking the kernel first
-                    // (as tokio's own streams do).
-                    if n < want {
-                        guard.clear_ready();
-                    }
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
-    }
 }
 
 /// How one round trip failed.
@@ -307,7 +222,8 @@ impl UpstreamBackend {
                 None => Conn {
                     stream: BufReader::with_capacity(
                         UPSTREAM_READ_BUFFER,
-                        Socket::new(self.connect(deadline).await?)?,
+                        Stream::new(self.connect(deadline).await?)
+                            .map_err(|e| BackendError::Broken(format!("upstream socket: {e}")))?,
                     ),
                     buf: Vec::new(),
                 },
@@ -454,20 +370,13 @@ impl Conn {
         if !self.stream.buffer().is_empty() {
             return false;
         }
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if self
-            .stream
-            .get_ref()
-            .fd
-            .poll_read_ready(&mut cx)
-            .is_pending()
-        {
+        if !self.stream.get_ref().seen_readable() {
             return true;
         }
         let mut byte = [0u8; 1];
         matches!(
             recv(
-                self.stream.get_ref().fd.as_raw_fd(),
+                self.stream.get_ref().as_raw_fd(),
                 &mut byte,
                 MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
             ),
@@ -476,7 +385,7 @@ impl Conn {
     }
 
     async fn round_trip(&mut self, frame: &[u8]) -> Result<(), Trip> {
-        self.stream.get_ref().send_all(frame).await.map_err(|e| {
+        self.stream.get_ref().write_all(frame).await.map_err(|e| {
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
