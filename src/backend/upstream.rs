@@ -69,8 +69,9 @@ pub const POOL_MAX: u32 = 64;
 /// ahead of it. With a single flight, every `ssh` that arrived meanwhile
 /// waited for that one and then for the next, and the agent ran short of
 /// signatures to make: `connect` 16 in `cargo bench --bench proxy` gave
-/// 0.89 of the agent used directly with one flight, 0.98 with two (and
-/// with four or eight), 0.97 with no coalescing at all.
+/// 0.89 of the agent used directly with one flight, 0.94 to 0.98 with two,
+/// four or eight, 0.97 with no coalescing at all; more flights cost `list`
+/// 16 (each is an upstream round trip for the daemon).
 pub const LIST_FLIGHTS: usize = 2;
 /// Upstream connects in flight at once: well under OpenSSH's listen backlog
 /// of 128, so a refill after a restart never overruns it by itself.
