@@ -134,6 +134,8 @@ fn usable(created: Instant, now: Instant, cache: Duration, valid: bool) -> bool 
 
 #[derive(Debug, Default)]
 struct State {
+    /// Whether /etc/passwd or /etc/group changed.
+    files: UserDbWatch,
     /// The files as last seen; `None` before the first look and after a
     /// SIGHUP.
     seen: Option<Seen>,
@@ -153,7 +155,8 @@ struct State {
 
 impl State {
     /// Drops the cache when the files changed since last seen.
-    fn refresh(&mut self, now: Seen) {
+    fn refresh(&mut self) {
+        let now = self.files.seen();
         if self.seen == Some(now) {
             return;
         }
@@ -207,8 +210,6 @@ fn parse_passwd_uids(text: &[u8]) -> HashSet<u32> {
 #[derive(Debug)]
 pub struct Lookups {
     state: Mutex<State>,
-    /// Whether /etc/passwd or /etc/group changed.
-    files: UserDbWatch,
     listed_slots: Arc<Semaphore>,
     unlisted_slots: Arc<Semaphore>,
     prefetching: AtomicUsize,
@@ -226,7 +227,6 @@ impl Lookups {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
-            files: UserDbWatch::new(),
             listed_slots: Arc::new(Semaphore::new(LISTED_LOOKUPS)),
             unlisted_slots: Arc::new(Semaphore::new(UNLISTED_LOOKUPS)),
             prefetching: AtomicUsize::new(0),
@@ -263,9 +263,8 @@ impl Lookups {
     /// /etc/passwd, or an earlier lookup that found one. Never waits for the
     /// user database (/etc/passwd is re-read when it changed).
     pub fn listed(&self, uid: u32) -> bool {
-        let now = self.files.seen();
         let mut st = self.lock();
-        st.refresh(now);
+        st.refresh();
         st.listed(uid)
     }
 
@@ -380,9 +379,8 @@ impl Lookups {
         now: Instant,
         keep: bool,
     ) -> Result<(Arc<Flight>, bool), Overdue> {
-        let files = self.files.seen();
         let mut st = self.lock();
-        st.refresh(files);
+        st.refresh();
         let generation = st.generation;
         if let Some(f) = st.latest.get(&uid) {
             if f.usable(now, cache, generation, configured) {

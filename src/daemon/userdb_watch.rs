@@ -17,7 +17,6 @@
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -45,8 +44,8 @@ impl Paths {
         }
     }
 
-    fn file(&self, i: usize) -> Option<PathBuf> {
-        self.names.get(i).map(|n| self.dir.join(n))
+    fn files(&self) -> [PathBuf; 2] {
+        self.names.each_ref().map(|n| self.dir.join(n))
     }
 }
 
@@ -82,13 +81,15 @@ fn stamp(path: &std::path::Path) -> Option<FileStamp> {
 }
 
 fn stamps(paths: &Paths) -> [Option<FileStamp>; 2] {
-    [0, 1].map(|i| paths.file(i).and_then(|p| stamp(&p)))
+    paths.files().map(|p| stamp(&p))
 }
 
-/// The watch of the user database files.
+/// The watch of the user database files (kept, and asked, under the lookup
+/// cache's lock).
 #[derive(Debug)]
 pub struct UserDbWatch {
-    inner: Mutex<Option<Watch>>,
+    /// `None`: compare the files instead.
+    watch: Option<Watch>,
     paths: Paths,
 }
 
@@ -124,20 +125,17 @@ fn dir_flags() -> AddWatchFlags {
 
 impl Watch {
     fn start(paths: &Paths) -> Option<Self> {
-        let files: Vec<PathBuf> = (0..2).filter_map(|i| paths.file(i)).collect();
+        let files = paths.files();
         // A symlink's target can change without an event here.
-        for path in &files {
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-                return None;
-            }
+        if files
+            .iter()
+            .any(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()))
+        {
+            return None;
         }
         let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
         let dir = fd.add_watch(&paths.dir, dir_flags()).ok()?;
-        let files = [0, 1].map(|i| {
-            files
-                .get(i)
-                .and_then(|p| fd.add_watch(p, file_flags()).ok())
-        });
+        let files = files.map(|p| fd.add_watch(&p, file_flags()).ok());
         Some(Self {
             fd,
             dir,
@@ -175,11 +173,9 @@ impl Watch {
                         self.changes += 1;
                         // A file replaced by a rename is a new inode: watch
                         // that one now (the old watch ends by itself).
-                        if let Some(path) = paths.file(i) {
-                            let wd = self.fd.add_watch(&path, file_flags()).ok();
-                            if let Some(slot) = self.files.get_mut(i) {
-                                *slot = wd;
-                            }
+                        let wd = self.fd.add_watch(&paths.dir.join(name), file_flags()).ok();
+                        if let Some(slot) = self.files.get_mut(i) {
+                            *slot = wd;
                         }
                     }
                 } else if self.files.contains(&Some(e.wd))
@@ -200,30 +196,25 @@ impl UserDbWatch {
 
     fn at(paths: Paths) -> Self {
         Self {
-            inner: Mutex::new(Watch::start(&paths)),
+            watch: Watch::start(&paths),
             paths,
         }
     }
 
     /// Whether this watch uses inotify (rather than two `stat`s per look).
     pub fn uses_inotify(&self) -> bool {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.watch.is_some()
     }
 
     /// What the files look like now (see [`Seen`]).
-    pub fn seen(&self) -> Seen {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(watch) = inner.as_mut() {
+    pub fn seen(&mut self) -> Seen {
+        if let Some(watch) = self.watch.as_mut() {
             match watch.drain(&self.paths) {
                 Ok(()) => return Seen::Changes(watch.changes),
                 // From now on, compare the files at each look.
-                Err(()) => *inner = None,
+                Err(()) => self.watch = None,
             }
         }
-        drop(inner);
         Seen::Stamps(stamps(&self.paths))
     }
 }
@@ -254,9 +245,9 @@ mod tests {
 
     #[test]
     fn two_looks_with_nothing_changed_in_between_see_the_same() {
-        let w = UserDbWatch::new();
+        let mut w = UserDbWatch::new();
         assert_eq!(w.seen(), w.seen());
-        let (dir, w) = dir("same");
+        let (dir, mut w) = dir("same");
         std::fs::write(dir.join("shadow"), "other files do not count").unwrap();
         assert_eq!(w.seen(), w.seen());
         let _ = std::fs::remove_dir_all(dir);
@@ -264,7 +255,7 @@ mod tests {
 
     #[test]
     fn a_write_in_place_is_seen_by_the_next_look() {
-        let (dir, w) = dir("inplace");
+        let (dir, mut w) = dir("inplace");
         let before = w.seen();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -279,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_file_replaced_by_rename_is_seen_and_then_watched_itself() {
-        let (dir, w) = dir("rename");
+        let (dir, mut w) = dir("rename");
         let before = w.seen();
         std::fs::write(dir.join("passwd+"), "root:x:0:0::/root:/bin/sh\n").unwrap();
         std::fs::rename(dir.join("passwd+"), dir.join("passwd")).unwrap();
@@ -301,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_lost_watch_falls_back_to_comparing_the_files() {
-        let (dir, w) = dir("lost");
+        let (dir, mut w) = dir("lost");
         let _ = w.seen();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(w.seen(), Seen::Stamps(_)));
@@ -314,7 +305,7 @@ mod tests {
         let (dir, _) = dir("symlink");
         std::fs::remove_file(dir.join("group")).unwrap();
         std::os::unix::fs::symlink(dir.join("passwd"), dir.join("group")).unwrap();
-        let w = UserDbWatch::at(Paths::of(dir.clone(), NAMES));
+        let mut w = UserDbWatch::at(Paths::of(dir.clone(), NAMES));
         assert!(!w.uses_inotify());
         let before = w.seen();
         std::fs::write(dir.join("passwd"), "changed, and longer than before\n").unwrap();
