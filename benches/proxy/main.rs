@@ -474,29 +474,11 @@ impl Bench {
             first,
             pids: vec![self.agent.pid(), self.daemon.pid()],
         };
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let started = Instant::now();
         let before = machine_cpu_us();
-        let out = self
-            .user_a
-            .command(&exe)
-            .env(WORKER_ENV, "run")
-            .env(
-                SPEC_ENV,
-                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
-            )
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot start the load generator: {e}"))?;
+        let results: Vec<RunResult> = self.worker("run", &spec)?;
         let after = machine_cpu_us();
         let elapsed_us = started.elapsed().as_secs_f64() * 1e6;
-        check_interrupted()?;
-        self.check_alive()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
-        let results: Vec<RunResult> = serde_json::from_str(line)
-            .map_err(|e| format!("load generator ({}): {e}: {text:?}", out.status))?;
         // Everything else the machine ran meanwhile, in cores: the
         // processes measured per side are subtracted; the load generator's
         // process start and the warm-up count as "others" (small).
@@ -535,14 +517,24 @@ impl Bench {
             clients,
             sign: self.sign.clone(),
         };
+        self.worker("burst", &spec)
+    }
+
+    /// Runs the load generator as user a in `mode` with `spec`, and reads
+    /// its answer (the last line of its output).
+    fn worker<T: serde::de::DeserializeOwned>(
+        &mut self,
+        mode: &str,
+        spec: &impl serde::Serialize,
+    ) -> Result<T> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let out = self
             .user_a
             .command(&exe)
-            .env(WORKER_ENV, "burst")
+            .env(WORKER_ENV, mode)
             .env(
                 SPEC_ENV,
-                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+                serde_json::to_string(spec).map_err(|e| e.to_string())?,
             )
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
@@ -553,7 +545,7 @@ impl Bench {
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or_default();
         serde_json::from_str(line)
-            .map_err(|e| format!("burst generator ({}): {e}: {text:?}", out.status))
+            .map_err(|e| format!("load generator {mode} ({}): {e}: {text:?}", out.status))
     }
 }
 
