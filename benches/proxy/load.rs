@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Selects the worker mode (`run` or `hold`) when set.
+/// Selects the worker mode (`run`, `burst`, `hold` or `poke`) when set.
 pub const WORKER_ENV: &str = "KH_BENCH_WORKER";
-/// The worker's [`RunSpec`] or [`HoldSpec`], as JSON.
+/// The worker's [`RunSpec`], [`BurstSpec`], [`HoldSpec`] or [`PokeSpec`], as JSON.
 pub const SPEC_ENV: &str = "KH_BENCH_SPEC";
 
 /// SSH_AGENTC_REQUEST_IDENTITIES, framed.
@@ -106,6 +106,29 @@ pub struct HoldSpec {
     pub conns: usize,
 }
 
+/// Connections of a caller whose lookups hang: each sends
+/// REQUEST_IDENTITIES, waits for the answer, pauses `every_ms`, again,
+/// until the orchestrator closes the worker's stdin; then it reports a
+/// [`PokeResult`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PokeSpec {
+    pub socket: PathBuf,
+    pub conns: usize,
+    pub every_ms: u64,
+}
+
+/// What the poking connections got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PokeResult {
+    pub requests: u64,
+    /// Answered SSH_AGENT_FAILURE (what a caller with no groups gets).
+    pub refused: u64,
+    /// Answered anything else (a listing: the hang was not real).
+    pub served: u64,
+    /// Connections that broke (reconnected).
+    pub broken: u64,
+}
+
 /// A burst: `clients` connections opened at once, each listing then
 /// signing, then closing (a deploy tool starting hundreds of ssh at once).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +169,15 @@ pub fn worker_main(mode: &str) -> Result<(), String> {
         "burst" => {
             let spec: BurstSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
             let result = burst(&spec);
+            println!(
+                "{}",
+                serde_json::to_string(&result).map_err(|e| e.to_string())?
+            );
+            Ok(())
+        }
+        "poke" => {
+            let spec: PokeSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
+            let result = poke(&spec);
             println!(
                 "{}",
                 serde_json::to_string(&result).map_err(|e| e.to_string())?
@@ -614,4 +646,58 @@ fn hold(spec: &HoldSpec) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs [`PokeSpec`]'s connections until stdin ends.
+fn poke(spec: &PokeSpec) -> PokeResult {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..spec.conns)
+        .map(|_| {
+            let (spec, stop) = (spec.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut tally = PokeResult::default();
+                let mut conn = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let c = match conn.take() {
+                        Some(c) => c,
+                        None => match Conn::connect(&spec.socket) {
+                            Ok(c) => c,
+                            Err(_) => {
+                                tally.broken += 1;
+                                std::thread::sleep(Duration::from_millis(spec.every_ms));
+                                continue;
+                            }
+                        },
+                    };
+                    let mut c = c;
+                    tally.requests += 1;
+                    match c.call(&LIST) {
+                        Ok([5]) => tally.refused += 1,
+                        Ok(_) => tally.served += 1,
+                        Err(_) => {
+                            tally.broken += 1;
+                            std::thread::sleep(Duration::from_millis(spec.every_ms));
+                            continue;
+                        }
+                    }
+                    conn = Some(c);
+                    std::thread::sleep(Duration::from_millis(spec.every_ms));
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut sink = String::new();
+    let _ = io::stdin().read_to_string(&mut sink);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = PokeResult::default();
+    for t in threads {
+        if let Ok(t) = t.join() {
+            total.requests += t.requests;
+            total.refused += t.refused;
+            total.served += t.served;
+            total.broken += t.broken;
+        }
+    }
+    total
 }

@@ -41,7 +41,7 @@
 //! the time to serve them all (medians over rounds). The default
 //! `max_connections_per_user` (512) is kept, so at most 512 per burst.
 //!
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
@@ -50,6 +50,7 @@
 //! times one mint.
 
 mod certs;
+mod hung;
 mod load;
 mod setup;
 
@@ -449,11 +450,13 @@ impl Bench {
             })
             .to_vec();
         let first = usize::from(first == Side::Proxy);
-        self.window_on(sides, op, conns, first, timing)
+        let daemon = self.daemon.pid();
+        self.window_on(sides, op, conns, first, timing, daemon)
     }
 
     /// Runs one interleaved window as user a over `sides`; one [`Window`]
-    /// per side, in their order.
+    /// per side, in their order. `daemon`: the pid whose CPU time is the
+    /// daemon's.
     fn window_on(
         &mut self,
         sides: Vec<SideSpec>,
@@ -461,6 +464,7 @@ impl Bench {
         conns: usize,
         first: usize,
         timing: Timing,
+        daemon: u32,
     ) -> Result<Vec<Window>> {
         check_interrupted()?;
         let spec = RunSpec {
@@ -472,7 +476,7 @@ impl Bench {
             slice_ms: timing.slice_ms,
             settle_ms: timing.settle_ms,
             first,
-            pids: vec![self.agent.pid(), self.daemon.pid()],
+            pids: vec![self.agent.pid(), daemon],
         };
         let started = Instant::now();
         let before = machine_cpu_us();
@@ -827,6 +831,12 @@ fn bench() -> Result<String> {
         None
     };
 
+    let hanging = if settings.wants("hung") {
+        Some(hung::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
+
     let memory = if settings.wants("memory") {
         Some(memory_phase(&mut b, settings.idle)?)
     } else {
@@ -956,6 +966,9 @@ fn bench() -> Result<String> {
     }
     if let Some(c) = &certificates {
         out += c;
+    }
+    if let Some(h) = &hanging {
+        out += h;
     }
     out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
     out += &format!("| started, no client yet | {} | |\n", mib(rss_start));

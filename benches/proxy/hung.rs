@@ -1,0 +1,316 @@
+//! One user's lookups hanging (`KH_BENCH_ONLY=…,hung`): issue 15's "with one
+//! user's lookups hanging, a second user's logins through the proxy still
+//! succeed at full speed", measured.
+//!
+//! A third daemon, in front of the same agent, runs in a mount namespace of
+//! its own (`unshare -m`) whose user database is `files` then LDAP through
+//! `nslcd` (Debian's libnss-ldapd), the LDAP server being a listener on
+//! 127.0.0.1 that accepts and never answers (as `tests/lookups.rs` does).
+//! nslcd answers user a's group lookups at once without asking the server
+//! (`nss_initgroups_ignoreusers`); user b's go to the server and hang.
+//! Meanwhile user b keeps [`POKERS`] connections asking for a listing
+//! every [`POKE_EVERY_MS`] ms, so its lookups are hung the whole time, and
+//! user a runs `connect` at 16 against the agent directly and against this
+//! daemon, interleaved as in the other scenarios. The machine's own lookups
+//! never see LDAP. Without nslcd installed the phase says it was skipped.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use load::{Op, PokeResult, PokeSpec, RunResult, SideSpec};
+use setup::{wait_socket, Proc, Result};
+
+use crate::{
+    check_interrupted, load, median, median_of, setup, us, Bench, Timing, KEYHOLDER, SPEC_ENV,
+    WORKER_ENV,
+};
+
+const NSLCD: &str = "/usr/sbin/nslcd";
+/// User b's connections, each asking for a listing again once answered.
+const POKERS: usize = 4;
+const POKE_EVERY_MS: u64 = 100;
+
+/// nslcd, started inside the daemon's namespace; killed on drop (it
+/// outlives the daemon that started it otherwise).
+struct Nslcd {
+    pid_file: PathBuf,
+    log: PathBuf,
+}
+
+impl Nslcd {
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Nslcd {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Whether nslcd and its NSS module are installed.
+fn have_nslcd() -> bool {
+    let module = ["/lib", "/usr/lib"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("libnss_ldap.so.2").exists());
+    Path::new(NSLCD).exists() && module
+}
+
+/// An LDAP server that accepts connections and never answers; the
+/// connections it holds live as long as the bench.
+fn silent_ldap_server() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    Ok(port)
+}
+
+/// Runs the phase; returns its Markdown.
+pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
+    check_interrupted()?;
+    let title = "One user's lookups hanging (user b's group lookups go to an LDAP server \
+                 that never answers; user a runs `connect` 16 meanwhile):";
+    if !have_nslcd() {
+        return Ok(format!(
+            "{title} **SKIPPED**: nslcd / libnss-ldapd not installed (`.ci/run` installs them).\n\n"
+        ));
+    }
+    let dir = b.dir.0.clone();
+    let plain = std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
+    if plain.contains("backend = \"builtin\"") {
+        return Ok(format!(
+            "{title} not run with the builtin backend (it measures the lookups, not the keys).\n\n"
+        ));
+    }
+    let socket = dir.join("proxy-hung.sock");
+    let config = dir.join("keyholder-hung.toml");
+    let text = plain.replace(
+        &format!("socket = \"{}\"", b.proxy.display()),
+        &format!("socket = \"{}\"", socket.display()),
+    );
+    std::fs::write(&config, &text).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| e.to_string())?;
+    let port = silent_ldap_server()?;
+    std::fs::write(
+        dir.join("nsswitch.conf"),
+        "passwd: files ldap\ngroup: files ldap\nshadow: files\nhosts: files\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("nslcd.conf"),
+        format!(
+            "uri ldap://127.0.0.1:{port}/\nbase dc=kht,dc=invalid\n\
+             bind_timelimit 120\ntimelimit 120\nidle_timelimit 120\n\
+             nss_initgroups_ignoreusers root,{}\n",
+            b.user_a.name
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let nslcd = Nslcd {
+        pid_file: dir.join("nslcd.pid"),
+        log: dir.join("nslcd.log"),
+    };
+    let d = dir.display();
+    // The mounts are private to the new namespace; the daemon is exec'd
+    // last, so the pid this bench holds is the daemon's.
+    let script = format!(
+        "set -e\n\
+         mount --bind {d}/nsswitch.conf /etc/nsswitch.conf\n\
+         mount --bind {d}/nslcd.conf /etc/nslcd.conf\n\
+         mount -t tmpfs -o mode=0755 kht-run /run\n\
+         mkdir -p /run/nslcd\n\
+         {NSLCD} -d >{log} 2>&1 &\n\
+         echo $! >{pid}\n\
+         i=0\n\
+         while [ ! -S /run/nslcd/socket ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+         [ -S /run/nslcd/socket ] || {{ echo 'nslcd did not start' >&2; exit 1; }}\n\
+         exec \"$0\" \"$@\"\n",
+        log = nslcd.log.display(),
+        pid = nslcd.pid_file.display(),
+    );
+    let log = dir.join("daemon-hung.log");
+    let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut daemon = Proc {
+        name: "keyholder daemon (hanging lookups)",
+        child: Command::new("setpriv")
+            .args(["--pdeathsig=TERM", "--", "unshare", "-m", "--", "sh", "-c"])
+            .arg(&script)
+            .args([KEYHOLDER, "daemon", "--config"])
+            .arg(&config)
+            .env_remove("KEYHOLDER_CONFIG")
+            .env_remove("KEYHOLDER_LOG_LEVEL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .map_err(|e| format!("cannot start {KEYHOLDER} in a mount namespace: {e}"))?,
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    if !wait_socket(&socket) {
+        return Err(format!(
+            "the daemon with hanging lookups did not start:\n{}",
+            log_text()
+        ));
+    }
+
+    // User b's pokers, for the whole phase; stopped by closing their stdin.
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let spec = PokeSpec {
+        socket: socket.clone(),
+        conns: POKERS,
+        every_ms: POKE_EVERY_MS,
+    };
+    let mut poker = Proc {
+        name: "user b's connections",
+        child: b
+            .user_b
+            .command(&exe)
+            .env(WORKER_ENV, "poke")
+            .env(
+                SPEC_ENV,
+                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start user b's connections: {e}"))?,
+    };
+    // Let b's first lookups start (and hang) before a is measured.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let mut direct_runs: Vec<RunResult> = Vec::new();
+    let mut hung_runs: Vec<RunResult> = Vec::new();
+    let mut daemon_cpu: Vec<f64> = Vec::new();
+    for round in 0..rounds {
+        let sides = vec![
+            SideSpec {
+                socket: b.direct.clone(),
+                sign: b.sign.clone(),
+            },
+            SideSpec {
+                socket: socket.clone(),
+                sign: b.sign.clone(),
+            },
+        ];
+        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, daemon.pid())?;
+        if !daemon.alive() {
+            return Err(format!(
+                "the daemon with hanging lookups died:\n{}",
+                log_text()
+            ));
+        }
+        for (hung, w) in [false, true].into_iter().zip(windows) {
+            eprintln!(
+                "round {}/{rounds} connect16 {:<22} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  failures {}",
+                round + 1,
+                if hung { "proxy, b's lookups hung" } else { "direct" },
+                w.r.ops_per_sec(),
+                us(w.r.p50_ns),
+                us(w.r.p99_ns),
+                w.r.failures,
+            );
+            if hung {
+                daemon_cpu.push(w.cpu_us[1]);
+                hung_runs.push(w.r);
+            } else {
+                direct_runs.push(w.r);
+            }
+        }
+    }
+    // Stop b's connections (each ends after its request in flight).
+    drop(poker.child.stdin.take());
+    let mut out_b = String::new();
+    if let Some(mut stdout) = poker.child.stdout.take() {
+        use std::io::Read;
+        let _ = stdout.read_to_string(&mut out_b);
+    }
+    let _ = poker.child.wait();
+    let pokes: PokeResult = serde_json::from_str(out_b.trim())
+        .map_err(|e| format!("user b's connections reported {out_b:?}: {e}"))?;
+    let log_now = log_text();
+    let uid_b = b.user_b.id()?;
+    let timed_out = log_now
+        .lines()
+        .filter(|l| l.contains(&format!(" uid={uid_b} ")) && l.contains("user-lookup-timeout"))
+        .count();
+    let asked = std::fs::read_to_string(&nslcd.log)
+        .unwrap_or_default()
+        .contains(&b.user_b.name);
+    drop(daemon);
+
+    let d: Vec<&RunResult> = direct_runs.iter().collect();
+    let h: Vec<&RunResult> = hung_runs.iter().collect();
+    let ratios: Vec<f64> = d
+        .iter()
+        .zip(&h)
+        .map(|(d, h)| h.ops_per_sec() / d.ops_per_sec())
+        .collect();
+    let ratio = median_of(ratios.clone());
+    let total = |v: &[&RunResult]| {
+        let ops: u64 = v.iter().map(|r| r.ops).sum();
+        let secs: f64 = v.iter().map(|r| r.secs).sum();
+        ops as f64 / secs.max(f64::MIN_POSITIVE)
+    };
+    let mut per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    per_round.push(format!(
+        "(pooled {:.3})",
+        total(&h) / total(&d).max(f64::MIN_POSITIVE)
+    ));
+    let mut out = format!("{title}\n\n");
+    out += "| hanging lookups | direct ops/s | proxy ops/s | proxy/direct | \
+            direct p50 / p99 (µs) | proxy p50 / p99 (µs) | failures (direct / proxy) | daemon CPU µs/op | ratio per round |\n\
+            |---|---:|---:|---:|---:|---:|---:|---:|---|\n";
+    out += &format!(
+        "| user a: `connect` 16 concurrent | {:.0} | {:.0} | **{ratio:.2}** | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {:.1} | {} |\n\n",
+        median(&d, |r| r.ops_per_sec()),
+        median(&h, |r| r.ops_per_sec()),
+        median(&d, |r| us(r.p50_ns)),
+        median(&d, |r| us(r.p99_ns)),
+        median(&h, |r| us(r.p50_ns)),
+        median(&h, |r| us(r.p99_ns)),
+        d.iter().map(|r| r.failures).sum::<u64>(),
+        h.iter().map(|r| r.failures).sum::<u64>(),
+        median_of(daemon_cpu),
+        per_round.join(" "),
+    );
+    out += &format!(
+        "User b meanwhile: {} listing requests on {POKERS} connections, {} refused, {} served, \
+         {} connection errors; the daemon logged {timed_out} refusal(s) `reason=user-lookup-timeout` \
+         for b (refusal lines are rate-limited per uid); nslcd was asked about b: {}.{}\n\n",
+        pokes.requests,
+        pokes.refused,
+        pokes.served,
+        pokes.broken,
+        if asked { "yes" } else { "**no**" },
+        if pokes.served > 0 || !asked || timed_out == 0 {
+            " **The hang was not real: this measurement does not show what it should.**"
+        } else {
+            ""
+        }
+    );
+    let _ = std::io::stderr().flush();
+    Ok(out)
+}
