@@ -7,6 +7,7 @@
 //! kept by keyholder, never forwarded to the backend.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ssh_agent_lib::proto::extension::QueryResponse;
 use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
@@ -14,6 +15,7 @@ use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::limits::Admission;
 use super::lookups::Who;
@@ -42,6 +44,9 @@ pub static MINT_FAILED: Kind = Kind {
     level: tracing::Level::WARN,
 };
 
+/// The idle timeout passed while a connection waited for its next request.
+struct Elapsed;
+
 /// Input buffer per connection; a typical sign request fits in one read.
 const READ_BUFFER: usize = 2048;
 /// A message buffer larger than this is released after use, so idle
@@ -65,14 +70,42 @@ pub async fn serve(
     let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
     let mut bindings = Bindings::default();
     let mut buf = Vec::new();
+    // One shutdown waiter and one idle timer for the connection's life, not
+    // one of each per request: the timer is armed for the first deadline
+    // and, when it fires early (the connection was active meanwhile),
+    // armed again for the current one.
+    let stop = super::stopped(&mut shutdown);
+    tokio::pin!(stop);
+    let idle_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(idle_timer);
+    let mut armed = None;
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
         // Reading the request and resolving its caller share the idle
         // timeout: waiting for a lookup does not keep a connection alive.
-        let deadline = tokio::time::Instant::now() + idle;
-        let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, protocol::read_frame(&mut reader, &mut buf)) => r,
-            () = super::stopped(&mut shutdown) => break,
+        let deadline = Instant::now() + idle;
+        // Armed later than the deadline (the first time, or a reload
+        // shortened the timeout): armed again now.
+        if armed.is_none_or(|at| at > deadline) {
+            idle_timer.as_mut().reset(deadline);
+            armed = Some(deadline);
+        }
+        let read = {
+            let read = protocol::read_frame(&mut reader, &mut buf);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    r = &mut read => break Ok(r),
+                    () = &mut idle_timer => {
+                        if Instant::now() >= deadline {
+                            break Err(Elapsed);
+                        }
+                        idle_timer.as_mut().reset(deadline);
+                        armed = Some(deadline);
+                    }
+                    () = &mut stop => return,
+                }
+            }
         };
         match read {
             Ok(Ok(())) => {}
@@ -105,7 +138,7 @@ pub async fn serve(
         );
         let who = tokio::select! {
             w = tokio::time::timeout_at(deadline, lookup) => w,
-            () = super::stopped(&mut shutdown) => break,
+            () = &mut stop => break,
         };
         let (caller, unresolved) = match who {
             Ok(Who::Known(caller)) => {
@@ -200,15 +233,21 @@ async fn handle(
             // named it or a certificate of it; flags unchanged.
             sign.credential = PublicCredential::Key(key.key.clone());
             // The signature goes back as the backend produced it; the audit
-            // line is written once that outcome is known.
-            let result = backend.sign(sign).await;
+            // line is written once that outcome is known. The line of the
+            // usual outcome is formatted while the backend signs (`biased`:
+            // the request is sent first).
+            let (result, granted) = tokio::join!(biased; backend.sign(sign), async {
+                audit::sign(caller, &decision, &binding, audit::Outcome::Signed)
+            });
             shared.metrics.signed(&key.name, caller.uid, &result);
-            let outcome = match &result {
-                Ok(_) => audit::Outcome::Signed,
-                Err(BackendError::Timeout | BackendError::Busy) => audit::Outcome::UpstreamTimeout,
-                Err(_) => audit::Outcome::UpstreamError,
+            let line = match &result {
+                Ok(_) => granted,
+                Err(BackendError::Timeout | BackendError::Busy) => {
+                    audit::sign(caller, &decision, &binding, audit::Outcome::UpstreamTimeout)
+                }
+                Err(_) => audit::sign(caller, &decision, &binding, audit::Outcome::UpstreamError),
             };
-            if let Some(line) = audit::sign(caller, &decision, &binding, outcome) {
+            if let Some(line) = line {
                 tracing::info!(target: audit::TARGET, "{line}");
             }
             return match result {
