@@ -256,21 +256,15 @@ impl UpstreamBackend {
         loop {
             let changed = self.lists_changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
-            let step = {
-                let mut lists = self.lock_lists();
-                match &lists.newest {
-                    Some((n, answer)) if *n > arrived => ListStep::Join(answer.clone()),
-                    _ if lists.in_flight < LIST_FLIGHTS => {
-                        lists.started += 1;
-                        lists.in_flight += 1;
-                        let (tx, rx) = watch::channel(None);
-                        lists.newest = Some((lists.started, rx));
-                        ListStep::Lead(tx)
-                    }
-                    _ => ListStep::Wait,
-                }
-            };
+            let mut step = self.list_step(arrived);
+            if matches!(step, ListStep::Wait) {
+                // Registered for the next change, then looked at again: a
+                // change between the two looks is not missed. (Joining or
+                // leading at once, the common case, never touches the
+                // waiter list.)
+                changed.as_mut().enable();
+                step = self.list_step(arrived);
+            }
             match step {
                 ListStep::Join(mut answer) => {
                     let got = timeout_at(deadline, answer.wait_for(Option::is_some))
@@ -304,6 +298,24 @@ impl UpstreamBackend {
                         .map_err(|_| BackendError::Timeout)?;
                 }
             }
+        }
+    }
+
+    /// What a list call that arrived after flight `arrived` started does
+    /// now: join the newest flight if it started later, else lead one if
+    /// fewer than [`LIST_FLIGHTS`] are in flight (counted in), else wait.
+    fn list_step(&self, arrived: u64) -> ListStep {
+        let mut lists = self.lock_lists();
+        match &lists.newest {
+            Some((n, answer)) if *n > arrived => ListStep::Join(answer.clone()),
+            _ if lists.in_flight < LIST_FLIGHTS => {
+                lists.started += 1;
+                lists.in_flight += 1;
+                let (tx, rx) = watch::channel(None);
+                lists.newest = Some((lists.started, rx));
+                ListStep::Lead(tx)
+            }
+            _ => ListStep::Wait,
         }
     }
 
