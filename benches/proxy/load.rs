@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Selects the worker mode (`run`, `burst`, `hold` or `poke`) when set.
+/// Selects the worker mode (`run`, `burst`, `hold`, `poke` or `relay`) when set.
 pub const WORKER_ENV: &str = "KH_BENCH_WORKER";
 /// The worker's [`RunSpec`], [`BurstSpec`], [`HoldSpec`] or [`PokeSpec`], as JSON.
 pub const SPEC_ENV: &str = "KH_BENCH_SPEC";
@@ -184,6 +184,11 @@ pub fn worker_main(mode: &str) -> Result<(), String> {
             );
             Ok(())
         }
+        "relay" => {
+            let spec: crate::relay::RelaySpec =
+                serde_json::from_str(&spec).map_err(|e| e.to_string())?;
+            crate::relay::serve(&spec).map_err(|e| e.to_string())
+        }
         "hold" => {
             let spec: HoldSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
             hold(&spec).map_err(|e| e.to_string())
@@ -330,20 +335,19 @@ impl Schedule {
     }
 }
 
-/// The ABBA order of `n` slices per side, starting with `first` (of
-/// `sides` sides: with one, every slice is side 0).
+/// The ABBA order of `n` slices per side, starting with `first`: the sides
+/// in turn from `first`, then the same backwards, and so on (A B B A A B …
+/// for two, A B C C B A A B C … for three; with one, every slice is side 0).
 fn abba(sides: usize, n: usize, first: usize) -> Vec<usize> {
-    if sides < 2 {
-        return vec![0; n];
-    }
-    let other = 1 - first.min(1);
+    let sides = sides.max(1);
+    let order: Vec<usize> = (0..sides).map(|i| (first + i) % sides).collect();
     (0..n)
-        .flat_map(|pair| {
-            if pair % 2 == 0 {
-                [first.min(1), other]
-            } else {
-                [other, first.min(1)]
+        .flat_map(|k| {
+            let mut block = order.clone();
+            if k % 2 == 1 {
+                block.reverse();
             }
+            block
         })
         .collect()
 }

@@ -41,6 +41,8 @@
 //! the time to serve them all (medians over rounds). The default
 //! `max_connections_per_user` (512) is kept, so at most 512 per burst.
 //!
+//! `KH_BENCH_RELAY=0` leaves out the byte-copying relay (`relay.rs`), measured
+//! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
@@ -52,6 +54,7 @@
 mod certs;
 mod hung;
 mod load;
+mod relay;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -245,10 +248,16 @@ const SCENARIOS: [Scenario; 4] = [
 /// RSS target with 1000 idle connections.
 const RSS_TARGET_MIB: f64 = 40.0;
 
+/// The sides of the scenario windows.
+const SIDES: [Side; 2] = [Side::Direct, Side::Proxy];
+
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Side {
     Direct,
     Proxy,
+    /// A relay that only copies messages (`relay.rs`): the floor of any
+    /// proxy on this machine.
+    Relay,
 }
 
 impl Side {
@@ -256,14 +265,17 @@ impl Side {
         match self {
             Side::Direct => "direct",
             Side::Proxy => "proxy",
+            Side::Relay => "relay",
         }
     }
 }
 
-/// The running setup. Fields drop in order: daemon, agent, users, group,
-/// directory.
+/// The running setup. Fields drop in order: daemon, relay, agent, users,
+/// group, directory.
 struct Bench {
     daemon: Proc,
+    /// The byte-copying relay (`relay.rs`), unless `KH_BENCH_RELAY=0`.
+    relay: Option<Proc>,
     agent: Proc,
     user_a: Account,
     user_b: Account,
@@ -272,6 +284,7 @@ struct Bench {
     dir: TempDir,
     direct: PathBuf,
     proxy: PathBuf,
+    relay_socket: PathBuf,
     log: PathBuf,
     /// The framed SIGN_REQUEST (a valid user-auth request for the key).
     sign: Vec<u8>,
@@ -331,6 +344,35 @@ impl Bench {
             .arg("-q")
             .arg(&key)
             .env("SSH_AUTH_SOCK", &direct))?;
+        // The relay, as user a beside the agent (see relay.rs).
+        let relay_socket = agent_dir.join("relay.sock");
+        let relay = if std::env::var("KH_BENCH_RELAY").as_deref() == Ok("0") {
+            None
+        } else {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let spec = relay::RelaySpec {
+                listen: relay_socket.clone(),
+                upstream: direct.clone(),
+            };
+            let proc = Proc {
+                name: "relay",
+                child: user_a
+                    .command(&exe)
+                    .env(WORKER_ENV, "relay")
+                    .env(
+                        SPEC_ENV,
+                        serde_json::to_string(&spec).map_err(|e| e.to_string())?,
+                    )
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("cannot start the relay: {e}"))?,
+            };
+            if !wait_socket(&relay_socket) {
+                return Err("the relay did not start".into());
+            }
+            Some(proc)
+        };
 
         let proxy = dir.join("proxy.sock");
         let config = dir.join("keyholder.toml");
@@ -400,6 +442,7 @@ impl Bench {
         let sign = sign_request(&pub_path, choice.rsa())?;
         Ok(Self {
             daemon,
+            relay,
             agent,
             user_a,
             user_b,
@@ -408,6 +451,7 @@ impl Bench {
             dir,
             direct,
             proxy,
+            relay_socket,
             log,
             sign,
         })
@@ -417,6 +461,7 @@ impl Bench {
         match side {
             Side::Direct => &self.direct,
             Side::Proxy => &self.proxy,
+            Side::Relay => &self.relay_socket,
         }
     }
 
@@ -440,18 +485,26 @@ impl Bench {
         Ok(())
     }
 
-    /// Runs one interleaved window of `op` on both sides as user a:
-    /// `[direct, proxy]`.
-    fn pair(&mut self, op: Op, conns: usize, first: Side, timing: Timing) -> Result<Vec<Window>> {
-        let sides = [Side::Direct, Side::Proxy]
-            .map(|side| SideSpec {
+    /// Runs one interleaved window of `op` as user a on `sides`, the ABBA
+    /// order starting with the `round`-th of them; one [`Window`] per side,
+    /// in their order.
+    fn window(
+        &mut self,
+        sides: &[Side],
+        op: Op,
+        conns: usize,
+        round: usize,
+        timing: Timing,
+    ) -> Result<Vec<Window>> {
+        let specs = sides
+            .iter()
+            .map(|&side| SideSpec {
                 socket: self.socket(side).to_owned(),
                 sign: self.sign.clone(),
             })
-            .to_vec();
-        let first = usize::from(first == Side::Proxy);
+            .collect();
         let daemon = self.daemon.pid();
-        self.window_on(sides, op, conns, first, timing, daemon)
+        self.window_on(specs, op, conns, round % sides.len(), timing, daemon)
     }
 
     /// Runs one interleaved window as user a over `sides`; one [`Window`]
@@ -765,10 +818,15 @@ fn bench() -> Result<String> {
         slice_ms: 100,
         settle_ms: 0,
     };
+    let mut quick_sides = vec![Side::Direct, Side::Proxy];
+    if b.relay.is_some() {
+        quick_sides.push(Side::Relay);
+    }
     for (side, w) in
-        [Side::Direct, Side::Proxy]
-            .into_iter()
-            .zip(b.pair(Op::Connect, 1, Side::Direct, quick)?)
+        quick_sides
+            .iter()
+            .copied()
+            .zip(b.window(&quick_sides, Op::Connect, 1, 0, quick)?)
     {
         if w.r.failures > 0 || w.r.ops == 0 {
             return Err(format!(
@@ -784,13 +842,8 @@ fn bench() -> Result<String> {
     let mut results: BTreeMap<(usize, Side), Vec<Window>> = BTreeMap::new();
     for round in 0..settings.rounds {
         for (i, s) in scenarios.iter().enumerate() {
-            let first = if round % 2 == 0 {
-                Side::Direct
-            } else {
-                Side::Proxy
-            };
-            let windows = b.pair(s.op, s.conns, first, settings.timing)?;
-            for (side, w) in [Side::Direct, Side::Proxy].into_iter().zip(windows) {
+            let windows = b.window(&SIDES, s.op, s.conns, round, settings.timing)?;
+            for (side, w) in SIDES.into_iter().zip(windows) {
                 let r = &w.r;
                 eprintln!(
                     "round {}/{} {:<10} {:<6} {:>9.0} ops/s  p50 {:>8.1} µs  p99 {:>8.1} µs  \
@@ -815,6 +868,31 @@ fn bench() -> Result<String> {
                         .unwrap_or_default()
                 );
                 results.entry((i, side)).or_default().push(w);
+            }
+        }
+    }
+    // The relay's windows: direct against the relay, on their own (its
+    // idle agent connections would cost the agent a little more per poll
+    // in the other sides' slices).
+    let mut relayed: BTreeMap<usize, Vec<(Window, Window)>> = BTreeMap::new();
+    if b.relay.is_some() {
+        for round in 0..settings.rounds {
+            for (i, s) in scenarios.iter().enumerate() {
+                let sides = [Side::Direct, Side::Relay];
+                let mut windows = b.window(&sides, s.op, s.conns, round, settings.timing)?;
+                let (Some(r), Some(d)) = (windows.pop(), windows.pop()) else {
+                    return Err("the relay window returned no result".into());
+                };
+                eprintln!(
+                    "round {}/{} {:<10} relay/direct {:>6.3}  relay {:>9.0} ops/s  failures {}",
+                    round + 1,
+                    settings.rounds,
+                    s.id,
+                    r.r.ops_per_sec() / d.r.ops_per_sec(),
+                    r.r.ops_per_sec(),
+                    r.r.failures,
+                );
+                relayed.entry(i).or_default().push((d, r));
             }
         }
     }
@@ -872,9 +950,21 @@ fn bench() -> Result<String> {
         settings.extra_groups,
     );
     if !scenarios.is_empty() {
+        let with_relay = !relayed.is_empty();
+        if with_relay {
+            out += "The last column is the same measurement for a relay that only copies \
+                    messages between the client and the agent (`benches/proxy/relay.rs`: no \
+                    lookup, policy, audit line or pooling; one blocking thread and one agent \
+                    connection per client), against the agent direct in windows of their own, \
+                    interleaved the same way: the floor of any proxy on this machine.\n\n";
+        }
         out += "| benchmark | direct ops/s | proxy ops/s | proxy/direct | target | \
-                direct p50 / p99 (µs) | proxy p50 / p99 (µs) | failures (direct / proxy) | ratio per round |\n\
-                |---|---:|---:|---:|---|---:|---:|---:|---|\n";
+                direct p50 / p99 (µs) | proxy p50 / p99 (µs) | failures (direct / proxy) | ratio per round |";
+        out += if with_relay {
+            " relay/direct (rounds' median, pooled) |\n|---|---:|---:|---:|---|---:|---:|---:|---|---|\n"
+        } else {
+            "\n|---|---:|---:|---:|---|---:|---:|---:|---|\n"
+        };
         for (i, s) in scenarios.iter().enumerate() {
             let d: Vec<&RunResult> = results[&(i, Side::Direct)].iter().map(|w| &w.r).collect();
             let p: Vec<&RunResult> = results[&(i, Side::Proxy)].iter().map(|w| &w.r).collect();
@@ -902,8 +992,31 @@ fn bench() -> Result<String> {
                 total(&p) / total(&d).max(f64::MIN_POSITIVE)
             ));
             let target = choice.target(s.id).unwrap_or(s.target);
+            let relay_cell = match relayed.get(&i) {
+                Some(pairs) => {
+                    let rd: Vec<&RunResult> = pairs.iter().map(|(d, _)| &d.r).collect();
+                    let r: Vec<&RunResult> = pairs.iter().map(|(_, r)| &r.r).collect();
+                    let ratios: Vec<f64> = rd
+                        .iter()
+                        .zip(&r)
+                        .map(|(d, r)| r.ops_per_sec() / d.ops_per_sec())
+                        .collect();
+                    let failed: u64 = r.iter().map(|r| r.failures).sum();
+                    format!(
+                        " {:.2}, {:.3}{} |",
+                        median_of(ratios),
+                        total(&r) / total(&rd).max(f64::MIN_POSITIVE),
+                        if failed > 0 {
+                            format!(" ({failed} failures)")
+                        } else {
+                            String::new()
+                        }
+                    )
+                }
+                None => String::new(),
+            };
             out += &format!(
-                "| {} | {:.0} | {:.0} | **{:.2}** | ≥ {:.2} {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |\n",
+                "| {} | {:.0} | {:.0} | **{:.2}** | ≥ {:.2} {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} |{relay_cell}\n",
                 s.label,
                 dops,
                 pops,
