@@ -1,7 +1,7 @@
 //! keyholder's overhead against the ssh-agent it fronts.
 //!
 //! ```sh
-//! cargo bench --bench proxy          # as root; about 2.5 minutes on 2 cores
+//! cargo bench --bench proxy          # as root; about 7 minutes on 2 cores
 //! ```
 //!
 //! Builds the daemon in release mode (cargo's bench profile inherits
