@@ -11,30 +11,16 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::nslcd::{self, Nslcd};
 use common::*;
 
 raw_client_helper!();
 
-const NSLCD: &str = "/usr/sbin/nslcd";
-
-/// The NSS module of libnss-ldapd, if installed.
-fn nss_ldap() -> Option<PathBuf> {
-    ["/lib", "/usr/lib"]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("libnss_ldap.so.2"))
-        .find(|p| p.exists())
-}
-
 macro_rules! require_nslcd {
     () => {
-        if !Path::new(NSLCD).exists() || nss_ldap().is_none() {
+        if !nslcd::installed() {
             eprintln!(
                 "\n*** SKIPPED {}:{}: nslcd / libnss-ldapd not installed (.ci/run installs them) ***\n",
                 file!(),
@@ -43,50 +29,6 @@ macro_rules! require_nslcd {
             return;
         }
     };
-}
-
-/// An LDAP server that accepts connections and never answers.
-fn silent_ldap_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
-    port
-}
-
-/// nslcd started inside the daemon's mount namespace; killed on drop.
-struct Nslcd {
-    pid_file: PathBuf,
-    log: PathBuf,
-}
-
-impl Nslcd {
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Nslcd {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 /// Starts the daemon with `config` in a mount namespace whose user
@@ -99,43 +41,7 @@ fn daemon_with_ldap(
     ldap_port: u16,
     local_users: &[&str],
 ) -> (Daemon, Nslcd) {
-    std::fs::write(
-        dir.join("nsswitch.conf"),
-        "passwd: files ldap\ngroup: files ldap\nshadow: files\nhosts: files\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("nslcd.conf"),
-        format!(
-            "uri ldap://127.0.0.1:{ldap_port}/\nbase dc=kht,dc=invalid\n\
-             bind_timelimit 120\ntimelimit 120\nidle_timelimit 120\n\
-             nss_initgroups_ignoreusers {}\n",
-            local_users.join(",")
-        ),
-    )
-    .unwrap();
-    let nslcd = Nslcd {
-        pid_file: dir.join("nslcd.pid"),
-        log: dir.join("nslcd.log"),
-    };
-    let d = dir.path().display();
-    // `unshare -m` makes mounts private to the new namespace. The daemon is
-    // exec'd last, so its pid is the one the harness knows.
-    let script = format!(
-        "set -e\n\
-         mount --bind {d}/nsswitch.conf /etc/nsswitch.conf\n\
-         mount --bind {d}/nslcd.conf /etc/nslcd.conf\n\
-         mount -t tmpfs -o mode=0755 kht-run /run\n\
-         mkdir -p /run/nslcd\n\
-         {NSLCD} -d >{log} 2>&1 &\n\
-         echo $! >{pid}\n\
-         i=0\n\
-         while [ ! -S /run/nslcd/socket ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-         [ -S /run/nslcd/socket ] || {{ echo 'nslcd did not start' >&2; exit 1; }}\n\
-         exec \"$0\" \"$@\"\n",
-        log = nslcd.log.display(),
-        pid = nslcd.pid_file.display(),
-    );
+    let (nslcd, script) = Nslcd::prepare(dir.path(), ldap_port, local_users).unwrap();
     let daemon = Daemon::start_via(dir, config, &["unshare", "-m", "--", "sh", "-c", &script]);
     assert!(nslcd.pid().is_some(), "nslcd: {}", nslcd.log_text());
     (daemon, nslcd)
@@ -162,7 +68,7 @@ fn a_hanging_directory_times_out_one_caller_while_others_sign() {
             deployers.name
         ),
     );
-    let port = silent_ldap_server();
+    let port = nslcd::silent_ldap_server().unwrap();
     let (daemon, nslcd) = daemon_with_ldap(&dir, &config, port, &["root", &local.name]);
 
     let blob = pubkey_blob(&dir.join("deploy.pub"));
@@ -258,7 +164,8 @@ fn waiting_for_a_lookup_counts_against_the_idle_timeout() {
             deployers.name
         ),
     );
-    let (daemon, _nslcd) = daemon_with_ldap(&dir, &config, silent_ldap_server(), &["root"]);
+    let port = nslcd::silent_ldap_server().unwrap();
+    let (daemon, _nslcd) = daemon_with_ldap(&dir, &config, port, &["root"]);
     // The lookup would be waited for up to 60 s, but the connection has no
     // answer within its idle timeout: it is closed, not kept open by the wait.
     let answers = raw_as(&hung.as_user(), &daemon.socket, &[vec![11]]);

@@ -5,8 +5,9 @@
 //! A third daemon, in front of the same agent, runs in a mount namespace of
 //! its own (`unshare -m`) whose user database is `files` then LDAP through
 //! `nslcd` (Debian's libnss-ldapd), the LDAP server being a listener on
-//! 127.0.0.1 that accepts and never answers (as `tests/lookups.rs` does).
-//! nslcd answers user a's group lookups at once without asking the server
+//! 127.0.0.1 that accepts and never answers (`tests/common/nslcd.rs`,
+//! shared with `tests/lookups.rs`). nslcd answers user a's group lookups at
+//! once without asking the server
 //! (`nss_initgroups_ignoreusers`); user b's go to the server and hang.
 //! Meanwhile user b keeps [`POKERS`] connections asking for a listing
 //! every [`POKE_EVERY_MS`] ms, so its lookups are hung the whole time, and
@@ -15,83 +16,28 @@
 //! never see LDAP. Without nslcd installed the phase says it was skipped.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use load::{Op, PokeResult, PokeSpec, RunResult, SideSpec};
 use setup::{wait_socket, Proc, Result};
 
+use crate::nslcd::{self, Nslcd};
 use crate::{
     check_interrupted, load, median, median_of, setup, us, Bench, Timing, KEYHOLDER, SPEC_ENV,
     WORKER_ENV,
 };
 
-const NSLCD: &str = "/usr/sbin/nslcd";
 /// User b's connections, each asking for a listing again once answered.
 const POKERS: usize = 4;
 const POKE_EVERY_MS: u64 = 100;
-
-/// nslcd, started inside the daemon's namespace; killed on drop (it
-/// outlives the daemon that started it otherwise).
-struct Nslcd {
-    pid_file: PathBuf,
-    log: PathBuf,
-}
-
-impl Nslcd {
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for Nslcd {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Whether nslcd and its NSS module are installed.
-fn have_nslcd() -> bool {
-    let module = ["/lib", "/usr/lib"]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .flatten()
-        .any(|e| e.path().join("libnss_ldap.so.2").exists());
-    Path::new(NSLCD).exists() && module
-}
-
-/// An LDAP server that accepts connections and never answers; the
-/// connections it holds live as long as the bench.
-fn silent_ldap_server() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
-    Ok(port)
-}
 
 /// Runs the phase; returns its Markdown.
 pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     check_interrupted()?;
     let title = "One user's lookups hanging (user b's group lookups go to an LDAP server \
                  that never answers; user a runs `connect` 16 meanwhile):";
-    if !have_nslcd() {
+    if !nslcd::installed() {
         return Ok(format!(
             "{title} **SKIPPED**: nslcd / libnss-ldapd not installed (`.ci/run` installs them).\n\n"
         ));
@@ -112,44 +58,9 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     std::fs::write(&config, &text).map_err(|e| e.to_string())?;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| e.to_string())?;
-    let port = silent_ldap_server()?;
-    std::fs::write(
-        dir.join("nsswitch.conf"),
-        "passwd: files ldap\ngroup: files ldap\nshadow: files\nhosts: files\n",
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(
-        dir.join("nslcd.conf"),
-        format!(
-            "uri ldap://127.0.0.1:{port}/\nbase dc=kht,dc=invalid\n\
-             bind_timelimit 120\ntimelimit 120\nidle_timelimit 120\n\
-             nss_initgroups_ignoreusers root,{}\n",
-            b.user_a.name
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let nslcd = Nslcd {
-        pid_file: dir.join("nslcd.pid"),
-        log: dir.join("nslcd.log"),
-    };
-    let d = dir.display();
-    // The mounts are private to the new namespace; the daemon is exec'd
-    // last, so the pid this bench holds is the daemon's.
-    let script = format!(
-        "set -e\n\
-         mount --bind {d}/nsswitch.conf /etc/nsswitch.conf\n\
-         mount --bind {d}/nslcd.conf /etc/nslcd.conf\n\
-         mount -t tmpfs -o mode=0755 kht-run /run\n\
-         mkdir -p /run/nslcd\n\
-         {NSLCD} -d >{log} 2>&1 &\n\
-         echo $! >{pid}\n\
-         i=0\n\
-         while [ ! -S /run/nslcd/socket ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-         [ -S /run/nslcd/socket ] || {{ echo 'nslcd did not start' >&2; exit 1; }}\n\
-         exec \"$0\" \"$@\"\n",
-        log = nslcd.log.display(),
-        pid = nslcd.pid_file.display(),
-    );
+    let port = nslcd::silent_ldap_server().map_err(|e| e.to_string())?;
+    let (nslcd, script) = Nslcd::prepare(&dir, port, &["root", &b.user_a.name])
+        .map_err(|e| format!("cannot write the namespace's name service files: {e}"))?;
     let log = dir.join("daemon-hung.log");
     let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let mut daemon = Proc {
@@ -256,9 +167,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         .lines()
         .filter(|l| l.contains(&format!(" uid={uid_b} ")) && l.contains("user-lookup-timeout"))
         .count();
-    let asked = std::fs::read_to_string(&nslcd.log)
-        .unwrap_or_default()
-        .contains(&b.user_b.name);
+    let asked = nslcd.log_text().contains(&b.user_b.name);
     drop(daemon);
 
     let d: Vec<&RunResult> = direct_runs.iter().collect();

@@ -54,6 +54,8 @@
 mod certs;
 mod hung;
 mod load;
+#[path = "../../tests/common/nslcd.rs"]
+mod nslcd;
 mod relay;
 mod setup;
 

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod nslcd;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
