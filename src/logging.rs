@@ -244,6 +244,52 @@ mod tests {
         }
     }
 
+    /// What `emit` logs through [`Line`], as the subscriber writes it.
+    fn logged(stamped: bool, emit: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .event_format(Line { stamped })
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_line_is_time_level_message_and_fields_on_one_line() {
+        let line = logged(true, || tracing::warn!(uid = 7, "closing\nuid={}", 1001));
+        // 2026-12-02T01:02:03.456789Z  WARN closing\x0auid=1001 uid=7
+        let (time, rest) = line.split_at(27);
+        assert!(
+            time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{line:?}"
+        );
+        assert_eq!(rest, "  WARN closing\\x0auid=1001 uid=7\n");
+        let line = logged(true, || tracing::error!("x"));
+        assert_eq!(&line[27..], " ERROR x\n");
+        // syslog stamps and ranks lines itself
+        let line = logged(
+            false,
+            || tracing::info!(target: "keyholder::audit", "sign user=a"),
+        );
+        assert_eq!(line, "sign user=a\n");
+    }
+
     fn escaped(s: &str) -> String {
         let mut out = String::new();
         let mut w = Writer::new(&mut out);
