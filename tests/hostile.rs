@@ -738,6 +738,38 @@ fn daemon_memory_stays_bounded_with_idle_and_half_sent_connections() {
 // ---------------------------------------------------------------------------
 // Idle timeout
 
+/// The idle timer is armed once per connection: a reload that shortens the
+/// timeout must still reach a connection opened before it.
+#[test]
+fn a_reload_that_shortens_the_idle_timeout_reaches_open_connections() {
+    require_root!();
+    let w = World::new();
+    let d = w.daemon("idle_timeout_secs = 120");
+    let mut open = connect(&d.socket);
+    assert!(call(&mut open, &query()).is_some());
+    let config = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("idle_timeout_secs = 120", "idle_timeout_secs = 1");
+    std::fs::write(&d.config, config).unwrap();
+    let before = d.log_count("configuration reloaded");
+    d.signal(Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || d
+            .log_count("configuration reloaded")
+            > before),
+        "{}",
+        d.log_text()
+    );
+    // The wait after the next request is under the new timeout.
+    assert!(call(&mut open, &query()).is_some());
+    let closed = time_to_close(&mut open, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("not closed 10 s after the reload: {}", d.log_text()));
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+}
+
 #[test]
 fn idle_and_half_sent_connections_are_closed_after_the_idle_timeout() {
     require_root!();

@@ -7,7 +7,6 @@
 //! kept by keyholder, never forwarded to the backend.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ssh_agent_lib::proto::extension::QueryResponse;
 use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
@@ -76,19 +75,17 @@ pub async fn serve(
     // armed again for the current one.
     let stop = super::stopped(&mut shutdown);
     tokio::pin!(stop);
-    let idle_timer = tokio::time::sleep(Duration::ZERO);
+    let idle_timer = tokio::time::sleep(shared.runtime.borrow().limits.idle_timeout);
     tokio::pin!(idle_timer);
-    let mut armed = None;
     loop {
         let idle = shared.runtime.borrow().limits.idle_timeout;
         // Reading the request and resolving its caller share the idle
         // timeout: waiting for a lookup does not keep a connection alive.
         let deadline = Instant::now() + idle;
-        // Armed later than the deadline (the first time, or a reload
-        // shortened the timeout): armed again now.
-        if armed.is_none_or(|at| at > deadline) {
+        // Armed later than the deadline (a reload shortened the timeout):
+        // armed again now.
+        if idle_timer.deadline() > deadline {
             idle_timer.as_mut().reset(deadline);
-            armed = Some(deadline);
         }
         let read = {
             let read = protocol::read_frame(&mut reader, &mut buf);
@@ -101,7 +98,6 @@ pub async fn serve(
                             break Err(Elapsed);
                         }
                         idle_timer.as_mut().reset(deadline);
-                        armed = Some(deadline);
                     }
                     () = &mut stop => return,
                 }
