@@ -198,6 +198,25 @@ fn civil(days: u64) -> (u64, u64, u64) {
     (y, m, d)
 }
 
+/// Log output captured for a test (a writer for tracing's subscriber).
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,19 +265,7 @@ mod tests {
 
     /// What `emit` logs through [`Line`], as the subscriber writes it.
     fn logged(stamped: bool, emit: impl FnOnce()) -> String {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
+        let sink = Captured::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)

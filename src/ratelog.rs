@@ -412,23 +412,9 @@ mod tests {
         assert!(t.buckets.is_empty());
     }
 
-    /// Log output captured for one test (tracing's writer).
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn the_timer_writes_the_summary_without_a_further_line() {
-        let out = Captured::default();
+        let out = crate::logging::Captured::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())

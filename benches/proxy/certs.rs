@@ -18,7 +18,7 @@ use keyholder::backend::Backend;
 use load::{Op, RunResult, SideSpec};
 use setup::{run, wait_socket, Proc, Result};
 
-use crate::{check_interrupted, load, median, median_of, setup, us, Bench, Timing, KEYHOLDER};
+use crate::{check_interrupted, load, median, setup, us, Bench, Paired, Timing, KEYHOLDER};
 
 /// Mints timed in-process.
 const MINTS: usize = 200;
@@ -189,12 +189,8 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
 
     let p: Vec<&RunResult> = plain_runs.iter().collect();
     let c: Vec<&RunResult> = cert_runs.iter().collect();
-    let ratios: Vec<f64> = p
-        .iter()
-        .zip(&c)
-        .map(|(p, c)| c.ops_per_sec() / p.ops_per_sec())
-        .collect();
-    let ratio = median_of(ratios.clone());
+    let paired = Paired::of(&p, &c);
+    let ratio = paired.median;
     let mut out = String::from(
         "| certificates | plain ops/s | certificates ops/s | certificates/plain | target | \
          plain p50 / p99 (µs) | certificates p50 / p99 (µs) | failures (plain / certificates) | ratio per round |\n\
@@ -211,7 +207,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         median(&c, |r| us(r.p99_ns)),
         p.iter().map(|r| r.failures).sum::<u64>(),
         c.iter().map(|r| r.failures).sum::<u64>(),
-        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
+        paired.per_round(),
     );
     out += &format!(
         "\nOne mint (Ed25519 CA and key; build, CA signature by the ssh-agent, verify), \

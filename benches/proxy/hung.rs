@@ -24,8 +24,7 @@ use setup::{wait_socket, Proc, Result};
 
 use crate::nslcd::{self, Nslcd};
 use crate::{
-    check_interrupted, load, median, median_of, setup, us, Bench, Timing, KEYHOLDER, SPEC_ENV,
-    WORKER_ENV,
+    check_interrupted, load, median, median_of, setup, us, Bench, Paired, Timing, KEYHOLDER,
 };
 
 /// User b's connections, each asking for a listing again once answered.
@@ -87,7 +86,6 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     }
 
     // User b's pokers, for the whole phase; stopped by closing their stdin.
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let spec = PokeSpec {
         socket: socket.clone(),
         conns: POKERS,
@@ -95,14 +93,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     };
     let mut poker = Proc {
         name: "user b's connections",
-        child: b
-            .user_b
-            .command(&exe)
-            .env(WORKER_ENV, "poke")
-            .env(
-                SPEC_ENV,
-                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
-            )
+        child: crate::worker_command(&b.user_b, "poke", &spec)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -172,22 +163,8 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
 
     let d: Vec<&RunResult> = direct_runs.iter().collect();
     let h: Vec<&RunResult> = hung_runs.iter().collect();
-    let ratios: Vec<f64> = d
-        .iter()
-        .zip(&h)
-        .map(|(d, h)| h.ops_per_sec() / d.ops_per_sec())
-        .collect();
-    let ratio = median_of(ratios.clone());
-    let total = |v: &[&RunResult]| {
-        let ops: u64 = v.iter().map(|r| r.ops).sum();
-        let secs: f64 = v.iter().map(|r| r.secs).sum();
-        ops as f64 / secs.max(f64::MIN_POSITIVE)
-    };
-    let mut per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-    per_round.push(format!(
-        "(pooled {:.3})",
-        total(&h) / total(&d).max(f64::MIN_POSITIVE)
-    ));
+    let paired = Paired::of(&d, &h);
+    let ratio = paired.median;
     let mut out = format!("{title}\n\n");
     out += "| hanging lookups | direct ops/s | proxy ops/s | proxy/direct | \
             direct p50 / p99 (µs) | proxy p50 / p99 (µs) | failures (direct / proxy) | daemon CPU µs/op | ratio per round |\n\
@@ -203,7 +180,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         d.iter().map(|r| r.failures).sum::<u64>(),
         h.iter().map(|r| r.failures).sum::<u64>(),
         median_of(daemon_cpu),
-        per_round.join(" "),
+        paired.per_round(),
     );
     out += &format!(
         "User b meanwhile: {} listing requests on {POKERS} connections, {} refused, {} served, \

@@ -157,44 +157,31 @@ pub struct BurstResult {
 pub fn worker_main(mode: &str) -> Result<(), String> {
     let spec = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} not set"))?;
     match mode {
-        "run" => {
-            let spec: RunSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
-            let result = run(&spec);
-            println!(
-                "{}",
-                serde_json::to_string(&result).map_err(|e| e.to_string())?
-            );
-            Ok(())
-        }
-        "burst" => {
-            let spec: BurstSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
-            let result = burst(&spec);
-            println!(
-                "{}",
-                serde_json::to_string(&result).map_err(|e| e.to_string())?
-            );
-            Ok(())
-        }
-        "poke" => {
-            let spec: PokeSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
-            let result = poke(&spec);
-            println!(
-                "{}",
-                serde_json::to_string(&result).map_err(|e| e.to_string())?
-            );
-            Ok(())
-        }
-        "relay" => {
-            let spec: crate::relay::RelaySpec =
-                serde_json::from_str(&spec).map_err(|e| e.to_string())?;
-            crate::relay::serve(&spec).map_err(|e| e.to_string())
-        }
-        "hold" => {
-            let spec: HoldSpec = serde_json::from_str(&spec).map_err(|e| e.to_string())?;
-            hold(&spec).map_err(|e| e.to_string())
-        }
+        "run" => answer(&spec, |s: RunSpec| run(&s)),
+        "burst" => answer(&spec, |s: BurstSpec| burst(&s)),
+        "poke" => answer(&spec, |s: PokeSpec| poke(&s)),
+        "relay" => crate::relay::serve(&parse(&spec)?).map_err(|e| e.to_string()),
+        "hold" => hold(&parse(&spec)?).map_err(|e| e.to_string()),
         other => Err(format!("unknown worker mode {other:?}")),
     }
+}
+
+fn parse<S: serde::de::DeserializeOwned>(spec: &str) -> Result<S, String> {
+    serde_json::from_str(spec).map_err(|e| e.to_string())
+}
+
+/// Runs `work` on the parsed `spec` and prints its result, one JSON line
+/// (what the orchestrator reads).
+fn answer<S: serde::de::DeserializeOwned, R: Serialize>(
+    spec: &str,
+    work: impl FnOnce(S) -> R,
+) -> Result<(), String> {
+    let result = work(parse(spec)?);
+    println!(
+        "{}",
+        serde_json::to_string(&result).map_err(|e| e.to_string())?
+    );
+    Ok(())
 }
 
 /// Why an operation failed.

@@ -250,6 +250,55 @@ const SCENARIOS: [Scenario; 4] = [
 /// RSS target with 1000 idle connections.
 const RSS_TARGET_MIB: f64 = 40.0;
 
+/// Two sides measured in the same rounds: each round's `other`/`base`
+/// throughput ratio (their slices were interleaved, so this paired figure is
+/// less exposed to load that comes and goes on the host than a ratio of
+/// medians), their median, and the ratio of all rounds' operations pooled.
+pub struct Paired {
+    pub ratios: Vec<f64>,
+    pub median: f64,
+    pub pooled: f64,
+}
+
+impl Paired {
+    pub fn of(base: &[&RunResult], other: &[&RunResult]) -> Self {
+        let ratios: Vec<f64> = base
+            .iter()
+            .zip(other)
+            .map(|(b, o)| o.ops_per_sec() / b.ops_per_sec())
+            .collect();
+        let total = |v: &[&RunResult]| {
+            let ops: u64 = v.iter().map(|r| r.ops).sum();
+            let secs: f64 = v.iter().map(|r| r.secs).sum();
+            ops as f64 / secs.max(f64::MIN_POSITIVE)
+        };
+        Self {
+            median: median_of(ratios.clone()),
+            pooled: total(other) / total(base).max(f64::MIN_POSITIVE),
+            ratios,
+        }
+    }
+
+    /// `0.98 1.01 … (pooled 0.995)`.
+    pub fn per_round(&self) -> String {
+        let mut words: Vec<String> = self.ratios.iter().map(|r| format!("{r:.2}")).collect();
+        words.push(format!("(pooled {:.3})", self.pooled));
+        words.join(" ")
+    }
+}
+
+/// This bench binary as a worker (see `load.rs`) in `mode` with `spec`, run
+/// as `user`.
+fn worker_command(user: &Account, mode: &str, spec: &impl serde::Serialize) -> Result<Command> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut c = user.command(&exe);
+    c.env(WORKER_ENV, mode).env(
+        SPEC_ENV,
+        serde_json::to_string(spec).map_err(|e| e.to_string())?,
+    );
+    Ok(c)
+}
+
 /// The sides of the scenario windows.
 const SIDES: [Side; 2] = [Side::Direct, Side::Proxy];
 
@@ -351,20 +400,13 @@ impl Bench {
         let relay = if std::env::var("KH_BENCH_RELAY").as_deref() == Ok("0") {
             None
         } else {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             let spec = relay::RelaySpec {
                 listen: relay_socket.clone(),
                 upstream: direct.clone(),
             };
             let proc = Proc {
                 name: "relay",
-                child: user_a
-                    .command(&exe)
-                    .env(WORKER_ENV, "relay")
-                    .env(
-                        SPEC_ENV,
-                        serde_json::to_string(&spec).map_err(|e| e.to_string())?,
-                    )
+                child: worker_command(&user_a, "relay", &spec)?
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .spawn()
@@ -586,15 +628,7 @@ impl Bench {
         mode: &str,
         spec: &impl serde::Serialize,
     ) -> Result<T> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let out = self
-            .user_a
-            .command(&exe)
-            .env(WORKER_ENV, mode)
-            .env(
-                SPEC_ENV,
-                serde_json::to_string(spec).map_err(|e| e.to_string())?,
-            )
+        let out = worker_command(&self.user_a, mode, spec)?
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
@@ -974,40 +1008,19 @@ fn bench() -> Result<String> {
                 median(&d, |r| r.ops_per_sec()),
                 median(&p, |r| r.ops_per_sec()),
             );
-            // Each round's direct and proxy slices were interleaved: their
-            // ratio is the paired measurement, less exposed to load that
-            // comes and goes on the host than a ratio of medians.
-            let ratios: Vec<f64> = d
-                .iter()
-                .zip(&p)
-                .map(|(d, p)| p.ops_per_sec() / d.ops_per_sec())
-                .collect();
-            let ratio = median_of(ratios.clone());
-            let mut per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-            let total = |v: &[&RunResult]| {
-                let ops: u64 = v.iter().map(|r| r.ops).sum();
-                let secs: f64 = v.iter().map(|r| r.secs).sum();
-                ops as f64 / secs.max(f64::MIN_POSITIVE)
-            };
-            per_round.push(format!(
-                "(pooled {:.3})",
-                total(&p) / total(&d).max(f64::MIN_POSITIVE)
-            ));
+            let paired = Paired::of(&d, &p);
+            let ratio = paired.median;
             let target = choice.target(s.id).unwrap_or(s.target);
             let relay_cell = match relayed.get(&i) {
                 Some(pairs) => {
                     let rd: Vec<&RunResult> = pairs.iter().map(|(d, _)| &d.r).collect();
                     let r: Vec<&RunResult> = pairs.iter().map(|(_, r)| &r.r).collect();
-                    let ratios: Vec<f64> = rd
-                        .iter()
-                        .zip(&r)
-                        .map(|(d, r)| r.ops_per_sec() / d.ops_per_sec())
-                        .collect();
+                    let relay = Paired::of(&rd, &r);
                     let failed: u64 = r.iter().map(|r| r.failures).sum();
                     format!(
                         " {:.2}, {:.3}{} |",
-                        median_of(ratios),
-                        total(&r) / total(&rd).max(f64::MIN_POSITIVE),
+                        relay.median,
+                        relay.pooled,
                         if failed > 0 {
                             format!(" ({failed} failures)")
                         } else {
@@ -1031,7 +1044,7 @@ fn bench() -> Result<String> {
                 median(&p, |r| us(r.p99_ns)),
                 d.iter().map(|r| r.failures).sum::<u64>(),
                 p.iter().map(|r| r.failures).sum::<u64>(),
-                per_round.join(" "),
+                paired.per_round(),
             );
         }
         let steals: Vec<f64> = results.values().flatten().map(|w| w.steal).collect();
@@ -1127,7 +1140,6 @@ fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
     let pid = b.daemon.pid();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let base_fds = fds();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let per_user = [idle / 2, idle - idle / 2];
     let mut holders: Vec<Holder> = Vec::new();
     for (user, n) in [&b.user_a, &b.user_b].into_iter().zip(per_user) {
@@ -1135,13 +1147,7 @@ fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
             socket: b.proxy.clone(),
             conns: n,
         };
-        let mut child = user
-            .command(&exe)
-            .env(WORKER_ENV, "hold")
-            .env(
-                SPEC_ENV,
-                serde_json::to_string(&spec).map_err(|e| e.to_string())?,
-            )
+        let mut child = worker_command(user, "hold", &spec)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

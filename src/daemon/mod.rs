@@ -338,7 +338,6 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     Ok(())
 }
 
-/// Admits (or refuses) one accepted connection and spawns its task.
 /// Keeps a timer due within [`TIMER_FLOOR`] at all times, so that the
 /// runtime's time driver never sleeps towards a later deadline. Every
 /// upstream request registers a timeout (`upstream_timeout_secs`, 30 s by
@@ -358,6 +357,7 @@ async fn timer_floor(mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Admits (or refuses) one accepted connection and spawns its task.
 fn admit(
     stream: UnixStream,
     limiter: &Arc<Limiter>,

@@ -231,6 +231,12 @@ mod tests {
     use std::io::Write;
 
     /// A directory of its own with `passwd` and `group` in it.
+    /// Appends `line` to the file at `path`, writing in place.
+    fn append(path: &std::path::Path, line: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(line).unwrap();
+    }
+
     fn dir(name: &str) -> (PathBuf, UserDbWatch) {
         let dir = std::env::temp_dir().join(format!("kh-watch-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -257,11 +263,7 @@ mod tests {
     fn a_write_in_place_is_seen_by_the_next_look() {
         let (dir, mut w) = dir("inplace");
         let before = w.seen();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("group"))
-            .unwrap();
-        f.write_all(b"deployers:x:1000:alice\n").unwrap();
+        append(&dir.join("group"), b"deployers:x:1000:alice\n");
         let after = w.seen();
         assert_ne!(before, after);
         assert_eq!(after, w.seen());
@@ -280,12 +282,10 @@ mod tests {
         // link), is watched too.
         std::fs::hard_link(dir.join("passwd"), dir.join("elsewhere")).unwrap();
         let linked = w.seen();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("elsewhere"))
-            .unwrap();
-        f.write_all(b"alice:x:1000:1000::/home/alice:/bin/sh\n")
-            .unwrap();
+        append(
+            &dir.join("elsewhere"),
+            b"alice:x:1000:1000::/home/alice:/bin/sh\n",
+        );
         assert_ne!(linked, w.seen());
         let _ = std::fs::remove_dir_all(dir);
     }
