@@ -128,7 +128,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
                 sign: sign_cert.clone(),
             },
         ];
-        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, daemon.pid())?;
+        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, &[daemon.pid()])?;
         if !daemon.alive() {
             return Err("the certificate daemon died".into());
         }

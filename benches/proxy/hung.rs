@@ -117,7 +117,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
                 sign: b.sign.clone(),
             },
         ];
-        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, daemon.pid())?;
+        let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, &[daemon.pid()])?;
         if !daemon.alive() {
             return Err(format!(
                 "the daemon with hanging lookups died:\n{}",

@@ -43,6 +43,8 @@
 //!
 //! `KH_BENCH_RELAY=0` leaves out the byte-copying relay (`relay.rs`), measured
 //! by default against the agent for each scenario, in windows of its own.
+//! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
+//! one and interleaves the two daemons in each scenario (`candidate.rs`).
 //! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
@@ -51,6 +53,7 @@
 //! (see `certs.rs`) compares `connect` with certificates on and off and
 //! times one mint.
 
+mod candidate;
 mod certs;
 mod hung;
 mod load;
@@ -548,12 +551,13 @@ impl Bench {
             })
             .collect();
         let daemon = self.daemon.pid();
-        self.window_on(specs, op, conns, round % sides.len(), timing, daemon)
+        self.window_on(specs, op, conns, round % sides.len(), timing, &[daemon])
     }
 
     /// Runs one interleaved window as user a over `sides`; one [`Window`]
-    /// per side, in their order. `daemon`: the pid whose CPU time is the
-    /// daemon's.
+    /// per side, in their order. `daemons`: the pids whose CPU time is a
+    /// daemon's (the first is [`Window::cpu_us`]`[1]`, all are in
+    /// [`Window::daemons_us`]).
     fn window_on(
         &mut self,
         sides: Vec<SideSpec>,
@@ -561,7 +565,7 @@ impl Bench {
         conns: usize,
         first: usize,
         timing: Timing,
-        daemon: u32,
+        daemons: &[u32],
     ) -> Result<Vec<Window>> {
         check_interrupted()?;
         let spec = RunSpec {
@@ -573,7 +577,9 @@ impl Bench {
             slice_ms: timing.slice_ms,
             settle_ms: timing.settle_ms,
             first,
-            pids: vec![self.agent.pid(), daemon],
+            pids: std::iter::once(self.agent.pid())
+                .chain(daemons.iter().copied())
+                .collect(),
         };
         let started = Instant::now();
         let before = machine_cpu_us();
@@ -600,6 +606,7 @@ impl Bench {
                         per_op(r.cpu_us.get(1).copied().unwrap_or(0.0)),
                         per_op(r.client_cpu_us),
                     ],
+                    daemons_us: r.cpu_us.iter().skip(1).map(|&us| per_op(us)).collect(),
                     others,
                     steal,
                     r,
@@ -706,7 +713,11 @@ fn burst_phase(b: &mut Bench, settings: &Settings) -> Result<String> {
 /// operation (agent, daemon, load generator), in µs.
 struct Window {
     r: RunResult,
+    /// CPU µs per operation: the agent, the (first) daemon, the load
+    /// generator.
     cpu_us: [f64; 3],
+    /// CPU µs per operation of each daemon measured, in the order given.
+    daemons_us: Vec<f64>,
     /// The agent's run-queue wait per operation, µs.
     agent_wait_us: f64,
     /// CPU the rest of the machine used during the window, in cores.
@@ -932,6 +943,17 @@ fn bench() -> Result<String> {
             }
         }
     }
+    // A candidate build against this one, when asked for (candidate.rs).
+    let candidate = match std::env::var_os("KH_BENCH_CANDIDATE") {
+        Some(binary) if !scenarios.is_empty() => Some(candidate::phase(
+            &mut b,
+            Path::new(&binary),
+            &scenarios,
+            settings.rounds,
+            settings.timing,
+        )?),
+        _ => None,
+    };
     let bursts = if settings.wants("burst") {
         Some(burst_phase(&mut b, &settings)?)
     } else {
@@ -1088,6 +1110,9 @@ fn bench() -> Result<String> {
             }
         }
         out += "\n";
+    }
+    if let Some(c) = &candidate {
+        out += c;
     }
     if let Some(bursts) = &bursts {
         out += bursts;
