@@ -14,9 +14,7 @@
 //!
 //! It only measures: it never changes the shipped daemon's configuration.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use load::{RunResult, SideSpec};
 use setup::{wait_socket, Proc, Result};
@@ -32,36 +30,18 @@ pub fn phase(
     timing: Timing,
 ) -> Result<String> {
     check_interrupted()?;
-    let dir = b.dir.0.clone();
-    let plain = std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
-    let socket = dir.join("proxy-candidate.sock");
-    let config = dir.join("keyholder-candidate.toml");
-    let text = plain.replace(
-        &format!("socket = \"{}\"", b.proxy.display()),
-        &format!("socket = \"{}\"", socket.display()),
-    );
-    std::fs::write(&config, &text).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| e.to_string())?;
-    let log = dir.join("daemon-candidate.log");
-    let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let (socket, config, text) = b.config_beside("candidate", |text| text)?;
+    if text.contains("backend = \"builtin\"") {
+        return Ok(
+            "Candidate: not run with the builtin backend (its key would need adding to a \
+             second daemon).\n\n"
+                .into(),
+        );
+    }
+    let log = b.dir.0.join("daemon-candidate.log");
     let mut candidate = Proc {
         name: "candidate keyholder daemon",
-        child: Command::new("setpriv")
-            .args(["--pdeathsig=TERM", "--"])
-            .arg(binary)
-            .args(["daemon", "--config"])
-            .arg(&config)
-            .env_remove("KEYHOLDER_CONFIG")
-            .env_remove("KEYHOLDER_LOG_LEVEL")
-            .envs(
-                std::env::var("KH_BENCH_LOG_LEVEL")
-                    .ok()
-                    .map(|level| ("KEYHOLDER_LOG_LEVEL", level)),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
+        child: crate::daemon_command(binary, &config, &log)?
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?,
     };

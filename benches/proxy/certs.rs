@@ -9,7 +9,6 @@
 //!   through the same upstream backend the daemon uses (build, one CA
 //!   signature by the agent, verification), sequentially, p50/p99.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,36 +34,19 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         .arg("-q")
         .arg(&ca)
         .env("SSH_AUTH_SOCK", &b.direct))?;
-    let socket = dir.join("proxy-certs.sock");
-    let config = dir.join("keyholder-certs.toml");
-    let plain = std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
     // With the builtin backend the certificate daemon serves an agent.socket
     // of its own, and holds the key and the CA itself.
     let builtin_socket = dir.join("builtin-agent-certs.sock");
-    let text = plain
-        .replace(
-            &format!("socket = \"{}\"", b.proxy.display()),
-            &format!("socket = \"{}\"", socket.display()),
-        )
-        .replace(
+    let (socket, config, text) = b.config_beside("certs", |plain| {
+        plain.replace(
             &format!("socket = \"{}\"", dir.join("builtin-agent.sock").display()),
             &format!("socket = \"{}\"", builtin_socket.display()),
-        )
-        + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n";
-    std::fs::write(&config, &text).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| e.to_string())?;
+        ) + "certificate = \"also\"\nprincipals = [\"deploy\"]\n\n[certificates]\nca = \"benchca\"\n"
+    })?;
     let log = dir.join("daemon-certs.log");
-    let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let mut daemon = Proc {
         name: "keyholder daemon (certificates)",
-        child: Command::new("setpriv")
-            .args(["--pdeathsig=TERM", "--", KEYHOLDER, "daemon", "--config"])
-            .arg(&config)
-            .env_remove("KEYHOLDER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
+        child: crate::daemon_command(Path::new(KEYHOLDER), &config, &log)?
             .spawn()
             .map_err(|e| format!("cannot start {KEYHOLDER}: {e}"))?,
     };

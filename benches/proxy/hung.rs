@@ -16,7 +16,6 @@
 //! never see LDAP. Without nslcd installed the phase says it was skipped.
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
 use load::{Op, PokeResult, PokeSpec, RunResult, SideSpec};
@@ -48,15 +47,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
             "{title} not run with the builtin backend (it measures the lookups, not the keys).\n\n"
         ));
     }
-    let socket = dir.join("proxy-hung.sock");
-    let config = dir.join("keyholder-hung.toml");
-    let text = plain.replace(
-        &format!("socket = \"{}\"", b.proxy.display()),
-        &format!("socket = \"{}\"", socket.display()),
-    );
-    std::fs::write(&config, &text).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| e.to_string())?;
+    let (socket, config, _) = b.config_beside("hung", |text| text)?;
     let port = nslcd::silent_ldap_server().map_err(|e| e.to_string())?;
     let (nslcd, script) = Nslcd::prepare(&dir, port, &["root", &b.user_a.name])
         .map_err(|e| format!("cannot write the namespace's name service files: {e}"))?;

@@ -302,6 +302,29 @@ fn worker_command(user: &Account, mode: &str, spec: &impl serde::Serialize) -> R
     Ok(c)
 }
 
+/// `binary daemon --config config` under `setpriv --pdeathsig=TERM`, its
+/// log to `log`, the log level from `KH_BENCH_LOG_LEVEL` if set: every
+/// daemon the bench starts outside a namespace of its own.
+fn daemon_command(binary: &Path, config: &Path, log: &Path) -> Result<Command> {
+    let logfile = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut c = Command::new("setpriv");
+    c.args(["--pdeathsig=TERM", "--"])
+        .arg(binary)
+        .args(["daemon", "--config"])
+        .arg(config)
+        .env_remove("KEYHOLDER_LOG_LEVEL")
+        .env_remove("KEYHOLDER_CONFIG")
+        .envs(
+            std::env::var("KH_BENCH_LOG_LEVEL")
+                .ok()
+                .map(|level| ("KEYHOLDER_LOG_LEVEL", level)),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logfile);
+    Ok(c)
+}
+
 /// The sides of the scenario windows.
 const SIDES: [Side; 2] = [Side::Direct, Side::Proxy];
 
@@ -451,22 +474,9 @@ impl Bench {
         )
         .map_err(|e| e.to_string())?;
         let log = dir.join("daemon.log");
-        let logfile = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let daemon = Proc {
             name: "keyholder daemon",
-            child: Command::new("setpriv")
-                .args(["--pdeathsig=TERM", "--", KEYHOLDER, "daemon", "--config"])
-                .arg(&config)
-                .env_remove("KEYHOLDER_LOG_LEVEL")
-                .env_remove("KEYHOLDER_CONFIG")
-                .envs(
-                    std::env::var("KH_BENCH_LOG_LEVEL")
-                        .ok()
-                        .map(|level| ("KEYHOLDER_LOG_LEVEL", level)),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(logfile)
+            child: daemon_command(Path::new(KEYHOLDER), &config, &log)?
                 .spawn()
                 .map_err(|e| format!("cannot start {KEYHOLDER}: {e}"))?,
         };
@@ -514,6 +524,29 @@ impl Bench {
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Writes the configuration of another daemon beside the main one:
+    /// the main one's, listening on `proxy-{tag}.sock`, then `edit`ed, in
+    /// `keyholder-{tag}.toml`. Returns that socket, the file, and its text.
+    fn config_beside(
+        &self,
+        tag: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<(PathBuf, PathBuf, String)> {
+        let dir = &self.dir.0;
+        let socket = dir.join(format!("proxy-{tag}.sock"));
+        let config = dir.join(format!("keyholder-{tag}.toml"));
+        let plain =
+            std::fs::read_to_string(dir.join("keyholder.toml")).map_err(|e| e.to_string())?;
+        let text = edit(plain.replace(
+            &format!("socket = \"{}\"", self.proxy.display()),
+            &format!("socket = \"{}\"", socket.display()),
+        ));
+        std::fs::write(&config, &text).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
+        Ok((socket, config, text))
     }
 
     /// Errs when the daemon or the agent died.
