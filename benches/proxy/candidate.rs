@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use load::{RunResult, SideSpec};
+use load::RunResult;
 use setup::{wait_socket, Proc, Result};
 
 use crate::{check_interrupted, load, median_of, setup, Bench, Paired, Scenario, Timing};
@@ -68,16 +68,7 @@ pub fn phase(
         let mut this_cpu = Vec::new();
         let mut cand_cpu = Vec::new();
         for round in 0..rounds {
-            let sides = vec![
-                SideSpec {
-                    socket: b.proxy.clone(),
-                    sign: b.sign.clone(),
-                },
-                SideSpec {
-                    socket: socket.clone(),
-                    sign: b.sign.clone(),
-                },
-            ];
+            let sides = b.pair(&b.proxy, &socket);
             let mut windows = b.window_on(
                 sides,
                 s.op,

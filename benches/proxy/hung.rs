@@ -18,7 +18,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use load::{Op, PokeResult, PokeSpec, RunResult, SideSpec};
+use load::{Op, PokeResult, PokeSpec, RunResult};
 use setup::{wait_socket, Proc, Result};
 
 use crate::nslcd::{self, Nslcd};
@@ -98,16 +98,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
     let mut hung_runs: Vec<RunResult> = Vec::new();
     let mut daemon_cpu: Vec<f64> = Vec::new();
     for round in 0..rounds {
-        let sides = vec![
-            SideSpec {
-                socket: b.direct.clone(),
-                sign: b.sign.clone(),
-            },
-            SideSpec {
-                socket: socket.clone(),
-                sign: b.sign.clone(),
-            },
-        ];
+        let sides = b.pair(&b.direct, &socket);
         let windows = b.window_on(sides, Op::Connect, 16, round % 2, timing, &[daemon.pid()])?;
         if !daemon.alive() {
             return Err(format!(

@@ -526,6 +526,18 @@ impl Bench {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Two sides of a window on `first` and `second`, both sending this
+    /// run's sign request.
+    fn pair(&self, first: &Path, second: &Path) -> Vec<SideSpec> {
+        [first, second]
+            .into_iter()
+            .map(|socket| SideSpec {
+                socket: socket.to_owned(),
+                sign: self.sign.clone(),
+            })
+            .collect()
+    }
+
     /// Writes the configuration of another daemon beside the main one:
     /// the main one's, listening on `proxy-{tag}.sock`, then `edit`ed, in
     /// `keyholder-{tag}.toml`. Returns that socket, the file, and its text.
