@@ -572,3 +572,60 @@ fn session_binds_never_reach_the_agent() {
     assert_eq!(b.agent.requests(27), binds);
     assert_eq!(b.agent.requests(13), 20);
 }
+
+#[test]
+fn a_key_armed_or_removed_during_a_flood_of_listings_is_seen_by_the_next_listing() {
+    require_root!();
+    raise_nofile(100);
+    // The daemon keeps a listing's answer for 500 µs and answers lists
+    // arriving meanwhile from it: a change made upstream while lists pour
+    // in is still seen by the next `ssh-add -L` started after it.
+    let dir = TempDir::new("bf");
+    let agent = DebugAgent::start(&dir, "agent");
+    let deploy = keygen(dir.path(), "deploy", "ed25519", "");
+    let extra = keygen(dir.path(), "extra", "ed25519", "");
+    agent.add(&deploy);
+    let (flooders, viewers) = (TestGroup::create("bfa"), TestGroup::create("bfb"));
+    let flooder = TestUser::create("bfm", &[&flooders]);
+    let viewer = TestUser::create("bfv", &[&viewers]);
+    let config = Daemon::config(
+        &dir,
+        &agent.socket,
+        &format!(
+            "[keys.deploy]\ngroups = [\"{}\"]\n[keys.extra]\ngroups = [\"{}\"]\n",
+            flooders.name, viewers.name
+        ),
+    );
+    let daemon = Daemon::start_with(&dir, &config);
+    let mut flood = start_burst(
+        &flooder.as_user(),
+        &daemon.socket,
+        16,
+        600,
+        &[Ask::List(1), Ask::List(1), Ask::List(1), Ask::List(1)],
+        &[],
+    );
+    read_line_with(&mut flood, "SENT ");
+    let extra_pub = std::fs::read_to_string(extra.with_extension("pub")).unwrap();
+    let extra_blob = extra_pub.split_whitespace().nth(1).unwrap().to_owned();
+    let shows_extra = |keys: &[String]| keys.iter().any(|k| k.contains(&extra_blob));
+    for _ in 0..3 {
+        assert!(!shows_extra(&daemon.listed(&viewer.as_user())));
+        agent.add(&extra);
+        assert!(shows_extra(&daemon.listed(&viewer.as_user())));
+        let o = run(Command::new("ssh-add")
+            .arg("-d")
+            .arg(extra.with_extension("pub"))
+            .env("SSH_AUTH_SOCK", &agent.socket));
+        assert!(o.status.success(), "ssh-add -d: {}", stderr(&o));
+    }
+    assert!(!shows_extra(&daemon.listed(&viewer.as_user())));
+    // The flood was still going on, and every one of its lists was
+    // answered with the flooder's one key.
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the flood ended before the checks did"
+    );
+    let t = finish_burst(flood);
+    t.assert_all_served(9600, &daemon.log_text());
+}
