@@ -269,9 +269,11 @@ impl UpstreamBackend {
         }
     }
 
-    /// REQUEST_IDENTITIES, answered by a flight that started after this call
-    /// began: the newest one if it did, else one of its own if fewer than
-    /// [`LIST_FLIGHTS`] are in flight, else the next one to start.
+    /// REQUEST_IDENTITIES: the kept answer if its flight was sent at most
+    /// [`LIST_FRESH`] before this call began, else the answer of a flight
+    /// that started after it began: the newest one if it did, else one of
+    /// its own if fewer than [`LIST_FLIGHTS`] are in flight, else the next
+    /// one to start.
     async fn list(&self) -> Result<Vec<Identity>, BackendError> {
         let now = Instant::now();
         let deadline = now + self.timeout();
@@ -368,7 +370,8 @@ impl UpstreamBackend {
         lists.fresh = Some((started, ids.to_vec()));
     }
 
-    /// Forgets the fresh answer: the agent's keys are about to change.
+    /// Forgets the kept answer, and keeps none of the flights sent so far:
+    /// an add or remove was just sent, the agent's keys may have changed.
     fn forget_fresh(&self) {
         let mut lists = self.lock_lists();
         lists.fresh = None;
@@ -806,6 +809,7 @@ mod tests {
         accepter.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
+
     /// A stand-in agent that answers every REQUEST_IDENTITIES with no keys
     /// and every other request with SUCCESS, and counts the listings.
     fn counting_agent(socket: &std::path::Path) -> Arc<AtomicU64> {
@@ -852,8 +856,8 @@ mod tests {
             assert_eq!(b.identities().await.unwrap(), vec![]);
         }
         assert_eq!(lists.load(Ordering::SeqCst), 1);
-        // An add, a remove or a remove-all sent through the backend: the
-        // next request is a listing of its own.
+        // A remove-all or a remove sent through the backend (an add goes
+        // the same way): the next request is a listing of its own.
         b.remove_all().await.unwrap();
         b.identities().await.unwrap();
         b.identities().await.unwrap();
