@@ -370,6 +370,14 @@ impl UpstreamBackend {
         lists.fresh = Some((started, ids.to_vec()));
     }
 
+    /// An add or remove, answered SUCCESS or not: then no listing sent
+    /// before it finished is kept (see [`Self::forget_fresh`]).
+    async fn change(&self, request: &Request) -> Result<(), BackendError> {
+        let done = self.call(request, parse_success).await;
+        self.forget_fresh();
+        done
+    }
+
     /// Forgets the kept answer, and keeps none of the flights sent so far:
     /// an add or remove was just sent, the agent's keys may have changed.
     fn forget_fresh(&self) {
@@ -577,29 +585,19 @@ impl Backend for UpstreamBackend {
             } else {
                 Request::AddIdConstrained(identity)
             };
-            let done = self.call(&request, parse_success).await;
-            self.forget_fresh();
-            done
+            self.change(&request).await
         })
     }
 
     fn remove(&self, key: PublicCredential) -> BackendFuture<'_, ()> {
         Box::pin(async move {
             let request = Request::RemoveIdentity(RemoveIdentity { credential: key });
-            let done = self.call(&request, parse_success).await;
-            self.forget_fresh();
-            done
+            self.change(&request).await
         })
     }
 
     fn remove_all(&self) -> BackendFuture<'_, ()> {
-        Box::pin(async move {
-            let done = self
-                .call(&Request::RemoveAllIdentities, parse_success)
-                .await;
-            self.forget_fresh();
-            done
-        })
+        Box::pin(self.change(&Request::RemoveAllIdentities))
     }
 
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
@@ -845,12 +843,19 @@ mod tests {
         lists
     }
 
+    /// A backend in front of a [`counting_agent`] that keeps an answer for
+    /// an hour, the listings counter, and the directory to remove.
+    fn backend_keeping_answers(tag: &str) -> (UpstreamBackend, Arc<AtomicU64>, PathBuf) {
+        let (socket, dir) = temp_socket(tag);
+        let lists = counting_agent(&socket);
+        let mut b = UpstreamBackend::new(socket, Duration::from_secs(5), 8);
+        b.list_fresh = Duration::from_secs(3600);
+        (b, lists, dir)
+    }
+
     #[tokio::test]
     async fn a_recent_answer_serves_lists_until_it_is_too_old_or_keys_change() {
-        let (socket, dir) = temp_socket("fresh");
-        let lists = counting_agent(&socket);
-        let mut b = UpstreamBackend::new(socket.clone(), Duration::from_secs(5), 8);
-        b.list_fresh = Duration::from_secs(3600);
+        let (mut b, lists, dir) = backend_keeping_answers("fresh");
         // Within the window: one listing upstream for ten requests.
         for _ in 0..10 {
             assert_eq!(b.identities().await.unwrap(), vec![]);
@@ -880,10 +885,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listing_sent_before_a_change_finished_is_never_kept() {
-        let (socket, dir) = temp_socket("stale");
-        let lists = counting_agent(&socket);
-        let mut b = UpstreamBackend::new(socket.clone(), Duration::from_secs(5), 8);
-        b.list_fresh = Duration::from_secs(3600);
+        let (b, lists, dir) = backend_keeping_answers("stale");
         // A flight numbered before the change, answered after it.
         let (number, started) = {
             let mut lists = b.lock_lists();
