@@ -8,6 +8,7 @@
 //! - [`backend`]: what holds the keys: the upstream agent (client
 //!   connections, supervision) or the builtin backend (in-process keys).
 //! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
+//! - [`grants`]: the grant store: grants kept, persisted, timed, announced.
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod counter;
 pub mod daemon;
 pub mod error;
+pub mod grants;
 pub mod hardening;
 pub mod known_hosts;
 pub mod logging;

@@ -18,6 +18,9 @@ use ssh_key::{HashAlg, PublicKey};
 use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
 
+pub mod grants;
+pub use grants::GrantsConfig;
+
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/keyholder/keyholder.toml";
@@ -47,6 +50,7 @@ struct RawConfig {
     key_dir: Option<PathBuf>,
     log: Option<LogTarget>,
     require_encrypted: Option<bool>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     agent: RawAgent,
     #[serde(default)]
@@ -122,6 +126,7 @@ struct RawKey {
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
+    grants: Option<grants::RawGrants>,
 }
 
 /// Whether a key is listed with a certificate minted for each caller
@@ -272,6 +277,8 @@ pub struct KeyConfig {
     pub remote_users: Option<Vec<String>>,
     /// May be used through a forwarded agent.
     pub allow_forwarding: bool,
+    /// Members need a grant (`[keys.NAME.grants]`).
+    pub grants: Option<GrantsConfig>,
 }
 
 /// A key's `destinations` file, read and parsed.
@@ -306,6 +313,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
     pub certificates: Option<Box<CertificatesConfig>>,
+    /// Where the daemon keeps state (grants).
+    pub state_dir: PathBuf,
 }
 
 impl Config {
@@ -458,6 +467,10 @@ impl Config {
             limits,
             keys,
             certificates,
+            state_dir: resolve(
+                raw.state_dir
+                    .unwrap_or_else(|| grants::DEFAULT_STATE_DIR.into()),
+            ),
         })
     }
 
@@ -594,6 +607,10 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
             )));
         }
     }
+    let grants = match raw.grants {
+        Some(g) => Some(grants::load(path, &name, g)?),
+        None => None,
+    };
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -606,6 +623,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         destinations,
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
+        grants,
     })
 }
 
@@ -904,6 +922,7 @@ fn load_certificates(
             destinations: None,
             remote_users: None,
             allow_forwarding: false,
+            grants: None,
         },
         validity_secs,
         backdate_secs,
@@ -1264,7 +1283,7 @@ mod example_tests {
     #[test]
     fn example_config_loads_and_matches_the_defaults() {
         let path = Path::new("/etc/keyholder/keyholder.toml");
-        let example = Config::parse(path, include_str!("../keyholder.toml.example")).unwrap();
+        let example = Config::parse(path, include_str!("../../keyholder.toml.example")).unwrap();
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
     }

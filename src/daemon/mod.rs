@@ -99,6 +99,8 @@ pub struct Shared {
     pub log: Arc<RateLog>,
     /// Counters since start (`keyholder status --prometheus`).
     pub metrics: metrics::Metrics,
+    /// Grants: requests read a snapshot of them; grant extensions change them.
+    pub grants: Arc<crate::grants::Store>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -198,6 +200,21 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     };
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
+    let grants = {
+        let (dir, policy, log) = (
+            config.state_dir.clone(),
+            runtime_rx.borrow().policy.clone(),
+            Arc::clone(&log),
+        );
+        tokio::task::spawn_blocking(move || crate::grants::Store::open(&dir, &policy, log))
+            .await
+            .map_err(|e| Error::msg(format!("cannot open the grant store: {e}")))?
+    };
+    tokio::spawn(Arc::clone(&grants).run(
+        runtime_rx.clone(),
+        |rt: &Runtime| &rt.policy,
+        stop_rx.clone(),
+    ));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         backend,
@@ -208,6 +225,7 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
         verifier: verifier::Verifier::default(),
         log,
         metrics,
+        grants,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::spawn(timer_floor(stop_rx.clone()));
