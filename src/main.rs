@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use keyholder::cli::{Cli, Command};
 
+/// Commands whose usage errors exit 1.
+const GRANT_COMMANDS: [&str; 5] = ["request", "approve", "deny", "grants", "revoke"];
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -16,6 +19,12 @@ fn main() -> ExitCode {
                 0
             } else if std::env::args_os().skip(1).any(|a| a == "status") {
                 3
+            } else if std::env::args_os()
+                .skip(1)
+                .any(|a| GRANT_COMMANDS.iter().any(|c| a == *c))
+            {
+                // The grant commands: a bad input is exit 1, as every refusal.
+                1
             } else {
                 2
             };
@@ -37,6 +46,25 @@ fn main() -> ExitCode {
         Command::CheckConfig => keyholder::commands::check_config::run(&cli.config),
         Command::Ca => keyholder::commands::certificates::run_ca(&cli.config),
         Command::Cert { name } => keyholder::commands::certificates::run_cert(&cli.config, &name),
+        Command::Request {
+            key,
+            duration,
+            reason,
+            wait,
+        } => keyholder::commands::grants::run_request(&cli.config, &key, &duration, &reason, wait),
+        Command::Approve { id, key } => {
+            keyholder::commands::grants::run_approve(&cli.config, &id, key.as_deref())
+        }
+        Command::Deny { id, reason, key } => keyholder::commands::grants::run_deny(
+            &cli.config,
+            &id,
+            reason.as_deref(),
+            key.as_deref(),
+        ),
+        Command::Grants { json } => keyholder::commands::grants::run_list(&cli.config, json),
+        Command::Revoke { id, key } => {
+            keyholder::commands::grants::run_revoke(&cli.config, &id, key.as_deref())
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
