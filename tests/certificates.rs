@@ -264,7 +264,7 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     );
         assert!(
             klog.contains(&format!("sign user={} ", s.alice.name))
-                && klog.contains(&format!("serial={a} decision=granted")),
+                && klog.contains(&format!("serial={a} grant=- decision=granted")),
             "{klog}"
         );
 
