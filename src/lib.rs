@@ -37,7 +37,6 @@ pub mod protocol;
 pub mod ratelog;
 pub mod shutdown;
 pub mod sockets;
-pub mod stream;
 pub mod trust;
 pub mod verify;
 
