@@ -15,10 +15,18 @@
 //! - [`verify`]: signature checks of `session-bind@openssh.com` (CPU work,
 //!   run off the async threads).
 //! - [`cli`]: the command line definition (binary, man page, completions).
+//! - [`error`]: the one error type: a message with its context, shown as
+//!   one line.
+//! - [`hardening`]: process hardening of the privileged commands (no core
+//!   dumps, not ptrace-able, locked memory, umask, allocator thresholds).
+//! - [`logging`]: log output to syslog or stderr, and the line format.
+//! - [`notify`]: systemd readiness notification (`sd_notify`).
 //! - [`shutdown`]: the stop signal `daemon` and `backend` both watch.
 //! - [`counter`]: an event count `backend` keeps and `daemon` reports.
 //! - [`ratelog`]: rate-limited logging of lines a flood could repeat, for both.
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
+//! - [`stream`]: a Unix stream socket registered for reading only (the
+//!   upstream backend's connections).
 
 pub mod backend;
 pub mod certs;
