@@ -27,6 +27,8 @@
 //! - [`sockets`]: probing, replacing and binding the daemon's socket files.
 //! - [`stream`]: a Unix stream socket registered for reading only (the
 //!   upstream backend's connections).
+//! - [`trust`]: the one trust check of every file and directory keyholder
+//!   trusts (owner, mode, file type, size; checked on the open descriptor).
 
 pub mod backend;
 pub mod certs;
