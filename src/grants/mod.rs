@@ -607,86 +607,27 @@ fn hook_env(event: Event, g: &Grant, by: Option<&rules::Person>) -> notify::Env 
     ]
 }
 
-/// Why a state file was not read.
-#[derive(Debug)]
-pub enum StateError {
-    /// Missing, unreadable.
-    Io(std::io::Error),
-    /// Not trusted.
-    Untrusted(String),
-}
+/// The largest state file read.
+pub const MAX_STATE_LEN: u64 = 4 * 1024 * 1024;
 
-impl StateError {
-    fn kind(&self) -> Option<std::io::ErrorKind> {
-        match self {
-            Self::Io(e) => Some(e.kind()),
-            Self::Untrusted(_) => None,
-        }
-    }
-}
-
-impl std::fmt::Display for StateError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Io(e) => write!(f, "cannot read: {e}"),
-            Self::Untrusted(why) => f.write_str(why),
-        }
-    }
-}
-
-/// Checks a program keyholder runs (the `notify` hook): a regular file
-/// owned by root that group and others cannot write.
+/// Checks a program keyholder runs (the `notify` hook): trusted as every
+/// file keyholder relies on ([`crate::trust`]).
 pub fn check_program(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot use it: {e}"))?;
-    if !meta.file_type().is_file() {
-        return Err("not a regular file".to_owned());
-    }
-    if meta.uid() != 0 {
-        return Err(format!("owned by uid {}, not root", meta.uid()));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "mode {:04o} is writable by group or others",
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
+    crate::trust::check_file(path, crate::trust::Access::Public).map_err(|e| e.to_string())
 }
 
-/// Checks the state directory: root's, writable by no one else.
+/// Checks the state directory ([`crate::trust::check_dir`]).
 fn check_dir(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot use it: {e}"))?;
-    if !meta.is_dir() {
-        return Err("not a directory".to_owned());
-    }
-    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "owned by uid {} with mode {:04o}: must be root's and not writable by others",
-            meta.uid(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
+    crate::trust::check_dir(path).map_err(|e| e.to_string())
 }
 
-/// Reads the state file: root's alone (not readable or writable by group
-/// or others), a regular file.
-fn read_state(path: &Path) -> Result<String, StateError> {
-    use std::os::unix::fs::MetadataExt;
-    let text = crate::config::read_trusted(path).map_err(|e| match e {
-        crate::config::TrustError::Io(e) => StateError::Io(e),
-        crate::config::TrustError::Untrusted(w) => StateError::Untrusted(w),
-    })?;
-    let meta = std::fs::symlink_metadata(path).map_err(StateError::Io)?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(StateError::Untrusted(format!(
-            "mode {:04o} lets group or others read it (must be 0600)",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(text)
+/// Reads the state file: root's alone (a secret as [`crate::trust`] sees
+/// it: neither group nor others may read or write it).
+fn read_state(path: &Path) -> Result<String, crate::trust::TrustError> {
+    let bytes = crate::trust::read_secret_capped(path, MAX_STATE_LEN)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
+        crate::trust::TrustError::Untrusted("is not UTF-8 text; refusing to read it".to_owned())
+    })
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ pub fn prepare(state_dir: &Path) -> Result<PathBuf, String> {
 pub fn load(path: &Path) -> Result<Option<Grants>, String> {
     let text = match super::read_state(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
+        Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
     let file: StateFile =

@@ -40,6 +40,8 @@ pub const MAX_APPROVALS: u32 = 16;
 /// How long an ended grant is remembered (for `grant-expired` and for
 /// `keyholder request --wait`).
 pub const KEEP_ENDED_SECS: u64 = 24 * 3600;
+/// At most this many ended grants are remembered (the oldest go first).
+pub const MAX_ENDED: usize = 1024;
 
 /// A key's grant rules (`[keys.NAME.grants]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -764,7 +766,8 @@ pub fn check_revoke(
 /// requests past `lapses_at` lapse, grants past their end expire, grants
 /// and requests whose key is gone or needs no grant any more end
 /// (revoked by keyholder). Ended records older than [`KEEP_ENDED_SECS`]
-/// are forgotten. Returns the new set and the records that changed.
+/// are forgotten, and beyond [`MAX_ENDED`] the oldest of them. Returns the
+/// new set and the records that changed.
 pub fn sweep(policy: &Policy, grants: &Grants, now: u64) -> (Grants, Vec<Grant>) {
     let mut changed = Vec::new();
     let mut kept = Vec::with_capacity(grants.grants.len());
@@ -798,6 +801,30 @@ pub fn sweep(policy: &Policy, grants: &Grants, now: u64) -> (Grants, Vec<Grant>)
         };
         changed.push(next.clone());
         kept.push(next);
+    }
+    let ended = |g: &Grant| matches!(g.state, State::Ended { .. });
+    let mut excess = kept
+        .iter()
+        .filter(|g| ended(g))
+        .count()
+        .saturating_sub(MAX_ENDED);
+    if excess > 0 {
+        let mut by_age: Vec<u64> = kept
+            .iter()
+            .filter_map(|g| match g.state {
+                State::Ended { at, .. } => Some(at),
+                _ => None,
+            })
+            .collect();
+        by_age.sort_unstable();
+        let cutoff = by_age.get(excess.saturating_sub(1)).copied().unwrap_or(0);
+        kept.retain(|g| match g.state {
+            State::Ended { at, .. } if at <= cutoff && excess > 0 => {
+                excess -= 1;
+                false
+            }
+            _ => true,
+        });
     }
     (Grants { grants: kept }, changed)
 }

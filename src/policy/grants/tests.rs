@@ -747,3 +747,23 @@ fn state_serializes_and_reads_back() {
     let back: Grants = serde_json::from_str(&text).unwrap();
     assert_eq!(back, g);
 }
+
+#[test]
+fn ended_grants_are_bounded() {
+    let p = policy();
+    let mut g = Grants::default();
+    for i in 0..MAX_ENDED + 5 {
+        let mut r = request(&p, &Grants::default(), &alice(), "prod", &format!("e{i}")).unwrap();
+        r.state = State::Ended {
+            at: NOW + i as u64,
+            how: End::Denied,
+        };
+        g.grants.push(r);
+    }
+    g = g.with(request(&p, &g, &alice(), "prod", "live").unwrap());
+    let (kept, _) = sweep(&p, &g, NOW + 10);
+    assert_eq!(kept.grants.len(), MAX_ENDED + 1);
+    assert!(kept.get("live").is_some());
+    assert!(kept.get("e0").is_none() && kept.get("e4").is_none());
+    assert!(kept.get("e5").is_some());
+}
