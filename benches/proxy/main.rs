@@ -45,16 +45,18 @@
 //! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
 //! one and interleaves the two daemons in each scenario (`candidate.rs`).
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,hung,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
 //! their cost; the default is the daemon's default, INFO). The `certs` part
 //! (see `certs.rs`) compares `connect` with certificates on and off and
-//! times one mint.
+//! times one mint. The `grants` part (see `grants.rs`) compares `sign` and
+//! `connect` without grants and under an active grant.
 
 mod candidate;
 mod certs;
+mod grants;
 mod hung;
 mod load;
 #[path = "../../tests/common/nslcd.rs"]
@@ -1013,6 +1015,12 @@ fn bench() -> Result<String> {
         None
     };
 
+    let granted = if settings.wants("grants") {
+        Some(grants::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
+
     let hanging = if settings.wants("hung") {
         Some(hung::phase(&mut b, settings.rounds, settings.timing)?)
     } else {
@@ -1165,6 +1173,9 @@ fn bench() -> Result<String> {
     }
     if let Some(c) = &certificates {
         out += c;
+    }
+    if let Some(g) = &granted {
+        out += g;
     }
     if let Some(h) = &hanging {
         out += h;
