@@ -228,6 +228,12 @@ fn four_eyes_request_approve_use() {
     ] {
         s.refused(&s.kh(&who.as_user(), &["approve", &id]), why);
     }
+    // Refused attempts are logged.
+    s.wait_log(&format!(
+        "grant refused op=approve target={id} user={} uid={}",
+        s.alice.name,
+        s.alice.uid()
+    ));
     // Listing shows who may approve.
     let o = s.kh(&s.carol.as_user(), &["grants"]);
     assert!(o.status.success());

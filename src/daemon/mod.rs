@@ -421,6 +421,7 @@ fn apply_reload(
             "limits.max_connections",
             current.limits.max_connections != new.limits.max_connections,
         ),
+        ("state_dir", current.state_dir != new.state_dir),
     ];
     for (field, changed) in restart_only {
         if changed {
@@ -440,6 +441,7 @@ fn apply_reload(
     kept.agent = current.agent.clone();
     kept.log = current.log;
     kept.limits.max_connections = current.limits.max_connections;
+    kept.state_dir = current.state_dir.clone();
     kept
 }
 

@@ -33,7 +33,7 @@ use tokio::sync::{watch, Mutex, Notify};
 use crate::policy::grants::{self as rules, Ask, End, Grant, GrantError, Grants, State};
 use crate::policy::{Caller, Policy, Reason};
 use crate::protocol::grants::{Answer, GrantOp};
-use crate::ratelog::RateLog;
+use crate::ratelog::{Kind, RateLog, Who};
 
 /// The tracing target of grant audit lines (the audit log's).
 pub const TARGET: &str = "keyholder::audit";
@@ -61,6 +61,25 @@ impl std::fmt::Display for Field<'_> {
 /// The largest listing answered (the rest is left out, and the answer
 /// says so); well below the protocol's message cap.
 pub const MAX_LISTING: usize = 192 * 1024;
+
+/// Grant requests, approvals, denials and revocations refused: logged
+/// (rate-limited per uid), so that an approver's attempt on their own
+/// request or a stranger's attempt shows in the log.
+pub static GRANT_REFUSED: Kind = Kind {
+    name: "grant requests refused",
+    burst: 10,
+    level: tracing::Level::INFO,
+};
+
+/// Changes (requests, approvals, denials, revocations) one uid may make per
+/// [`CHANGE_WINDOW`]: each is a synced write and an audit line, so a loop
+/// of requests and withdrawals must not become a flood. Root is not
+/// limited.
+pub const MAX_CHANGES_PER_WINDOW: u32 = 30;
+/// See [`MAX_CHANGES_PER_WINDOW`].
+pub const CHANGE_WINDOW: Duration = Duration::from_secs(60);
+/// uids whose changes are counted at once (beyond, the oldest windows go).
+const MAX_COUNTED: usize = 4096;
 
 /// A grant event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +174,9 @@ pub struct Store {
     wake: Notify,
     events: [AtomicU64; 7],
     notifier: notify::Notifier,
+    log: Arc<RateLog>,
+    /// Per uid: when its window started, and changes in it.
+    changes: std::sync::Mutex<std::collections::HashMap<u32, (std::time::Instant, u32)>>,
 }
 
 /// Now, in Unix seconds.
@@ -206,7 +228,9 @@ impl Store {
             file,
             wake: Notify::new(),
             events: Default::default(),
-            notifier: notify::Notifier::new(log),
+            notifier: notify::Notifier::new(Arc::clone(&log)),
+            log,
+            changes: Default::default(),
         })
     }
 
@@ -262,8 +286,63 @@ impl Store {
         if let GrantOp::List { id } = &op {
             return self.list(policy, id.as_deref(), now);
         }
+        let answer = self.change(policy, caller, &op, now).await;
+        if !answer.ok && self.log.allow(&GRANT_REFUSED, Who::Uid(caller.uid)) {
+            let (verb, what) = match &op {
+                GrantOp::Request { key, .. } => ("request", key.as_str()),
+                GrantOp::Approve { id, .. } => ("approve", id.as_str()),
+                GrantOp::Deny { id, .. } => ("deny", id.as_str()),
+                GrantOp::Revoke { id, .. } => ("revoke", id.as_str()),
+                GrantOp::List { .. } => ("list", ""),
+            };
+            tracing::info!(
+                target: TARGET,
+                "grant refused op={verb} target={} user={} uid={} why={}",
+                Field(Some(what)),
+                Field(caller.user.as_deref()),
+                caller.uid,
+                Field(Some(&answer.text))
+            );
+        }
+        answer
+    }
+
+    /// Whether `uid` may make one more change now (and counts it).
+    fn allow_change(&self, uid: u32) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut map = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= MAX_COUNTED && !map.contains_key(&uid) {
+            map.retain(|_, (start, _)| now.duration_since(*start) < CHANGE_WINDOW);
+            if map.len() >= MAX_COUNTED {
+                return false;
+            }
+        }
+        let entry = map.entry(uid).or_insert((now, 0));
+        if now.duration_since(entry.0) >= CHANGE_WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= MAX_CHANGES_PER_WINDOW {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+
+    /// A request, approval, denial or revocation.
+    async fn change(&self, policy: &Policy, caller: &Caller, op: &GrantOp, now: u64) -> Answer {
+        if !self.allow_change(caller.uid) {
+            return refused(format!(
+                "too many grant changes: at most {MAX_CHANGES_PER_WINDOW} a minute; try again                  shortly"
+            ));
+        }
         let mut state = self.state.lock().await;
-        let checked = match &op {
+        let checked = match op {
             GrantOp::Request {
                 key,
                 duration,
@@ -666,6 +745,29 @@ mod tests {
         let mut pending = g.clone();
         pending.state = State::Pending { lapses_at: 9 };
         assert!(audit_line(Event::Lapsed, &pending, None).contains(" by=- until=- "));
+    }
+
+    #[test]
+    fn changes_per_uid_are_limited_but_not_roots() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_stop_tx, stop) = watch::channel(false);
+            let log = RateLog::start(Duration::from_secs(10), stop);
+            let dir = std::env::temp_dir().join(format!("kh-store-{}", std::process::id()));
+            let store = Store::open(&dir, &Policy::default(), log);
+            for _ in 0..MAX_CHANGES_PER_WINDOW {
+                assert!(store.allow_change(1000));
+            }
+            assert!(!store.allow_change(1000));
+            assert!(store.allow_change(1001));
+            for _ in 0..100 {
+                assert!(store.allow_change(0));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        });
     }
 
     #[test]
