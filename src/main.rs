@@ -12,6 +12,26 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            let grant_command = std::env::args_os()
+                .skip(1)
+                .any(|a| GRANT_COMMANDS.iter().any(|c| a == *c));
+            if grant_command && e.use_stderr() {
+                // The grant commands: a bad input is one line and exit 1,
+                // as every refusal.
+                let text = e.render().to_string();
+                let what: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.starts_with("Usage:"))
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let what = what.join(" ");
+                eprintln!(
+                    "keyholder: {} (see keyholder --help)",
+                    what.strip_prefix("error: ").unwrap_or(&what)
+                );
+                return ExitCode::from(1);
+            }
             let _ = e.print();
             // --help and --version are not errors. A usage error of `status`
             // is UNKNOWN (3) to monitoring, not CRITICAL (clap's 2).
@@ -19,12 +39,6 @@ fn main() -> ExitCode {
                 0
             } else if std::env::args_os().skip(1).any(|a| a == "status") {
                 3
-            } else if std::env::args_os()
-                .skip(1)
-                .any(|a| GRANT_COMMANDS.iter().any(|c| a == *c))
-            {
-                // The grant commands: a bad input is exit 1, as every refusal.
-                1
             } else {
                 2
             };

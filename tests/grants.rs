@@ -313,9 +313,12 @@ fn bad_requests_are_one_line_and_change_nothing() {
         "no grant request",
     );
     s.refused(&s.kh(&a, &["revoke", "000000000000"]), "no grant request");
-    // Missing --reason: a usage error, exit 1.
-    let o = s.kh(&a, &["request", "prod", "--for", "5m"]);
-    assert_eq!(o.status.code(), Some(1));
+    // Missing --reason: a usage error, one line, exit 1.
+    let o = keyholder(
+        &a,
+        &["request", "prod", "--for", "5m", "--config", s.config()],
+    );
+    s.refused(&o, "--reason");
     // An id of another key.
     let id = s.request(&s.alice, "5m");
     s.refused(
