@@ -455,7 +455,7 @@ fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
 }
 
 #[test]
-fn forged_bindings_get_failure_and_nothing_signs_after_them() {
+fn forged_bindings_get_extension_failure_and_nothing_signs_after_them() {
     require_root!();
     let env = Env::new();
     let host = env.sshd("sshd-a", "ed25519", None);
@@ -486,7 +486,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     );
     assert_eq!(
         answer_types(&a),
-        [Some(FAILURE), Some(FAILURE), Some(FAILURE)]
+        [Some(EXTENSION_FAILURE), Some(FAILURE), Some(FAILURE)]
     );
     // Signed by another key than the one it names.
     let other = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[9; 32]));
@@ -496,7 +496,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
         &d.socket,
         &[bind_raw(&blob, &x, &enc(&sig), 0), sign(&x)],
     );
-    assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+    assert_eq!(answer_types(&a), [Some(EXTENSION_FAILURE), Some(FAILURE)]);
 
     // A good binding, then a sign request for another session: refused.
     let a = raw_as(
@@ -520,7 +520,12 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     );
     assert_eq!(
         answer_types(&a),
-        [Some(SUCCESS), Some(FAILURE), Some(FAILURE), Some(FAILURE)]
+        [
+            Some(SUCCESS),
+            Some(EXTENSION_FAILURE),
+            Some(FAILURE),
+            Some(FAILURE)
+        ]
     );
 
     // Malformed: truncated, trailing bytes, a flag of 2.
@@ -531,7 +536,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     *flag.last_mut().unwrap() = 2;
     for bad in [good[..good.len() - 1].to_vec(), trailing, flag] {
         let a = raw_as(&member, &d.socket, &[bad, sign(&x)]);
-        assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+        assert_eq!(answer_types(&a), [Some(EXTENSION_FAILURE), Some(FAILURE)]);
     }
 
     // At most 16 bindings (forwarding ones chain).
@@ -542,7 +547,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     let a = raw_as(&member, &d.socket, &steps);
     let types = answer_types(&a);
     assert!(types[..16].iter().all(|t| *t == Some(SUCCESS)), "{types:?}");
-    assert_eq!(types[16], Some(FAILURE));
+    assert_eq!(types[16], Some(EXTENSION_FAILURE));
 
     assert!(
         d.log_text().contains("reason=bad-session-bind"),
@@ -625,7 +630,9 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
             .map(|i| bind_raw(&rsa_blob(2048), &[round * 10 + i + 1; 32], &sig, 0))
             .collect();
         let a = raw_as(&env.outsider.as_user(), &d.socket, &flood);
-        assert!(answer_types(&a).iter().all(|t| *t == Some(FAILURE)));
+        assert!(answer_types(&a)
+            .iter()
+            .all(|t| *t == Some(EXTENSION_FAILURE)));
     }
     assert_eq!(
         d.log_count(&format!(
@@ -648,7 +655,10 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
         bind_raw(&rsa_blob(2048), &[2; 32], &sig, 0),
     ];
     let a = raw_as(&env.member.as_user(), &d.socket, &big);
-    assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+    assert_eq!(
+        answer_types(&a),
+        [Some(EXTENSION_FAILURE), Some(EXTENSION_FAILURE)]
+    );
     assert!(
         d.log_text().contains("RSA modulus larger than 16384 bits"),
         "{}",

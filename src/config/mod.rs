@@ -1264,7 +1264,7 @@ mod example_tests {
     #[test]
     fn example_config_loads_and_matches_the_defaults() {
         let path = Path::new("/etc/keyholder/keyholder.toml");
-        let example = Config::parse(path, include_str!("../keyholder.toml.example")).unwrap();
+        let example = Config::parse(path, include_str!("../../keyholder.toml.example")).unwrap();
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
     }

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use ssh_agent_lib::proto::extension::QueryResponse;
 use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
 use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -274,13 +273,15 @@ async fn handle(
                 }
                 Err(why) => {
                     bad_bind(caller, bindings, why, Some(forwarding));
-                    Ok(Response::Failure)
+                    Ok(Response::ExtensionFailure)
                 }
             }
         }
+        // A supported extension that failed: EXTENSION_FAILURE, as OpenSSH's
+        // agent answers (FAILURE would read "not supported").
         (Decision::RefuseBind { reason, forwarding }, _) => {
             bad_bind(caller, bindings, reason, *forwarding);
-            Ok(Response::Failure)
+            Ok(Response::ExtensionFailure)
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
@@ -468,9 +469,20 @@ fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
     shared.metrics.report(keys, shared.lookups.stats())
 }
 
+/// The answer to `query`: `string "query"`, then each supported name as a
+/// plain `string`, back to back to the end of the message (RFC 9987; what
+/// OpenSSH's `ssh_agent_query_extensions` reads). No count, no outer length.
 fn query_response() -> Response {
-    let names = SUPPORTED_EXTENSIONS.iter().map(|s| s.to_string()).collect();
-    extension_response(policy::QUERY, &QueryResponse { extensions: names })
+    let mut details = Vec::new();
+    for name in SUPPORTED_EXTENSIONS {
+        if name.encode(&mut details).is_err() {
+            return Response::Failure;
+        }
+    }
+    Response::ExtensionResponse(Extension {
+        name: policy::QUERY.to_owned(),
+        details: details.into(),
+    })
 }
 
 fn extension_response(name: &str, body: &impl Encode) -> Response {

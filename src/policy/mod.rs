@@ -265,9 +265,10 @@ pub enum Decision<'p> {
         serial: Option<u64>,
     },
     /// Verify the session binding (off the async threads) and, if it
-    /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
+    /// verifies, record it with [`Bindings::record`]; SUCCESS or
+    /// EXTENSION_FAILURE.
     VerifyBind,
-    /// Answer FAILURE to a session binding and remember it failed
+    /// Answer EXTENSION_FAILURE to a session binding and remember it failed
     /// ([`Bindings::fail`] with `forwarding`).
     RefuseBind {
         /// Why.
