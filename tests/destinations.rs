@@ -769,3 +769,77 @@ fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert!(all.contains("writable by group or others"), "{all}");
 }
+
+/// A public key line of OpenSSH 10.5's `ssh-mldsa44-ed25519@openssh.com`
+/// (a 1312-byte ML-DSA-44 key then a 32-byte Ed25519 key), as its
+/// `ssh-keygen -t mldsa44-ed25519` writes it.
+fn mldsa44_ed25519_line() -> String {
+    let alg = b"ssh-mldsa44-ed25519@openssh.com";
+    let blob = [string(alg), string(&[0x5a; 1312 + 32])].concat();
+    format!(
+        "ssh-mldsa44-ed25519@openssh.com {} host",
+        openssl::base64::encode_block(&blob)
+    )
+}
+
+#[test]
+fn an_mldsa44_ed25519_host_key_is_refused_at_load_naming_file_line_and_algorithm() {
+    require_root!();
+    let env = Env::new();
+    let host = env.sshd("sshd-a", "ed25519", None);
+    env.targets(&[&host.host_pub()], &[]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let targets = env.dir.join("targets");
+    let good = read(&targets);
+    let mut text = good.clone();
+    text.push_str(&format!("pq1 {}\n", mldsa44_ed25519_line()));
+    std::fs::write(&targets, &text).unwrap();
+    let line = format!("line {}", text.lines().count());
+
+    // check-config: exit 1, naming the key, the file, the line and the
+    // algorithm.
+    let o = keyholder(
+        &As::Root,
+        &["check-config", "--config", d.config.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    for part in [
+        "keys.deploy.destinations",
+        targets.to_str().unwrap(),
+        &line,
+        "ssh-mldsa44-ed25519@openssh.com is not supported",
+    ] {
+        assert!(all.contains(part), "{part}: {all}");
+    }
+
+    // The daemon: the reload is refused with the same words; the last good
+    // configuration stays in force (the listed host still works).
+    d.signal(Signal::SIGHUP);
+    assert!(d.wait_log("reload failed"), "{}", d.log_text());
+    assert!(
+        d.log_text()
+            .contains("ssh-mldsa44-ed25519@openssh.com is not supported"),
+        "{}",
+        d.log_text()
+    );
+    let o = env.ssh(&d, &host, &env.account.name, &[], "id -un");
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
+
+    // A `@cert-authority` of that algorithm: the same.
+    let text = format!("{good}@cert-authority * {}\n", mldsa44_ed25519_line());
+    std::fs::write(&targets, &text).unwrap();
+    let o = keyholder(
+        &As::Root,
+        &["check-config", "--config", d.config.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        all.contains(&format!("line {}", text.lines().count()))
+            && all.contains("ssh-mldsa44-ed25519@openssh.com is not supported"),
+        "{all}"
+    );
+    assert_eq!(env.agent.keys(), before);
+}
