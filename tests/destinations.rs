@@ -9,6 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -315,6 +316,56 @@ fn a_cert_authority_line_admits_a_host_that_ca_certified() {
         "{line}"
     );
     let _ = other_ca;
+}
+
+#[test]
+fn a_host_certificate_valid_forever_admits_the_host() {
+    require_root!();
+    let env = Env::new();
+    let ca = keygen(env.dir.path(), "host-ca", "ed25519", "");
+    // `ssh-keygen -s CA -h` without `-V`: valid_before = 2^64 - 1.
+    let host = Sshd::start_validity(&env.dir, "sshd-forever", "ed25519", Some(&ca), None, "");
+    host.authorize(&env.account.name, &[&env.pub_file("deploy")]);
+    let cert_file = host.host_pub().with_file_name("host_ed25519-cert.pub");
+    let o = run(Command::new("ssh-keygen").arg("-Lf").arg(&cert_file));
+    assert!(stdout(&o).contains("Valid: forever"), "{}", stdout(&o));
+    let known = env.dir.join("client_known_hosts");
+    std::fs::write(
+        &known,
+        format!("@cert-authority * {}", read(&ca.with_extension("pub"))),
+    )
+    .unwrap();
+    let known_opt = format!("GlobalKnownHostsFile={}", known.display());
+    let opts = [
+        "-o",
+        known_opt.as_str(),
+        "-o",
+        "HostKeyAlgorithms=ssh-ed25519-cert-v01@openssh.com",
+    ];
+    env.targets(&[], &[&ca.with_extension("pub")]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let o = env.ssh(&d, &host, &env.account.name, &opts, "id -un");
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        stderr(&o),
+        d.log_text(),
+        host.log_text()
+    );
+    assert_eq!(stdout(&o).trim(), env.account.name);
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains("decision=granted")
+            && line.contains(&format!("dest={}", fingerprint(&host.host_pub()))),
+        "{line}"
+    );
+    assert!(
+        !d.log_text().contains("malformed host key"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(env.agent.keys(), before);
 }
 
 #[test]
