@@ -38,6 +38,7 @@ pub mod ratelog;
 pub mod shutdown;
 pub mod sockets;
 pub mod stream;
+pub mod trust;
 pub mod verify;
 
 /// Fails with a one-line error unless the effective uid is 0.

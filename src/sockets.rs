@@ -9,7 +9,7 @@
 //! must leave the running one untouched.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -116,26 +116,12 @@ pub fn remove_stale(path: &Path, what: &str) -> Result<()> {
 /// owner is not root, or it has the group or other write bit (a sticky
 /// `/tmp` counts: others can create names in it).
 pub fn check_dir(dir: &Path, what: &str) -> Result<()> {
-    let m = std::fs::metadata(dir)
-        .map_err(|e| Error::msg(format!("{what} directory {}: {e}", dir.display())))?;
-    if !m.is_dir() {
-        return Err(Error::msg(format!(
-            "{what} directory {} is not a directory",
+    crate::trust::check_dir(dir).map_err(|e| {
+        Error::msg(format!(
+            "{what} directory {}: {e}; refusing to start (e.g. install -d -m 0755 -o root {0})",
             dir.display()
-        )));
-    }
-    let mode = m.permissions().mode() & 0o7777;
-    if m.uid() != 0 || mode & 0o022 != 0 {
-        return Err(Error::msg(format!(
-            "{what} directory {} (owner uid {}, mode {mode:04o}) is writable by others than \
-             root; refusing to start: use a directory owned by root and writable by no one else \
-             (e.g. install -d -m 0755 -o root {})",
-            dir.display(),
-            m.uid(),
-            dir.display()
-        )));
-    }
-    Ok(())
+        ))
+    })
 }
 
 /// Binds a listening socket at `path` that has `mode` from the moment the
