@@ -894,3 +894,121 @@ fn an_mldsa44_ed25519_host_key_is_refused_at_load_naming_file_line_and_algorithm
     );
     assert_eq!(env.agent.keys(), before);
 }
+
+/// An agent socket in front of the proxy that, on every connection, first
+/// replays `bind` (a binding captured elsewhere) and then relays both ways:
+/// what a hostile forwarding hop could do. Serves until the test ends.
+fn replaying_socket(path: &Path, proxy: &Path, bind: Vec<u8>) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let proxy = proxy.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let mut upstream = UnixStream::connect(&proxy).unwrap();
+            let mut framed = (bind.len() as u32).to_be_bytes().to_vec();
+            framed.extend(&bind);
+            upstream.write_all(&framed).unwrap();
+            let mut answer = [0u8; 5];
+            upstream.read_exact(&mut answer).unwrap();
+            assert_eq!(answer, [0, 0, 0, 1, SUCCESS]);
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client, &mut upstream);
+                let _ = upstream.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+}
+
+#[test]
+fn dest_names_only_the_binding_the_signed_data_belongs_to() {
+    require_root!();
+    let env = Env::new();
+    let host_a = env.sshd("sshd-a", "ed25519", None);
+    let host_b = env.sshd("sshd-b", "ecdsa", None);
+    host_b.authorize(&env.account.name, &[&env.pub_file("open")]);
+    env.targets(&[&host_a.host_pub()], &[]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let key_a = host_private(&host_a);
+    let blob_a = enc(key_a.public_key().key_data());
+    let blob_b = pubkey_blob(&host_b.host_pub());
+    let open = pubkey_blob(&env.pub_file("open"));
+    let (x, y) = ([1u8; 32], [2u8; 32]);
+    let member = env.member.as_user();
+
+    // A binding captured from host A (a real signature by A's host key over
+    // A's session), replayed before a real login to host B with `open` (a
+    // key without destinations): B accepts; the audit line names no host.
+    let replay = env.dir.join("replay.sock");
+    replaying_socket(&replay, &d.socket, bind_signed(&key_a, &x, &x, 0));
+    let open_pub = env.pub_file("open");
+    let o = host_b.ssh(
+        &member,
+        &replay,
+        &env.account.name,
+        &["-i", open_pub.to_str().unwrap(), "-o", "IdentitiesOnly=yes"],
+        "id -un",
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains("key=open") && line.contains(" dest=- ") && line.contains("decision=granted"),
+        "{line}"
+    );
+    assert!(!line.contains(&fingerprint(&host_a.host_pub())), "{line}");
+
+    // Raw: bound to A for session x; a hostbound request for session x that
+    // names B's host key: `open` signs, dest=-; `deploy` refuses.
+    let a = raw_as(
+        &member,
+        &d.socket,
+        &[
+            bind_signed(&key_a, &x, &x, 0),
+            sign_request(&open, &userauth(&open, &x, "x", Some(&blob_b)), 0),
+            sign_request(&open, &userauth(&open, &y, "x", None), 0),
+            sign_request(&open, &userauth(&open, &x, "x", Some(&blob_a)), 0),
+        ],
+    );
+    assert_eq!(
+        answer_types(&a),
+        [
+            Some(SUCCESS),
+            Some(SIGN_RESPONSE),
+            Some(SIGN_RESPONSE),
+            Some(SIGN_RESPONSE)
+        ]
+    );
+    let lines = sign_lines(&d);
+    let last3: Vec<&String> = lines.iter().rev().take(3).rev().collect();
+    let fp_a = fingerprint(&host_a.host_pub());
+    // Hostbound mismatch, and another session: dest=-.
+    assert!(last3[0].contains(" dest=- "), "{}", last3[0]);
+    assert!(last3[1].contains(" dest=- "), "{}", last3[1]);
+    // The data's session and host key are the binding's: dest names A.
+    assert!(last3[2].contains(&format!(" dest={fp_a} ")), "{}", last3[2]);
+
+    let deploy = pubkey_blob(&env.pub_file("deploy"));
+    let a = raw_as(
+        &member,
+        &d.socket,
+        &[
+            bind_signed(&key_a, &x, &x, 0),
+            sign_request(&deploy, &userauth(&deploy, &x, "x", Some(&blob_b)), 0),
+        ],
+    );
+    assert_eq!(answer_types(&a), [Some(SUCCESS), Some(FAILURE)]);
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains(" dest=- ") && line.contains("reason=destination-not-allowed"),
+        "{line}"
+    );
+    assert_eq!(env.agent.keys(), before);
+}

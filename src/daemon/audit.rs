@@ -62,11 +62,13 @@ impl fmt::Display for Field<'_> {
 
 /// What the connection a request came on is bound to: the fields
 /// `dest= forwarded= serial=` ([`Binding::of`] the connection's session
-/// bindings; `serial` comes from the decision: the certificate in the
-/// user-auth data, when keyholder minted it).
+/// bindings gives `forwarded`; `dest` and `serial` come from the decision:
+/// the verified binding the user-auth data belongs to, and the certificate
+/// in the data, when keyholder minted it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Binding {
-    /// Fingerprint of the host key the connection is bound to.
+    /// Fingerprint of the host key of the verified binding the signed data
+    /// belongs to (session id, and host key for a hostbound request).
     pub dest: Option<String>,
     /// Whether the binding is a forwarding one.
     pub forwarded: bool,
@@ -75,13 +77,14 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// The fields for a connection with `bindings`: `dest` is the host key
-    /// it last bound to (the certified key, for a host certificate);
-    /// `forwarded` whether it is (or may be: a failed binding that said so)
-    /// a forwarded agent.
+    /// The fields for a connection with `bindings`: `forwarded` whether it
+    /// is (or may be: a failed binding that said so) a forwarded agent.
+    /// `dest` is never taken from the connection alone (its last binding may
+    /// be to another session): the decision says which binding, if any, the
+    /// signed data belongs to.
     pub fn of(bindings: &Bindings) -> Self {
         Self {
-            dest: bindings.last().map(|b| b.fingerprint.clone()),
+            dest: None,
             forwarded: bindings.maybe_forwarded(),
             serial: None,
         }
@@ -108,6 +111,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
         fingerprint,
         remote_user,
         serial,
+        dest,
     } = decision
     else {
         return None;
@@ -115,7 +119,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
     if !decision.is_audited() {
         return None;
     }
-    let binding = &with_serial(binding, *serial);
+    let binding = &with_decision(binding, *serial, dest.as_deref());
     let kind = if matches!(reason, Reason::AdminRequest(_)) {
         "admin"
     } else {
@@ -145,11 +149,12 @@ pub fn sign(
         key,
         remote_user,
         serial,
+        dest,
     } = decision
     else {
         return None;
     };
-    let binding = &with_serial(binding, *serial);
+    let binding = &with_decision(binding, *serial, dest.as_deref());
     let (verdict, reason) = match outcome {
         Outcome::Signed => {
             let via = if caller.uid == 0 {
@@ -175,11 +180,15 @@ pub fn sign(
     ))
 }
 
-/// `binding` with the serial of the decision's certificate, if any.
-fn with_serial(binding: &Binding, serial: Option<u64>) -> Binding {
+/// `binding` with the serial of the decision's certificate and the host of
+/// the binding the signed data belongs to, if any.
+fn with_decision(binding: &Binding, serial: Option<u64>, dest: Option<&str>) -> Binding {
     let mut b = binding.clone();
     if let Some(s) = serial {
         b.serial = Some(s.to_string());
+    }
+    if let Some(d) = dest {
+        b.dest = Some(d.to_owned());
     }
     b
 }
@@ -290,6 +299,7 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: None,
+            dest: None,
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
         assert_eq!(
@@ -324,15 +334,20 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: Some(42),
+            dest: Some("SHA256:bound".to_owned()),
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
-        assert!(line.contains(" serial=42 decision=granted"), "{line}");
+        assert!(
+            line.contains(" dest=SHA256:bound forwarded=no serial=42 decision=granted"),
+            "{line}"
+        );
         let decision = Decision::Refuse {
             reason: Reason::CertificateNotYours,
             key: Some(&key),
             fingerprint: Some("SHA256:fp".to_owned()),
             remote_user: None,
             serial: Some(43),
+            dest: None,
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert!(
@@ -365,6 +380,7 @@ mod tests {
             fingerprint: Some("SHA256:x".to_owned()),
             remote_user: None,
             serial: None,
+            dest: None,
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert_eq!(
@@ -380,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn binding_fields_come_from_the_connections_bindings() {
+    fn forwarded_comes_from_the_connections_bindings_and_dest_never_does() {
         use crate::policy::destinations::Binding as Bound;
         let key = key();
         let bound = |forwarding, sid: u8| Bound {
@@ -396,7 +412,9 @@ mod tests {
         b.record(bound(true, 1)).unwrap();
         b.record(bound(false, 2)).unwrap();
         let f = Binding::of(&b);
-        assert_eq!(f.dest.as_deref(), Some("SHA256:host2"));
+        // Never the last binding merely for being last: the decision names
+        // the binding the signed data belongs to.
+        assert_eq!(f.dest, None);
         assert!(f.forwarded);
         // A failed binding that said "forwarding" counts.
         let mut failed = Bindings::default();

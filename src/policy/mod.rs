@@ -263,6 +263,9 @@ pub enum Decision<'p> {
         remote_user: Option<String>,
         /// The serial of the certificate in the user-auth data, if any.
         serial: Option<u64>,
+        /// The fingerprint of the host key of the verified binding the
+        /// user-auth data belongs to ([`destinations::binding_for`]), if any.
+        dest: Option<String>,
     },
     /// Verify the session binding (off the async threads) and, if it
     /// verifies, record it with [`Bindings::record`]; SUCCESS or
@@ -293,6 +296,8 @@ pub enum Decision<'p> {
         /// For sign requests: the serial of a keyholder certificate in the
         /// user-auth data, whoever it was minted for.
         serial: Option<u64>,
+        /// For sign requests: as for [`Decision::Sign`].
+        dest: Option<String>,
     },
 }
 
@@ -334,6 +339,7 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         fingerprint: None,
         remote_user: None,
         serial: None,
+        dest: None,
     }
 }
 
@@ -393,6 +399,7 @@ pub fn decide_unresolved<'p>(
                 fingerprint,
                 remote_user,
                 serial,
+                dest,
             },
             _,
         ) => Decision::Refuse {
@@ -401,6 +408,7 @@ pub fn decide_unresolved<'p>(
             fingerprint,
             serial,
             remote_user,
+            dest,
         },
         (other, _) => other,
     }
@@ -432,12 +440,20 @@ fn decide_sign<'p>(
         }) => Some(i.serial),
         _ => None,
     };
+    // The host this signature is for, for the audit line: only a verified
+    // binding of the session named in the data, never merely the last one.
+    let dest = auth
+        .as_ref()
+        .ok()
+        .and_then(|a| destinations::binding_for(ctx.bindings, a))
+        .map(|b| b.fingerprint.clone());
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
         serial: seen_serial,
+        dest: dest.clone(),
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
@@ -457,6 +473,7 @@ fn decide_sign<'p>(
                     key,
                     remote_user: remote_user.clone(),
                     serial,
+                    dest,
                 },
                 Err(reason) => refusal(reason, Some(key)),
             }
