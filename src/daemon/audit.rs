@@ -21,22 +21,57 @@ use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 use crate::ratelog::Kind;
 
-/// Refused requests that are audited (admin requests, keys not configured or
-/// not allowed, data that is not a user-auth request): rate-limited per uid.
-/// Granted and failed signs never go through a rate limit.
-pub static REFUSED: Kind = Kind {
-    name: "audit: refused requests",
+/// Refused admin requests (add, remove, lock, …): audited, rate-limited per
+/// uid with an allowance of their own, so a flood of them never hides a
+/// refused sign. Granted and failed signs never go through a rate limit.
+pub static REFUSED_ADMIN: Kind = Kind {
+    name: "audit: refused admin requests",
     burst: 10,
     level: tracing::Level::INFO,
 };
 
-/// Refusals that are not audited (unknown types, malformed messages,
-/// unsupported extensions), logged at debug level.
+/// Refused sign requests (key not configured or not allowed, data that is
+/// not a user-auth request, certificate and destination rules): audited,
+/// rate-limited per uid with an allowance of their own.
+pub static REFUSED_SIGN: Kind = Kind {
+    name: "audit: refused sign requests",
+    burst: 10,
+    level: tracing::Level::INFO,
+};
+
+/// Refusals that are not audited (malformed messages, unknown types,
+/// unsupported extensions), logged at debug level with an allowance of
+/// their own.
 pub static REFUSED_UNAUDITED: Kind = Kind {
-    name: "refused requests (not audited)",
+    name: "refused malformed or unknown requests (not audited)",
     burst: 10,
     level: tracing::Level::DEBUG,
 };
+
+/// The rate-limit kind a refusal's line counts under.
+pub fn refusal_kind(decision: &Decision<'_>) -> &'static Kind {
+    match decision {
+        Decision::Refuse {
+            reason: Reason::AdminRequest(_),
+            ..
+        } => &REFUSED_ADMIN,
+        d if d.is_audited() => &REFUSED_SIGN,
+        _ => &REFUSED_UNAUDITED,
+    }
+}
+
+/// What a rate-limit summary counts a refusal under: its reason and key,
+/// `reason=R key=K`; `None` when `decision` is no refusal.
+pub fn refusal_detail(decision: &Decision<'_>) -> Option<String> {
+    let Decision::Refuse { reason, key, .. } = decision else {
+        return None;
+    };
+    Some(format!(
+        "reason={} key={}",
+        Field(Some(&reason.to_string())),
+        Field(key.map(|k| k.name.as_str()))
+    ))
+}
 
 /// The tracing target of audit lines.
 pub const TARGET: &str = "keyholder::audit";
@@ -257,6 +292,7 @@ pub fn issued(caller: &Caller, cert: &IssuedLine<'_>) -> String {
 mod tests {
     use super::*;
     use crate::policy::KeyRule;
+    use crate::protocol::AdminOp;
 
     #[test]
     fn hostile_values_are_quoted() {
@@ -421,5 +457,43 @@ mod tests {
         failed.fail(Some(true));
         assert!(Binding::of(&failed).forwarded);
         assert_eq!(Binding::of(&failed).dest, None);
+    }
+
+    #[test]
+    fn each_kind_of_refusal_has_its_own_allowance_and_a_detail() {
+        let key = key();
+        let refuse = |reason, key| Decision::Refuse {
+            reason,
+            key,
+            fingerprint: Some("SHA256:x".to_owned()),
+            remote_user: None,
+            serial: None,
+            dest: None,
+        };
+        let admin = refuse(Reason::AdminRequest(AdminOp::RemoveAllIdentities), None);
+        assert_eq!(refusal_kind(&admin), &REFUSED_ADMIN);
+        assert_eq!(
+            refusal_detail(&admin).as_deref(),
+            Some("reason=admin-request:remove-all-identities key=-")
+        );
+        let sign = refuse(Reason::CertificateNotYours, Some(&key));
+        assert_eq!(refusal_kind(&sign), &REFUSED_SIGN);
+        assert_eq!(
+            refusal_detail(&sign).as_deref(),
+            Some("reason=certificate-not-yours key=deploy")
+        );
+        let bad = refuse(Reason::Malformed("trailing bytes"), None);
+        assert_eq!(refusal_kind(&bad), &REFUSED_UNAUDITED);
+        assert_eq!(
+            refusal_detail(&bad).as_deref(),
+            Some("reason=\"malformed (trailing bytes)\" key=-")
+        );
+        assert_eq!(refusal_detail(&Decision::List), None);
+        let names = [
+            REFUSED_ADMIN.name,
+            REFUSED_SIGN.name,
+            REFUSED_UNAUDITED.name,
+        ];
+        assert!(names[0] != names[1] && names[1] != names[2] && names[0] != names[2]);
     }
 }

@@ -200,18 +200,23 @@ async fn handle(
     // A refusal's outcome is known now; a sign's only once the backend
     // answered (logged below). Refusals are rate-limited per uid; granted
     // and failed signs never are.
+    // Each kind (admin, sign, malformed) has its own allowance per uid; a
+    // summary counts what it suppressed per reason and key.
+    let detail = || audit::refusal_detail(&decision);
     if let Some(line) = audit::refusal(caller, &decision, &binding) {
+        let kind = audit::refusal_kind(&decision);
         if shared
             .log
-            .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
+            .allow_with(kind, log_bucket(shared, caller.uid), detail)
         {
             tracing::info!(target: audit::TARGET, "{line}");
         }
     } else if let Decision::Refuse { reason, .. } = &decision {
-        if shared
-            .log
-            .allow(&audit::REFUSED_UNAUDITED, log_bucket(shared, caller.uid))
-        {
+        if shared.log.allow_with(
+            &audit::REFUSED_UNAUDITED,
+            log_bucket(shared, caller.uid),
+            detail,
+        ) {
             tracing::debug!("refused uid={}: {reason}", caller.uid);
         }
     }
