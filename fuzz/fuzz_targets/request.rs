@@ -41,6 +41,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rule
         allow_any_data,
         rules,
         certificate: Default::default(),
+        cert_terms: 0,
     }
 }
 

@@ -316,6 +316,7 @@ mod tests {
             allow_any_data: false,
             rules: Default::default(),
             certificate: Default::default(),
+            cert_terms: 0,
         }
     }
 

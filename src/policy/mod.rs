@@ -66,6 +66,9 @@ pub struct KeyRule {
     pub rules: Rules,
     /// Certificates for this key (`certificate`).
     pub certificate: CertMode,
+    /// What its certificates say now ([`certificates::terms`]): one minted
+    /// under other terms is stale.
+    pub cert_terms: u64,
 }
 
 /// The certificate CA: only its name and public key (status, listing).
@@ -111,6 +114,7 @@ impl From<&Config> for Policy {
                         allow_forwarding: k.allow_forwarding,
                     },
                     certificate: k.cert.mode,
+                    cert_terms: certificates::terms(config.certificates.as_deref(), &k.cert),
                 })
                 .collect(),
             ca: config.certificates.as_ref().map(|c| CaRule {
@@ -221,6 +225,9 @@ pub enum Reason {
     CertificateNotYours,
     /// Mode `only`: the user-auth data carries the plain key.
     CertificateRequired,
+    /// The user-auth data carries a certificate keyholder minted for this
+    /// caller under certificate settings a reload has since changed.
+    CertificateStale,
 }
 
 impl std::fmt::Display for Reason {
@@ -242,6 +249,7 @@ impl std::fmt::Display for Reason {
             Self::LookupError => f.write_str("user-lookup-error"),
             Self::CertificateNotYours => f.write_str("certificate-not-yours"),
             Self::CertificateRequired => f.write_str("certificate-required"),
+            Self::CertificateStale => f.write_str("certificate-stale"),
         }
     }
 }
@@ -322,7 +330,8 @@ impl Decision<'_> {
                 | Reason::RemoteUserNotAllowed
                 | Reason::BadSessionBind
                 | Reason::CertificateNotYours
-                | Reason::CertificateRequired => true,
+                | Reason::CertificateRequired
+                | Reason::CertificateStale => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -464,10 +473,11 @@ fn decide_sign<'p>(
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
-            let serial = match certificates::check(key.certificate, data_key, caller.uid) {
-                Ok(serial) => serial,
-                Err(reason) => return refusal(reason, Some(key)),
-            };
+            let serial =
+                match certificates::check(key.certificate, data_key, caller.uid, key.cert_terms) {
+                    Ok(serial) => serial,
+                    Err(reason) => return refusal(reason, Some(key)),
+                };
             match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
                 Ok(()) => Decision::Sign {
                     key,
