@@ -112,6 +112,51 @@ pub fn remove_stale(path: &Path, what: &str) -> Result<()> {
     }
 }
 
+/// Removes a socket file on the way out, if nothing answers on it any more
+/// (never another kind of file, never a socket someone else now listens
+/// on); what is left in place is logged.
+pub fn remove(path: &Path) {
+    if let Err(e) = remove_stale(path, "socket") {
+        tracing::warn!("left in place: {e}");
+    }
+}
+
+/// Creates the directory of a socket keyholder owns (root-owned, 0755)
+/// when it is missing, and refuses one that anyone but root could write
+/// (where someone could replace the socket, or put their own in its place).
+pub fn ensure_dir(socket: &Path, what: &str) -> Result<()> {
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    check_dir(dir, what)
+}
+
+/// Binds a socket keyholder serves (the proxy socket, `agent.socket` of an
+/// in-process backend): its directory is made or checked
+/// ([`ensure_dir`]), a stale socket left by a crash is replaced, anything
+/// else at the path (a live socket, another kind of file) is an error, and
+/// the socket has `mode` from the moment its name exists.
+pub fn bind(path: &Path, mode: u32, what: &str) -> Result<tokio::net::UnixListener> {
+    ensure_dir(path, what)?;
+    let stale = matches!(probe(path), Ok(Probe::Stale));
+    remove_stale(path, what)?;
+    if stale {
+        tracing::info!("replaced stale {what} {}", path.display());
+    }
+    bind_with_mode(path, mode)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .map_err(|e| Error::msg(format!("cannot listen on {what} {}: {e}", path.display())))
+}
+
 /// Fails when the directory `dir` could be written by anyone but root: its
 /// owner is not root, or it has the group or other write bit (a sticky
 /// `/tmp` counts: others can create names in it).

@@ -1168,4 +1168,22 @@ mod example_tests {
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
     }
+
+    /// Switching backend in the example is one uncommented line.
+    #[test]
+    fn example_config_switches_backend_with_one_line() {
+        let path = Path::new("/etc/keyholder/keyholder.toml");
+        let text = include_str!("../../keyholder.toml.example");
+        let line = "# backend = \"upstream\"";
+        assert_eq!(
+            text.matches(line).count(),
+            1,
+            "the example has one {line:?} line"
+        );
+        for backend in [BackendKind::Upstream, BackendKind::Builtin] {
+            let switched = text.replace(line, &format!("backend = \"{}\"", backend.name()));
+            let config = Config::parse(path, &switched).unwrap();
+            assert_eq!(config.agent.backend, backend);
+        }
+    }
 }
