@@ -1,6 +1,8 @@
 //! Rate-limited logging of lines a flood could repeat: refused requests,
 //! connections refused by a limit or closed on a bad message, the spawned
-//! agent's stderr.
+//! agent's stderr, and errors that recur while a fault lasts (backend
+//! errors, user database errors and timeouts, accept errors, a full
+//! signing queue). The one mechanism for every such line.
 //!
 //! For each kind of line and each uid (a [`Who`]), the first
 //! [`Kind::burst`] lines of a burst are written in full; later ones in the

@@ -42,6 +42,21 @@ pub static MINT_FAILED: Kind = Kind {
     level: tracing::Level::WARN,
 };
 
+/// Backend failures (unreachable, timed out, broken): the first of a burst,
+/// then a count per window.
+pub static UPSTREAM_FAILED: Kind = Kind {
+    name: "backend errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
+
+/// User database errors: the first of a burst, then a count per window.
+pub static LOOKUP_FAILED: Kind = Kind {
+    name: "user database errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
+
 /// The idle timeout passed while a connection waited for its next request.
 struct Elapsed;
 
@@ -146,11 +161,10 @@ pub async fn serve(
             // Who the caller is is unknown: refuse what depends on it
             // rather than guess; the next request asks again.
             Ok(Who::Failed(caller, e)) => {
-                if let Some(n) = shared.lookup_errors.hit() {
+                if shared.log.allow(&LOOKUP_FAILED, ratelog::Who::Unattributed) {
                     tracing::error!(
                         "cannot look up uid={uid} in the user database: {e}; refusing its \
-                         requests that need its groups (user-lookup-error) ({n} similar errors \
-                         not logged)"
+                         requests that need its groups (user-lookup-error)"
                     );
                 }
                 (caller, Some(Reason::LookupError))
@@ -464,8 +478,11 @@ fn note_upstream_error(shared: &Shared, e: &BackendError) {
     if matches!(e, BackendError::Refused) {
         return;
     }
-    if let Some(suppressed) = shared.upstream_errors.hit() {
-        tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
+    if shared
+        .log
+        .allow(&UPSTREAM_FAILED, ratelog::Who::Unattributed)
+    {
+        tracing::error!("{e} (answering FAILURE)");
     }
 }
 

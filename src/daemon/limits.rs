@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -227,61 +226,6 @@ pub fn fit_descriptors(max_connections: u32) -> u32 {
     fit
 }
 
-/// Says when an event of a recurring kind should be logged: the first of a
-/// burst at once, then at most once per `window`, with how many were not
-/// logged in between.
-#[derive(Debug)]
-pub struct BurstLog {
-    window: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl BurstLog {
-    /// A burst log with the given quiet window.
-    pub const fn new(window: Duration) -> Self {
-        Self {
-            window,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Records an event at `now`. `Some(n)`: log it, mentioning `n` earlier
-    /// events that were not logged; `None`: stay quiet.
-    pub fn hit(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.window => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
-/// A [`BurstLog`] shared between tasks.
-#[derive(Debug)]
-pub struct SharedBurstLog(Mutex<BurstLog>);
-
-impl SharedBurstLog {
-    /// A shared burst log with the given window.
-    pub const fn new(window: Duration) -> Self {
-        Self(Mutex::new(BurstLog::new(window)))
-    }
-
-    /// See [`BurstLog::hit`].
-    pub fn hit(&self) -> Option<u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .hit(Instant::now())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,17 +310,5 @@ mod tests {
         assert_eq!(connections_that_fit(4096, 1024), 384);
         assert_eq!(connections_that_fit(4096, 100), 1);
         assert_eq!(connections_that_fit(10, u64::MAX), 10);
-    }
-
-    #[test]
-    fn burst_is_logged_once_per_window() {
-        let mut b = BurstLog::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(b.hit(t0), Some(0));
-        for i in 1..=99 {
-            assert_eq!(b.hit(t0 + Duration::from_millis(i)), None);
-        }
-        assert_eq!(b.hit(t0 + Duration::from_secs(11)), Some(99));
-        assert_eq!(b.hit(t0 + Duration::from_secs(12)), None);
     }
 }

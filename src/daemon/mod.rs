@@ -32,14 +32,18 @@ use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
-use crate::ratelog::{RateLog, Who};
+use crate::ratelog::{self, RateLog, Who};
 use crate::sockets::{self, Probe};
-use limits::{LimitHit, Limiter, SharedBurstLog};
+use limits::{LimitHit, Limiter};
 
 /// How long open connections get to finish on shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Quiet window of once-per-burst log lines.
-const BURST_WINDOW: Duration = Duration::from_secs(10);
+/// Accept errors (EMFILE…): the first of a burst, then a count per window.
+pub static ACCEPT_FAILED: ratelog::Kind = ratelog::Kind {
+    name: "accept errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
 /// Accept-error backoff bounds.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -80,10 +84,6 @@ pub struct Shared {
     pub runtime: watch::Receiver<Arc<Runtime>>,
     /// Holds or reaches the keys; which one, the daemon never needs to know.
     pub backend: Arc<dyn Backend>,
-    /// Once-per-burst logging of upstream failures.
-    pub upstream_errors: SharedBurstLog,
-    /// Once-per-burst logging of user database errors.
-    pub lookup_errors: SharedBurstLog,
     /// Certificates minted, cached and remembered.
     pub authority: crate::certs::Authority,
     /// Caller lookups and their cache.
@@ -168,17 +168,14 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         backend,
-        upstream_errors: SharedBurstLog::new(BURST_WINDOW),
-        lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         authority: crate::certs::Authority::new(),
-        lookups: lookups::Lookups::new(),
+        lookups: lookups::Lookups::new(Arc::clone(&log)),
         verifier: verifier::Verifier::default(),
         log,
         metrics,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::spawn(timer_floor(stop_rx.clone()));
-    let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
 
     crate::notify::notify("READY=1");
     tracing::info!(
@@ -271,8 +268,8 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
                     admit(stream, &limiter, &shared, &stop_rx, &done_tx);
                 }
                 Err(e) => {
-                    if let Some(n) = accept_error_log.hit() {
-                        tracing::error!("accept failed: {e}; retrying ({n} similar errors not logged)");
+                    if shared.log.allow(&ACCEPT_FAILED, Who::Unattributed) {
+                        tracing::error!("accept failed: {e}; retrying");
                     }
                     paused_until = Some(tokio::time::Instant::now() + backoff);
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
