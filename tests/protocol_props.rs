@@ -26,6 +26,7 @@ fn rule(name: &str, k: &KeyData, groups: &[&str], allow_any_data: bool) -> KeyRu
         certificate: Default::default(),
         rules: Default::default(),
         grants: None,
+        cert_terms: 0,
     }
 }
 

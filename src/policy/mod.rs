@@ -79,6 +79,9 @@ pub struct KeyRule {
     pub certificate: CertMode,
     /// Members need a grant to use it (`[keys.NAME.grants]`).
     pub grants: Option<grants::GrantRule>,
+    /// What its certificates say now ([`certificates::terms`]): one minted
+    /// under other terms is stale.
+    pub cert_terms: u64,
 }
 
 /// The certificate CA: only its name and public key (status, listing).
@@ -131,6 +134,7 @@ impl From<&Config> for Policy {
                         pending_secs: g.pending_secs,
                         notify: g.notify.clone(),
                     }),
+                    cert_terms: certificates::terms(config.certificates.as_deref(), &k.cert),
                 })
                 .collect(),
             ca: config.certificates.as_ref().map(|c| CaRule {
@@ -269,6 +273,9 @@ pub enum Reason {
     NoGrant,
     /// The key needs a grant; the caller's ended.
     GrantExpired,
+    /// The user-auth data carries a certificate keyholder minted for this
+    /// caller under certificate settings a reload has since changed.
+    CertificateStale,
 }
 
 impl std::fmt::Display for Reason {
@@ -292,6 +299,7 @@ impl std::fmt::Display for Reason {
             Self::CertificateRequired => f.write_str("certificate-required"),
             Self::NoGrant => f.write_str("no-grant"),
             Self::GrantExpired => f.write_str("grant-expired"),
+            Self::CertificateStale => f.write_str("certificate-stale"),
         }
     }
 }
@@ -316,11 +324,15 @@ pub enum Decision<'p> {
         serial: Option<u64>,
         /// The id of the grant it is used under, when the key needs one.
         grant: Option<String>,
+        /// The fingerprint of the host key of the verified binding the
+        /// user-auth data belongs to ([`destinations::binding_for`]), if any.
+        dest: Option<String>,
     },
     /// Verify the session binding (off the async threads) and, if it
-    /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
+    /// verifies, record it with [`Bindings::record`]; SUCCESS or
+    /// EXTENSION_FAILURE.
     VerifyBind,
-    /// Answer FAILURE to a session binding and remember it failed
+    /// Answer EXTENSION_FAILURE to a session binding and remember it failed
     /// ([`Bindings::fail`] with `forwarding`).
     RefuseBind {
         /// Why.
@@ -348,6 +360,8 @@ pub enum Decision<'p> {
         /// For sign requests: the serial of a keyholder certificate in the
         /// user-auth data, whoever it was minted for.
         serial: Option<u64>,
+        /// For sign requests: as for [`Decision::Sign`].
+        dest: Option<String>,
     },
 }
 
@@ -374,7 +388,8 @@ impl Decision<'_> {
                 | Reason::CertificateNotYours
                 | Reason::CertificateRequired
                 | Reason::NoGrant
-                | Reason::GrantExpired => true,
+                | Reason::GrantExpired
+                | Reason::CertificateStale => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -391,6 +406,7 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         fingerprint: None,
         remote_user: None,
         serial: None,
+        dest: None,
     }
 }
 
@@ -452,6 +468,7 @@ pub fn decide_unresolved<'p>(
                 fingerprint,
                 remote_user,
                 serial,
+                dest,
             },
             _,
         ) => Decision::Refuse {
@@ -460,6 +477,7 @@ pub fn decide_unresolved<'p>(
             fingerprint,
             serial,
             remote_user,
+            dest,
         },
         (other, _) => other,
     }
@@ -491,12 +509,20 @@ fn decide_sign<'p>(
         }) => Some(i.serial),
         _ => None,
     };
+    // The host this signature is for, for the audit line: only a verified
+    // binding of the session named in the data, never merely the last one.
+    let dest = auth
+        .as_ref()
+        .ok()
+        .and_then(|a| destinations::binding_for(ctx.bindings, a))
+        .map(|b| b.fingerprint.clone());
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
         serial: seen_serial,
+        dest: dest.clone(),
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
@@ -517,16 +543,18 @@ fn decide_sign<'p>(
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
-            let serial = match certificates::check(key.certificate, data_key, caller.uid) {
-                Ok(serial) => serial,
-                Err(reason) => return refusal(reason, Some(key)),
-            };
+            let serial =
+                match certificates::check(key.certificate, data_key, caller.uid, key.cert_terms) {
+                    Ok(serial) => serial,
+                    Err(reason) => return refusal(reason, Some(key)),
+                };
             match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
                 Ok(()) => Decision::Sign {
                     key,
                     remote_user: remote_user.clone(),
                     serial,
                     grant,
+                    dest,
                 },
                 Err(reason) => refusal(reason, Some(key)),
             }

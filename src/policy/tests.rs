@@ -100,6 +100,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         certificate: CertMode::Off,
         rules: Rules::default(),
         grants: None,
+        cert_terms: 0,
     }
 }
 
@@ -489,6 +490,7 @@ impl certificates::Minted for MintedFor {
         (cert == &self.0).then_some(certificates::Issued {
             uid: 1000,
             serial: 77,
+            terms: 0,
         })
     }
 }

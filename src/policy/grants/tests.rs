@@ -33,6 +33,7 @@ fn key_rule(name: &str, seed: u8, grants: Option<GrantRule>) -> KeyRule {
         rules: Rules::default(),
         certificate: CertMode::Off,
         grants,
+        cert_terms: 0,
     }
 }
 
