@@ -537,6 +537,82 @@ fn grants_survive_reload_and_restart() {
     // The pending request survived too, and can be approved.
     s.approve(&s.lead2, &pending);
     assert!(s.signs(&s.bob.as_user()));
+    // A reload that takes the grants section away ends the grants (the key
+    // is then its members' again, as any key).
+    let without: String = config
+        .lines()
+        .take_while(|l| !l.starts_with("[keys.prod.grants]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&s.daemon.config, without).unwrap();
+    s.daemon.signal(Signal::SIGHUP);
+    s.wait_log(&format!("grant event=revoked id={id}"));
+    assert!(s
+        .log()
+        .contains("its key is no longer configured with grants"));
+    assert!(s.signs(&s.alice.as_user()));
+    assert!(!s.signs(&s.carol.as_user()));
+}
+
+#[test]
+fn grants_work_the_same_with_the_builtin_backend() {
+    if !is_root() {
+        return;
+    }
+    let dir = TempDir::new("gbi");
+    let agent = Agent::new(&dir, Backend::Builtin);
+    let prod = keygen(dir.path(), "prod", "ed25519", "");
+    let deployers = TestGroup::create("bd");
+    let leads = TestGroup::create("bl");
+    let alice = TestUser::create("ba", &[&deployers]);
+    let lead = TestUser::create("bl", &[&leads]);
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        dir.join("state").display(),
+        Daemon::config_for(
+            &dir,
+            &agent,
+            &format!(
+                "[keys.prod]\ngroups = [\"{}\"]\n[keys.prod.grants]\napprovers = [\"{}\"]\n",
+                deployers.name, leads.name
+            ),
+        )
+    );
+    let daemon = Daemon::start_with(&dir, &config);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
+        }),
+        "{}",
+        daemon.log_text()
+    );
+    agent.add(&prod);
+    let keys = agent.keys();
+    let blob = pubkey_blob(&dir.join("prod.pub"));
+    let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
+    let signs = |who: &As| {
+        raw_as(who, &daemon.socket, std::slice::from_ref(&sign))[0]
+            .as_ref()
+            .map(|a| a[0])
+    };
+    let cfg = daemon.config.to_str().unwrap();
+    assert_eq!(signs(&alice.as_user()), Some(FAILURE));
+    assert_eq!(agent.keys(), keys);
+    let o = keyholder(
+        &alice.as_user(),
+        &[
+            "request", "prod", "--for", "1m", "--reason", "builtin", "--config", cfg,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = stdout(&o).trim().to_owned();
+    assert!(
+        keyholder(&lead.as_user(), &["approve", &id, "--config", cfg])
+            .status
+            .success()
+    );
+    assert_eq!(signs(&alice.as_user()), Some(SIGN_RESPONSE));
+    assert!(daemon.wait_log(&format!("grant={id} decision=granted")));
 }
 
 #[test]
