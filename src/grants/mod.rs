@@ -170,7 +170,9 @@ pub struct Report {
 pub struct Store {
     state: Mutex<Grants>,
     snapshot: watch::Sender<Arc<Grants>>,
-    file: Result<PathBuf, String>,
+    /// `state_dir`: created (0700) when grants are configured or at the
+    /// first change, never by a daemon that has no use for it.
+    dir: PathBuf,
     wake: Notify,
     events: [AtomicU64; 7],
     notifier: notify::Notifier,
@@ -190,10 +192,15 @@ impl Store {
     /// Opens the store of `state_dir` (blocking: call before serving). A
     /// state file that cannot be trusted or read is refused with an error
     /// line, and the store starts empty; a directory that cannot be used
-    /// leaves a store that refuses every change (and says why).
+    /// leaves a store that refuses every change (and says why). Without
+    /// keys that need grants, a missing `state_dir` is left missing.
     pub fn open(state_dir: &Path, policy: &Policy, log: Arc<RateLog>) -> Arc<Self> {
-        let file = persist::prepare(state_dir);
         let mut grants = Grants::default();
+        let file = if policy.has_grants() || state_dir.exists() {
+            persist::prepare(state_dir)
+        } else {
+            Err(String::new())
+        };
         match &file {
             Ok(path) => match persist::load(path) {
                 Ok(Some(g)) => grants = g,
@@ -205,7 +212,7 @@ impl Store {
                 ),
             },
             Err(why) => {
-                if policy.has_grants() {
+                if policy.has_grants() || !why.is_empty() {
                     tracing::error!(
                         "grant state directory unusable: {why}; no grants are kept and every \
                          grant request is refused"
@@ -225,7 +232,7 @@ impl Store {
         Arc::new(Self {
             state: Mutex::new(grants),
             snapshot,
-            file,
+            dir: state_dir.to_owned(),
             wake: Notify::new(),
             events: Default::default(),
             notifier: notify::Notifier::new(Arc::clone(&log)),
@@ -479,9 +486,9 @@ impl Store {
     }
 
     async fn save(&self, grants: &Grants) -> Result<(), String> {
-        let path = self.file.clone()?;
+        let dir = self.dir.clone();
         let grants = grants.clone();
-        tokio::task::spawn_blocking(move || persist::save(&path, &grants))
+        tokio::task::spawn_blocking(move || persist::save(&persist::prepare(&dir)?, &grants))
             .await
             .map_err(|e| format!("the saving task failed: {e}"))?
     }
