@@ -138,7 +138,9 @@ pub fn run(path: &Path) -> Result<u8> {
             if let (Some(c), true) = (&config.certificates, key.cert.mode != CertMode::Off) {
                 if c.validity_secs > 600 {
                     found.warning(format!(
-                        "keys.{}: has grants and certificates valid for {} s: a certificate                          handed out before a revoke stays valid at targets that long (keep                          [certificates] validity_secs short, e.g. 300)",
+                        "keys.{}: has grants and certificates valid for {} s: a certificate \
+                         handed out before a revoke stays valid at targets that long (keep \
+                         [certificates] validity_secs short, e.g. 300)",
                         key.name, c.validity_secs
                     ));
                 }

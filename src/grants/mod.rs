@@ -345,7 +345,8 @@ impl Store {
     async fn change(&self, policy: &Policy, caller: &Caller, op: &GrantOp, now: u64) -> Answer {
         if !self.allow_change(caller.uid) {
             return refused(format!(
-                "too many grant changes: at most {MAX_CHANGES_PER_WINDOW} a minute; try again                  shortly"
+                "too many grant changes: at most {MAX_CHANGES_PER_WINDOW} a minute; try again \
+                 shortly"
             ));
         }
         let mut state = self.state.lock().await;
