@@ -19,6 +19,8 @@
 //! the deadline set by [`Backend::set_timeout`].
 
 pub mod builtin;
+pub mod pkcs11;
+pub mod pool;
 pub mod supervisor;
 pub mod upstream;
 
@@ -152,6 +154,16 @@ pub fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opene
             };
             let (backend, task) = builtin::Builtin::start(&settings, context.shutdown)?;
             Ok((Arc::new(backend), Some(task)))
+        }
+        BackendKind::Pkcs11 => {
+            let Some(settings) = config.pkcs11.as_deref() else {
+                return Err(crate::error::Error::msg(
+                    "backend = \"pkcs11\" needs [pkcs11]",
+                ));
+            };
+            let backend =
+                pkcs11::Pkcs11Backend::start(config, settings).map_err(crate::error::Error::msg)?;
+            Ok((Arc::new(backend), None))
         }
     }
 }

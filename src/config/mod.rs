@@ -18,6 +18,8 @@ use ssh_key::{HashAlg, PublicKey};
 use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
 
+pub mod pkcs11;
+
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/keyholder/keyholder.toml";
@@ -54,6 +56,7 @@ struct RawConfig {
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
     certificates: Option<RawCertificates>,
+    pkcs11: Option<pkcs11::RawPkcs11>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +86,8 @@ pub enum BackendKind {
     Upstream,
     /// keyholder holds the keys itself and serves `agent.socket`.
     Builtin,
+    /// The keys stay on a PKCS#11 token (`[pkcs11]`).
+    Pkcs11,
 }
 
 impl BackendKind {
@@ -91,6 +96,7 @@ impl BackendKind {
         match self {
             Self::Upstream => "upstream",
             Self::Builtin => "builtin",
+            Self::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -122,6 +128,8 @@ struct RawKey {
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
+    pkcs11_label: Option<String>,
+    pkcs11_id: Option<String>,
 }
 
 /// Whether a key is listed with a certificate minted for each caller
@@ -306,6 +314,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
     pub certificates: Option<Box<CertificatesConfig>>,
+    /// `[pkcs11]` (with `backend = "pkcs11"` only).
+    pub pkcs11: Option<Box<pkcs11::Pkcs11Config>>,
 }
 
 impl Config {
@@ -390,7 +400,13 @@ impl Config {
         };
 
         let mut keys = Vec::with_capacity(raw.keys.len());
-        for (name, key) in raw.keys {
+        let mut objects = BTreeMap::new();
+        for (name, mut key) in raw.keys {
+            if let Some(object) =
+                pkcs11::key_object(&file, &name, key.pkcs11_label.take(), key.pkcs11_id.take())?
+            {
+                objects.insert(name.clone(), object);
+            }
             keys.push(load_key(path, &key_dir, name, key)?);
         }
         let certificates = match raw.certificates {
@@ -421,16 +437,18 @@ impl Config {
         }
 
         let backend = raw.agent.backend.unwrap_or_default();
-        if backend == BackendKind::Builtin {
+        let pkcs11 = pkcs11::load(&file, raw.pkcs11, backend == BackendKind::Pkcs11, objects)?;
+        if backend != BackendKind::Upstream {
             for (field, set) in [
                 ("spawn", raw.agent.spawn.is_some()),
                 ("program", raw.agent.program.is_some()),
             ] {
                 if set {
                     return Err(Error::msg(format!(
-                        "{file}: agent.{field}: does not apply with agent.backend = \"builtin\" \
+                        "{file}: agent.{field}: does not apply with agent.backend = \"{}\" \
                          (keyholder serves agent.socket itself, no ssh-agent is started); \
-                         remove it"
+                         remove it",
+                        backend.name()
                     )));
                 }
             }
@@ -458,6 +476,7 @@ impl Config {
             limits,
             keys,
             certificates,
+            pkcs11: pkcs11.map(Box::new),
         })
     }
 
@@ -1264,7 +1283,7 @@ mod example_tests {
     #[test]
     fn example_config_loads_and_matches_the_defaults() {
         let path = Path::new("/etc/keyholder/keyholder.toml");
-        let example = Config::parse(path, include_str!("../keyholder.toml.example")).unwrap();
+        let example = Config::parse(path, include_str!("../../keyholder.toml.example")).unwrap();
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
     }
