@@ -1,4 +1,4 @@
-//! Bursts (issue 18): hundreds of clients connecting at once, as a deploy
+//! Bursts: hundreds of clients connecting at once, as a deploy
 //! tool does, and a neighbour with no keys, against a real OpenSSH
 //! `ssh-agent` run in debug mode (`-d`), whose own log counts what reached
 //! it: connections (`new_socket: type = CONNECTION`) and requests

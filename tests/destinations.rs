@@ -1,4 +1,4 @@
-//! End-to-end tests of the destination rules (issue 13): real `sshd`
+//! End-to-end tests of the destination rules (`docs/destinations.md`): real `sshd`
 //! instances on 127.0.0.1 with their own host keys (and host certificates),
 //! real `ssh` (with `-A` for forwarding), a real upstream `ssh-agent`, real
 //! users and groups; raw clients for what `ssh` never sends (no binding,

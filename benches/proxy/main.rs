@@ -214,8 +214,8 @@ struct Scenario {
     label: &'static str,
     op: Op,
     conns: usize,
-    /// Minimum proxy/direct throughput ratio, with the upstream backend
-    /// (issue 15's targets).
+    /// Minimum proxy/direct throughput ratio with the upstream backend (see
+    /// BENCHMARKS.md, "Targets").
     target: f64,
 }
 
@@ -814,8 +814,9 @@ impl Choice {
         }
     }
 
-    /// The builtin backend's targets (issue 14: against the OpenSSH agent
-    /// used directly, same key); None: the proxy-overhead target applies.
+    /// The builtin backend's targets (against the OpenSSH agent used
+    /// directly, same key; see BENCHMARKS.md, "Targets"); None: the
+    /// proxy-overhead target applies.
     fn target(&self, scenario: &str) -> Option<f64> {
         if !self.builtin {
             return None;

@@ -4,11 +4,11 @@
 //! its verification, and the policy decision (destination rules included),
 //! against a small fixed policy, three callers and four connection states
 //! (no binding, bound to the listed host, forwarded, a failed binding).
-//! Beyond "no panic" it checks the invariants the contract rests on (see
-//! `check`).
+//! Beyond "no panic" it checks the invariants the request rules rest on
+//! (`docs/reference.md`, "What each request gets"; see `check`).
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request fuzz/seeds/request`
-//! (from the repository root; see notes/README-hardening.md).
+//! (from the repository root; see docs/hardening.md, "Fuzzing").
 
 #![no_main]
 

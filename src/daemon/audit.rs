@@ -1,6 +1,6 @@
 //! The audit log: one line per sign request, written when its outcome is
-//! known, and one per refused admin request, with the contract's fields in
-//! order:
+//! known, and one per refused admin request, with the fields of
+//! `docs/reference.md`, "Audit log", in order:
 //! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`
 //! (`serial` is that of the keyholder certificate in the user-auth data),
 //! and one line per certificate issued ([`issued`]).

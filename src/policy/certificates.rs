@@ -6,7 +6,7 @@
 //! and answers with a decision and its reason. It never mints, never looks
 //! anything up itself and never reads a clock.
 //!
-//! The rules (contract, "Certificates"):
+//! The rules (`docs/reference.md`, "Certificates"):
 //! - what counts is the key blob inside the user-auth data, because that is
 //!   what the target sees;
 //! - a certificate there must be one keyholder minted for this caller's uid
@@ -14,7 +14,8 @@
 //!   user's name. That holds in every mode for anything signed by
 //!   keyholder's CA; a certificate of some other CA (one the admin armed in
 //!   the upstream agent with the key) counts as its key in mode `off`, as
-//!   it always did, and is refused in modes `also` and `only`;
+//!   for a key without certificates, and is refused in modes `also` and
+//!   `only`;
 //! - mode `only`: user-auth data carrying the plain key is refused
 //!   (`certificate-required`), so the key cannot be used anonymously.
 

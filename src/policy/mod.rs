@@ -3,9 +3,9 @@
 //! Pure functions from (policy, caller, request) to a [`Decision`]: no I/O, no
 //! clock, no global state. The daemon carries a decision out; it never decides.
 //!
-//! The rules (from the contract):
+//! The rules (`docs/reference.md`, "What each request gets"):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
-//!   caller may use ([`filter_identities`]). A certificate counts as the key it
+//!   caller may use ([`plan_identities`]). A certificate counts as the key it
 //!   certifies. A caller who may use no configured key gets an empty list
 //!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
@@ -249,7 +249,8 @@ impl std::fmt::Display for Reason {
 /// What the daemon must do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'p> {
-    /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
+    /// Forward REQUEST_IDENTITIES; answer with what [`plan_identities`] makes
+    /// of the reply.
     List,
     /// Answer an empty identity list without asking the backend: the caller
     /// may use no configured key.
@@ -529,8 +530,8 @@ pub struct ListPlan<'p> {
 }
 
 /// The backend's identities that `caller` may use on a connection with
-/// `bindings` (as [`filter_identities`]), in the backend's order, each with
-/// how it is listed given whether the CA is among them. The CA itself is
+/// `bindings`, in the backend's order, each with how it is listed given
+/// whether the CA is among them. The CA itself is
 /// never planned (it is not a configured key), for root neither.
 pub fn plan_identities<'p>(
     policy: &'p Policy,
@@ -565,8 +566,10 @@ pub fn plan_identities<'p>(
     ListPlan { items, ca_armed }
 }
 
-/// The upstream agent's identities that `caller` may use on a connection
-/// with `bindings`, in upstream order.
+/// The identities `caller` may use on a connection with `bindings`, in the
+/// backend's order: the same filter as [`plan_identities`], without the
+/// listing plan. The daemon uses [`plan_identities`]; the tests use this to
+/// check the filter alone.
 pub fn filter_identities(
     policy: &Policy,
     caller: &Caller,

@@ -1,5 +1,5 @@
-//! Every row of the contract's request table, for root, members, non-members
-//! and callers with no passwd entry.
+//! Every row of the request table (`docs/reference.md`, "What each request
+//! gets"), for root, members, non-members and callers with no passwd entry.
 
 use super::*;
 use crate::protocol::classify;

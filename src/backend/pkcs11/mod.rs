@@ -30,6 +30,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, SignRequest};
+use zeroize::Zeroizing;
 
 use super::pool::{Pool, PoolError};
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
@@ -167,8 +168,16 @@ impl Pkcs11Backend {
 
     /// Logs out and forgets the PIN (blocking).
     pub fn disarm_blocking(&self) {
-        self.token.disarm();
-        tracing::info!("pkcs11: {} logged out; PIN forgotten", self.token.name());
+        disarm(&self.token);
+    }
+
+    /// Whether `id` (from `ssh-add -s`/`-e`, which resolves symbolic links)
+    /// names the configured module.
+    fn is_module(&self, id: &str) -> bool {
+        let given = std::path::Path::new(id);
+        given == self.module()
+            || std::fs::canonicalize(given)
+                .is_ok_and(|p| Some(p) == std::fs::canonicalize(self.module()).ok())
     }
 
     /// The token's and the keys' state, no token call.
@@ -255,6 +264,11 @@ fn monitor(token: &Token, woken: &mpsc::Receiver<()>, stopped: &AtomicBool) {
     }
 }
 
+fn disarm(token: &Token) {
+    token.disarm();
+    tracing::info!("pkcs11: {} logged out; PIN forgotten", token.name());
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -299,7 +313,7 @@ impl Backend for Pkcs11Backend {
         })
     }
 
-    fn add(&self, _identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+    fn add(&self, _identity: AddIdentityConstrained, _origin: String) -> BackendFuture<'_, ()> {
         Box::pin(async move {
             tracing::warn!(
                 "pkcs11 backend: refused to add a key: the keys live on the token (arm with \
@@ -313,8 +327,62 @@ impl Backend for Pkcs11Backend {
         Box::pin(async move { Err(BackendError::Refused) })
     }
 
+    /// `ssh-add -D`: as `disarm`, logs out and forgets the PIN.
     fn remove_all(&self) -> BackendFuture<'_, ()> {
-        Box::pin(async move { Err(BackendError::Refused) })
+        let token = Arc::clone(&self.token);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || disarm(&token))
+                .await
+                .map_err(|e| BackendError::Broken(format!("pkcs11: {e}")))
+        })
+    }
+
+    fn add_smartcard(&self, id: String, pin: Zeroizing<String>) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.is_module(&id) {
+                tracing::warn!(
+                    "pkcs11: refused to log in for module {id:?}: the configured module is {}",
+                    self.module().display()
+                );
+                return Err(BackendError::Refused);
+            }
+            let token = Arc::clone(&self.token);
+            let armed = tokio::task::spawn_blocking(move || token.arm(pin.as_bytes()))
+                .await
+                .map_err(|e| BackendError::Broken(format!("pkcs11: {e}")))?;
+            match armed {
+                Ok(()) => {
+                    let report = self.report();
+                    let armed = report.keys.iter().filter(|(_, why)| why.is_none()).count();
+                    tracing::info!(
+                        "pkcs11: {} logged in; {armed}/{} key(s) armed",
+                        self.token.name(),
+                        report.keys.len()
+                    );
+                    Ok(())
+                }
+                Err(why) => {
+                    tracing::error!("pkcs11: not armed: {why}");
+                    Err(BackendError::Refused)
+                }
+            }
+        })
+    }
+
+    fn remove_smartcard(&self, id: String) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.is_module(&id) {
+                tracing::warn!(
+                    "pkcs11: refused to log out of module {id:?}: the configured module is {}",
+                    self.module().display()
+                );
+                return Err(BackendError::Refused);
+            }
+            let token = Arc::clone(&self.token);
+            tokio::task::spawn_blocking(move || disarm(&token))
+                .await
+                .map_err(|e| BackendError::Broken(format!("pkcs11: {e}")))
+        })
     }
 
     fn status(&self) -> BackendFuture<'_, BackendStatus> {

@@ -16,6 +16,7 @@
 //! and never tried again by itself (real tokens lock after a few tries).
 //! Nothing here logs the PIN, or anything the token would not show anyone.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -205,7 +206,23 @@ impl Token {
         selector: TokenSelector,
         specs: Vec<KeySpec>,
     ) -> Result<Self, String> {
-        let ctx = Pkcs11::new(module).map_err(|e| match e {
+        // The module runs as root in the daemon: it must be a trusted file.
+        // A symbolic link (Debian ships some module paths as links) is
+        // resolved first; the file checked is the one loaded (through its
+        // open descriptor, so it cannot be swapped in between).
+        let real = std::fs::canonicalize(module)
+            .map_err(|e| format!("{}: cannot load the PKCS#11 module: {e}", module.display()))?;
+        let (file, _) = crate::trust::open(&real, crate::trust::Access::Public).map_err(|e| {
+            format!(
+                "{}: the PKCS#11 module {} is not trusted: {e}",
+                module.display(),
+                real.display()
+            )
+        })?;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let loaded = Pkcs11::new(&by_fd);
+        drop(file);
+        let ctx = loaded.map_err(|e| match e {
             CkError::LibraryLoading(e) => {
                 format!("{}: cannot load the PKCS#11 module: {e}", module.display())
             }
