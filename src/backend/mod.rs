@@ -232,6 +232,7 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
             let backend = match started {
                 Ok(b) => Arc::new(b),
                 Err(e) => {
+                    drop(listener);
                     crate::sockets::remove(&config.agent.socket);
                     return Err(crate::error::Error::msg(e));
                 }
