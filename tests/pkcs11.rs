@@ -456,7 +456,9 @@ fn a_wrong_pin_is_one_line_tried_once_then_the_right_pin_works() {
     );
     assert!(!log.contains(PIN) && !log.contains("9999"), "{log}");
     assert!(s.sign_fails("ed"));
-    assert_eq!(s.status().0, 2);
+    let (code, text) = s.status();
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("token \"kh\" is not logged in"), "{text}");
     assert_eq!(s.hsm.objects(), before);
 
     let o = s.arm(PIN);
@@ -511,6 +513,14 @@ fn a_label_not_on_the_token_or_a_mismatch_is_named_and_the_others_work() {
     assert!(s.sign_fails("wrong"));
     let (code, text) = s.status();
     assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("note: ghost: no private key with CKA_LABEL \"nope\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("note: wrong: the private key with CKA_LABEL \"rsa\""),
+        "{text}"
+    );
     assert_eq!(s.hsm.objects(), before);
 }
 
@@ -534,6 +544,11 @@ fn a_token_removed_fails_signs_at_once_and_signs_again_when_back_without_rearmin
     );
     let (code, text) = s.status();
     assert_eq!(code, 2, "{text}");
+    assert!(
+        text.lines().next().unwrap().starts_with("CRITICAL")
+            && text.contains("pkcs11: token \"kh\" is not present"),
+        "{text}"
+    );
     assert!(s.daemon.wait_log("token \"kh\" is gone"));
     assert!(s.daemon.wait_log("reason=upstream-error"));
 

@@ -100,6 +100,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// reached; otherwise the identities it holds.
     fn status(&self) -> BackendFuture<'_, BackendStatus>;
 
+    /// Lines naming what is wrong now (a token not present or not logged
+    /// in, a key not found or not matching), for `keyholder status`; no
+    /// secrets, no I/O (what the backend already knows).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The deadline of each later call (`limits.upstream_timeout_secs`; a
     /// reload applies to the next call).
     fn set_timeout(&self, timeout: Duration);

@@ -399,6 +399,26 @@ impl Backend for Pkcs11Backend {
         })
     }
 
+    fn notes(&self) -> Vec<String> {
+        let report = self.report();
+        let mut notes: Vec<String> = report
+            .problem
+            .into_iter()
+            .map(|p| format!("pkcs11: {p}"))
+            .collect();
+        // Per-key reasons only once the token is logged in (before that,
+        // every key has the token's reason).
+        if notes.is_empty() {
+            notes.extend(
+                report
+                    .keys
+                    .into_iter()
+                    .filter_map(|(name, why)| why.map(|why| format!("{name}: {why}"))),
+            );
+        }
+        notes
+    }
+
     fn set_timeout(&self, timeout: Duration) {
         self.timeout_ms.store(millis(timeout), Ordering::Relaxed);
     }
