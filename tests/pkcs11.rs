@@ -640,3 +640,65 @@ fn a_module_that_is_not_pkcs11_is_one_clear_line_and_no_panic() {
     }
     assert_eq!(hsm.objects(), before);
 }
+
+#[test]
+fn check_config_as_root_checks_the_token_and_warns_about_an_extractable_key() {
+    require_root!();
+    let hsm = three_key_token();
+    let o = hsm.tool(&[
+        "--login",
+        "--pin",
+        PIN,
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "loose",
+        "--id",
+        "09",
+        "--extractable",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = Setup::start(hsm, &[("ed", Some("ed"), ""), ("loose", Some("loose"), "")]);
+    let before = s.hsm.objects();
+    let creds = s.dir.join("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("keyholder-pin"), format!("{PIN}\n")).unwrap();
+    std::fs::set_permissions(
+        creds.join("keyholder-pin"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let config = s.config();
+    let o = run(Command::new(KEYHOLDER)
+        .args(["check-config", "--config", &config])
+        .env("SOFTHSM2_CONF", &s.hsm.conf)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stdin(Stdio::null()));
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("pkcs11: keys.ed: found on the token"), "{out}");
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("warning: pkcs11: keys.loose"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(warning.contains("extractable"), "{warning}");
+    assert!(
+        !out.lines()
+            .any(|l| l.contains("keys.ed") && l.starts_with("warning")),
+        "{out}"
+    );
+    // Anyone else: a note, no token access.
+    let o = s.keyholder(&s.user.as_user(), &["check-config"]);
+    assert!(
+        stdout(&o).contains("run check-config as root"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(s.hsm.objects(), before);
+    // The daemon warns too once armed, and status carries it.
+    assert!(s.arm(PIN).status.success());
+    let (code, text) = s.status();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("note: loose: warning:"), "{text}");
+}

@@ -70,6 +70,8 @@ pub struct Report {
     pub problem: Option<String>,
     /// Each configured key: `None` when armed, else why not.
     pub keys: Vec<(String, Option<String>)>,
+    /// Armed keys that could leave the token (extractable, not sensitive).
+    pub warnings: Vec<(String, String)>,
 }
 
 impl Pkcs11Backend {
@@ -191,6 +193,15 @@ impl Pkcs11Backend {
             }
             Condition::PinRefused(why) => Some(why),
         };
+        let warnings = self
+            .keys
+            .iter()
+            .zip(&states)
+            .filter_map(|((name, _), state)| match state {
+                KeyState::Armed(a) => a.warning.clone().map(|w| (name.clone(), w)),
+                KeyState::NotArmed(_) => None,
+            })
+            .collect();
         let keys = self
             .keys
             .iter()
@@ -205,7 +216,11 @@ impl Pkcs11Backend {
                 )
             })
             .collect();
-        Report { problem, keys }
+        Report {
+            problem,
+            keys,
+            warnings,
+        }
     }
 
     fn identities_now(&self) -> Vec<Identity> {
@@ -232,6 +247,59 @@ impl Pkcs11Backend {
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
+}
+
+/// What `check-config` (as root) finds on the token, through a login of
+/// its own (`pin`; without one only the token's presence is checked).
+/// Blocking. `Err`: the module cannot be used at all (one line).
+pub fn inspect(
+    config: &Config,
+    settings: &Pkcs11Config,
+    pin: Option<&[u8]>,
+) -> Result<Report, String> {
+    let specs = config
+        .keys
+        .iter()
+        .map(|k| KeySpec {
+            name: k.name.clone(),
+            object: settings.object(&k.name),
+            public: k.public_key.clone(),
+        })
+        .collect();
+    let token = Token::open(&settings.module, settings.token.clone(), specs)?;
+    let logged_in = match pin {
+        Some(pin) if !token.missing() => token.arm(pin).map(|()| true),
+        _ => Ok(false),
+    };
+    let (condition, states) = token.report();
+    token.finish();
+    logged_in?;
+    let names = config.keys.iter().map(|k| k.name.clone());
+    let warnings = names
+        .clone()
+        .zip(&states)
+        .filter_map(|(name, state)| match state {
+            KeyState::Armed(a) => a.warning.clone().map(|w| (name, w)),
+            KeyState::NotArmed(_) => None,
+        })
+        .collect();
+    let keys = names
+        .zip(states)
+        .map(|(name, state)| match state {
+            KeyState::Armed(_) => (name, None),
+            KeyState::NotArmed(why) => (name, Some(why)),
+        })
+        .collect();
+    let problem = match condition {
+        Condition::LoggedIn => None,
+        Condition::Missing => Some(format!("{} is not present", token.name())),
+        Condition::NotLoggedIn | Condition::PinRefused(_) => None,
+    };
+    Ok(Report {
+        problem,
+        keys,
+        warnings,
+    })
 }
 
 /// One session thread's state; closes its session when the thread ends.
@@ -416,6 +484,12 @@ impl Backend for Pkcs11Backend {
                     .filter_map(|(name, why)| why.map(|why| format!("{name}: {why}"))),
             );
         }
+        notes.extend(
+            report
+                .warnings
+                .into_iter()
+                .map(|(name, w)| format!("{name}: warning: {w}")),
+        );
         notes
     }
 

@@ -65,6 +65,8 @@ pub struct Armed {
     pub handle: ObjectHandle,
     /// Its configured public key, mechanism choice and verifier.
     pub signer: Arc<SigningKey>,
+    /// Why the key could leave the token (extractable, not sensitive).
+    pub warning: Option<String>,
 }
 
 /// One configured key's state.
@@ -500,6 +502,9 @@ impl Token {
                         key::fingerprint(&spec.public),
                         self.name()
                     );
+                    if let Some(warning) = &armed.warning {
+                        tracing::warn!("pkcs11: key {}: {warning}", spec.name);
+                    }
                     keys.push(KeyState::Armed(Arc::new(armed)));
                 }
                 Err(why) => {
@@ -552,6 +557,8 @@ impl Token {
                 &[
                     AttributeType::KeyType,
                     AttributeType::Id,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
                     AttributeType::EcParams,
                     AttributeType::EcPoint,
                     AttributeType::Modulus,
@@ -628,9 +635,26 @@ impl Token {
                 })?;
             }
         }
+        let mut leaks = Vec::new();
+        for a in &attrs {
+            match a {
+                Attribute::Extractable(true) => leaks.push("extractable (CKA_EXTRACTABLE)"),
+                Attribute::Sensitive(false) => leaks.push("not sensitive (CKA_SENSITIVE false)"),
+                _ => {}
+            }
+        }
+        let warning = (!leaks.is_empty()).then(|| {
+            format!(
+                "the private key with {what} on {} is {}: it can be read out of the token \
+                 (generate it on the token, sensitive and not extractable)",
+                self.name(),
+                leaks.join(" and ")
+            )
+        });
         Ok(Armed {
             handle,
             signer: Arc::clone(signer),
+            warning,
         })
     }
 
