@@ -15,6 +15,10 @@
 //!   connections.
 //! - [`builtin`]: the in-process backend: keyholder holds the keys and signs
 //!   on a bounded pool of threads.
+//! - [`pkcs11`]: the keys stay on a PKCS#11 token; the daemon logs in with
+//!   the PIN it is given and signs on one token session per thread.
+//! - [`pool`]: the bounded pool of blocking worker threads the in-process
+//!   backends sign on.
 //! - [`admin`]: `agent.socket` served by the daemon for in-process backends.
 //!
 //! A backend must never log key material, never decode or alter a signature
