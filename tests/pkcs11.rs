@@ -458,7 +458,11 @@ fn a_wrong_pin_is_one_line_tried_once_then_the_right_pin_works() {
     assert!(s.sign_fails("ed"));
     let (code, text) = s.status();
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("token \"kh\" is not logged in"), "{text}");
+    assert!(
+        text.contains("token \"kh\": the PIN was refused (CKR_PIN_INCORRECT"),
+        "{text}"
+    );
+    assert!(stdout(&o).contains("the PIN was refused"), "{}", stdout(&o));
     assert_eq!(s.hsm.objects(), before);
 
     let o = s.arm(PIN);
@@ -486,8 +490,14 @@ fn a_label_not_on_the_token_or_a_mismatch_is_named_and_the_others_work() {
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     let out = stdout(&o);
     assert!(out.contains("ed: armed"), "{out}");
-    assert!(out.contains("ghost: FAILED"), "{out}");
-    assert!(out.contains("wrong: FAILED"), "{out}");
+    assert!(
+        out.contains("ghost: FAILED: no private key with CKA_LABEL \"nope\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("wrong: FAILED: the private key with CKA_LABEL"),
+        "{out}"
+    );
     let log = s.daemon.log_text();
     assert!(
         log.contains("key ghost not armed: no private key with CKA_LABEL \"nope\" on token \"kh\""),

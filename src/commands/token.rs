@@ -73,6 +73,33 @@ fn module_id(config: &Config) -> Result<String> {
         .ok_or_else(|| Error::msg("pkcs11.module is not UTF-8"))
 }
 
+/// What the daemon says is wrong (`status@keyholder` format 3 on the proxy
+/// socket, asked as root); empty when it cannot be asked.
+fn daemon_notes(config: &Config) -> Vec<String> {
+    use crate::protocol::status::{self, Answer};
+    use ssh_agent_lib::proto::Extension;
+    use ssh_encoding::Decode;
+    let Ok(mut client) =
+        super::client::AgentClient::connect(&config.socket, config.limits.upstream_timeout)
+    else {
+        return Vec::new();
+    };
+    let request = Request::Extension(Extension {
+        name: status::NAME.to_owned(),
+        details: status::notes_request().into(),
+    });
+    match client.call(&request) {
+        Ok(Response::ExtensionResponse(ext)) if ext.name == status::NAME => {
+            let mut reader = ext.details.as_ref();
+            Answer::decode(&mut reader)
+                .ok()
+                .and_then(|a| a.notes)
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Gives the daemon the PIN; prints one line per key. Exit 0 when every
 /// configured key is armed, 1 otherwise.
 pub fn arm(config: &Config, pin_file: Option<&Path>) -> Result<u8> {
@@ -99,6 +126,9 @@ pub fn arm(config: &Config, pin_file: Option<&Path>) -> Result<u8> {
                  the PIN is not sent again",
                 describe(&other)
             );
+            for note in daemon_notes(config) {
+                say!("  {note}");
+            }
             return Ok(1);
         }
         Err(e) => return Err(Error::msg(format!("agent.socket {socket}: {e}"))),
@@ -118,15 +148,20 @@ pub fn arm(config: &Config, pin_file: Option<&Path>) -> Result<u8> {
         Err(e) => return Err(Error::msg(format!("agent.socket {socket}: {e}"))),
     };
     let mut failed = Vec::new();
+    let notes = daemon_notes(config);
     for key in &config.keys {
+        let prefix = format!("{}: ", key.name);
         if held.contains(&key.public_key) {
             say!("{}: armed ({})", key.name, key.fingerprint);
+            for warning in notes.iter().filter_map(|n| n.strip_prefix(&prefix)) {
+                say!("{}: {warning}", key.name);
+            }
         } else {
-            say!(
-                "{}: FAILED: not armed (no matching private key on the token; the daemon's \
-                 log names the object and both fingerprints)",
-                key.name
-            );
+            let why = notes
+                .iter()
+                .find_map(|n| n.strip_prefix(&prefix))
+                .unwrap_or("no matching private key on the token (the daemon's log says why)");
+            say!("{}: FAILED: {why}", key.name);
             failed.push(key.name.as_str());
         }
     }

@@ -450,7 +450,12 @@ impl Token {
             }
             Condition::NotLoggedIn | Condition::PinRefused(_) => {
                 if let Err(why) = self.login(&mut state, &pin) {
-                    state.condition = Condition::NotLoggedIn;
+                    // A refused PIN stays in status until the next arm.
+                    state.condition = if why.contains("the PIN was refused") {
+                        Condition::PinRefused(why.clone())
+                    } else {
+                        Condition::NotLoggedIn
+                    };
                     self.reset_keys(&mut state);
                     return Err(why);
                 }
