@@ -712,3 +712,210 @@ fn check_config_as_root_checks_the_token_and_warns_about_an_extractable_key() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("note: loose: warning:"), "{text}");
 }
+
+/// A process this test started, killed (by its pid) when dropped.
+struct Killed(u32);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0 as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    }
+}
+
+const TPM2_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so";
+
+#[test]
+fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_a_login() {
+    require_root!();
+    let have = |p: &str| {
+        Path::new(p).exists()
+            || run(Command::new("sh").args(["-c", &format!("command -v {p}")]))
+                .status
+                .success()
+    };
+    let missing: Vec<&str> = [
+        "swtpm",
+        "tpm2-abrmd",
+        "dbus-daemon",
+        "tpm2_ptool",
+        "tpm2_getrandom",
+        TPM2_MODULE,
+    ]
+    .into_iter()
+    .filter(|p| !have(p) && !Path::new(&format!("/usr/sbin/{p}")).exists())
+    .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "\n*** SKIPPED {}:{}: the TPM test needs {} (apt-get install swtpm tpm2-abrmd dbus \
+             tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools libtss2-tcti-swtpm0 \
+             libtss2-tcti-tabrmd0) ***\n",
+            file!(),
+            line!(),
+            missing.join(", ")
+        );
+        return;
+    }
+    let dir = TempDir::new("tpm");
+    let state = dir.join("state");
+    let store = dir.join("store");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&store).unwrap();
+    // The swtpm TCTI finds the control channel at the next port.
+    let (port, ctrl) = (0..100)
+        .map(|_| free_port())
+        .find(|&p| p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
+        .map(|p| (p, p + 1))
+        .unwrap();
+    let swtpm = spawn(
+        Command::new("swtpm")
+            .args([
+                "socket",
+                "--tpm2",
+                "--flags",
+                "not-need-init,startup-clear",
+                "--tpmstate",
+            ])
+            .arg(format!("dir={}", state.display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let _swtpm = Killed(swtpm.id());
+    // A session bus of its own for the TPM resource manager (without one,
+    // tpm2-pkcs11's tools run out of TPM object slots).
+    let o = run(Command::new("dbus-daemon").args([
+        "--session",
+        "--fork",
+        "--print-address=1",
+        "--print-pid=1",
+    ]));
+    assert!(o.status.success(), "dbus-daemon: {}", stderr(&o));
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    let bus = lines.next().unwrap().to_owned();
+    let _dbus = Killed(lines.next().unwrap().trim().parse().unwrap());
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    let abrmd = spawn(
+        Command::new("tpm2-abrmd")
+            .args(["--session", "--allow-root"])
+            .arg(format!("--tcti=swtpm:host=127.0.0.1,port={port}"))
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("abrmd.log")).unwrap()),
+    );
+    let _abrmd = Killed(abrmd.id());
+    let tcti = "tabrmd:bus_type=session";
+    let env = [
+        ("DBUS_SESSION_BUS_ADDRESS", bus.as_str()),
+        ("TPM2TOOLS_TCTI", tcti),
+        ("TPM2_PKCS11_TCTI", tcti),
+        ("TPM2_PKCS11_STORE", store.to_str().unwrap()),
+    ];
+    let tool = |args: &[&str]| {
+        let o = run(Command::new(args[0]).args(&args[1..]).envs(env));
+        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+        o
+    };
+    let answers = || {
+        run(Command::new("tpm2_getrandom").arg("4").envs(env))
+            .status
+            .success()
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), answers),
+        "the TPM resource manager did not answer: {}",
+        std::fs::read_to_string(dir.join("abrmd.log")).unwrap_or_default()
+    );
+    let path = store.display().to_string();
+    tool(&["tpm2_ptool", "init", "--path", &path]);
+    tool(&[
+        "tpm2_ptool",
+        "addtoken",
+        "--path",
+        &path,
+        "--pid",
+        "1",
+        "--label",
+        "tpm",
+        "--userpin",
+        PIN,
+        "--sopin",
+        SO_PIN,
+    ]);
+    tool(&[
+        "tpm2_ptool",
+        "addkey",
+        "--path",
+        &path,
+        "--label",
+        "tpm",
+        "--key-label",
+        "deploy",
+        "--userpin",
+        PIN,
+        "--algorithm",
+        "ecc256",
+    ]);
+    let o = tool(&["ssh-keygen", "-D", TPM2_MODULE]);
+    let line = stdout(&o)
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("deploy"))
+        .unwrap_or_else(|| panic!("{}", stdout(&o)))
+        .to_owned();
+    std::fs::write(dir.join("deploy.pub"), format!("{line}\n")).unwrap();
+
+    let group = TestGroup::create("tpmg");
+    let user = TestUser::create("tpmu", &[&group]);
+    let agent_socket = dir.join("agent.sock");
+    let body = format!(
+        "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n[agent]\nbackend = \"pkcs11\"\n\
+         socket = \"{}\"\n[pkcs11]\nmodule = \"{TPM2_MODULE}\"\ntoken_label = \"tpm\"\nsessions = 1\n\
+         [keys.deploy]\ngroups = [\"{}\"]\n",
+        dir.join("proxy.sock").display(),
+        dir.path().display(),
+        agent_socket.display(),
+        group.name
+    );
+    let daemon = Daemon::start_via_env(&dir, &body, &[], &env);
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&agent_socket).is_ok()
+    }));
+    let pin = dir.join("pin");
+    std::fs::write(&pin, format!("{PIN}\n")).unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = daemon.config.display().to_string();
+    let o = run(Command::new(KEYHOLDER).args([
+        "arm",
+        "--config",
+        &config,
+        "--pin-file",
+        pin.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}{}", stdout(&o), daemon.log_text());
+
+    let sshd = Sshd::start(&dir);
+    sshd.authorize(&user.name, &[&dir.join("deploy.pub")]);
+    let id = dir.join("deploy.pub").display().to_string();
+    let o = sshd.ssh(
+        &user.as_user(),
+        &daemon.socket,
+        &user.name,
+        &["-i", &id, "-o", "IdentitiesOnly=yes"],
+        "echo logged-in-with-the-tpm",
+    );
+    assert!(
+        stdout(&o).contains("logged-in-with-the-tpm"),
+        "{}\n{}",
+        stderr(&o),
+        daemon.log_text()
+    );
+}
