@@ -713,14 +713,25 @@ fn check_config_as_root_checks_the_token_and_warns_about_an_extractable_key() {
     assert!(text.contains("note: loose: warning:"), "{text}");
 }
 
-/// A process this test started, killed (by its pid) when dropped.
-struct Killed(u32);
+/// A process this test started, stopped when dropped: a child (killed and
+/// waited for), or a daemon that forked away (signalled by its pid).
+enum Killed {
+    Child(std::process::Child),
+    Pid(u32),
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0 as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        match self {
+            Self::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Self::Pid(pid) => {
+                let pid = nix::unistd::Pid::from_raw(*pid as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+        }
     }
 }
 
@@ -786,7 +797,7 @@ fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_a_login() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let _swtpm = Killed(swtpm.id());
+    let _swtpm = Killed::Child(swtpm);
     // A session bus of its own for the TPM resource manager (without one,
     // tpm2-pkcs11's tools run out of TPM object slots).
     let o = run(Command::new("dbus-daemon").args([
@@ -799,7 +810,7 @@ fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_a_login() {
     let out = stdout(&o);
     let mut lines = out.lines();
     let bus = lines.next().unwrap().to_owned();
-    let _dbus = Killed(lines.next().unwrap().trim().parse().unwrap());
+    let _dbus = Killed::Pid(lines.next().unwrap().trim().parse().unwrap());
     assert!(wait_for(Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     }));
@@ -812,7 +823,7 @@ fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_a_login() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("abrmd.log")).unwrap()),
     );
-    let _abrmd = Killed(abrmd.id());
+    let _abrmd = Killed::Child(abrmd);
     let tcti = "tabrmd:bus_type=session";
     let env = [
         ("DBUS_SESSION_BUS_ADDRESS", bus.as_str()),
