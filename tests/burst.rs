@@ -333,7 +333,7 @@ fn one_client(
         let good = match ask.as_str() {
             "s" => body.first() == Some(&SIGN_RESPONSE),
             "t" => status_reachable(&body),
-            "b" => body == [SUCCESS] || body == [FAILURE],
+            "b" => body == [SUCCESS] || body == [EXTENSION_FAILURE],
             list => {
                 let want: u32 = list[1..].parse().unwrap();
                 body.first() == Some(&IDENTITIES_ANSWER)

@@ -25,6 +25,7 @@ fn rule(name: &str, k: &KeyData, groups: &[&str], allow_any_data: bool) -> KeyRu
         allow_any_data,
         certificate: Default::default(),
         rules: Default::default(),
+        cert_terms: 0,
     }
 }
 

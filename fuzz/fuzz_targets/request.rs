@@ -41,6 +41,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rule
         allow_any_data,
         rules,
         certificate: Default::default(),
+        cert_terms: 0,
     }
 }
 
@@ -324,7 +325,7 @@ fn check_bind(body: &[u8], bind: &session_bind::SessionBind) {
         Some(&bind.host_key)
     );
     if let HostKey::Cert(cert) = &bind.host_key {
-        assert_eq!(bind.host_key.key(), cert.public_key());
+        assert_eq!(bind.host_key.key(), &cert.key);
     }
     // The body ends with the forwarding flag.
     assert_eq!(body.last().copied(), Some(u8::from(bind.forwarding)));

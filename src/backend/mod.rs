@@ -204,6 +204,7 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
             let settings = builtin::Settings {
                 timeout: config.limits.upstream_timeout,
                 memory_locked: context.memory_locked,
+                log: Arc::clone(&context.log),
             };
             let listener = admin::bind(&config.agent.socket)?;
             let (backend, task) = builtin::Builtin::start(&settings, context.shutdown.clone())?;

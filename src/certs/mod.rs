@@ -13,7 +13,8 @@
 //! into it are unchanged, never handed out expired; and it remembers, for
 //! every certificate it minted that is still valid, whom it was minted for:
 //! that is how the policy knows a certificate in user-auth data is the
-//! caller's own ([`Minted`]). Both are bounded.
+//! caller's own ([`Minted`]), and under which terms it was minted (the
+//! policy refuses one whose terms a reload changed). Both are bounded.
 //!
 //! This module never decides who may use a key (that is
 //! [`crate::policy`]), never signs anything but a certificate with the CA,
@@ -32,7 +33,7 @@ use ssh_key::{Algorithm, Certificate, HashAlg, Signature};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::{CertMode, Config, KeyCertConfig};
-use crate::policy::certificates::{Issued, Minted};
+use crate::policy::certificates::{self, Issued, Minted};
 
 /// SSH_AGENT_RSA_SHA2_512: an RSA CA signs with SHA-512.
 pub const RSA_SHA2_512: u32 = 4;
@@ -68,6 +69,9 @@ pub struct KeySettings {
     pub key: KeyData,
     /// Its certificate fields.
     pub cert: KeyCertConfig,
+    /// What its certificates say ([`certificates::terms`]), remembered with
+    /// each one minted.
+    pub terms: u64,
 }
 
 impl Settings {
@@ -90,6 +94,7 @@ impl Settings {
                         KeySettings {
                             key: k.public_key.clone(),
                             cert: k.cert.clone(),
+                            terms: certificates::terms(Some(c), &k.cert),
                         },
                     )
                 })
@@ -220,6 +225,8 @@ impl Slot {
 #[derive(Debug)]
 struct Remembered {
     uid: u32,
+    /// The terms it was minted under.
+    terms: u64,
     /// Its wire encoding (the comment, which is not part of it, aside).
     blob: Vec<u8>,
     valid_before: u64,
@@ -333,7 +340,7 @@ impl Authority {
             )
             .await?,
         );
-        self.remember(uid, &cert, now);
+        self.remember(uid, key.terms, &cert, now);
         *lock(&slot.current) = Some(Arc::new(Current {
             profile: Profile::new(settings, key, user),
             cert: Arc::clone(&cert),
@@ -383,7 +390,7 @@ impl Authority {
 
     /// Remembers who `cert` was minted for, until it expires (bounded:
     /// expired ones go first, then the oldest).
-    fn remember(&self, uid: u32, cert: &Certificate, now: u64) {
+    fn remember(&self, uid: u32, terms: u64, cert: &Certificate, now: u64) {
         let Some(blob) = encoded(cert) else {
             return;
         };
@@ -400,6 +407,7 @@ impl Authority {
             cert.serial(),
             Remembered {
                 uid,
+                terms,
                 blob,
                 valid_before: cert.valid_before(),
             },
@@ -414,6 +422,7 @@ impl Minted for Authority {
         let r = map.get(&cert.serial())?;
         (r.blob == blob).then_some(Issued {
             uid: r.uid,
+            terms: r.terms,
             serial: cert.serial(),
         })
     }

@@ -92,6 +92,7 @@ fn settings(ca: &TestCa) -> Settings {
                     force_command: Some("/usr/bin/deploy".into()),
                     source_address: vec!["192.0.2.0/24".into(), "::1".into()],
                 },
+                terms: 41,
             },
         )]
         .into(),
@@ -145,7 +146,8 @@ fn a_minted_certificate_says_what_the_settings_say() {
         authority.issued(c),
         Some(Issued {
             uid: 1000,
-            serial: c.serial()
+            serial: c.serial(),
+            terms: 41
         })
     );
 }

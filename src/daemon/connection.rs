@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use ssh_agent_lib::proto::extension::QueryResponse;
 use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
 use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -41,6 +40,21 @@ pub static MINT_FAILED: Kind = Kind {
     name: "certificates not minted",
     burst: 3,
     level: tracing::Level::WARN,
+};
+
+/// Backend failures (unreachable, timed out, broken): the first of a burst,
+/// then a count per window.
+pub static UPSTREAM_FAILED: Kind = Kind {
+    name: "backend errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
+
+/// User database errors: the first of a burst, then a count per window.
+pub static LOOKUP_FAILED: Kind = Kind {
+    name: "user database errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
 };
 
 /// The idle timeout passed while a connection waited for its next request.
@@ -147,11 +161,10 @@ pub async fn serve(
             // Who the caller is is unknown: refuse what depends on it
             // rather than guess; the next request asks again.
             Ok(Who::Failed(caller, e)) => {
-                if let Some(n) = shared.lookup_errors.hit() {
+                if shared.log.allow(&LOOKUP_FAILED, ratelog::Who::Unattributed) {
                     tracing::error!(
                         "cannot look up uid={uid} in the user database: {e}; refusing its \
-                         requests that need its groups (user-lookup-error) ({n} similar errors \
-                         not logged)"
+                         requests that need its groups (user-lookup-error)"
                     );
                 }
                 (caller, Some(Reason::LookupError))
@@ -202,18 +215,23 @@ async fn handle(
     // A refusal's outcome is known now; a sign's only once the backend
     // answered (logged below). Refusals are rate-limited per uid; granted
     // and failed signs never are.
+    // Each kind (admin, sign, malformed) has its own allowance per uid; a
+    // summary counts what it suppressed per reason and key.
+    let detail = || audit::refusal_detail(&decision);
     if let Some(line) = audit::refusal(caller, &decision, &binding) {
+        let kind = audit::refusal_kind(&decision);
         if shared
             .log
-            .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
+            .allow_with(kind, log_bucket(shared, caller.uid), detail)
         {
             tracing::info!(target: audit::TARGET, "{line}");
         }
     } else if let Decision::Refuse { reason, .. } = &decision {
-        if shared
-            .log
-            .allow(&audit::REFUSED_UNAUDITED, log_bucket(shared, caller.uid))
-        {
+        if shared.log.allow_with(
+            &audit::REFUSED_UNAUDITED,
+            log_bucket(shared, caller.uid),
+            detail,
+        ) {
             tracing::debug!("refused uid={}: {reason}", caller.uid);
         }
     }
@@ -275,13 +293,15 @@ async fn handle(
                 }
                 Err(why) => {
                     bad_bind(caller, bindings, why, Some(forwarding));
-                    Ok(Response::Failure)
+                    Ok(Response::ExtensionFailure)
                 }
             }
         }
+        // A supported extension that failed: EXTENSION_FAILURE, as OpenSSH's
+        // agent answers (FAILURE would read "not supported").
         (Decision::RefuseBind { reason, forwarding }, _) => {
             bad_bind(caller, bindings, reason, *forwarding);
-            Ok(Response::Failure)
+            Ok(Response::ExtensionFailure)
         }
         (Decision::Query, _) => Ok(query_response()),
         (Decision::Status, _) => {
@@ -464,8 +484,11 @@ fn note_upstream_error(shared: &Shared, e: &BackendError) {
     if matches!(e, BackendError::Refused) {
         return;
     }
-    if let Some(suppressed) = shared.upstream_errors.hit() {
-        tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
+    if shared
+        .log
+        .allow(&UPSTREAM_FAILED, ratelog::Who::Unattributed)
+    {
+        tracing::error!("{e} (answering FAILURE)");
     }
 }
 
@@ -474,9 +497,20 @@ fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
     shared.metrics.report(keys, shared.lookups.stats())
 }
 
+/// The answer to `query`: `string "query"`, then each supported name as a
+/// plain `string`, back to back to the end of the message (RFC 9987; what
+/// OpenSSH's `ssh_agent_query_extensions` reads). No count, no outer length.
 fn query_response() -> Response {
-    let names = SUPPORTED_EXTENSIONS.iter().map(|s| s.to_string()).collect();
-    extension_response(policy::QUERY, &QueryResponse { extensions: names })
+    let mut details = Vec::new();
+    for name in SUPPORTED_EXTENSIONS {
+        if name.encode(&mut details).is_err() {
+            return Response::Failure;
+        }
+    }
+    Response::ExtensionResponse(Extension {
+        name: policy::QUERY.to_owned(),
+        details: details.into(),
+    })
 }
 
 fn extension_response(name: &str, body: &impl Encode) -> Response {

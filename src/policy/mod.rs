@@ -66,6 +66,9 @@ pub struct KeyRule {
     pub rules: Rules,
     /// Certificates for this key (`certificate`).
     pub certificate: CertMode,
+    /// What its certificates say now ([`certificates::terms`]): one minted
+    /// under other terms is stale.
+    pub cert_terms: u64,
 }
 
 /// The certificate CA: only its name and public key (status, listing).
@@ -111,6 +114,7 @@ impl From<&Config> for Policy {
                         allow_forwarding: k.allow_forwarding,
                     },
                     certificate: k.cert.mode,
+                    cert_terms: certificates::terms(config.certificates.as_deref(), &k.cert),
                 })
                 .collect(),
             ca: config.certificates.as_ref().map(|c| CaRule {
@@ -221,6 +225,9 @@ pub enum Reason {
     CertificateNotYours,
     /// Mode `only`: the user-auth data carries the plain key.
     CertificateRequired,
+    /// The user-auth data carries a certificate keyholder minted for this
+    /// caller under certificate settings a reload has since changed.
+    CertificateStale,
 }
 
 impl std::fmt::Display for Reason {
@@ -242,6 +249,7 @@ impl std::fmt::Display for Reason {
             Self::LookupError => f.write_str("user-lookup-error"),
             Self::CertificateNotYours => f.write_str("certificate-not-yours"),
             Self::CertificateRequired => f.write_str("certificate-required"),
+            Self::CertificateStale => f.write_str("certificate-stale"),
         }
     }
 }
@@ -264,11 +272,15 @@ pub enum Decision<'p> {
         remote_user: Option<String>,
         /// The serial of the certificate in the user-auth data, if any.
         serial: Option<u64>,
+        /// The fingerprint of the host key of the verified binding the
+        /// user-auth data belongs to ([`destinations::binding_for`]), if any.
+        dest: Option<String>,
     },
     /// Verify the session binding (off the async threads) and, if it
-    /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
+    /// verifies, record it with [`Bindings::record`]; SUCCESS or
+    /// EXTENSION_FAILURE.
     VerifyBind,
-    /// Answer FAILURE to a session binding and remember it failed
+    /// Answer EXTENSION_FAILURE to a session binding and remember it failed
     /// ([`Bindings::fail`] with `forwarding`).
     RefuseBind {
         /// Why.
@@ -293,6 +305,8 @@ pub enum Decision<'p> {
         /// For sign requests: the serial of a keyholder certificate in the
         /// user-auth data, whoever it was minted for.
         serial: Option<u64>,
+        /// For sign requests: as for [`Decision::Sign`].
+        dest: Option<String>,
     },
 }
 
@@ -317,7 +331,8 @@ impl Decision<'_> {
                 | Reason::RemoteUserNotAllowed
                 | Reason::BadSessionBind
                 | Reason::CertificateNotYours
-                | Reason::CertificateRequired => true,
+                | Reason::CertificateRequired
+                | Reason::CertificateStale => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -334,6 +349,7 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         fingerprint: None,
         remote_user: None,
         serial: None,
+        dest: None,
     }
 }
 
@@ -393,6 +409,7 @@ pub fn decide_unresolved<'p>(
                 fingerprint,
                 remote_user,
                 serial,
+                dest,
             },
             _,
         ) => Decision::Refuse {
@@ -401,6 +418,7 @@ pub fn decide_unresolved<'p>(
             fingerprint,
             serial,
             remote_user,
+            dest,
         },
         (other, _) => other,
     }
@@ -432,12 +450,20 @@ fn decide_sign<'p>(
         }) => Some(i.serial),
         _ => None,
     };
+    // The host this signature is for, for the audit line: only a verified
+    // binding of the session named in the data, never merely the last one.
+    let dest = auth
+        .as_ref()
+        .ok()
+        .and_then(|a| destinations::binding_for(ctx.bindings, a))
+        .map(|b| b.fingerprint.clone());
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
         serial: seen_serial,
+        dest: dest.clone(),
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
@@ -448,15 +474,17 @@ fn decide_sign<'p>(
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
-            let serial = match certificates::check(key.certificate, data_key, caller.uid) {
-                Ok(serial) => serial,
-                Err(reason) => return refusal(reason, Some(key)),
-            };
+            let serial =
+                match certificates::check(key.certificate, data_key, caller.uid, key.cert_terms) {
+                    Ok(serial) => serial,
+                    Err(reason) => return refusal(reason, Some(key)),
+                };
             match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
                 Ok(()) => Decision::Sign {
                     key,
                     remote_user: remote_user.clone(),
                     serial,
+                    dest,
                 },
                 Err(reason) => refusal(reason, Some(key)),
             }

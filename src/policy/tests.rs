@@ -74,6 +74,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         allow_any_data: any,
         certificate: CertMode::Off,
         rules: Rules::default(),
+        cert_terms: 0,
     }
 }
 
@@ -463,6 +464,7 @@ impl certificates::Minted for MintedFor {
         (cert == &self.0).then_some(certificates::Issued {
             uid: 1000,
             serial: 77,
+            terms: 0,
         })
     }
 }
