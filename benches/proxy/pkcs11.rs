@@ -249,11 +249,21 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .map_err(|e| e.to_string())?;
-    run(Command::new(KEYHOLDER)
+    let armed = Command::new(KEYHOLDER)
         .args(["arm", "--config"])
         .arg(&config)
         .arg("--pin-file")
-        .arg(&pin_file))?;
+        .arg(&pin_file)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !armed.status.success() {
+        return Err(format!(
+            "keyholder arm (pkcs11): {}{}\n{}",
+            String::from_utf8_lossy(&armed.stdout),
+            String::from_utf8_lossy(&armed.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ));
+    }
 
     // The direct client's module instance: one application, logged in once.
     std::env::set_var("SOFTHSM2_CONF", &conf);
