@@ -11,7 +11,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -20,95 +20,27 @@ use ssh_encoding::Decode;
 
 raw_client_helper!();
 
-/// A daemon with the builtin backend and `keys` (name, ssh-keygen type,
-/// bits or "") generated in `dir`, configured for `group`, not added yet.
-struct Builtin {
-    dir: TempDir,
-    agent: Agent,
-    daemon: Daemon,
+/// A site with the builtin backend and `keys` (name, ssh-keygen type, bits
+/// or "") configured for `group`, not added yet.
+fn builtin(keys: &[(&str, &str, &str)], group: &str, extra: &str) -> Site {
+    builtin_env(keys, group, extra, &[])
 }
 
-impl Builtin {
-    fn new(keys: &[(&str, &str, &str)], group: &str, extra: &str) -> Self {
-        Self::with_env(keys, group, extra, &[])
+/// `env`: for the daemon (the `KEYHOLDER_BUILTIN_*` knobs).
+fn builtin_env(
+    keys: &[(&str, &str, &str)],
+    group: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Site {
+    let mut site = Site::builder("b", Backend::Builtin).unadded().extra(extra);
+    for (name, kind, bits) in keys {
+        site = site.key(SiteKey::new(name, kind).bits(bits).groups(&[group]));
     }
-
-    /// `env`: `NAME=VALUE` for the daemon (the `KEYHOLDER_BUILTIN_*` knobs).
-    fn with_env(keys: &[(&str, &str, &str)], group: &str, extra: &str, env: &[&str]) -> Self {
-        let dir = TempDir::new("b");
-        let mut tables = String::new();
-        for (name, kind, bits) in keys {
-            keygen_bits(dir.path(), name, kind, bits);
-            tables.push_str(&format!("[keys.{name}]\ngroups = [\"{group}\"]\n\n"));
-        }
-        let agent = Agent::new(&dir, Backend::Builtin);
-        let body = Daemon::config_for(&dir, &agent, &format!("{extra}\n{tables}"));
-        let mut wrapper = vec!["env"];
-        wrapper.extend_from_slice(env);
-        let daemon = Daemon::start_via(&dir, &body, &wrapper);
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
-            }),
-            "{}",
-            daemon.log_text()
-        );
-        Self { dir, agent, daemon }
+    for (name, value) in env {
+        site = site.env(name, value);
     }
-
-    fn key(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn pub_path(&self, name: &str) -> PathBuf {
-        self.dir.join(&format!("{name}.pub"))
-    }
-
-    fn blob(&self, name: &str) -> Vec<u8> {
-        pubkey_blob(&self.pub_path(name))
-    }
-
-    /// `TYPE BASE64` of a key.
-    fn pubkey(&self, name: &str) -> String {
-        first_two(&std::fs::read_to_string(self.pub_path(name)).unwrap())
-    }
-
-    /// What agent.socket holds, without comments, sorted.
-    fn held(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.agent.keys().iter().map(|l| first_two(l)).collect();
-        v.sort();
-        v
-    }
-
-    fn expect(&self, names: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = names.iter().map(|n| self.pubkey(n)).collect();
-        v.sort();
-        v
-    }
-}
-
-fn keygen_bits(dir: &Path, name: &str, kind: &str, bits: &str) -> PathBuf {
-    if bits.is_empty() {
-        return keygen(dir, name, kind, "");
-    }
-    let path = dir.join(name);
-    let o = run(std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", kind, "-b", bits, "-N", "", "-C", name, "-f"])
-        .arg(&path));
-    assert!(o.status.success(), "ssh-keygen: {}", stderr(&o));
-    std::fs::set_permissions(
-        dir.join(format!("{name}.pub")),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    path
-}
-
-fn first_two(line: &str) -> String {
-    line.split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
+    site.build()
 }
 
 /// The `string signature` of a SIGN_RESPONSE.
@@ -126,7 +58,7 @@ fn algorithm_of(sig: &[u8]) -> String {
 #[test]
 fn the_admin_socket_refuses_non_root_peers() {
     require_root!();
-    let b = Builtin::new(&[("deploy", "ed25519", "")], "root", "");
+    let b = builtin(&[("deploy", "ed25519", "")], "root", "");
     b.agent.add(&b.key("deploy"));
     let before = b.held();
     let mode = std::fs::metadata(&b.agent.socket)
@@ -161,7 +93,7 @@ fn the_admin_socket_refuses_non_root_peers() {
         .arg("-D")
         .env("SSH_AUTH_SOCK", &b.agent.socket));
     assert!(!o.status.success());
-    assert!(b.daemon.wait_log(&format!(
+    assert!(b.daemon().wait_log(&format!(
         "agent.socket: refused connection of uid={}",
         user.uid()
     )));
@@ -173,7 +105,7 @@ fn the_admin_socket_refuses_non_root_peers() {
 #[test]
 fn ssh_add_l_d_capital_d_and_t_work_against_agent_socket() {
     require_root!();
-    let b = Builtin::new(
+    let b = builtin(
         &[
             ("a", "ed25519", ""),
             ("r", "rsa", "3072"),
@@ -201,7 +133,7 @@ fn ssh_add_l_d_capital_d_and_t_work_against_agent_socket() {
     assert_eq!(b.held(), b.expect(&["a", "r", "e"]));
     // The proxy lists the same keys (root may use every configured one).
     let mut listed: Vec<String> = b
-        .daemon
+        .daemon()
         .listed(&As::Root)
         .iter()
         .map(|l| first_two(l))
@@ -229,28 +161,31 @@ fn ssh_add_l_d_capital_d_and_t_work_against_agent_socket() {
     assert_eq!(b.held(), b.expect(&["a", "e", "r"]));
     assert!(wait_for(Duration::from_secs(10), || b.held()
         == b.expect(&["a", "e"])));
-    assert!(b.daemon.wait_log("reached its lifetime; removed"));
-    assert_eq!(b.daemon.listed(&As::Root).len(), 2);
+    assert!(b.daemon().wait_log("reached its lifetime; removed"));
+    assert_eq!(b.daemon().listed(&As::Root).len(), 2);
 
     // -D: all.
     let o = b.agent.ssh_add(&["-D"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(b.held().is_empty());
-    assert_eq!(b.daemon.ssh_add(&As::Root, &["-l"]).status.code(), Some(1));
-    assert!(b.daemon.wait_log("removed all keys (2)"));
+    assert_eq!(
+        b.daemon().ssh_add(&As::Root, &["-l"]).status.code(),
+        Some(1)
+    );
+    assert!(b.daemon().wait_log("removed all keys (2)"));
 }
 
 #[test]
 fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logged() {
     require_root!();
-    let b = Builtin::new(&[("a", "ed25519", ""), ("c", "ed25519", "")], "root", "");
+    let b = builtin(&[("a", "ed25519", ""), ("c", "ed25519", "")], "root", "");
     b.agent.add(&b.key("a"));
     let before = b.held();
     // ssh-add -c (confirm): refused, not added.
     let o = b.agent.ssh_add(&["-c", b.key("c").to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(b
-        .daemon
+        .daemon()
         .wait_log("the confirm constraint (ssh-add -c) is not supported"));
     // ssh-add -h (destination constraint), to a host in a known_hosts file.
     let known = b.dir.join("known_hosts");
@@ -265,10 +200,10 @@ fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logge
     ]);
     assert!(!o.status.success());
     assert!(
-        b.daemon.wait_log("restrict-destination"),
+        b.daemon().wait_log("restrict-destination"),
         "{}\n{}",
         stderr(&o),
-        b.daemon.log_text()
+        b.daemon().log_text()
     );
     // -x / -X: lock and unlock.
     let o = run(std::process::Command::new("setsid")
@@ -286,8 +221,8 @@ fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logge
         raw.call(&[vec![23u8], string(b"pw")].concat()),
         Some(vec![FAILURE])
     );
-    assert!(b.daemon.wait_log("refused a lock request"));
-    assert!(b.daemon.log_text().contains("refused a unlock request"));
+    assert!(b.daemon().wait_log("refused a lock request"));
+    assert!(b.daemon().log_text().contains("refused a unlock request"));
     // Smartcard add/remove (ssh-add -s/-e).
     let o = run(std::process::Command::new("setsid")
         .args([
@@ -311,7 +246,7 @@ fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logge
     ] {
         assert_eq!(raw.call(&msg), Some(vec![FAILURE]), "type {}", msg[0]);
     }
-    assert!(b.daemon.wait_log("refused a smartcard request"));
+    assert!(b.daemon().wait_log("refused a smartcard request"));
     // An unknown constraint type and an unknown request type.
     let keypair = ssh_key::private::KeypairData::Ed25519(
         ssh_key::private::Ed25519Keypair::from_seed(&[9u8; 32]),
@@ -329,7 +264,7 @@ fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logge
     ] {
         let message = [add.clone(), constraints].concat();
         assert_eq!(raw.call(&message), Some(vec![FAILURE]), "{logged}");
-        assert!(b.daemon.wait_log(logged), "{}", b.daemon.log_text());
+        assert!(b.daemon().wait_log(logged), "{}", b.daemon().log_text());
     }
     assert_eq!(raw.call(&[200u8]), Some(vec![FAILURE]));
     // The connection still works, and nothing changed.
@@ -340,7 +275,7 @@ fn confirm_and_destination_constraints_smartcards_and_lock_are_refused_and_logge
 #[test]
 fn keys_it_cannot_sign_with_are_refused_at_add_time() {
     require_root!();
-    let b = Builtin::new(&[("good", "ed25519", "")], "root", "");
+    let b = builtin(&[("good", "ed25519", "")], "root", "");
     b.agent.add(&b.key("good"));
     let before = b.held();
 
@@ -349,14 +284,14 @@ fn keys_it_cannot_sign_with_are_refused_at_add_time() {
     let o = b.agent.ssh_add(&[dsa.to_str().unwrap()]);
     assert!(!o.status.success(), "DSA added");
     assert!(b
-        .daemon
+        .daemon()
         .wait_log("DSA (ssh-dss) keys are not supported by the builtin backend"));
     // RSA below 2048 bits.
-    let small = keygen_bits(b.dir.path(), "small", "rsa", "1024");
+    let small = keygen_full(b.dir.path(), "small", "rsa", "1024", "");
     let o = b.agent.ssh_add(&[small.to_str().unwrap()]);
     assert!(!o.status.success(), "RSA-1024 added");
     assert!(b
-        .daemon
+        .daemon()
         .wait_log("RSA key of 1024 bits: the builtin backend accepts 2048 to 16384"));
     // A key type nobody knows, hand-built.
     let mut raw = Raw::connect(&b.agent.socket);
@@ -369,7 +304,7 @@ fn keys_it_cannot_sign_with_are_refused_at_add_time() {
     ]
     .concat();
     assert_eq!(raw.call(&unknown), Some(vec![FAILURE]));
-    assert!(b.daemon.wait_log("ssh-frobnitz@example.com"));
+    assert!(b.daemon().wait_log("ssh-frobnitz@example.com"));
     // A security-key (sk-) key, hand-built in its wire form.
     let sk = [
         vec![17u8],
@@ -383,7 +318,7 @@ fn keys_it_cannot_sign_with_are_refused_at_add_time() {
     ]
     .concat();
     assert_eq!(raw.call(&sk), Some(vec![FAILURE]));
-    assert!(b.daemon.wait_log("security-key (sk-"));
+    assert!(b.daemon().wait_log("security-key (sk-"));
     // Malformed: truncated Ed25519.
     let cut = [vec![17u8], string(b"ssh-ed25519"), string(&[1u8; 32])].concat();
     assert_eq!(raw.call(&cut), Some(vec![FAILURE]));
@@ -402,7 +337,7 @@ fn every_key_type_and_rsa_flag_signs_as_openssh_does_and_logs_into_sshd() {
         ("p384", "ecdsa", "384"),
         ("p521", "ecdsa", "521"),
     ];
-    let b = Builtin::new(&keys, "root", "");
+    let b = builtin(&keys, "root", "");
     // The reference: OpenSSH's own agent holding the same keys.
     let reference_dir = TempDir::new("ref");
     let reference = Agent::start(&reference_dir);
@@ -410,7 +345,7 @@ fn every_key_type_and_rsa_flag_signs_as_openssh_does_and_logs_into_sshd() {
         b.agent.add(&b.key(name));
         reference.add(&b.key(name));
     }
-    let mut proxy = Raw::connect(&b.daemon.socket);
+    let mut proxy = Raw::connect(&b.daemon().socket);
     let mut direct = Raw::connect(&reference.socket);
     for (name, kind, _) in keys {
         let blob = b.blob(name);
@@ -452,7 +387,7 @@ fn every_key_type_and_rsa_flag_signs_as_openssh_does_and_logs_into_sshd() {
     for (name, _, _) in keys {
         let o = sshd.ssh(
             &As::Root,
-            &b.daemon.socket,
+            &b.daemon().socket,
             &remote.name,
             &[
                 "-i",
@@ -474,7 +409,7 @@ fn every_key_type_and_rsa_flag_signs_as_openssh_does_and_logs_into_sshd() {
     // told to: the signature the builtin backend made verifies.
     let o = sshd.ssh(
         &As::Root,
-        &b.daemon.socket,
+        &b.daemon().socket,
         &remote.name,
         &[
             "-i",
@@ -511,15 +446,18 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
     // One signing thread, one slot, a 1 s deadline, and RSA-4096 keys
     // (milliseconds per signature): a burst of concurrent sign requests
     // must overflow it. Bursts grow until one does.
-    let b = Builtin::with_env(
+    let b = builtin_env(
         &[("big", "rsa", "4096")],
         "root",
         "[limits]\nupstream_timeout_secs = 1\nmax_connections_per_user = 4096\n",
-        &["KEYHOLDER_BUILTIN_WORKERS=1", "KEYHOLDER_BUILTIN_QUEUE=1"],
+        &[
+            ("KEYHOLDER_BUILTIN_WORKERS", "1"),
+            ("KEYHOLDER_BUILTIN_QUEUE", "1"),
+        ],
     );
     b.agent.add(&b.key("big"));
     assert!(b
-        .daemon
+        .daemon()
         .log_text()
         .contains("1 signing thread(s), queue of 1"));
     let blob = b.blob("big");
@@ -527,7 +465,9 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
     let mut failures = 0;
     let mut successes = 0;
     for burst in [100usize, 200, 400, 800] {
-        let mut conns: Vec<Raw> = (0..burst).map(|_| Raw::connect(&b.daemon.socket)).collect();
+        let mut conns: Vec<Raw> = (0..burst)
+            .map(|_| Raw::connect(&b.daemon().socket))
+            .collect();
         for c in &mut conns {
             c.send(&request);
         }
@@ -547,19 +487,19 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
     assert!(
         // "signing queue full for 1 s" (no slot in time) or "no signature
         // within 1 s" (a slot, but too late), with the pool's size.
-        b.daemon
+        b.daemon()
             .wait_log("(upstream_timeout_secs): answering FAILURE (1 workers, queue of 1)"),
         "{}",
-        b.daemon.log_text()
+        b.daemon().log_text()
     );
     // The audit line says the allowed sign failed for the timeout.
     assert!(b
-        .daemon
+        .daemon()
         .log_text()
         .lines()
         .any(|l| l.contains("decision=failed") && l.contains("reason=upstream-timeout")));
     // Still serving: a sign and a listing succeed, nothing lost.
-    let mut raw = Raw::connect(&b.daemon.socket);
+    let mut raw = Raw::connect(&b.daemon().socket);
     assert_eq!(raw.call(&request).unwrap()[0], SIGN_RESPONSE);
     assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
     assert_eq!(b.held(), b.expect(&["big"]));
@@ -568,12 +508,12 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
 #[test]
 fn keys_are_dropped_on_exit_and_check_config_rejects_spawn_with_builtin() {
     require_root!();
-    let mut b = Builtin::new(&[("k", "ed25519", "")], "root", "");
+    let mut b = builtin(&[("k", "ed25519", "")], "root", "");
     b.agent.add(&b.key("k"));
-    let status = b.daemon.stop();
+    let status = b.daemon_mut().stop();
     assert!(status.success());
     assert!(b
-        .daemon
+        .daemon()
         .log_text()
         .contains("builtin backend stopped; 1 key(s) dropped from memory"));
     assert!(!b.agent.socket.exists(), "agent.socket left behind");

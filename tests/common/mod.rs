@@ -9,6 +9,10 @@
 #![allow(dead_code)]
 
 pub mod nslcd;
+pub mod site;
+
+#[allow(unused_imports)]
+pub use site::{first_two, keygen_full, Site, SiteBuilder, SiteKey};
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
