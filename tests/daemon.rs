@@ -13,107 +13,45 @@ use nix::sys::signal::Signal;
 
 raw_client_helper!();
 
-/// A deployment host in miniature: an upstream agent holding `deploy`
-/// (ed25519), `deployrsa` (RSA) and `phab` plus one unconfigured key, and a
-/// daemon in front of it.
-struct Host {
-    dir: TempDir,
-    agent: Agent,
-    daemon: Daemon,
-    deployers: TestGroup,
-    phab_admins: TestGroup,
-    member: TestUser,
-    phab_user: TestUser,
-    outsider: TestUser,
-}
-
-impl Host {
-    /// With `backend` holding the keys (added once the daemon runs).
-    fn new(backend: Backend, extra: &str) -> Self {
-        let dir = TempDir::new("h");
-        let agent = Agent::new(&dir, backend);
-        let keys: Vec<_> = [
-            ("deploy", "ed25519"),
-            ("deployrsa", "rsa"),
-            ("phab", "ecdsa"),
-            ("stray", "ed25519"),
-        ]
-        .into_iter()
-        .map(|(name, kind)| keygen(dir.path(), name, kind, ""))
-        .collect();
-        let deployers = TestGroup::create("dep");
-        let phab_admins = TestGroup::create("pha");
-        let member = TestUser::create("m", &[&deployers]);
-        let phab_user = TestUser::create("p", &[&phab_admins]);
-        let outsider = TestUser::create("o", &[]);
-        let config = format!(
-            "[keys.deploy]\ngroups = [\"{d}\"]\n\n[keys.deployrsa]\ngroups = [\"{d}\"]\n\n\
-             [keys.phab]\ngroups = [\"{p}\"]\n\n{extra}",
-            d = deployers.name,
-            p = phab_admins.name
-        );
-        let daemon = Daemon::start(&dir, &agent, &config);
-        for key in &keys {
-            agent.add(key);
-        }
-        Self {
-            dir,
-            agent,
-            daemon,
-            deployers,
-            phab_admins,
-            member,
-            phab_user,
-            outsider,
-        }
-    }
-
-    fn pubkey(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(&format!("{name}.pub")))
-            .unwrap()
-            .split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Keys listed through the proxy, without comments.
-    fn listed(&self, who: &As) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .daemon
-            .listed(who)
-            .iter()
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn expect(&self, names: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = names.iter().map(|n| self.pubkey(n)).collect();
-        v.sort();
-        v
-    }
+/// A deployment host in miniature: `backend` holding `deploy` (ed25519),
+/// `deployrsa` (RSA) and `phab` plus one unconfigured key, and a daemon in
+/// front of it; groups `deployers` and `phab_admins`, users `member`,
+/// `phab_user` (one in each) and `outsider` (in neither).
+fn host(backend: Backend, extra: &str) -> Site {
+    Site::builder("h", backend)
+        .group("deployers")
+        .group("phab_admins")
+        .user("member", &["deployers"])
+        .user("phab_user", &["phab_admins"])
+        .user("outsider", &[])
+        .keys(
+            &[("deploy", "ed25519"), ("deployrsa", "rsa")],
+            &["deployers"],
+        )
+        .key(SiteKey::new("phab", "ecdsa").groups(&["phab_admins"]))
+        .key(SiteKey::new("stray", "ed25519").stray())
+        .extra(extra)
+        .build()
 }
 
 #[test]
 fn listing_is_filtered_by_the_callers_groups() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         assert_eq!(
-            h.listed(&h.member.as_user()),
+            h.listed(&h.as_user("member")),
             h.expect(&["deploy", "deployrsa"])
         );
-        assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
-        assert_eq!(h.listed(&h.outsider.as_user()), Vec::<String>::new());
+        assert_eq!(h.listed(&h.as_user("phab_user")), h.expect(&["phab"]));
+        assert_eq!(h.listed(&h.as_user("outsider")), Vec::<String>::new());
         // root: every configured key, never the unconfigured one
         assert_eq!(
             h.listed(&As::Root),
             h.expect(&["deploy", "deployrsa", "phab"])
         );
         // `ssh-add -l` exits 1 with "no identities" for the outsider
-        let o = h.daemon.ssh_add(&h.outsider.as_user(), &["-l"]);
+        let o = h.daemon().ssh_add(&h.as_user("outsider"), &["-l"]);
         assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     });
 }
@@ -122,19 +60,19 @@ fn listing_is_filtered_by_the_callers_groups() {
 fn admin_requests_are_refused_for_everyone_and_the_agent_is_unchanged() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
         assert_eq!(before.len(), 4);
         let newkey = keygen(h.dir.path(), "intruder", "ed25519", "");
         let deploy_pub = h.dir.join("deploy.pub");
-        for who in [As::Root, h.member.as_user(), h.outsider.as_user()] {
+        for who in [As::Root, h.as_user("member"), h.as_user("outsider")] {
             for args in [
                 vec!["-D"],
                 vec!["-d", deploy_pub.to_str().unwrap()],
                 vec![newkey.to_str().unwrap()],
                 vec!["-t", "60", newkey.to_str().unwrap()],
             ] {
-                let o = h.daemon.ssh_add(&who, &args);
+                let o = h.daemon().ssh_add(&who, &args);
                 assert!(!o.status.success(), "{who:?} ssh-add {args:?} succeeded");
                 assert_eq!(
                     h.agent.keys(),
@@ -144,7 +82,7 @@ fn admin_requests_are_refused_for_everyone_and_the_agent_is_unchanged() {
             }
         }
         // lock/unlock and the smartcard requests, raw, as root
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         for msg in [
             [vec![22u8], string(b"pw")].concat(),
             [vec![23u8], string(b"pw")].concat(),
@@ -170,9 +108,9 @@ fn admin_requests_are_refused_for_everyone_and_the_agent_is_unchanged() {
         // still a working agent behind the proxy: not locked
         assert_eq!(h.listed(&As::Root).len(), 3);
         assert!(h
-            .daemon
+            .daemon()
             .wait_log("decision=refused reason=admin-request:remove-all-identities"));
-        assert!(h.daemon.log_text().contains("reason=admin-request:lock"));
+        assert!(h.daemon().log_text().contains("reason=admin-request:lock"));
     });
 }
 
@@ -180,7 +118,7 @@ fn admin_requests_are_refused_for_everyone_and_the_agent_is_unchanged() {
 fn real_ssh_logins_through_the_proxy() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let sshd = Sshd::start(&h.dir);
         let remote = TestUser::create("r", &[]);
         sshd.authorize(
@@ -193,8 +131,8 @@ fn real_ssh_logins_through_the_proxy() {
         for key in ["deploy", "deployrsa"] {
             let pubfile = h.dir.join(&format!("{key}.pub"));
             let o = sshd.ssh(
-                &h.member.as_user(),
-                &h.daemon.socket,
+                &h.as_user("member"),
+                &h.daemon().socket,
                 &remote.name,
                 &[
                     "-vvv",
@@ -209,7 +147,7 @@ fn real_ssh_logins_through_the_proxy() {
                 o.status.success(),
                 "{key}: {}\n{}\n{}",
                 stderr(&o),
-                h.daemon.log_text(),
+                h.daemon().log_text(),
                 sshd.log_text()
             );
             assert_eq!(stdout(&o).trim(), remote.name);
@@ -223,9 +161,9 @@ fn real_ssh_logins_through_the_proxy() {
         // ssh bound each session to the host key through the proxy, and
         // keyholder verified and kept the binding itself (never forwarded).
         assert!(h
-            .daemon
-            .wait_log(&format!("session bound for uid={}", h.member.uid())));
-        assert!(!h.daemon.log_text().contains("session binding refused"));
+            .daemon()
+            .wait_log(&format!("session bound for uid={}", h.user("member").uid())));
+        assert!(!h.daemon().log_text().contains("session binding refused"));
         // RSA was signed with SHA-2, as ssh asked (OpenSSH 8.8+ clients and
         // servers no longer use ssh-rsa/SHA-1 by default; the agent itself still
         // signs it, see `rsa_signs_with_every_flag_exactly_as_the_agent_does`):
@@ -237,13 +175,13 @@ fn real_ssh_logins_through_the_proxy() {
         );
 
         // Others cannot log in: no key offered, and nothing signed.
-        for who in [h.phab_user.as_user(), h.outsider.as_user()] {
-            let o = sshd.ssh(&who, &h.daemon.socket, &remote.name, &[], "true");
+        for who in [h.as_user("phab_user"), h.as_user("outsider")] {
+            let o = sshd.ssh(&who, &h.daemon().socket, &remote.name, &[], "true");
             assert!(!o.status.success(), "{who:?} logged in");
         }
-        let log = h.daemon.log_text();
+        let log = h.daemon().log_text();
         assert!(
-            log.contains(&format!("sign user={} ", h.member.name))
+            log.contains(&format!("sign user={} ", h.user("member").name))
                 && log.contains("decision=granted"),
             "{log}"
         );
@@ -259,31 +197,31 @@ fn real_ssh_logins_through_the_proxy() {
 fn sign_requests_are_granted_by_group_and_refused_otherwise() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
         let blob = pubkey_blob(&h.dir.join("deploy.pub"));
         let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
         // The member's own connection: granted.
         let answers = raw_as(
-            &h.member.as_user(),
-            &h.daemon.socket,
+            &h.as_user("member"),
+            &h.daemon().socket,
             std::slice::from_ref(&sign),
         );
         assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(SIGN_RESPONSE));
         // Other users, sending the very same request: FAILURE.
-        for who in [h.phab_user.as_user(), h.outsider.as_user()] {
-            let answers = raw_as(&who, &h.daemon.socket, &[sign.clone(), vec![11]]);
+        for who in [h.as_user("phab_user"), h.as_user("outsider")] {
+            let answers = raw_as(&who, &h.daemon().socket, &[sign.clone(), vec![11]]);
             assert_eq!(answers[0], Some(vec![FAILURE]), "{who:?}");
             // the connection stays usable
             assert_eq!(answers[1].as_ref().map(|a| a[0]), Some(IDENTITIES_ANSWER));
         }
-        assert!(h.daemon.wait_log("reason=not-in-allowed-group"));
+        assert!(h.daemon().wait_log("reason=not-in-allowed-group"));
         assert!(h
-            .daemon
+            .daemon()
             .log_text()
-            .contains(&format!("sign user={} ", h.outsider.name)));
+            .contains(&format!("sign user={} ", h.user("outsider").name)));
         // Root may use every configured key, but never an unconfigured one.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         assert_eq!(raw.call(&sign).unwrap()[0], SIGN_RESPONSE);
         let stray = pubkey_blob(&h.dir.join("stray.pub"));
         let answer = raw
@@ -294,7 +232,7 @@ fn sign_requests_are_granted_by_group_and_refused_otherwise() {
             ))
             .unwrap();
         assert_eq!(answer, vec![FAILURE]);
-        assert!(h.daemon.wait_log("reason=key-not-configured"));
+        assert!(h.daemon().wait_log("reason=key-not-configured"));
         assert_eq!(h.agent.keys(), before);
     });
 }
@@ -304,23 +242,22 @@ fn non_userauth_data_is_refused_unless_the_key_allows_any_data() {
     require_root!();
     each_backend(|backend| {
         let signers = TestGroup::create("sig");
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         // ssh-keygen -Y sign sends SSHSIG data, not a user-auth request.
         let msg = h.dir.join("msg.txt");
         std::fs::write(&msg, "release v1\n").unwrap();
         std::fs::set_permissions(&msg, std::fs::Permissions::from_mode(0o644)).unwrap();
         let before = h.agent.keys();
         let o = run(h
-            .member
-            .as_user()
+            .as_user("member")
             .command("ssh-keygen")
             .args(["-Y", "sign", "-n", "file", "-f"])
             .arg(h.dir.join("deploy.pub"))
             .arg("-")
-            .env("SSH_AUTH_SOCK", &h.daemon.socket)
+            .env("SSH_AUTH_SOCK", &h.daemon().socket)
             .stdin(std::process::Stdio::piped()));
         assert!(!o.status.success(), "SSHSIG signed: {}", stdout(&o));
-        assert!(h.daemon.wait_log("reason=\"not-ssh-userauth"));
+        assert!(h.daemon().wait_log("reason=\"not-ssh-userauth"));
         assert_eq!(h.agent.keys(), before);
         drop(h);
 
@@ -357,14 +294,14 @@ fn non_userauth_data_is_refused_unless_the_key_allows_any_data() {
 fn hostile_bytes_get_failure_or_a_closed_connection_and_change_nothing() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
         let blob = pubkey_blob(&h.dir.join("deploy.pub"));
         let good = sign_request(&blob, &userauth_data(&blob, "u", "ssh-ed25519"), 0);
 
         // On one connection: unknown types, trailing bytes, truncated bodies all
         // get FAILURE and the connection stays usable.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         for t in [0u8, 1, 2, 9, 12, 14, 24, 28, 30, 200, 255] {
             assert_eq!(raw.call(&[t]), Some(vec![FAILURE]), "type {t}");
         }
@@ -385,31 +322,31 @@ fn hostile_bytes_get_failure_or_a_closed_connection_and_change_nothing() {
         assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
 
         // Zero length: closed.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         raw.send_bytes(&[0, 0, 0, 0]);
         assert!(raw.closed());
         // A 2 GiB length header: closed at once, nothing buffered.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         raw.send_bytes(&[0x80, 0, 0, 0, 13, 1, 2, 3]);
         assert!(raw.closed());
         // Just over 256 KiB: closed.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         raw.send_bytes(&(256 * 1024 + 1u32).to_be_bytes());
         assert!(raw.closed());
         // Exactly 256 KiB of a sign request with junk: FAILURE, not closed.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         let mut big = vec![13u8];
         big.resize(256 * 1024, 0xAA);
         assert_eq!(raw.call(&big), Some(vec![FAILURE]));
         // A truncated frame followed by close: the daemon just drops it.
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         raw.send_bytes(&[0, 0, 0, 50, 13, 0]);
         drop(raw);
 
         assert_eq!(h.agent.keys(), before);
         // The daemon is still serving everyone.
         assert_eq!(
-            h.listed(&h.member.as_user()),
+            h.listed(&h.as_user("member")),
             h.expect(&["deploy", "deployrsa"])
         );
     });
@@ -419,9 +356,9 @@ fn hostile_bytes_get_failure_or_a_closed_connection_and_change_nothing() {
 fn query_and_status_extensions_are_answered_by_the_daemon() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
-        let mut raw = Raw::connect(&h.daemon.socket);
+        let mut raw = Raw::connect(&h.daemon().socket);
         let answer = raw.call(&[vec![27u8], string(b"query")].concat()).unwrap();
         assert_eq!(
             query_names(&answer),
@@ -509,10 +446,10 @@ fn signature_algorithm(answer: &[u8]) -> String {
 fn rsa_signs_with_every_flag_exactly_as_the_agent_does() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let blob = pubkey_blob(&h.dir.join("deployrsa.pub"));
         let mut direct = Raw::connect(&h.agent.socket);
-        let mut proxied = Raw::connect(&h.daemon.socket);
+        let mut proxied = Raw::connect(&h.daemon().socket);
         // flags 0 (ssh-rsa, SHA-1), 2 (SHA-256) and 4 (SHA-512), each on the
         // same connection, so a failure would also show as a dropped upstream.
         for (flags, alg) in [
@@ -531,7 +468,7 @@ fn rsa_signs_with_every_flag_exactly_as_the_agent_does() {
             assert_eq!(got, want, "flags {flags}");
         }
         // Every one granted, none taken for an upstream failure.
-        let log = h.daemon.log_text();
+        let log = h.daemon().log_text();
         assert!(!log.contains("failed upstream"), "{log}");
         assert!(!log.contains("unreachable"), "{log}");
         assert_eq!(log.matches("decision=granted").count(), 4, "{log}");
@@ -542,16 +479,16 @@ fn rsa_signs_with_every_flag_exactly_as_the_agent_does() {
 fn a_setgid_process_gains_nothing_from_its_own_gid() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
         // The outsider's process runs with the deployers gid (as a setgid program
         // would), but the user database says it is not a member.
         let who = As::Ids {
-            uid: h.outsider.uid(),
-            gid: h.deployers.gid(),
+            uid: h.user("outsider").uid(),
+            gid: h.group("deployers").gid(),
         };
         let o = run(who.command("id").arg("-g"));
-        assert_eq!(stdout(&o).trim(), h.deployers.gid().to_string());
+        assert_eq!(stdout(&o).trim(), h.group("deployers").gid().to_string());
         assert_eq!(h.listed(&who), Vec::<String>::new());
         let blob = pubkey_blob(&h.dir.join("deploy.pub"));
         let o = run(who
@@ -559,7 +496,7 @@ fn a_setgid_process_gains_nothing_from_its_own_gid() {
             .args(["-Y", "sign", "-n", "file", "-f"])
             .arg(h.dir.join("deploy.pub"))
             .arg("-")
-            .env("SSH_AUTH_SOCK", &h.daemon.socket));
+            .env("SSH_AUTH_SOCK", &h.daemon().socket));
         assert!(!o.status.success());
         assert!(!blob.is_empty());
         assert_eq!(h.agent.keys(), before);
@@ -570,17 +507,17 @@ fn a_setgid_process_gains_nothing_from_its_own_gid() {
 fn a_uid_without_passwd_entry_has_no_groups() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let before = h.agent.keys();
         let who = As::Ids {
             uid: 3_987_654,
-            gid: h.deployers.gid(),
+            gid: h.group("deployers").gid(),
         };
         assert_eq!(h.listed(&who), Vec::<String>::new());
-        let o = h.daemon.ssh_add(&who, &["-D"]);
+        let o = h.daemon().ssh_add(&who, &["-D"]);
         assert!(!o.status.success());
         assert_eq!(h.agent.keys(), before);
-        assert!(h.daemon.wait_log("uid=3987654"));
+        assert!(h.daemon().wait_log("uid=3987654"));
     });
 }
 
@@ -588,17 +525,17 @@ fn a_uid_without_passwd_entry_has_no_groups() {
 fn group_changes_apply_to_the_next_connection_without_restart() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let user = TestUser::create("g", &[]);
         assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
-        user.join(&h.deployers);
+        user.join(h.group("deployers"));
         assert_eq!(
             h.listed(&user.as_user()),
             h.expect(&["deploy", "deployrsa"])
         );
-        user.leave(&h.deployers);
+        user.leave(h.group("deployers"));
         assert_eq!(h.listed(&user.as_user()), Vec::<String>::new());
-        user.join(&h.phab_admins);
+        user.join(h.group("phab_admins"));
         assert_eq!(h.listed(&user.as_user()), h.expect(&["phab"]));
     });
 }
@@ -618,9 +555,9 @@ fn gpasswd_applies_to_the_next_request_without_a_lookup_cache() {
 }
 
 fn gpasswd_on_an_open_connection(backend: Backend, extra: &str) {
-    let h = Host::new(backend, extra);
+    let h = host(backend, extra);
     let before = h.agent.keys();
-    let user = TestUser::create("gp", &[&h.deployers]);
+    let user = TestUser::create("gp", &[h.group("deployers")]);
     let blob = pubkey_blob(&h.dir.join("deploy.pub"));
     let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
     let marks: Vec<_> = ["left", "gone", "back", "again"]
@@ -641,13 +578,13 @@ fn gpasswd_on_an_open_connection(backend: Backend, extra: &str) {
         Step::Send(sign.clone()),
         Step::Send(vec![11]),
     ];
-    let (who, socket) = (user.as_user(), h.daemon.socket.clone());
+    let (who, socket) = (user.as_user(), h.daemon().socket.clone());
     let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
     assert!(wait_for(Duration::from_secs(30), || marks[0].exists()));
-    user.leave(&h.deployers);
+    user.leave(h.group("deployers"));
     std::fs::write(&marks[1], "").unwrap();
     assert!(wait_for(Duration::from_secs(30), || marks[2].exists()));
-    user.join(&h.deployers);
+    user.join(h.group("deployers"));
     std::fs::write(&marks[3], "").unwrap();
     let answers = client.join().unwrap();
     for m in &marks {
@@ -668,9 +605,9 @@ fn gpasswd_on_an_open_connection(backend: Backend, extra: &str) {
     assert_eq!(answers[2], Some(vec![FAILURE]));
     assert_eq!(listed(3), Vec::<Vec<u8>>::new());
     assert!(h
-        .daemon
+        .daemon()
         .wait_log(&format!("sign user={} uid={} ", user.name, user.uid())));
-    assert!(h.daemon.log_text().lines().any(|l| l.contains(&user.name)
+    assert!(h.daemon().log_text().lines().any(|l| l.contains(&user.name)
         && l.contains("decision=refused")
         && l.contains("reason=not-in-allowed-group")));
     assert_eq!(h.agent.keys(), before);
@@ -683,37 +620,37 @@ fn gpasswd_on_an_open_connection(backend: Backend, extra: &str) {
 fn sighup_applies_a_good_config_and_keeps_the_last_good_one_on_error() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
-        assert_eq!(h.listed(&h.phab_user.as_user()), h.expect(&["phab"]));
+        let h = host(backend, "");
+        assert_eq!(h.listed(&h.as_user("phab_user")), h.expect(&["phab"]));
         // Good: give phab-admins the deploy key too.
         let good = Daemon::config_for(
             &h.dir,
             &h.agent,
             &format!(
                 "[keys.deploy]\ngroups = [\"{d}\", \"{p}\"]\n\n[keys.phab]\ngroups = [\"{p}\"]\n",
-                d = h.deployers.name,
-                p = h.phab_admins.name
+                d = h.group("deployers").name,
+                p = h.group("phab_admins").name
             ),
         );
-        std::fs::write(&h.daemon.config, good).unwrap();
-        h.daemon.signal(Signal::SIGHUP);
-        assert!(h.daemon.wait_log("configuration reloaded"));
+        std::fs::write(&h.daemon().config, good).unwrap();
+        h.daemon().signal(Signal::SIGHUP);
+        assert!(h.daemon().wait_log("configuration reloaded"));
         assert_eq!(
-            h.listed(&h.phab_user.as_user()),
+            h.listed(&h.as_user("phab_user")),
             h.expect(&["deploy", "phab"])
         );
         // deployrsa is no longer configured: the member loses it.
-        assert_eq!(h.listed(&h.member.as_user()), h.expect(&["deploy"]));
+        assert_eq!(h.listed(&h.as_user("member")), h.expect(&["deploy"]));
 
         // Broken: unknown field. The last good configuration stays in force.
-        std::fs::write(&h.daemon.config, "bogus_field = 1\n").unwrap();
-        h.daemon.signal(Signal::SIGHUP);
+        std::fs::write(&h.daemon().config, "bogus_field = 1\n").unwrap();
+        h.daemon().signal(Signal::SIGHUP);
         assert!(h
-            .daemon
+            .daemon()
             .wait_log("reload failed, keeping the last good configuration"));
-        assert!(h.daemon.log_text().contains("bogus_field"));
+        assert!(h.daemon().log_text().contains("bogus_field"));
         assert_eq!(
-            h.listed(&h.phab_user.as_user()),
+            h.listed(&h.as_user("phab_user")),
             h.expect(&["deploy", "phab"])
         );
     });
@@ -809,9 +746,9 @@ fn non_root_cannot_run_the_daemon() {
 fn a_reload_applies_at_once_to_open_connections_with_their_groups_looked_up_again() {
     require_root!();
     each_backend(|backend| {
-        let h = Host::new(backend, "");
+        let h = host(backend, "");
         let newcomers = TestGroup::create("new");
-        let user = TestUser::create("n", &[&h.deployers, &newcomers]);
+        let user = TestUser::create("n", &[h.group("deployers"), &newcomers]);
         let reached = std::env::temp_dir().join(unique("reached"));
         let go = std::env::temp_dir().join(unique("go"));
         let script = [
@@ -820,7 +757,7 @@ fn a_reload_applies_at_once_to_open_connections_with_their_groups_looked_up_agai
             Step::Wait(go.clone()),
             Step::Send(vec![11]),
         ];
-        let (who, socket) = (user.as_user(), h.daemon.socket.clone());
+        let (who, socket) = (user.as_user(), h.daemon().socket.clone());
         let client = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
         assert!(wait_for(Duration::from_secs(30), || reached.exists()));
 
@@ -833,13 +770,13 @@ fn a_reload_applies_at_once_to_open_connections_with_their_groups_looked_up_agai
                 "[keys.deploy]\ngroups = [\"{n}\"]\n\n[keys.deployrsa]\ngroups = [\"{d}\"]\n\n\
              [keys.phab]\ngroups = [\"{p}\", \"{n}\"]\n",
                 n = newcomers.name,
-                d = h.deployers.name,
-                p = h.phab_admins.name
+                d = h.group("deployers").name,
+                p = h.group("phab_admins").name
             ),
         );
-        std::fs::write(&h.daemon.config, config).unwrap();
-        h.daemon.signal(Signal::SIGHUP);
-        assert!(h.daemon.wait_log("configuration reloaded"));
+        std::fs::write(&h.daemon().config, config).unwrap();
+        h.daemon().signal(Signal::SIGHUP);
+        assert!(h.daemon().wait_log("configuration reloaded"));
         std::fs::write(&go, "").unwrap();
         let answers = client.join().unwrap();
         let _ = std::fs::remove_file(&reached);
