@@ -20,123 +20,57 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// A deployment host in miniature: `dir/keys` holds the key files, the
-/// daemon spawns its own agent at `dir/agent.sock`.
-struct Site {
-    dir: TempDir,
-    keys: PathBuf,
-    backend: Backend,
-    daemon: Daemon,
-}
-
 /// `(name, kind, passphrase)`; an empty passphrase makes an unencrypted key.
 type KeySpec<'a> = (&'a str, &'a str, &'a str);
 
-impl Site {
-    /// Generates `keys`, all usable by `group`, and starts the daemon with
-    /// `top` (top-level TOML) and `extra` (more tables) in its configuration.
-    /// With `backend` holding the keys: a spawned ssh-agent (upstream) or
-    /// the daemon itself (builtin); either way at `dir/agent.sock`.
-    fn new(backend: Backend, keys: &[KeySpec], group: &str, top: &str, extra: &str) -> Self {
-        let dir = TempDir::new("c");
-        let key_dir = dir.join("keys");
-        std::fs::create_dir(&key_dir).unwrap();
-        std::fs::set_permissions(&key_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (name, kind, passphrase) in keys {
-            keygen(&key_dir, name, kind, passphrase);
-        }
-        let body = Self::config_text(&dir, backend, keys, group, top, extra);
-        let daemon = Daemon::start_with(&dir, &body);
-        let agent = dir.join("agent.sock");
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                std::os::unix::net::UnixStream::connect(&agent).is_ok()
-            }),
-            "no agent.sock:\n{}",
-            daemon.log_text()
+/// A deployment host in miniature: `dir/keys` holds the key files (none
+/// added), all usable by `group`; the daemon runs with `top` (top-level
+/// TOML) and `extra` (more tables) in its configuration, its keys held by
+/// a spawned ssh-agent (upstream) or the daemon itself (builtin), either
+/// way at `dir/agent.sock`.
+fn site(backend: Backend, keys: &[KeySpec], group: &str, top: &str, extra: &str) -> Site {
+    let mut site = Site::builder("c", backend)
+        .spawned_agent()
+        .key_subdir("keys")
+        .unadded()
+        .top(top)
+        .extra(extra);
+    for (name, kind, passphrase) in keys {
+        site = site.key(
+            SiteKey::new(name, kind)
+                .passphrase(passphrase)
+                .groups(&[group]),
         );
-        Self {
-            dir,
-            keys: key_dir,
-            backend,
-            daemon,
-        }
     }
+    site.build()
+}
 
-    fn config_text(
-        dir: &TempDir,
-        backend: Backend,
-        keys: &[KeySpec],
-        group: &str,
-        top: &str,
-        extra: &str,
-    ) -> String {
-        let agent = match backend {
-            Backend::Upstream => "spawn = true",
-            Backend::Builtin => "backend = \"builtin\"",
-        };
-        let mut body = format!(
-            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n{top}\n\n[agent]\nsocket = \"{}\"\n{agent}\n\n",
-            dir.join("proxy.sock").display(),
-            dir.join("keys").display(),
-            dir.join("agent.sock").display(),
-        );
-        for (name, _, _) in keys {
-            body.push_str(&format!("[keys.{name}]\ngroups = [\"{group}\"]\n\n"));
-        }
-        body.push_str(extra);
-        body
-    }
+/// The admin commands on a site.
+trait Commands {
+    /// Writes a 0600 passphrase file and returns its path.
+    fn passphrase_file(&self, tag: &str, content: &str) -> PathBuf;
 
-    fn config(&self) -> &str {
-        self.daemon.config.to_str().unwrap()
-    }
+    /// `keyholder --config C ARGS` as `who`.
+    fn kh(&self, who: &As, args: &[&str]) -> Output;
 
-    fn agent_socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
-    }
+    /// `keyholder arm` as root, without a controlling terminal, with `env`
+    /// (and without any inherited `CREDENTIALS_DIRECTORY`).
+    fn arm_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Output;
 
-    fn key(&self, name: &str) -> PathBuf {
-        self.keys.join(name)
-    }
+    fn arm(&self, args: &[&str]) -> Output;
 
-    fn pub_path(&self, name: &str) -> PathBuf {
-        self.keys.join(format!("{name}.pub"))
-    }
+    fn arm_with(&self, passphrase_file: &Path) -> Output;
 
-    /// `TYPE BASE64` of a key's public half.
-    fn pubkey(&self, name: &str) -> String {
-        first_two(&std::fs::read_to_string(self.pub_path(name)).unwrap())
-    }
+    /// `keyholder status` as `who`: (exit code, stdout).
+    fn status(&self, who: &As) -> (i32, String);
 
-    fn fingerprint(&self, name: &str) -> String {
-        let o = run(Command::new("ssh-keygen")
-            .args(["-l", "-E", "sha256", "-f"])
-            .arg(self.pub_path(name)));
-        stdout(&o).split_whitespace().nth(1).unwrap().to_owned()
-    }
+    fn status_json(&self, who: &As) -> (i32, serde_json::Value);
 
-    /// The upstream agent's keys (`ssh-add -L` on its socket, as root),
-    /// sorted, without comments.
-    fn upstream(&self) -> Vec<String> {
-        let o = run(Command::new("ssh-add")
-            .arg("-L")
-            .env("SSH_AUTH_SOCK", self.agent_socket()));
-        let mut v: Vec<String> = stdout(&o)
-            .lines()
-            .filter(|l| l.starts_with("ssh-") || l.starts_with("ecdsa-"))
-            .map(first_two)
-            .collect();
-        v.sort();
-        v
-    }
+    /// The pid of the agent the daemon started last (from its log).
+    fn agent_pid(&self) -> i32;
+}
 
-    fn expect(&self, names: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = names.iter().map(|n| self.pubkey(n)).collect();
-        v.sort();
-        v
-    }
-
+impl Commands for Site {
     /// Writes a 0600 passphrase file and returns its path.
     fn passphrase_file(&self, tag: &str, content: &str) -> PathBuf {
         let path = self.dir.join(&format!("pass-{tag}"));
@@ -188,7 +122,7 @@ impl Site {
 
     /// The pid of the agent the daemon started last (from its log).
     fn agent_pid(&self) -> i32 {
-        let log = self.daemon.log_text();
+        let log = self.daemon().log_text();
         let line = log
             .lines()
             .rev()
@@ -197,13 +131,6 @@ impl Site {
         let rest = line.split("(pid ").nth(1).unwrap();
         rest.split(')').next().unwrap().parse().unwrap()
     }
-}
-
-fn first_two(line: &str) -> String {
-    line.split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn both(o: &Output) -> String {
@@ -217,7 +144,7 @@ const NO_GROUP: &str = "kht-nobody-group";
 fn wrong_passphrase_loads_nothing_and_says_so() {
     require_root!();
     each_backend(|backend| {
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "right one")],
             NO_GROUP,
@@ -234,14 +161,14 @@ fn wrong_passphrase_loads_nothing_and_says_so() {
             both(&o)
         );
         assert!(out.contains("not armed: deploy"), "{out}");
-        assert!(s.upstream().is_empty(), "agent changed: {:?}", s.upstream());
+        assert!(s.held().is_empty(), "agent changed: {:?}", s.held());
         assert_eq!(s.status(&As::Root).0, 2);
 
         // the passphrase is the first line, with its line ending stripped
         let right = s.passphrase_file("right", "right one\r\nsecond line\n");
         let o = s.arm_with(&right);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["deploy"]));
+        assert_eq!(s.held(), s.expect(&["deploy"]));
     });
 }
 
@@ -249,7 +176,7 @@ fn wrong_passphrase_loads_nothing_and_says_so() {
 fn unencrypted_keys_are_refused_when_required_and_accepted_when_not() {
     require_root!();
     each_backend(|backend| {
-        let s = Site::new(backend, &[("plain", "ecdsa", "")], NO_GROUP, "", "");
+        let s = site(backend, &[("plain", "ecdsa", "")], NO_GROUP, "", "");
         let path = s.key("plain");
         let o = s.arm(&[]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
@@ -258,27 +185,20 @@ fn unencrypted_keys_are_refused_when_required_and_accepted_when_not() {
         assert!(out.contains(path.to_str().unwrap()), "{out}");
         assert!(out.contains("not encrypted"), "{out}");
         assert!(out.contains("require_encrypted = true"), "{out}");
-        assert!(s.upstream().is_empty(), "agent changed: {:?}", s.upstream());
+        assert!(s.held().is_empty(), "agent changed: {:?}", s.held());
         let o = s.kh(&As::Root, &["check-config"]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(stdout(&o).contains("not encrypted"), "{}", both(&o));
 
         // the same key, with require_encrypted = false: no passphrase needed
-        let body = Site::config_text(
-            &s.dir,
-            s.backend,
-            &[("plain", "ecdsa", "")],
-            NO_GROUP,
-            "require_encrypted = false",
-            "",
-        );
-        std::fs::write(&s.daemon.config, body).unwrap();
+        let body = s.config_with("require_encrypted = false", "");
+        std::fs::write(&s.daemon().config, body).unwrap();
         let o = s.kh(&As::Root, &["check-config"]);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         let o = s.arm(&[]);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         assert!(stdout(&o).contains("plain: armed (SHA256:"), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["plain"]));
+        assert_eq!(s.held(), s.expect(&["plain"]));
     });
 }
 
@@ -286,7 +206,7 @@ fn unencrypted_keys_are_refused_when_required_and_accepted_when_not() {
 fn unsafe_key_files_are_refused_naming_the_file() {
     require_root!();
     each_backend(|backend| {
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "pw"), ("other", "ed25519", "pw")],
             NO_GROUP,
@@ -305,7 +225,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
         assert!(stdout(&o).contains(&expected), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: FAILED"), "{}", both(&o));
         // the other key is not held back by it
-        assert_eq!(s.upstream(), s.expect(&["other"]));
+        assert_eq!(s.held(), s.expect(&["other"]));
         let o = s.kh(&As::Root, &["check-config"]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(stdout(&o).contains(&expected), "{}", both(&o));
@@ -331,7 +251,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
             "{}",
             both(&o)
         );
-        assert_eq!(s.upstream(), s.expect(&["other"]));
+        assert_eq!(s.held(), s.expect(&["other"]));
 
         // a private key that is not the configured one
         nix::unistd::chown(&deploy, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
@@ -351,7 +271,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
             .arg(s.dir.join("stranger.pub")));
         let stranger_fp = stdout(&o).split_whitespace().nth(1).unwrap().to_owned();
         assert!(out.contains(&stranger_fp), "{out}");
-        assert_eq!(s.upstream(), s.expect(&["other"]));
+        assert_eq!(s.held(), s.expect(&["other"]));
 
         // missing
         std::fs::remove_file(&deploy).unwrap();
@@ -362,7 +282,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
             "{}",
             both(&o)
         );
-        assert_eq!(s.upstream(), s.expect(&["other"]));
+        assert_eq!(s.held(), s.expect(&["other"]));
     });
 }
 
@@ -373,7 +293,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
         let group = TestGroup::create("st");
         let member = TestUser::create("st", &[&group]);
         let outsider = TestUser::create("so", &[]);
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "alpha"), ("phab", "rsa", "beta")],
             &group.name,
@@ -405,7 +325,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
             "{out}"
         );
         assert!(out.contains("phab: FAILED: wrong passphrase"), "{out}");
-        assert_eq!(s.upstream(), s.expect(&["deploy"]));
+        assert_eq!(s.held(), s.expect(&["deploy"]));
         let text = same_for_everyone(1);
         assert!(
             text.starts_with("WARNING: 1/2 keys armed (unarmed: phab)"),
@@ -431,7 +351,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: already armed"), "{}", both(&o));
         assert!(stdout(&o).contains("phab: armed (SHA256:"), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["deploy", "phab"]));
+        assert_eq!(s.held(), s.expect(&["deploy", "phab"]));
         let text = same_for_everyone(0);
         assert!(text.starts_with("OK: 2/2 keys armed\n"), "{text}");
         let (code, json) = s.status_json(&outsider.as_user());
@@ -443,7 +363,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: already armed"), "{}", both(&o));
         assert!(stdout(&o).contains("phab: already armed"), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["deploy", "phab"]));
+        assert_eq!(s.held(), s.expect(&["deploy", "phab"]));
 
         // non-root arm and disarm: one line, exit 1, agent unchanged
         for who in [member.as_user(), outsider.as_user()] {
@@ -457,7 +377,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
                 assert_eq!(err.lines().count(), 1, "{err}");
                 assert!(err.contains("must be run as root"), "{err}");
                 assert!(stdout(&o).is_empty(), "{}", stdout(&o));
-                assert_eq!(s.upstream(), s.expect(&["deploy", "phab"]));
+                assert_eq!(s.held(), s.expect(&["deploy", "phab"]));
             }
         }
 
@@ -465,7 +385,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
         let o = s.kh(&As::Root, &["disarm"]);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         assert!(stdout(&o).contains("removed 2 identities"), "{}", both(&o));
-        assert!(s.upstream().is_empty());
+        assert!(s.held().is_empty());
         let text = same_for_everyone(2);
         assert!(text.starts_with("CRITICAL: 0/2 keys armed"), "{text}");
     });
@@ -474,7 +394,7 @@ fn status_goes_critical_warning_ok_critical_and_is_the_same_for_everyone() {
 #[test]
 fn status_is_critical_when_the_upstream_agent_dies_or_the_daemon_is_gone() {
     require_root!();
-    let mut s = Site::new(
+    let mut s = site(
         Backend::Upstream,
         &[("ec", "ecdsa", "pw")],
         NO_GROUP,
@@ -489,26 +409,26 @@ fn status_is_critical_when_the_upstream_agent_dies_or_the_daemon_is_gone() {
     let pid = s.agent_pid();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     assert!(
-        s.daemon.wait_log("upstream agent exited"),
+        s.daemon().wait_log("upstream agent exited"),
         "{}",
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
     assert!(
-        s.daemon.wait_log("upstream agent restarted"),
+        s.daemon().wait_log("upstream agent restarted"),
         "{}",
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
     let (code, text) = s.status(&As::Root);
     assert_eq!(code, 2, "{text}");
     assert!(text.starts_with("CRITICAL: 0/1 keys armed"), "{text}");
-    assert!(s.upstream().is_empty());
+    assert!(s.held().is_empty());
     // and arming again brings it back
     let o = s.arm_with(&pass);
     assert_eq!(o.status.code(), Some(0), "{}", both(&o));
     assert_eq!(s.status(&As::Root).0, 0);
 
     // the daemon is gone: CRITICAL, within the deadline, as text and JSON
-    s.daemon.stop();
+    s.daemon_mut().stop();
     let started = Instant::now();
     let (code, text) = s.status(&As::Root);
     assert_eq!(code, 2, "{text}");
@@ -591,7 +511,7 @@ fn status_is_critical_when_an_external_upstream_agent_is_unreachable() {
 fn passphrase_from_systemd_credentials_and_no_source_at_all() {
     require_root!();
     each_backend(|backend| {
-        let s = Site::new(
+        let s = site(
             backend,
             &[
                 ("deploy", "ed25519", "cred pass"),
@@ -606,13 +526,13 @@ fn passphrase_from_systemd_credentials_and_no_source_at_all() {
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(stderr(&o).contains("no passphrase source"), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: FAILED"), "{}", both(&o));
-        assert!(s.upstream().is_empty());
+        assert!(s.held().is_empty());
         // a credentials directory without the credential is no source either
         let creds = s.dir.join("creds");
         std::fs::create_dir(&creds).unwrap();
         let o = s.arm_env(&[], &[("CREDENTIALS_DIRECTORY", &creds)]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
-        assert!(s.upstream().is_empty());
+        assert!(s.held().is_empty());
 
         let cred = creds.join("keyholder-passphrase");
         std::fs::write(&cred, "cred pass\n").unwrap();
@@ -620,7 +540,7 @@ fn passphrase_from_systemd_credentials_and_no_source_at_all() {
         let o = s.arm_env(&[], &[("CREDENTIALS_DIRECTORY", &creds)]);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
         assert!(stdout(&o).contains("all 2 key(s) armed"), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["deploy", "rsa"]));
+        assert_eq!(s.held(), s.expect(&["deploy", "rsa"]));
 
         // --passphrase-file wins over the credential; a missing one is an error
         let o = s.kh(&As::Root, &["disarm"]);
@@ -635,7 +555,7 @@ fn passphrase_from_systemd_credentials_and_no_source_at_all() {
         let o = s.arm(&["--passphrase-file", "/nonexistent/kht-pass"]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(stderr(&o).contains("/nonexistent/kht-pass"), "{}", both(&o));
-        assert!(s.upstream().is_empty());
+        assert!(s.held().is_empty());
     });
 }
 
@@ -650,7 +570,7 @@ fn list_shows_a_member_their_keys_and_an_outsider_nothing() {
         let dir_for_inline = TempDir::new("inl");
         keygen(dir_for_inline.path(), "inline", "ed25519", "pw");
         let inline_pub = std::fs::read_to_string(dir_for_inline.join("inline.pub")).unwrap();
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "pw"), ("phab", "ecdsa", "pw")],
             &group.name,
@@ -713,7 +633,7 @@ fn list_shows_a_member_their_keys_and_an_outsider_nothing() {
 
         // a daemon that is not there
         let mut s = s;
-        s.daemon.stop();
+        s.daemon_mut().stop();
         let o = s.kh(&member.as_user(), &["list"]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(stderr(&o).contains("daemon unreachable at"), "{}", both(&o));
@@ -726,7 +646,7 @@ fn ssh_i_pub_selects_one_key_through_the_proxy() {
     each_backend(|backend| {
         let group = TestGroup::create("sc");
         let member = TestUser::create("sc", &[&group]);
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "pw"), ("other", "rsa", "pw")],
             &group.name,
@@ -736,14 +656,14 @@ fn ssh_i_pub_selects_one_key_through_the_proxy() {
         let pass = s.passphrase_file("pw", "pw\n");
         let o = s.arm_with(&pass);
         assert_eq!(o.status.code(), Some(0), "{}", both(&o));
-        assert_eq!(s.upstream(), s.expect(&["deploy", "other"]));
+        assert_eq!(s.held(), s.expect(&["deploy", "other"]));
 
         let sshd = Sshd::start(&s.dir);
         sshd.authorize(&member.name, &[&s.pub_path("deploy")]);
         let deploy_pub = s.pub_path("deploy");
         let o = sshd.ssh(
             &member.as_user(),
-            &s.daemon.socket,
+            &s.daemon().socket,
             &member.name,
             &[
                 "-i",
@@ -757,30 +677,30 @@ fn ssh_i_pub_selects_one_key_through_the_proxy() {
             o.status.success(),
             "{}\n{}\n{}",
             both(&o),
-            s.daemon.log_text(),
+            s.daemon().log_text(),
             sshd.log_text()
         );
         assert_eq!(stdout(&o).trim(), "logged-in");
         assert!(
-            s.daemon.wait_log(&format!(
+            s.daemon().wait_log(&format!(
                 "key=deploy fingerprint={}",
                 s.fingerprint("deploy")
             )),
             "{}",
-            s.daemon.log_text()
+            s.daemon().log_text()
         );
         // only the selected key was offered: `other` was never used to sign
         assert!(
-            !s.daemon.log_text().contains("key=other"),
+            !s.daemon().log_text().contains("key=other"),
             "{}",
-            s.daemon.log_text()
+            s.daemon().log_text()
         );
 
         // selecting the other (not authorized) key does not fall back to deploy
         let other_pub = s.pub_path("other");
         let o = sshd.ssh(
             &member.as_user(),
-            &s.daemon.socket,
+            &s.daemon().socket,
             &member.name,
             &[
                 "-i",
@@ -800,7 +720,7 @@ fn check_config_as_root_and_as_an_unprivileged_user() {
     each_backend(|backend| {
         let group = TestGroup::create("cc");
         let member = TestUser::create("cc", &[&group]);
-        let s = Site::new(
+        let s = site(
             backend,
             &[("deploy", "ed25519", "pw"), ("phab", "rsa", "pw")],
             &group.name,
@@ -839,23 +759,25 @@ fn check_config_as_root_and_as_an_unprivileged_user() {
         }
         // key_dir writable by others: refused (whoever can write there can
         // rename public keys into each other's names), by every command
-        std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&s.key_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         for who in [As::Root, member.as_user()] {
             let o = s.kh(&who, &["check-config"]);
             assert_eq!(o.status.code(), Some(1), "{who:?}: {}", both(&o));
             let err = stderr(&o);
             assert!(
-                err.contains(&format!("key_dir {}: is owned by uid 0", s.keys.display()))
-                    && err.contains("writable by others than root"),
+                err.contains(&format!(
+                    "key_dir {}: is owned by uid 0",
+                    s.key_dir.display()
+                )) && err.contains("writable by others than root"),
                 "{}",
                 both(&o)
             );
         }
-        std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&s.key_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(s.key("phab"), std::fs::Permissions::from_mode(0o600)).unwrap();
 
         // a broken configuration: one line naming file and field, exit 1
-        std::fs::write(&s.daemon.config, "sockett = 1\n").unwrap();
+        std::fs::write(&s.daemon().config, "sockett = 1\n").unwrap();
         let o = s.kh(&As::Root, &["check-config"]);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         let err = stderr(&o);
@@ -897,7 +819,7 @@ fn status_falls_back_to_the_default_socket_when_the_config_is_unreadable() {
 fn arm_on_a_terminal_prompts_without_echo() {
     require_root!();
     each_backend(|backend| {
-        let s = Site::new(
+        let s = site(
             backend,
             &[
                 ("deploy", "ed25519", "first secret"),
@@ -967,7 +889,7 @@ fn arm_on_a_terminal_prompts_without_echo() {
         assert!(out.contains("all 3 key(s) armed"), "{out}");
         assert!(!screen.contains("secret"), "echoed: {screen:?}");
         assert!(!screen.contains("wrong"), "echoed: {screen:?}");
-        assert_eq!(s.upstream(), s.expect(&["deploy", "ec", "phab"]));
+        assert_eq!(s.held(), s.expect(&["deploy", "ec", "phab"]));
     });
 }
 

@@ -80,7 +80,8 @@ impl SiteKey {
 
     /// More lines of the key's table (`certificate = …`, rules); `{user:LABEL}`
     /// and `{group:LABEL}` there (and in any TOML of the site) become the
-    /// name of the user or group declared as LABEL.
+    /// name of the user or group declared as LABEL, and `{dir}` the site's
+    /// directory.
     pub fn lines(mut self, lines: &str) -> Self {
         self.lines = lines.to_owned();
         self
@@ -442,6 +443,7 @@ impl Site {
         }
         body.push_str(&self.extra);
         body.push_str(more);
+        body = body.replace("{dir}", &self.dir.path().display().to_string());
         for (label, user) in &self.users {
             body = body.replace(&format!("{{user:{label}}}"), &user.name);
         }
