@@ -10,6 +10,7 @@
 //!   token), and
 //!   `agent.socket` for backends that live in the daemon.
 //! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
+//! - [`grants`]: the grant store: grants kept, persisted, timed, announced.
 //! - [`daemon`]: the accept loop and per-connection tasks that wire the above.
 //! - [`commands`]: the admin and monitoring commands.
 //! - [`config`]: the configuration file.
@@ -39,6 +40,7 @@ pub mod config;
 pub mod counter;
 pub mod daemon;
 pub mod error;
+pub mod grants;
 pub mod hardening;
 pub mod known_hosts;
 pub mod logging;

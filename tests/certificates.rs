@@ -264,7 +264,7 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     );
         assert!(
             klog.contains(&format!("sign user={} ", s.alice.name))
-                && klog.contains(&format!("serial={a} decision=granted")),
+                && klog.contains(&format!("serial={a} grant=- decision=granted")),
             "{klog}"
         );
 
@@ -692,7 +692,7 @@ fn a_reload_that_tightens_the_terms_retires_certificates_minted_before() {
     assert!(is_failure(&a[0]), "{a:?}");
     assert!(
         s.daemon.wait_log(&format!(
-            "serial={} decision=refused reason=certificate-stale",
+            "serial={} grant=- decision=refused reason=certificate-stale",
             old.serial()
         )),
         "{}",

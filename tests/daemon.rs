@@ -428,7 +428,12 @@ fn query_and_status_extensions_are_answered_by_the_daemon() {
             Ok(vec![
                 "query".to_owned(),
                 "session-bind@openssh.com".to_owned(),
-                "status@keyholder".to_owned()
+                "status@keyholder".to_owned(),
+                "grant-request@keyholder".to_owned(),
+                "grant-approve@keyholder".to_owned(),
+                "grant-deny@keyholder".to_owned(),
+                "grant-list@keyholder".to_owned(),
+                "grant-revoke@keyholder".to_owned(),
             ])
         );
         let answer = raw

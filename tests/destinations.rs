@@ -398,7 +398,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         let lines = sign_lines(&d);
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(
-            lines[0].contains("forwarded=no serial=- decision=granted"),
+            lines[0].contains("forwarded=no serial=- grant=- decision=granted"),
             "{}",
             lines[0]
         );
@@ -435,7 +435,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         assert!(d.wait_log("reason=forwarded-use"), "{}", d.log_text());
         assert!(d
             .log_text()
-            .contains("forwarded=yes serial=- decision=refused reason=forwarded-use"));
+            .contains("forwarded=yes serial=- grant=- decision=refused reason=forwarded-use"));
         assert_eq!(env.agent.keys(), before);
     }
     // Same with allow_forwarding = true: the onward login works.
@@ -451,13 +451,13 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
     let lines = sign_lines(&d);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
-        lines[0].contains("forwarded=no serial=- decision=granted"),
+        lines[0].contains("forwarded=no serial=- grant=- decision=granted"),
         "{}",
         lines[0]
     );
     assert!(
         lines[1].contains(&format!(
-            "dest={} forwarded=yes serial=- decision=granted",
+            "dest={} forwarded=yes serial=- grant=- decision=granted",
             fingerprint(&target.host_pub())
         )),
         "{}",
@@ -497,7 +497,7 @@ fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
     assert!(d.wait_log("key=deploy"), "{}", d.log_text());
     assert!(
         d.log_text()
-            .contains("forwarded=no serial=- decision=refused reason=no-session-bind"),
+            .contains("forwarded=no serial=- grant=- decision=refused reason=no-session-bind"),
         "{}",
         d.log_text()
     );
@@ -650,7 +650,7 @@ fn remote_users_admit_the_listed_account_and_refuse_others() {
     );
     assert_eq!(answer_types(&a), [Some(SIGN_RESPONSE), Some(FAILURE)]);
     assert!(d.log_text().contains(
-        "remote_user=root dest=- forwarded=no serial=- decision=refused reason=remote-user-not-allowed"
+        "remote_user=root dest=- forwarded=no serial=- grant=- decision=refused reason=remote-user-not-allowed"
     ));
     assert_eq!(env.agent.keys(), before);
 }

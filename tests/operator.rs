@@ -104,6 +104,7 @@ fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
                 "dest",
                 "forwarded",
                 "serial",
+                "grant",
                 "decision",
                 "reason"
             ],

@@ -160,7 +160,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
             b.user_a.id()?,
             Some(&b.user_a.name),
             i as u64 + 1,
-            keyholder::certs::unix_now(),
+            (keyholder::certs::unix_now(), None),
         ))
         .map_err(|e| format!("mint: {e}"))?;
         times.push(started.elapsed().as_nanos() as u64);

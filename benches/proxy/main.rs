@@ -45,17 +45,20 @@
 //! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
 //! one and interleaves the two daemons in each scenario (`candidate.rs`).
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,pkcs11,hung,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,pkcs11,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
 //! their cost; the default is the daemon's default, INFO). The `certs` part
 //! (see `certs.rs`) compares `connect` with certificates on and off and
+//! times one mint. The `grants` part (see `grants.rs`) compares `sign` and
+//! `connect` without grants and under an active grant.
 //! times one mint. The `pkcs11` part (see `pkcs11.rs`) measures the PKCS#11
 //! backend on a SoftHSM2 token against a direct PKCS#11 client.
 
 mod candidate;
 mod certs;
+mod grants;
 mod hung;
 mod load;
 #[path = "../../tests/common/nslcd.rs"]
@@ -1020,6 +1023,11 @@ fn bench() -> Result<String> {
         None
     };
 
+    let granted = if settings.wants("grants") {
+        Some(grants::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
     let token = if settings.wants("pkcs11") {
         Some(pkcs11::phase(&mut b, settings.rounds, settings.timing)?)
     } else {
@@ -1178,6 +1186,9 @@ fn bench() -> Result<String> {
     }
     if let Some(c) = &certificates {
         out += c;
+    }
+    if let Some(g) = &granted {
+        out += g;
     }
     if let Some(t) = &token {
         out += t;

@@ -42,6 +42,7 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rule
         rules,
         certificate: Default::default(),
         cert_terms: 0,
+        grants: None,
     }
 }
 
@@ -191,14 +192,15 @@ fn check(body: &[u8]) {
             bindings,
             now: 1000,
             minted: &keyholder::policy::certificates::NoneMinted,
+            grants: &keyholder::policy::grants::NO_GRANTS,
         };
         let decision = policy::decide(&f.policy, caller, ctx, &request);
         match (&request, &decision) {
             (Request::RequestIdentities, Decision::List) => {
-                assert!(f.policy.any_key_for(caller))
+                assert!(f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::RequestIdentities, Decision::EmptyList) => {
-                assert!(!f.policy.any_key_for(caller))
+                assert!(!f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::Sign(sign), Decision::Sign { key, remote_user, .. }) => {
                 let wanted = sign.credential.key_data();
@@ -260,7 +262,7 @@ fn check(body: &[u8]) {
                 }
             }
             (Request::SessionBind(_), Decision::VerifyBind) => {
-                assert!(f.policy.any_key_for(caller))
+                assert!(f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::SessionBind(_), Decision::RefuseBind { .. }) => {}
             (Request::BadSessionBind(m), Decision::RefuseBind { reason, forwarding }) => {

@@ -199,19 +199,27 @@ struct Slot {
 }
 
 impl Slot {
-    /// The current certificate when it may be handed out at `now`.
+    /// The current certificate when it may be handed out at `now`, valid
+    /// no later than `cap` (a grant's end). One that already ends at the
+    /// cap is reused to its end: a new one could not last longer.
     fn reusable(
         &self,
         settings: &Settings,
         key: &KeySettings,
         user: Option<&str>,
         now: u64,
+        cap: Option<u64>,
     ) -> Option<Arc<Certificate>> {
         let current = lock(&self.current);
         let c = current.as_ref()?;
-        let remaining = c.cert.valid_before().saturating_sub(now);
+        let before = c.cert.valid_before();
+        let remaining = before.saturating_sub(now);
+        let within_cap = cap.is_none_or(|cap| before <= cap);
+        let at_cap = cap.is_some_and(|cap| before == cap);
         (c.profile.matches(settings, key, user)
-            && remaining.saturating_mul(2) > settings.validity_secs)
+            && within_cap
+            && remaining > 0
+            && (at_cap || remaining.saturating_mul(2) > settings.validity_secs))
             .then(|| Arc::clone(&c.cert))
     }
 
@@ -306,7 +314,8 @@ impl Authority {
 
     /// The caller's current certificate for key `name`: the cached one when
     /// more than half its validity remains and nothing that went into it
-    /// changed, else a new one minted through `backend`.
+    /// changed, else a new one minted through `backend`. `cap`: the end of
+    /// the grant the key is used under; the certificate is valid no later.
     pub async fn certificate(
         &self,
         backend: &dyn Backend,
@@ -314,16 +323,17 @@ impl Authority {
         name: &str,
         uid: u32,
         user: Option<&str>,
+        cap: Option<u64>,
     ) -> Result<Handed, MintError> {
         let key = settings.keys.get(name).ok_or(MintError::NotConfigured)?;
         let slot = self.slot(uid, name);
-        if let Some(cert) = slot.reusable(settings, key, user, unix_now()) {
+        if let Some(cert) = slot.reusable(settings, key, user, unix_now(), cap) {
             return Ok(Handed { cert, fresh: false });
         }
         let _minting = slot.minting.lock().await;
         // Someone else may have minted while this waited.
         let now = unix_now();
-        if let Some(cert) = slot.reusable(settings, key, user, now) {
+        if let Some(cert) = slot.reusable(settings, key, user, now, cap) {
             return Ok(Handed { cert, fresh: false });
         }
         let cert = Arc::new(
@@ -336,7 +346,7 @@ impl Authority {
                 uid,
                 user,
                 self.serials.next(),
-                now,
+                (now, cap),
             )
             .await?,
         );
@@ -499,6 +509,8 @@ pub fn key_id(
 /// Mints one certificate: the to-be-signed bytes are captured in a first
 /// pass of ssh-key's builder, signed by the backend with the CA, and the
 /// backend's signature replayed in a second pass; the result is verified.
+/// `(now, cap)`: issued at `now`, valid until `now + validity_secs` but no
+/// later than `cap` (the end of the grant it is minted under).
 #[allow(clippy::too_many_arguments)]
 pub async fn mint(
     backend: &dyn Backend,
@@ -509,14 +521,16 @@ pub async fn mint(
     uid: u32,
     user: Option<&str>,
     serial: u64,
-    now: u64,
+    (now, cap): (u64, Option<u64>),
 ) -> Result<Certificate, MintError> {
     let key_id = key_id(&settings.key_id, user, uid, &settings.host, name, serial)?;
     let mut nonce = [0u8; 32];
     getrandom::getrandom(&mut nonce)
         .map_err(|e| MintError::Build(format!("no random nonce: {e}")))?;
     let valid_after = now.saturating_sub(settings.backdate_secs);
-    let valid_before = now.saturating_add(settings.validity_secs);
+    let valid_before = now
+        .saturating_add(settings.validity_secs)
+        .min(cap.unwrap_or(u64::MAX));
     let build = || -> Result<Builder, MintError> {
         let bad = |e: ssh_key::Error| MintError::Build(e.to_string());
         let mut b =

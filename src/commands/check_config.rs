@@ -117,6 +117,37 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             );
         }
+        if let Some(g) = &key.grants {
+            say!(
+                "  grants: approvals={}{} approvers={} max_secs={} pending_secs={}{}",
+                g.approvals,
+                if g.approvals == 0 {
+                    " (break-glass)"
+                } else {
+                    ""
+                },
+                if g.approvers.is_empty() {
+                    "(root only)".to_owned()
+                } else {
+                    g.approvers.join(",")
+                },
+                g.max_secs,
+                g.pending_secs,
+                g.notify
+                    .as_ref()
+                    .map_or_else(String::new, |n| format!(" notify={}", n.display()))
+            );
+            if let (Some(c), true) = (&config.certificates, key.cert.mode != CertMode::Off) {
+                if c.validity_secs > 600 {
+                    found.warning(format!(
+                        "keys.{}: has grants and certificates valid for {} s: a certificate \
+                         handed out before a revoke stays valid at targets that long (keep \
+                         [certificates] validity_secs short, e.g. 300)",
+                        key.name, c.validity_secs
+                    ));
+                }
+            }
+        }
         if let Some(p) = config.pkcs11.as_deref() {
             say!(
                 "  on the token: {}",

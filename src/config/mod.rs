@@ -19,6 +19,8 @@ use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
 use crate::trust::TrustError;
 
+pub mod grants;
+pub use grants::GrantsConfig;
 pub mod pkcs11;
 
 /// Where the configuration is read from when neither `--config` nor
@@ -50,6 +52,7 @@ struct RawConfig {
     key_dir: Option<PathBuf>,
     log: Option<LogTarget>,
     require_encrypted: Option<bool>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     agent: RawAgent,
     #[serde(default)]
@@ -129,6 +132,7 @@ struct RawKey {
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
+    grants: Option<grants::RawGrants>,
     pkcs11_label: Option<String>,
     pkcs11_id: Option<String>,
 }
@@ -281,6 +285,8 @@ pub struct KeyConfig {
     pub remote_users: Option<Vec<String>>,
     /// May be used through a forwarded agent.
     pub allow_forwarding: bool,
+    /// Members need a grant (`[keys.NAME.grants]`).
+    pub grants: Option<GrantsConfig>,
 }
 
 /// A key's `destinations` file, read and parsed.
@@ -315,6 +321,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
     pub certificates: Option<Box<CertificatesConfig>>,
+    /// Where the daemon keeps state (grants).
+    pub state_dir: PathBuf,
     /// `[pkcs11]` (with `backend = "pkcs11"` only).
     pub pkcs11: Option<Box<pkcs11::Pkcs11Config>>,
 }
@@ -489,6 +497,10 @@ impl Config {
             limits,
             keys,
             certificates,
+            state_dir: resolve(
+                raw.state_dir
+                    .unwrap_or_else(|| grants::DEFAULT_STATE_DIR.into()),
+            ),
             pkcs11: pkcs11.map(Box::new),
         })
     }
@@ -626,6 +638,10 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
             )));
         }
     }
+    let grants = match raw.grants {
+        Some(g) => Some(grants::load(path, &name, g)?),
+        None => None,
+    };
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -638,6 +654,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         destinations,
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
+        grants,
     })
 }
 
@@ -823,6 +840,7 @@ fn load_certificates(
             destinations: None,
             remote_users: None,
             allow_forwarding: false,
+            grants: None,
         },
         validity_secs,
         backdate_secs,

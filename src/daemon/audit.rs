@@ -1,8 +1,9 @@
 //! The audit log: one line per sign request, written when its outcome is
 //! known, and one per refused admin request, with the fields of
 //! `docs/reference.md`, "Audit log", in order:
-//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`
-//! (`serial` is that of the keyholder certificate in the user-auth data),
+//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= grant= decision= reason=`
+//! (`serial` is that of the keyholder certificate in the user-auth data,
+//! `grant` the id of the grant a key that needs one was used under),
 //! and one line per certificate issued ([`issued`]).
 //!
 //! A sign the policy allowed is `decision=granted` only once the backend
@@ -167,6 +168,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
         fingerprint.as_deref(),
         remote_user.as_deref(),
         binding,
+        None,
         "refused",
         &reason.to_string(),
     ))
@@ -184,6 +186,7 @@ pub fn sign(
         key,
         remote_user,
         serial,
+        grant,
         dest,
     } = decision
     else {
@@ -210,6 +213,7 @@ pub fn sign(
         Some(key.fingerprint.as_str()),
         remote_user.as_deref(),
         binding,
+        grant.as_deref(),
         verdict,
         &reason,
     ))
@@ -236,12 +240,13 @@ fn format_line(
     fingerprint: Option<&str>,
     remote_user: Option<&str>,
     binding: &Binding,
+    grant: Option<&str>,
     verdict: &str,
     reason: &str,
 ) -> String {
     format!(
         "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} dest={} \
-         forwarded={} serial={} decision={verdict} reason={}",
+         forwarded={} serial={} grant={} decision={verdict} reason={}",
         Field(caller.user.as_deref()),
         caller.uid,
         caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
@@ -251,6 +256,7 @@ fn format_line(
         Field(binding.dest.as_deref()),
         if binding.forwarded { "yes" } else { "no" },
         Field(binding.serial.as_deref()),
+        Field(grant),
         Field(Some(reason)),
     )
 }
@@ -316,6 +322,7 @@ mod tests {
             allow_any_data: false,
             rules: Default::default(),
             certificate: Default::default(),
+            grants: None,
             cert_terms: 0,
         }
     }
@@ -336,13 +343,14 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: None,
+            grant: None,
             dest: None,
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
         assert_eq!(
             line,
             "sign user=alice uid=1000 pid=42 key=deploy fingerprint=SHA256:fp remote_user=deploy \
-             dest=- forwarded=no serial=- decision=granted reason=group:ops"
+             dest=- forwarded=no serial=- grant=- decision=granted reason=group:ops"
         );
         let bound = Binding {
             dest: Some("SHA256:host".to_owned()),
@@ -352,7 +360,7 @@ mod tests {
         let line = sign(&caller(), &decision, &bound, Outcome::UpstreamTimeout).unwrap();
         assert!(
             line.ends_with(
-                "dest=SHA256:host forwarded=yes serial=7 decision=failed reason=upstream-timeout"
+                "dest=SHA256:host forwarded=yes serial=7 grant=- decision=failed reason=upstream-timeout"
             ),
             "{line}"
         );
@@ -371,11 +379,14 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: Some(42),
+            grant: Some("0a1b2c".to_owned()),
             dest: Some("SHA256:bound".to_owned()),
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
         assert!(
-            line.contains(" dest=SHA256:bound forwarded=no serial=42 decision=granted"),
+            line.contains(
+                " dest=SHA256:bound forwarded=no serial=42 grant=0a1b2c decision=granted"
+            ),
             "{line}"
         );
         let decision = Decision::Refuse {
@@ -388,7 +399,7 @@ mod tests {
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert!(
-            line.ends_with(" serial=43 decision=refused reason=certificate-not-yours"),
+            line.ends_with(" serial=43 grant=- decision=refused reason=certificate-not-yours"),
             "{line}"
         );
         let issued_line = issued(
@@ -424,7 +435,7 @@ mod tests {
             line,
             format!(
                 "sign user=alice uid=1000 pid=42 key=- fingerprint=SHA256:x remote_user=- \
-                 dest=- forwarded=no serial=- decision=refused reason={}",
+                 dest=- forwarded=no serial=- grant=- decision=refused reason={}",
                 Reason::UnknownKey
             )
         );

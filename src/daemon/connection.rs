@@ -198,14 +198,18 @@ async fn handle(
     request: Request,
 ) -> Vec<u8> {
     let backend = &shared.backend;
+    // The grants in force: a snapshot, no lock held and no file read.
+    let grants = shared.grants.current();
+    let now = unix_now();
     let ctx = Context {
         bindings,
-        now: unix_now(),
+        now,
         minted: &shared.authority,
+        grants: &grants,
     };
-    let decision = match unresolved {
+    let decision = match &unresolved {
         None => policy::decide(&rt.policy, caller, ctx, &request),
-        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
+        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why.clone()),
     };
     shared.metrics.decided(&decision, &request);
     let metrics_wanted = status::wants_metrics(&request);
@@ -239,7 +243,7 @@ async fn handle(
         (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => match backend.identities().await {
             Ok(ids) => Ok(Response::IdentitiesAnswer(
-                list(rt, shared, caller, bindings, ids).await,
+                list(rt, shared, caller, (bindings, &grants, now), ids).await,
             )),
             Err(e) => Err(e),
         },
@@ -304,6 +308,33 @@ async fn handle(
             Ok(Response::ExtensionFailure)
         }
         (Decision::Query, _) => Ok(query_response()),
+        (Decision::Grant, Request::Extension(ext)) => {
+            let answer = match protocol::grants::parse(&ext.name, ext.details.as_ref()) {
+                Ok(op) => {
+                    shared
+                        .grants
+                        .handle(&rt.policy, caller, unresolved.as_ref(), op)
+                        .await
+                }
+                Err(why) => protocol::grants::Answer {
+                    ok: false,
+                    text: format!("malformed {}: {why}", ext.name),
+                },
+            };
+            Ok(extension_response(&ext.name, &answer))
+        }
+        (
+            Decision::Refuse {
+                reason: Reason::NoGrant,
+                ..
+            },
+            _,
+        ) if unresolved.is_none() => {
+            // A grantee who left its key's groups (or whose key is gone):
+            // the grant ends.
+            shared.grants.end_orphans(&rt.policy, caller).await;
+            Ok(Response::Failure)
+        }
         (Decision::Status, _) => {
             let status = backend.status().await;
             if let Err(e) = &status {
@@ -342,10 +373,16 @@ async fn list(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
-    bindings: &Bindings,
+    (bindings, grants, now): (&Bindings, &policy::grants::Grants, u64),
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
-    let plan = policy::plan_identities(&rt.policy, caller, bindings, identities);
+    let ctx = Context {
+        bindings,
+        now,
+        minted: &shared.authority,
+        grants,
+    };
+    let plan = policy::plan_identities(&rt.policy, caller, ctx, identities);
     let ca_armed = plan.ca_armed;
     if let Some(ca) = &rt.policy.ca {
         if rt
@@ -371,6 +408,7 @@ async fn list(
         identity,
         key,
         listing,
+        grant_until,
     } in plan.items
     {
         let fallback_plain = match listing {
@@ -391,6 +429,7 @@ async fn list(
                         &key.name,
                         caller.uid,
                         caller.user.as_deref(),
+                        grant_until,
                     )
                     .await
             }
@@ -494,7 +533,11 @@ fn note_upstream_error(shared: &Shared, e: &BackendError) {
 
 fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
     let keys = rt.policy.keys.iter().map(|k| k.name.as_str());
-    shared.metrics.report(keys, shared.lookups.stats())
+    shared.metrics.report(
+        keys,
+        shared.lookups.stats(),
+        &shared.grants.report(&rt.policy),
+    )
 }
 
 /// The answer to `query`: `string "query"`, then each supported name as a

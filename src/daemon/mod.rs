@@ -94,6 +94,8 @@ pub struct Shared {
     pub log: Arc<RateLog>,
     /// Counters since start (`keyholder status --prometheus`).
     pub metrics: metrics::Metrics,
+    /// Grants: requests read a snapshot of them; grant extensions change them.
+    pub grants: Arc<crate::grants::Store>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -165,6 +167,21 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     let backend = Arc::clone(&opened.backend);
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
+    let grants = {
+        let (dir, policy, log) = (
+            config.state_dir.clone(),
+            runtime_rx.borrow().policy.clone(),
+            Arc::clone(&log),
+        );
+        tokio::task::spawn_blocking(move || crate::grants::Store::open(&dir, &policy, log))
+            .await
+            .map_err(|e| Error::msg(format!("cannot open the grant store: {e}")))?
+    };
+    tokio::spawn(Arc::clone(&grants).run(
+        runtime_rx.clone(),
+        |rt: &Runtime| &rt.policy,
+        stop_rx.clone(),
+    ));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         backend,
@@ -173,6 +190,7 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
         verifier: verifier::Verifier::default(),
         log,
         metrics,
+        grants,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::spawn(timer_floor(stop_rx.clone()));
@@ -463,6 +481,7 @@ fn apply_reload(
             "limits.max_connections",
             current.limits.max_connections != new.limits.max_connections,
         ),
+        ("state_dir", current.state_dir != new.state_dir),
     ];
     for (field, changed) in restart_only {
         if changed {
@@ -482,6 +501,7 @@ fn apply_reload(
     kept.agent = current.agent.clone();
     kept.log = current.log;
     kept.limits.max_connections = current.limits.max_connections;
+    kept.state_dir = current.state_dir.clone();
     kept
 }
 

@@ -33,11 +33,13 @@ use ssh_key::public::KeyData;
 
 pub mod certificates;
 pub mod destinations;
+pub mod grants;
 
 use certificates::{DataKey, Listing, Minted};
 use destinations::{Bindings, Proposed, Rules};
 
 use crate::config::{CertMode, Config};
+use crate::protocol::grants as grant_ext;
 use crate::protocol::request::Request;
 use crate::protocol::session_bind::SessionBind;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
@@ -47,7 +49,16 @@ pub use crate::protocol::request::SESSION_BIND;
 /// The extension that lists supported extensions.
 pub const QUERY: &str = "query";
 /// Extensions the proxy supports, as answered to `query`.
-pub const SUPPORTED_EXTENSIONS: [&str; 3] = [QUERY, SESSION_BIND, status::NAME];
+pub const SUPPORTED_EXTENSIONS: [&str; 8] = [
+    QUERY,
+    SESSION_BIND,
+    status::NAME,
+    grant_ext::REQUEST,
+    grant_ext::APPROVE,
+    grant_ext::DENY,
+    grant_ext::LIST,
+    grant_ext::REVOKE,
+];
 
 /// One key the proxy may let callers use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +77,8 @@ pub struct KeyRule {
     pub rules: Rules,
     /// Certificates for this key (`certificate`).
     pub certificate: CertMode,
+    /// Members need a grant to use it (`[keys.NAME.grants]`).
+    pub grants: Option<grants::GrantRule>,
     /// What its certificates say now ([`certificates::terms`]): one minted
     /// under other terms is stale.
     pub cert_terms: u64,
@@ -114,6 +127,13 @@ impl From<&Config> for Policy {
                         allow_forwarding: k.allow_forwarding,
                     },
                     certificate: k.cert.mode,
+                    grants: k.grants.as_ref().map(|g| grants::GrantRule {
+                        approvers: g.approvers.clone(),
+                        approvals: g.approvals,
+                        max_secs: g.max_secs,
+                        pending_secs: g.pending_secs,
+                        notify: g.notify.clone(),
+                    }),
                     cert_terms: certificates::terms(config.certificates.as_deref(), &k.cert),
                 })
                 .collect(),
@@ -127,13 +147,19 @@ impl From<&Config> for Policy {
 }
 
 impl Policy {
-    /// Every group named by some key, sorted, without duplicates: the only
-    /// groups a caller's membership is looked up for.
+    /// Every group named by some key (its `groups` and its grant
+    /// `approvers`), sorted, without duplicates: the only groups a caller's
+    /// membership is looked up for.
     pub fn group_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .keys
             .iter()
-            .flat_map(|k| k.groups.iter().cloned())
+            .flat_map(|k| {
+                k.groups
+                    .iter()
+                    .chain(k.grants.iter().flat_map(|g| g.approvers.iter()))
+                    .cloned()
+            })
             .collect();
         names.sort();
         names.dedup();
@@ -145,10 +171,26 @@ impl Policy {
         self.keys.iter().find(|k| &k.key == key)
     }
 
-    /// Whether `caller` may use some configured key.
-    pub fn any_key_for(&self, caller: &Caller) -> bool {
-        self.keys.iter().any(|k| caller.may_use(k))
+    /// Whether `caller` may use some configured key (by its groups; a key
+    /// that needs a grant counts only while the caller holds one at `now`).
+    pub fn any_key_for(&self, caller: &Caller, grants: &grants::Grants, now: u64) -> bool {
+        self.keys.iter().any(|k| usable(k, caller, grants, now))
     }
+
+    /// Whether some key needs a grant.
+    pub fn has_grants(&self) -> bool {
+        self.keys.iter().any(|k| k.grants.is_some())
+    }
+}
+
+/// Whether `caller` may use `key` at `now`: by its groups, and under a
+/// grant in force when the key needs one.
+pub fn usable(key: &KeyRule, caller: &Caller, grants: &grants::Grants, now: u64) -> bool {
+    caller.may_use(key)
+        && !matches!(
+            grants::check_use(key, caller, grants, now),
+            grants::Use::Refused(_)
+        )
 }
 
 /// What a decision needs to know about the connection beyond the caller.
@@ -160,6 +202,8 @@ pub struct Context<'a> {
     pub now: u64,
     /// The certificates keyholder minted, and for whom.
     pub minted: &'a dyn Minted,
+    /// The grants in force (and recently ended).
+    pub grants: &'a grants::Grants,
 }
 
 /// Who is asking, as resolved by the daemon from `SO_PEERCRED` and the user
@@ -225,6 +269,10 @@ pub enum Reason {
     CertificateNotYours,
     /// Mode `only`: the user-auth data carries the plain key.
     CertificateRequired,
+    /// The key needs a grant; the caller holds none.
+    NoGrant,
+    /// The key needs a grant; the caller's ended.
+    GrantExpired,
     /// The user-auth data carries a certificate keyholder minted for this
     /// caller under certificate settings a reload has since changed.
     CertificateStale,
@@ -249,6 +297,8 @@ impl std::fmt::Display for Reason {
             Self::LookupError => f.write_str("user-lookup-error"),
             Self::CertificateNotYours => f.write_str("certificate-not-yours"),
             Self::CertificateRequired => f.write_str("certificate-required"),
+            Self::NoGrant => f.write_str("no-grant"),
+            Self::GrantExpired => f.write_str("grant-expired"),
             Self::CertificateStale => f.write_str("certificate-stale"),
         }
     }
@@ -272,6 +322,8 @@ pub enum Decision<'p> {
         remote_user: Option<String>,
         /// The serial of the certificate in the user-auth data, if any.
         serial: Option<u64>,
+        /// The id of the grant it is used under, when the key needs one.
+        grant: Option<String>,
         /// The fingerprint of the host key of the verified binding the
         /// user-auth data belongs to ([`destinations::binding_for`]), if any.
         dest: Option<String>,
@@ -292,6 +344,9 @@ pub enum Decision<'p> {
     Query,
     /// Answer `status@keyholder` with [`status_report`].
     Status,
+    /// A `grant-…@keyholder` extension: the grant store checks it (with
+    /// [`grants`]) and answers.
+    Grant,
     /// Answer FAILURE.
     Refuse {
         /// Why.
@@ -332,6 +387,8 @@ impl Decision<'_> {
                 | Reason::BadSessionBind
                 | Reason::CertificateNotYours
                 | Reason::CertificateRequired
+                | Reason::NoGrant
+                | Reason::GrantExpired
                 | Reason::CertificateStale => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
@@ -362,10 +419,12 @@ pub fn decide<'p>(
     request: &Request,
 ) -> Decision<'p> {
     match request {
-        Request::RequestIdentities if policy.any_key_for(caller) => Decision::List,
+        Request::RequestIdentities if policy.any_key_for(caller, ctx.grants, ctx.now) => {
+            Decision::List
+        }
         Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, ctx, sign),
-        Request::SessionBind(bind) => decide_bind(policy, caller, ctx.bindings, bind),
+        Request::SessionBind(bind) => decide_bind(policy, caller, ctx, bind),
         Request::BadSessionBind(m) => Decision::RefuseBind {
             reason: m.reason,
             forwarding: m.forwarding,
@@ -404,7 +463,7 @@ pub fn decide_unresolved<'p>(
         (Decision::List | Decision::EmptyList, _) => refuse(why),
         (
             Decision::Refuse {
-                reason: Reason::NotInGroup,
+                reason: Reason::NotInGroup | Reason::NoGrant,
                 key,
                 fingerprint,
                 remote_user,
@@ -469,8 +528,18 @@ fn decide_sign<'p>(
         return refusal(Reason::UnknownKey, None);
     };
     if !caller.may_use(key) {
+        // A grantee who left the key's groups: its grant is of no use
+        // (and the daemon ends it, see `grants::orphaned`).
+        if grants::holds_unusable(key, caller, ctx.grants, ctx.now) {
+            return refusal(Reason::NoGrant, Some(key));
+        }
         return refusal(Reason::NotInGroup, Some(key));
     }
+    let grant = match grants::check_use(key, caller, ctx.grants, ctx.now) {
+        grants::Use::Free => None,
+        grants::Use::Granted(g) => Some(g.id.clone()),
+        grants::Use::Refused(reason) => return refusal(reason, Some(key)),
+    };
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
@@ -484,6 +553,7 @@ fn decide_sign<'p>(
                     key,
                     remote_user: remote_user.clone(),
                     serial,
+                    grant,
                     dest,
                 },
                 Err(reason) => refusal(reason, Some(key)),
@@ -498,10 +568,11 @@ fn decide_sign<'p>(
 fn decide_bind<'p>(
     policy: &Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     bind: &SessionBind,
 ) -> Decision<'p> {
-    if !policy.any_key_for(caller) {
+    let bindings = ctx.bindings;
+    if !policy.any_key_for(caller, ctx.grants, ctx.now) {
         return Decision::RefuseBind {
             reason: "the caller may use no key",
             forwarding: Some(bind.forwarding),
@@ -533,6 +604,7 @@ fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
         },
         QUERY => Decision::Query,
         status::NAME => Decision::Status,
+        name if grant_ext::is_grant(name) => Decision::Grant,
         _ => refuse(Reason::UnknownExtension),
     }
 }
@@ -546,6 +618,9 @@ pub struct Planned<'p> {
     pub key: &'p KeyRule,
     /// With a certificate before it, or not at all.
     pub listing: Listing,
+    /// The end of the grant it is used under, when it needs one: a
+    /// certificate minted for it is valid no longer.
+    pub grant_until: Option<u64>,
 }
 
 /// What REQUEST_IDENTITIES answers, before certificates are minted.
@@ -557,16 +632,18 @@ pub struct ListPlan<'p> {
     pub ca_armed: bool,
 }
 
-/// The backend's identities that `caller` may use on a connection with
-/// `bindings`, in the backend's order, each with how it is listed given
-/// whether the CA is among them. The CA itself is
-/// never planned (it is not a configured key), for root neither.
+/// The backend's identities that `caller` may use on a connection
+/// described by `ctx` (its bindings, the grants in force, the clock), in
+/// the backend's order, each with how it is listed given whether the CA is
+/// among them. The CA itself is never planned (it is not a configured
+/// key), for root neither.
 pub fn plan_identities<'p>(
     policy: &'p Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     identities: Vec<Identity>,
 ) -> ListPlan<'p> {
+    let bindings = ctx.bindings;
     let ca_armed = policy.ca.as_ref().is_some_and(|ca| {
         identities
             .iter()
@@ -576,9 +653,14 @@ pub fn plan_identities<'p>(
         .into_iter()
         .filter_map(|identity| {
             let key = policy.key(identity.credential.key_data())?;
-            if !(caller.may_use(key) && destinations::listed(&key.rules, bindings)) {
+            if !caller.may_use(key) || !destinations::listed(&key.rules, bindings) {
                 return None;
             }
+            let grant_until = match grants::check_use(key, caller, ctx.grants, ctx.now) {
+                grants::Use::Free => None,
+                grants::Use::Granted(g) => g.until(),
+                grants::Use::Refused(_) => return None,
+            };
             // Only a plain key identity gets a certificate put before it.
             let listing = match &identity.credential {
                 PublicCredential::Key(_) => certificates::listing(key.certificate, ca_armed),
@@ -588,28 +670,30 @@ pub fn plan_identities<'p>(
                 identity,
                 key,
                 listing,
+                grant_until,
             })
         })
         .collect();
     ListPlan { items, ca_armed }
 }
 
-/// The identities `caller` may use on a connection with `bindings`, in the
-/// backend's order: the same filter as [`plan_identities`], without the
+/// The identities `caller` may use on a connection described by `ctx`, in
+/// the backend's order: the same filter as [`plan_identities`], without the
 /// listing plan. The daemon uses [`plan_identities`]; the tests use this to
 /// check the filter alone.
 pub fn filter_identities(
     policy: &Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
     identities
         .into_iter()
         .filter(|id| {
-            policy
-                .key(id.credential.key_data())
-                .is_some_and(|k| caller.may_use(k) && destinations::listed(&k.rules, bindings))
+            policy.key(id.credential.key_data()).is_some_and(|k| {
+                usable(k, caller, ctx.grants, ctx.now)
+                    && destinations::listed(&k.rules, ctx.bindings)
+            })
         })
         .collect()
 }
