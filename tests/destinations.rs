@@ -18,49 +18,45 @@ use ssh_encoding::Encode;
 raw_client_helper!();
 
 /// An agent holding `deploy` (and `open`), a group whose member may use
-/// both, an outsider, and an account to log in as.
-struct Env {
-    dir: TempDir,
-    agent: Agent,
-    group: TestGroup,
-    member: TestUser,
-    outsider: TestUser,
-    account: TestUser,
+/// both, an outsider, and an account to log in as; no daemon yet.
+fn env() -> Site {
+    Site::builder("dst", Backend::Upstream)
+        .group("group")
+        .user("member", &["group"])
+        .user("outsider", &[])
+        .user("account", &[])
+        .keys(&[("deploy", "ed25519"), ("open", "ed25519")], &["group"])
+        .no_daemon()
+        .build()
 }
 
-impl Env {
-    fn new() -> Self {
-        let dir = TempDir::new("dst");
-        let agent = Agent::start(&dir);
-        for name in ["deploy", "open"] {
-            agent.add(&keygen(dir.path(), name, "ed25519", ""));
-        }
-        let group = TestGroup::create("dg");
-        let member = TestUser::create("dm", &[&group]);
-        let outsider = TestUser::create("do", &[]);
-        let account = TestUser::create("da", &[]);
-        Self {
-            dir,
-            agent,
-            group,
-            member,
-            outsider,
-            account,
-        }
-    }
-
+/// What the destination tests do on a site.
+trait Destinations {
     /// Starts the daemon: key `deploy` with `rules` (TOML lines), key
     /// `open` without any.
-    fn daemon(&self, rules: &str) -> Daemon {
-        let extra = format!(
-            "[keys.deploy]\ngroups = [\"{g}\"]\n{rules}\n\n[keys.open]\ngroups = [\"{g}\"]\n",
-            g = self.group.name
-        );
-        Daemon::start(&self.dir, &self.agent, &extra)
-    }
-
+    fn start(&self, rules: &str) -> Daemon;
     /// Writes the destinations file `targets` (root's, 0644) from the
     /// public key files in `hosts` and CA public key files in `cas`.
+    fn targets(&self, hosts: &[&Path], cas: &[&Path]);
+    fn host_sshd(&self, name: &str, kind: &str, ca: Option<&Path>) -> Sshd;
+    fn pub_file(&self, key: &str) -> PathBuf;
+    /// `ssh account@sshd COMMAND` as the member through the proxy, with the
+    /// `deploy` identity only.
+    fn ssh(
+        &self,
+        d: &Daemon,
+        sshd: &Sshd,
+        account: &str,
+        extra: &[&str],
+        command: &str,
+    ) -> std::process::Output;
+}
+
+impl Destinations for Site {
+    fn start(&self, rules: &str) -> Daemon {
+        self.start_daemon_on(&self.config_full("", &[("deploy", rules)], ""))
+    }
+
     fn targets(&self, hosts: &[&Path], cas: &[&Path]) {
         let mut text = String::from("# written by the test\n");
         for h in hosts {
@@ -72,18 +68,16 @@ impl Env {
         std::fs::write(self.dir.join("targets"), text).unwrap();
     }
 
-    fn sshd(&self, name: &str, kind: &str, ca: Option<&Path>) -> Sshd {
+    fn host_sshd(&self, name: &str, kind: &str, ca: Option<&Path>) -> Sshd {
         let s = Sshd::start_opts(&self.dir, name, kind, ca);
-        s.authorize(&self.account.name, &[&self.pub_file("deploy")]);
+        s.authorize(&self.user("account").name, &[&self.pub_file("deploy")]);
         s
     }
 
     fn pub_file(&self, key: &str) -> PathBuf {
-        self.dir.join(&format!("{key}.pub"))
+        self.pub_path(key)
     }
 
-    /// `ssh account@sshd COMMAND` as the member through the proxy, with the
-    /// `deploy` identity only.
     fn ssh(
         &self,
         d: &Daemon,
@@ -95,7 +89,7 @@ impl Env {
         let pubfile = self.pub_file("deploy");
         let mut args = vec!["-i", pubfile.to_str().unwrap(), "-o", "IdentitiesOnly=yes"];
         args.extend_from_slice(extra);
-        sshd.ssh(&self.member.as_user(), &d.socket, account, &args, command)
+        sshd.ssh(&self.as_user("member"), &d.socket, account, &args, command)
     }
 }
 
@@ -196,13 +190,13 @@ fn answer_types(answers: &[Option<Vec<u8>>]) -> Vec<Option<u8>> {
 #[test]
 fn ssh_logs_into_a_listed_host_and_keyholder_refuses_another() {
     require_root!();
-    let env = Env::new();
-    let allowed = env.sshd("sshd-a", "ed25519", None);
-    let other = env.sshd("sshd-b", "ecdsa", None);
+    let env = env();
+    let allowed = env.host_sshd("sshd-a", "ed25519", None);
+    let other = env.host_sshd("sshd-b", "ecdsa", None);
     env.targets(&[&allowed.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
-    let account = env.account.name.clone();
+    let account = env.user("account").name.clone();
 
     let o = env.ssh(&d, &allowed, &account, &[], "id -un");
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
@@ -259,11 +253,11 @@ fn ssh_logs_into_a_listed_host_and_keyholder_refuses_another() {
 #[test]
 fn a_cert_authority_line_admits_a_host_that_ca_certified() {
     require_root!();
-    let env = Env::new();
+    let env = env();
     let ca = keygen(env.dir.path(), "host-ca", "ed25519", "");
     let other_ca = keygen(env.dir.path(), "other-ca", "ed25519", "");
     // An RSA host key (rsa-sha2-512 in the key exchange) with a certificate.
-    let host = env.sshd("sshd-cert", "rsa", Some(&ca));
+    let host = env.host_sshd("sshd-cert", "rsa", Some(&ca));
     // The client knows the CA, so it uses the certificate.
     let known = env.dir.join("client_known_hosts");
     std::fs::write(
@@ -282,9 +276,9 @@ fn a_cert_authority_line_admits_a_host_that_ca_certified() {
     let other_pub = env.dir.join("other-ca.pub");
     // First only another CA is listed (and the host's plain key is not).
     env.targets(&[], &[&other_pub]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
-    let account = env.account.name.clone();
+    let account = env.user("account").name.clone();
     let o = env.ssh(&d, &host, &account, &opts, "id -un");
     assert!(
         !o.status.success(),
@@ -321,11 +315,11 @@ fn a_cert_authority_line_admits_a_host_that_ca_certified() {
 #[test]
 fn a_host_certificate_valid_forever_admits_the_host() {
     require_root!();
-    let env = Env::new();
+    let env = env();
     let ca = keygen(env.dir.path(), "host-ca", "ed25519", "");
     // `ssh-keygen -s CA -h` without `-V`: valid_before = 2^64 - 1.
     let host = Sshd::start_validity(&env.dir, "sshd-forever", "ed25519", Some(&ca), None, "");
-    host.authorize(&env.account.name, &[&env.pub_file("deploy")]);
+    host.authorize(&env.user("account").name, &[&env.pub_file("deploy")]);
     let cert_file = host.host_pub().with_file_name("host_ed25519-cert.pub");
     let o = run(Command::new("ssh-keygen").arg("-Lf").arg(&cert_file));
     assert!(stdout(&o).contains("Valid: forever"), "{}", stdout(&o));
@@ -343,9 +337,9 @@ fn a_host_certificate_valid_forever_admits_the_host() {
         "HostKeyAlgorithms=ssh-ed25519-cert-v01@openssh.com",
     ];
     env.targets(&[], &[&ca.with_extension("pub")]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
-    let o = env.ssh(&d, &host, &env.account.name, &opts, "id -un");
+    let o = env.ssh(&d, &host, &env.user("account").name, &opts, "id -un");
     assert!(
         o.status.success(),
         "{}\n{}\n{}",
@@ -353,7 +347,7 @@ fn a_host_certificate_valid_forever_admits_the_host() {
         d.log_text(),
         host.log_text()
     );
-    assert_eq!(stdout(&o).trim(), env.account.name);
+    assert_eq!(stdout(&o).trim(), env.user("account").name);
     let line = sign_lines(&d).pop().unwrap();
     assert!(
         line.contains("decision=granted")
@@ -371,10 +365,10 @@ fn a_host_certificate_valid_forever_admits_the_host() {
 #[test]
 fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
     require_root!();
-    let env = Env::new();
-    let jump = env.sshd("sshd-jump", "ed25519", None);
-    let target = env.sshd("sshd-target", "ed25519", None);
-    let account = env.account.name.clone();
+    let env = env();
+    let jump = env.host_sshd("sshd-jump", "ed25519", None);
+    let target = env.host_sshd("sshd-target", "ed25519", None);
+    let account = env.user("account").name.clone();
     let onward = format!(
         "echo outer-ok; ssh-add -l; ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no \
          -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -p {} {account}@127.0.0.1 echo inner-ok",
@@ -382,7 +376,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
     );
     let before = env.agent.keys();
     {
-        let d = env.daemon("");
+        let d = env.start("");
         let o = env.ssh(&d, &jump, &account, &["-A"], &onward);
         let out = stdout(&o);
         // The direct login worked; through the forwarded agent the key is
@@ -411,7 +405,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         let deploy = pubkey_blob(&env.pub_file("deploy"));
         let target_blob = enc(target_key.public_key().key_data());
         let answers = raw_as(
-            &env.member.as_user(),
+            &env.as_user("member"),
             &d.socket,
             &[
                 bind_signed(&jump_key, &[1; 32], &[1; 32], 1),
@@ -439,7 +433,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         assert_eq!(env.agent.keys(), before);
     }
     // Same with allow_forwarding = true: the onward login works.
-    let d = env.daemon("allow_forwarding = true");
+    let d = env.start("allow_forwarding = true");
     let o = env.ssh(&d, &jump, &account, &["-A"], &onward);
     let out = stdout(&o);
     assert!(
@@ -468,16 +462,16 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
 #[test]
 fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
     require_root!();
-    let env = Env::new();
-    let host = env.sshd("sshd-a", "ed25519", None);
+    let env = env();
+    let host = env.host_sshd("sshd-a", "ed25519", None);
     env.targets(&[&host.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
     let deploy = pubkey_blob(&env.pub_file("deploy"));
     let open = pubkey_blob(&env.pub_file("open"));
     // Like paramiko, asyncssh, libssh2: a sign request, no binding first.
     let answers = raw_as(
-        &env.member.as_user(),
+        &env.as_user("member"),
         &d.socket,
         &[
             vec![11],
@@ -508,16 +502,16 @@ fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
 #[test]
 fn forged_bindings_get_extension_failure_and_nothing_signs_after_them() {
     require_root!();
-    let env = Env::new();
-    let host = env.sshd("sshd-a", "ed25519", None);
+    let env = env();
+    let host = env.host_sshd("sshd-a", "ed25519", None);
     env.targets(&[&host.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
     let key = host_private(&host);
     let blob = enc(key.public_key().key_data());
     let deploy = pubkey_blob(&env.pub_file("deploy"));
     let sign = |sid: &[u8]| sign_request(&deploy, &userauth(&deploy, sid, "x", Some(&blob)), 0);
-    let member = env.member.as_user();
+    let member = env.as_user("member");
     let (x, y) = ([1u8; 32], [2u8; 32]);
 
     // Control: a good binding, then a sign for that session, works.
@@ -617,17 +611,17 @@ fn forged_bindings_get_extension_failure_and_nothing_signs_after_them() {
 #[test]
 fn remote_users_admit_the_listed_account_and_refuse_others() {
     require_root!();
-    let env = Env::new();
-    let host = env.sshd("sshd-a", "ed25519", None);
+    let env = env();
+    let host = env.host_sshd("sshd-a", "ed25519", None);
     let stranger = TestUser::create("dr", &[]);
     host.authorize(&stranger.name, &[&env.pub_file("deploy")]);
-    let d = env.daemon(&format!(
+    let d = env.start(&format!(
         "remote_users = [\"{}\", \"deploy\"]",
-        env.account.name
+        env.user("account").name
     ));
     let before = env.agent.keys();
 
-    let o = env.ssh(&d, &host, &env.account.name, &[], "id -un");
+    let o = env.ssh(&d, &host, &env.user("account").name, &[], "id -un");
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
     let o = env.ssh(&d, &host, &stranger.name, &[], "id -un");
     assert!(!o.status.success(), "logged in as a remote user not listed");
@@ -641,7 +635,7 @@ fn remote_users_admit_the_listed_account_and_refuse_others() {
     // `deploy@` is admitted, `root@` refused, for clients that never bind too.
     let deploy = pubkey_blob(&env.pub_file("deploy"));
     let a = raw_as(
-        &env.member.as_user(),
+        &env.as_user("member"),
         &d.socket,
         &[
             sign_request(&deploy, &userauth(&deploy, &[3; 32], "deploy", None), 0),
@@ -658,10 +652,10 @@ fn remote_users_admit_the_listed_account_and_refuse_others() {
 #[test]
 fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
     require_root!();
-    let env = Env::new();
-    let host = env.sshd("sshd-a", "ed25519", None);
+    let env = env();
+    let host = env.host_sshd("sshd-a", "ed25519", None);
     env.targets(&[&host.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
     // A 16384-bit RSA "host key" (not a real one: any modulus costs the
     // same to check) and a signature of the right length.
@@ -680,7 +674,7 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
         let flood: Vec<Vec<u8>> = (0..10u8)
             .map(|i| bind_raw(&rsa_blob(2048), &[round * 10 + i + 1; 32], &sig, 0))
             .collect();
-        let a = raw_as(&env.outsider.as_user(), &d.socket, &flood);
+        let a = raw_as(&env.as_user("outsider"), &d.socket, &flood);
         assert!(answer_types(&a)
             .iter()
             .all(|t| *t == Some(EXTENSION_FAILURE)));
@@ -688,7 +682,7 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
     assert_eq!(
         d.log_count(&format!(
             "session binding refused for uid={} pid=",
-            env.outsider.uid()
+            env.user("outsider").uid()
         )),
         40
     );
@@ -705,7 +699,7 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
         bind_raw(&rsa_blob(2049), &[1; 32], &sig, 0),
         bind_raw(&rsa_blob(2048), &[2; 32], &sig, 0),
     ];
-    let a = raw_as(&env.member.as_user(), &d.socket, &big);
+    let a = raw_as(&env.as_user("member"), &d.socket, &big);
     assert_eq!(
         answer_types(&a),
         [Some(EXTENSION_FAILURE), Some(EXTENSION_FAILURE)]
@@ -718,7 +712,7 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
     assert!(d
         .log_text()
         .contains("bad signature over the session identifier"));
-    let o = env.ssh(&d, &host, &env.account.name, &[], "id -un");
+    let o = env.ssh(&d, &host, &env.user("account").name, &[], "id -un");
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
     assert_eq!(env.agent.keys(), before);
 }
@@ -726,7 +720,7 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
 #[test]
 fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
     require_root!();
-    let env = Env::new();
+    let env = env();
     let host = keygen(env.dir.path(), "h1", "ed25519", "");
     let host2 = keygen(env.dir.path(), "h2", "ecdsa", "");
     let ca = keygen(env.dir.path(), "ca", "ed25519", "");
@@ -742,7 +736,7 @@ fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
             format!(
                 "key_dir = \"{}\"\nrequire_encrypted = false\n\n[keys.deploy]\ngroups = [\"{}\"]\n{rules}\n",
                 env.dir.path().display(),
-                env.group.name
+                env.group("group").name
             ),
         )
         .unwrap()
@@ -777,7 +771,7 @@ fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
     )
     .unwrap();
     let o = keyholder(
-        &env.outsider.as_user(),
+        &env.as_user("outsider"),
         &["check-config", "--config", config.to_str().unwrap()],
     );
     let out = stdout(&o);
@@ -836,10 +830,10 @@ fn mldsa44_ed25519_line() -> String {
 #[test]
 fn an_mldsa44_ed25519_host_key_is_refused_at_load_naming_file_line_and_algorithm() {
     require_root!();
-    let env = Env::new();
-    let host = env.sshd("sshd-a", "ed25519", None);
+    let env = env();
+    let host = env.host_sshd("sshd-a", "ed25519", None);
     env.targets(&[&host.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
     let targets = env.dir.join("targets");
     let good = read(&targets);
@@ -875,7 +869,7 @@ fn an_mldsa44_ed25519_host_key_is_refused_at_load_naming_file_line_and_algorithm
         "{}",
         d.log_text()
     );
-    let o = env.ssh(&d, &host, &env.account.name, &[], "id -un");
+    let o = env.ssh(&d, &host, &env.user("account").name, &[], "id -un");
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
 
     // A `@cert-authority` of that algorithm: the same.
@@ -930,19 +924,19 @@ fn replaying_socket(path: &Path, proxy: &Path, bind: Vec<u8>) {
 #[test]
 fn dest_names_only_the_binding_the_signed_data_belongs_to() {
     require_root!();
-    let env = Env::new();
-    let host_a = env.sshd("sshd-a", "ed25519", None);
-    let host_b = env.sshd("sshd-b", "ecdsa", None);
-    host_b.authorize(&env.account.name, &[&env.pub_file("open")]);
+    let env = env();
+    let host_a = env.host_sshd("sshd-a", "ed25519", None);
+    let host_b = env.host_sshd("sshd-b", "ecdsa", None);
+    host_b.authorize(&env.user("account").name, &[&env.pub_file("open")]);
     env.targets(&[&host_a.host_pub()], &[]);
-    let d = env.daemon("destinations = \"targets\"");
+    let d = env.start("destinations = \"targets\"");
     let before = env.agent.keys();
     let key_a = host_private(&host_a);
     let blob_a = enc(key_a.public_key().key_data());
     let blob_b = pubkey_blob(&host_b.host_pub());
     let open = pubkey_blob(&env.pub_file("open"));
     let (x, y) = ([1u8; 32], [2u8; 32]);
-    let member = env.member.as_user();
+    let member = env.as_user("member");
 
     // A binding captured from host A (a real signature by A's host key over
     // A's session), replayed before a real login to host B with `open` (a
@@ -953,7 +947,7 @@ fn dest_names_only_the_binding_the_signed_data_belongs_to() {
     let o = host_b.ssh(
         &member,
         &replay,
-        &env.account.name,
+        &env.user("account").name,
         &["-i", open_pub.to_str().unwrap(), "-o", "IdentitiesOnly=yes"],
         "id -un",
     );
