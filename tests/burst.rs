@@ -95,45 +95,35 @@ fn raise_nofile(clients: u64) {
     );
 }
 
-/// An upstream agent holding `deploy` (ed25519), a daemon in front of it,
-/// a member of the key's group, and a user in no key's group.
+/// An upstream agent (`ssh-agent -d`) holding `deploy` (ed25519), a
+/// daemon in front of it with `limits` (TOML tables), a `member` of the
+/// key's group, and an `outsider` in no key's group.
 struct Burst {
-    dir: TempDir,
     agent: DebugAgent,
-    daemon: Daemon,
-    member: TestUser,
-    outsider: TestUser,
-    _group: TestGroup,
+    site: Site,
 }
 
 impl Burst {
     fn new(limits: &str) -> Self {
         let dir = TempDir::new("b");
         let agent = DebugAgent::start(&dir, "agent");
-        let key = keygen(dir.path(), "deploy", "ed25519", "");
-        agent.add(&key);
-        let group = TestGroup::create("bdep");
-        let member = TestUser::create("bm", &[&group]);
-        let outsider = TestUser::create("bo", &[]);
-        let config = Daemon::config(
-            &dir,
-            &agent.socket,
-            &format!("{limits}\n[keys.deploy]\ngroups = [\"{}\"]\n", group.name),
-        );
-        let daemon = Daemon::start_with(&dir, &config);
-        Self {
-            dir,
-            agent,
-            daemon,
-            member,
-            outsider,
-            _group: group,
-        }
+        let site = Site::builder("b", Backend::Upstream)
+            .in_dir(dir)
+            .external_agent(&agent.socket)
+            .group("bdep")
+            .user("member", &["bdep"])
+            .user("outsider", &[])
+            .keys(&[("deploy", "ed25519")], &["bdep"])
+            .extra(limits)
+            .build();
+        Self { agent, site }
     }
+}
 
-    fn sign(&self) -> Vec<u8> {
-        let blob = pubkey_blob(&self.dir.join("deploy.pub"));
-        sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0)
+impl std::ops::Deref for Burst {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
     }
 }
 
@@ -394,19 +384,19 @@ fn a_thousand_clients_at_once_each_list_and_sign() {
     let b = Burst::new("[limits]\nmax_connections_per_user = 2000\n");
     let connections = b.agent.connections();
     let t = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         1000,
         1,
         &[Ask::List(1), Ask::Sign],
-        &b.sign(),
+        &b.sign_msg("deploy"),
     );
-    t.assert_all_served(1000, &b.daemon.log_text());
+    t.assert_all_served(1000, &b.daemon().log_text());
     // Every sign reached the agent, over at most the pool's connections.
     assert_eq!(b.agent.requests(13), 1000);
     let opened = b.agent.connections() - connections;
     assert!((1..=64).contains(&opened), "{opened} upstream connections");
-    assert_no_upstream_errors(&b.daemon);
+    assert_no_upstream_errors(b.daemon());
 }
 
 #[test]
@@ -415,14 +405,14 @@ fn three_hundred_clients_at_once_within_the_default_limits() {
     raise_nofile(300);
     let b = Burst::new("");
     let t = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         300,
         2,
         &[Ask::List(1), Ask::Sign],
-        &b.sign(),
+        &b.sign_msg("deploy"),
     );
-    t.assert_all_served(600, &b.daemon.log_text());
+    t.assert_all_served(600, &b.daemon().log_text());
     assert_eq!(b.agent.requests(13), 600);
 }
 
@@ -435,8 +425,8 @@ fn a_no_key_users_bursts_never_reach_the_agent() {
     // Alone: 2 bursts of 500 list-only connections, each answered with no
     // keys, and the agent sees nothing at all.
     let t = burst_as(
-        &b.outsider.as_user(),
-        &b.daemon.socket,
+        &b.as_user("outsider"),
+        &b.daemon().socket,
         500,
         2,
         &[Ask::List(0)],
@@ -450,20 +440,20 @@ fn a_no_key_users_bursts_never_reach_the_agent() {
     // one of the member's succeeds, and the agent sees the member's lists
     // (coalesced, so perhaps fewer) and never the outsider's.
     let flood = start_burst(
-        &b.outsider.as_user(),
-        &b.daemon.socket,
+        &b.as_user("outsider"),
+        &b.daemon().socket,
         500,
         4,
         &[Ask::List(0)],
         &[],
     );
     let member = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         1,
         20,
         &[Ask::List(1), Ask::Sign],
-        &b.sign(),
+        &b.sign_msg("deploy"),
     );
     let flood = finish_burst(flood);
     member.assert_all_served(20, "");
@@ -483,8 +473,8 @@ fn a_flood_of_status_requests_is_two_agent_requests_at_a_time() {
     // next one every request that arrived meanwhile.
     b.agent.signal(nix::sys::signal::Signal::SIGSTOP);
     let mut flood = start_burst(
-        &b.outsider.as_user(),
-        &b.daemon.socket,
+        &b.as_user("outsider"),
+        &b.daemon().socket,
         200,
         1,
         &[Ask::Status],
@@ -494,7 +484,8 @@ fn a_flood_of_status_requests_is_two_agent_requests_at_a_time() {
     assert_eq!(sent.trim(), "200");
     // Let the daemon accept them all and read what was sent (it is not
     // held, the agent is).
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", b.daemon.pid())).map_or(0, |d| d.count());
+    let fds =
+        || std::fs::read_dir(format!("/proc/{}/fd", b.daemon().pid())).map_or(0, |d| d.count());
     assert!(wait_for(Duration::from_secs(30), || fds() >= 200));
     std::thread::sleep(Duration::from_secs(1));
     b.agent.signal(nix::sys::signal::Signal::SIGCONT);
@@ -514,10 +505,10 @@ fn a_flood_of_status_requests_is_two_agent_requests_at_a_time() {
 fn pooled_connections_outlive_an_agent_restart() {
     require_root!();
     let mut b = Burst::new("");
-    let sign = b.sign();
+    let sign = b.sign_msg("deploy");
     let t = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         8,
         1,
         &[Ask::List(1), Ask::Sign],
@@ -532,15 +523,15 @@ fn pooled_connections_outlive_an_agent_restart() {
     b.agent = DebugAgent::start(&b.dir, "agent");
     b.agent.add(&b.dir.join("deploy"));
     let t = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         8,
         1,
         &[Ask::List(1), Ask::Sign],
         &sign,
     );
-    t.assert_all_served(8, &b.daemon.log_text());
-    assert_no_upstream_errors(&b.daemon);
+    t.assert_all_served(8, &b.daemon().log_text());
+    assert_no_upstream_errors(b.daemon());
 }
 
 #[test]
@@ -552,22 +543,22 @@ fn session_binds_never_reach_the_agent() {
     // A no-key user's flood of expensive binds, while a member binds and
     // signs: every one answered by the daemon, none forwarded.
     let flood = start_burst(
-        &b.outsider.as_user(),
-        &b.daemon.socket,
+        &b.as_user("outsider"),
+        &b.daemon().socket,
         200,
         2,
         &[Ask::Bind, Ask::Bind],
         &[],
     );
     let member = burst_as(
-        &b.member.as_user(),
-        &b.daemon.socket,
+        &b.as_user("member"),
+        &b.daemon().socket,
         4,
         5,
         &[Ask::Bind, Ask::List(1), Ask::Sign],
-        &b.sign(),
+        &b.sign_msg("deploy"),
     );
-    member.assert_all_served(20, &b.daemon.log_text());
+    member.assert_all_served(20, &b.daemon().log_text());
     finish_burst(flood).assert_all_served(400, "");
     assert_eq!(b.agent.requests(27), binds);
     assert_eq!(b.agent.requests(13), 20);
