@@ -402,96 +402,42 @@ fn worker_main() {
 // ---------------------------------------------------------------------------
 // A deployment host in miniature
 
-/// An upstream agent holding `deploy`, `deploy2`, `phab` (configured) and
-/// `stray` (not configured), all ed25519; groups for the configured keys.
-struct World {
-    dir: TempDir,
-    agent: Agent,
-    deployers: TestGroup,
-    phabs: TestGroup,
+/// `backend` holding `deploy`, `deploy2`, `phab` (configured) and `stray`
+/// (not configured), all ed25519; groups `deployers` (deploy, deploy2) and
+/// `phabs` (deploy2, phab); no daemon yet (see [`Hostile::start`]).
+fn world(backend: Backend) -> Site {
+    Site::builder("w", backend)
+        .group("deployers")
+        .group("phabs")
+        .keys(&[("deploy", "ed25519")], &["deployers"])
+        .keys(&[("deploy2", "ed25519")], &["deployers", "phabs"])
+        .keys(&[("phab", "ed25519")], &["phabs"])
+        .key(SiteKey::new("stray", "ed25519").stray())
+        .no_daemon()
+        .build()
 }
 
 const KEY_NAMES: [&str; 4] = ["deploy", "deploy2", "phab", "stray"];
 
-impl World {
-    fn new() -> Self {
-        Self::with(Backend::Upstream)
-    }
-
-    /// With `backend` holding the keys: for builtin they are added by
-    /// [`World::daemon`] (or [`World::add_keys`]) once the daemon runs.
-    fn with(backend: Backend) -> Self {
-        let dir = TempDir::new("w");
-        let agent = Agent::new(&dir, backend);
-        for name in KEY_NAMES {
-            let key = keygen(dir.path(), name, "ed25519", "");
-            if backend == Backend::Upstream {
-                agent.add(&key);
-            }
-        }
-        Self {
-            dir,
-            agent,
-            deployers: TestGroup::create("wd"),
-            phabs: TestGroup::create("wp"),
-        }
-    }
-
-    /// deploy: deployers; deploy2: deployers and phabs; phab: phabs.
-    fn keys_toml(&self) -> String {
-        format!(
-            "[keys.deploy]\ngroups = [\"{d}\"]\n\n[keys.deploy2]\ngroups = [\"{d}\", \"{p}\"]\n\n\
-             [keys.phab]\ngroups = [\"{p}\"]\n",
-            d = self.deployers.name,
-            p = self.phabs.name
-        )
-    }
-
+/// What the hostile tests do on a site.
+trait Hostile {
     /// A daemon in front of the agent with `limits` (TOML lines of `[limits]`).
-    fn daemon(&self, limits: &str) -> Daemon {
-        let d = Daemon::start(
-            &self.dir,
-            &self.agent,
-            &format!("[limits]\n{limits}\n\n{}", self.keys_toml()),
-        );
-        self.add_keys();
-        d
-    }
-
-    /// Builtin backend: adds the keys to the running daemon's agent.socket
-    /// (the upstream agent got them at start).
-    fn add_keys(&self) {
-        if self.agent.backend == Backend::Builtin {
-            assert!(wait_for(Duration::from_secs(10), || {
-                UnixStream::connect(&self.agent.socket).is_ok()
-            }));
-            for name in KEY_NAMES {
-                self.agent.add(&self.dir.join(name));
-            }
-        }
-    }
-
-    fn blob(&self, name: &str) -> Vec<u8> {
-        pubkey_blob(&self.dir.join(&format!("{name}.pub")))
-    }
-
-    fn blobs(&self, names: &[&str]) -> Vec<Vec<u8>> {
-        let mut v: Vec<_> = names.iter().map(|n| self.blob(n)).collect();
-        v.sort();
-        v
-    }
-
+    fn start(&self, limits: &str) -> Daemon;
     /// Every agent key with whether a caller allowed `names` may use it.
+    fn key_spec(&self, names: &[&str]) -> Vec<(Vec<u8>, bool)>;
+    fn signal_agent(&self, sig: Signal);
+}
+
+impl Hostile for Site {
+    fn start(&self, limits: &str) -> Daemon {
+        self.start_daemon(&format!("[limits]\n{limits}\n"))
+    }
+
     fn key_spec(&self, names: &[&str]) -> Vec<(Vec<u8>, bool)> {
         KEY_NAMES
             .iter()
             .map(|k| (self.blob(k), names.contains(k)))
             .collect()
-    }
-
-    fn sign_msg(&self, name: &str) -> Vec<u8> {
-        let blob = self.blob(name);
-        sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0)
     }
 
     fn signal_agent(&self, sig: Signal) {
@@ -506,13 +452,13 @@ impl World {
 fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
     require_root!();
     each_backend(|backend| {
-        let w = World::with(backend);
-        let d = w
-            .daemon("max_connections = 64\nmax_connections_per_user = 16\nidle_timeout_secs = 120");
+        let w = world(backend);
+        let d =
+            w.start("max_connections = 64\nmax_connections_per_user = 16\nidle_timeout_secs = 120");
         let hog = TestUser::create("hog", &[]);
-        let member = TestUser::create("mem", &[&w.deployers]);
+        let member = TestUser::create("mem", &[w.group("deployers")]);
         let third = TestUser::create("thr", &[]);
-        let late = TestUser::create("lat", &[&w.phabs]);
+        let late = TestUser::create("lat", &[w.group("phabs")]);
 
         // One user opens 500 connections: 16 are served, every other one is
         // closed at once (not left to idle out).
@@ -571,10 +517,10 @@ fn one_user_cannot_lock_others_out_and_excess_connections_are_closed_at_once() {
 #[test]
 fn a_thousand_connections_from_one_user_under_the_default_limits() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("");
+    let w = world(Backend::Upstream);
+    let d = w.start("");
     let hog = TestUser::create("hog", &[]);
-    let member = TestUser::create("mem", &[&w.deployers]);
+    let member = TestUser::create("mem", &[w.group("deployers")]);
     let start = Instant::now();
     let hog_conns = Holder::start(&hog.as_user(), &d.socket, 1500);
     let elapsed = start.elapsed();
@@ -604,10 +550,10 @@ fn a_thousand_connections_from_one_user_under_the_default_limits() {
 #[test]
 fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("max_connections = 16\nmax_connections_per_user = 4\nidle_timeout_secs = 120");
+    let w = world(Backend::Upstream);
+    let d = w.start("max_connections = 16\nmax_connections_per_user = 4\nidle_timeout_secs = 120");
     // A user who has never connected: known from /etc/passwd at once.
-    let member = TestUser::create("sub", &[&w.deployers]);
+    let member = TestUser::create("sub", &[w.group("deployers")]);
     // Eight uids with no passwd entry (a user's subordinate uids, as a user
     // namespace maps them), each trying for a full per-user share.
     let base = 3_900_000_000 + (std::process::id() % 10_000) * 16;
@@ -670,9 +616,9 @@ fn uids_without_passwd_entry_share_one_bucket_and_lock_nobody_out() {
 fn daemon_memory_stays_bounded_with_idle_and_half_sent_connections() {
     require_root!();
     const N: usize = 1000;
-    let w = World::new();
-    let d = w
-        .daemon("max_connections = 4096\nmax_connections_per_user = 4096\nidle_timeout_secs = 120");
+    let w = world(Backend::Upstream);
+    let d =
+        w.start("max_connections = 4096\nmax_connections_per_user = 4096\nidle_timeout_secs = 120");
     let pid = d.pid();
     // Warm up: one of each request, so lazily initialised state exists.
     let mut c = connect(&d.socket);
@@ -743,8 +689,8 @@ fn daemon_memory_stays_bounded_with_idle_and_half_sent_connections() {
 #[test]
 fn a_reload_that_shortens_the_idle_timeout_reaches_open_connections() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("idle_timeout_secs = 120");
+    let w = world(Backend::Upstream);
+    let d = w.start("idle_timeout_secs = 120");
     let mut open = connect(&d.socket);
     assert!(call(&mut open, &query()).is_some());
     let config = std::fs::read_to_string(&d.config)
@@ -773,8 +719,8 @@ fn a_reload_that_shortens_the_idle_timeout_reaches_open_connections() {
 #[test]
 fn idle_and_half_sent_connections_are_closed_after_the_idle_timeout() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("idle_timeout_secs = 1\nmax_connections_per_user = 6");
+    let w = world(Backend::Upstream);
+    let d = w.start("idle_timeout_secs = 1\nmax_connections_per_user = 6");
     let idle = connect(&d.socket);
     let mut half = connect(&d.socket);
     half.write_all(&[0, 0, 1, 0, 13, 0, 0]).unwrap();
@@ -860,8 +806,8 @@ fn flood(socket: &Path, n: usize) -> Vec<UnixStream> {
 #[test]
 fn accept_errors_are_logged_once_per_burst_and_never_stop_the_daemon() {
     require_root!();
-    let w = World::new();
-    let mut d = w.daemon("");
+    let w = world(Backend::Upstream);
+    let mut d = w.start("");
     let pid = d.pid();
     // A client connected (with its upstream connection) before the trouble.
     let mut early = connect(&d.socket);
@@ -934,10 +880,13 @@ fn concurrent_listings(who: &As, socket: &Path, n: usize, rounds: usize) -> (usi
 #[test]
 fn a_low_descriptor_limit_lowers_max_connections_instead_of_running_out() {
     require_root!();
-    let w = World::new();
-    let member = TestUser::create("mem", &[&w.deployers]);
-    let body = Daemon::config(&w.dir, &w.agent.socket, &w.keys_toml());
-    let d = Daemon::start_via(&w.dir, &body, &["prlimit", "--nofile=300:300", "--"]);
+    let w = world(Backend::Upstream);
+    let member = TestUser::create("mem", &[w.group("deployers")]);
+    let d = w.start_daemon_via(
+        &w.config_text(""),
+        &["prlimit", "--nofile=300:300", "--"],
+        &[],
+    );
     // (300 - 256 spare) / 2 descriptors per connection.
     assert!(d.wait_log("max_connections 4096 lowered to 22: RLIMIT_NOFILE 300"));
     // The limit, not the descriptors, runs out: excess connections are
@@ -964,9 +913,9 @@ fn a_low_descriptor_limit_lowers_max_connections_instead_of_running_out() {
 #[test]
 fn upstream_agent_gone_gets_failure_promptly_and_service_resumes_by_itself() {
     require_root!();
-    let mut w = World::new();
-    let d = w.daemon("upstream_timeout_secs = 5");
-    let member = TestUser::create("mem", &[&w.deployers]);
+    let mut w = world(Backend::Upstream);
+    let d = w.start("upstream_timeout_secs = 5");
+    let member = TestUser::create("mem", &[w.group("deployers")]);
     let mut old = connect(&d.socket);
     assert_eq!(call(&mut old, &[11]).unwrap()[0], IDENTITIES_ANSWER);
     let before = w.agent.keys();
@@ -1071,9 +1020,9 @@ fn a_spawned_agent_that_dies_is_restarted_and_service_resumes_on_open_connection
 #[test]
 fn a_hung_upstream_times_out_per_request_and_blocks_nobody_else() {
     require_root!();
-    let w = World::new();
-    let d = w.daemon("upstream_timeout_secs = 1");
-    let member = TestUser::create("mem", &[&w.deployers]);
+    let w = world(Backend::Upstream);
+    let d = w.start("upstream_timeout_secs = 1");
+    let member = TestUser::create("mem", &[w.group("deployers")]);
     let mut warm = connect(&d.socket);
     assert_eq!(call(&mut warm, &[11]).unwrap()[0], IDENTITIES_ANSWER);
 
@@ -1164,10 +1113,10 @@ fn a_hung_upstream_times_out_per_request_and_blocks_nobody_else() {
 fn concurrent_clients_of_several_users_get_exactly_the_right_answers() {
     require_root!();
     each_backend(|backend| {
-        let w = World::with(backend);
-        let d = w.daemon("");
-        let member = TestUser::create("mem", &[&w.deployers]);
-        let phab = TestUser::create("pha", &[&w.phabs]);
+        let w = world(backend);
+        let d = w.start("");
+        let member = TestUser::create("mem", &[w.group("deployers")]);
+        let phab = TestUser::create("pha", &[w.group("phabs")]);
         let outsider = TestUser::create("out", &[]);
         let before = w.agent.keys();
         let duration = Duration::from_secs(3);
@@ -1235,15 +1184,12 @@ fn proc_file_gid(pid: u32) -> u32 {
 
 /// The daemon with egid `gid` (uid 0 and its capabilities unchanged), then
 /// `more` wrapper words.
-fn daemon_with_gid(w: &World, gid: u32, more: &[&str]) -> Daemon {
-    let body = Daemon::config_for(&w.dir, &w.agent, &w.keys_toml());
+fn daemon_with_gid(w: &Site, gid: u32, more: &[&str]) -> Daemon {
     let regid = format!("--regid={gid}");
     let mut wrapper = vec!["setpriv", regid.as_str(), "--clear-groups"];
     wrapper.extend_from_slice(more);
     wrapper.push("--");
-    let d = Daemon::start_via(&w.dir, &body, &wrapper);
-    w.add_keys();
-    d
+    w.start_daemon_via(&w.config_text(""), &wrapper, &[])
 }
 
 fn has_cap_ipc_lock() -> bool {
@@ -1264,7 +1210,7 @@ fn memlock_unlimited() -> bool {
 fn the_running_daemon_is_hardened() {
     require_root!();
     each_backend(|backend| {
-        let w = World::with(backend);
+        let w = world(backend);
         let group = TestGroup::create("dg");
         let gid = group.gid();
         let d = daemon_with_gid(&w, gid, &[]);
@@ -1334,7 +1280,7 @@ fn the_running_daemon_is_hardened() {
 fn without_cap_ipc_lock_memory_is_not_locked_and_the_daemon_says_so() {
     require_root!();
     each_backend(|backend| {
-        let w = World::with(backend);
+        let w = world(backend);
         let group = TestGroup::create("dg");
         let d = daemon_with_gid(
             &w,
