@@ -75,6 +75,10 @@ pub enum Command {
         /// Read the passphrase from this file (first line) instead of the terminal.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// With agent.backend = "pkcs11": read the token's user PIN from this file (first line)
+        /// instead of $CREDENTIALS_DIRECTORY/keyholder-pin or the terminal.
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
     },
     /// Remove every identity from the upstream agent. Root only.
     ///

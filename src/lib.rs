@@ -6,7 +6,8 @@
 //!   classification, the few bodies the proxy parses).
 //! - [`policy`]: the security decision, pure and exhaustively tested.
 //! - [`backend`]: what holds or reaches the keys, one folder per backend
-//!   (the upstream agent with its supervisor, the builtin backend), and
+//!   (the upstream agent with its supervisor, the builtin backend, a PKCS#11
+//!   token), and
 //!   `agent.socket` for backends that live in the daemon.
 //! - [`certs`]: short-lived per-caller certificates: minting, cache, serials.
 //! - [`grants`]: the grant store: grants kept, persisted, timed, announced.

@@ -45,7 +45,7 @@
 //! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
 //! one and interleaves the two daemons in each scenario (`candidate.rs`).
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,hung,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,pkcs11,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
@@ -53,6 +53,8 @@
 //! (see `certs.rs`) compares `connect` with certificates on and off and
 //! times one mint. The `grants` part (see `grants.rs`) compares `sign` and
 //! `connect` without grants and under an active grant.
+//! times one mint. The `pkcs11` part (see `pkcs11.rs`) measures the PKCS#11
+//! backend on a SoftHSM2 token against a direct PKCS#11 client.
 
 mod candidate;
 mod certs;
@@ -61,6 +63,7 @@ mod hung;
 mod load;
 #[path = "../../tests/common/nslcd.rs"]
 mod nslcd;
+mod pkcs11;
 mod relay;
 mod setup;
 
@@ -514,6 +517,11 @@ impl Bench {
             log,
             sign,
         })
+    }
+
+    /// The bench users' group (the keys' `groups`).
+    fn group_name(&self) -> &str {
+        &self._group.name
     }
 
     fn socket(&self, side: Side) -> &Path {
@@ -1020,6 +1028,11 @@ fn bench() -> Result<String> {
     } else {
         None
     };
+    let token = if settings.wants("pkcs11") {
+        Some(pkcs11::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
 
     let hanging = if settings.wants("hung") {
         Some(hung::phase(&mut b, settings.rounds, settings.timing)?)
@@ -1176,6 +1189,9 @@ fn bench() -> Result<String> {
     }
     if let Some(g) = &granted {
         out += g;
+    }
+    if let Some(t) = &token {
+        out += t;
     }
     if let Some(h) = &hanging {
         out += h;

@@ -55,10 +55,17 @@ enum State {
 }
 
 /// Arms every configured key; returns the exit code (0: all armed).
-pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
+pub fn run(
+    config_path: &Path,
+    passphrase_file: Option<&Path>,
+    pin_file: Option<&Path>,
+) -> Result<u8> {
     crate::require_root("arm")?;
     crate::hardening::apply()?;
     let mut config = Config::load(config_path)?;
+    if config.agent.backend == crate::config::BackendKind::Pkcs11 {
+        return super::token::arm(&config, pin_file);
+    }
     // The certificate CA is armed with the keys, like one of them.
     config.keys = config.key_files();
     if config.keys.is_empty() {
@@ -127,7 +134,7 @@ pub fn run(config_path: &Path, passphrase_file: Option<&Path>) -> Result<u8> {
 /// when it cannot. The agent must run as root (`SO_PEERCRED` of the
 /// connection): decrypted keys are never sent to a socket someone else
 /// listens on.
-fn connect(config: &Config) -> Result<AgentClient> {
+pub(super) fn connect(config: &Config) -> Result<AgentClient> {
     let socket = config.agent.socket.display();
     let client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)
         .map_err(|e| {

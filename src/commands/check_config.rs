@@ -66,6 +66,8 @@ pub fn run(path: &Path) -> Result<u8> {
         match (config.agent.backend, config.agent.spawn) {
             (crate::config::BackendKind::Builtin, _) =>
                 "backend = \"builtin\": served by the daemon, which holds the keys itself",
+            (crate::config::BackendKind::Pkcs11, _) =>
+                "backend = \"pkcs11\": served by the daemon; the keys stay on the token",
             (_, true) => "spawned by the daemon",
             (_, false) => "run by someone else",
         },
@@ -146,6 +148,14 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             }
         }
+        if let Some(p) = config.pkcs11.as_deref() {
+            say!(
+                "  on the token: {}",
+                super::token::describe_object(&p.object(&key.name))
+            );
+            found.flush();
+            continue;
+        }
         let state = check_key(
             &config,
             key,
@@ -157,6 +167,14 @@ pub fn run(path: &Path) -> Result<u8> {
             "  private key: {} ({state})",
             key.private_key_path.display()
         );
+        found.flush();
+    }
+    if let Some(p) = config.pkcs11.as_deref() {
+        super::token::check(&config, p, root, &mut |kind, message| match kind {
+            super::token::Finding::Error => found.error(message),
+            super::token::Finding::Warning => found.warning(message),
+            super::token::Finding::Note => found.note(message),
+        });
         found.flush();
     }
     if let Some(c) = &config.certificates {

@@ -28,6 +28,7 @@ pub mod list;
 pub mod passphrase;
 pub mod prometheus;
 pub mod status;
+pub mod token;
 
 use std::path::{Path, PathBuf};
 

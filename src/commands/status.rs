@@ -104,6 +104,8 @@ struct Found {
     /// The daemon's counters, when asked for and reported.
     metrics: Option<Metrics>,
     notes: Vec<String>,
+    /// What the backend says is wrong (a token missing, a key not found).
+    backend_notes: Vec<String>,
 }
 
 /// Reports status; returns the monitoring-plugin exit code.
@@ -127,7 +129,12 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
             armed,
             total: keys.len(),
             keys,
-            notes: found.notes.clone(),
+            notes: found
+                .backend_notes
+                .iter()
+                .chain(&found.notes)
+                .cloned()
+                .collect(),
         };
         match serde_json::to_string_pretty(&doc) {
             Ok(text) => say!("{text}"),
@@ -148,7 +155,7 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
         if found.state != State::Ok && !keys.is_empty() && keys.iter().any(|k| !k.armed) {
             say!("to arm: run `keyholder arm` as root");
         }
-        for note in &found.notes {
+        for note in found.backend_notes.iter().chain(&found.notes) {
             say!("note: {note}");
         }
     }
@@ -180,6 +187,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         report: None,
         metrics: None,
         notes: Vec::new(),
+        backend_notes: Vec::new(),
     };
     let config = match ClientConfig::load(config_path) {
         Ok(c) => c,
@@ -208,7 +216,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         details: if metrics {
             status::metrics_request()
         } else {
-            Vec::new()
+            status::notes_request()
         }
         .into(),
     });
@@ -234,8 +242,13 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
     };
     found.daemon_reachable = true;
     let report = match report {
-        Ok(Answer { report, metrics }) => {
+        Ok(Answer {
+            report,
+            metrics,
+            notes,
+        }) => {
             found.metrics = metrics;
+            found.backend_notes = notes.unwrap_or_default();
             report
         }
         Err(e) => {
@@ -284,6 +297,11 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
             ),
         )
     };
+    if found.state != State::Ok {
+        if let Some(first) = found.backend_notes.first() {
+            found.message = format!("{}: {first}", found.message);
+        }
+    }
     found.report = Some(report);
     found
 }

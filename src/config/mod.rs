@@ -21,6 +21,7 @@ use crate::trust::TrustError;
 
 pub mod grants;
 pub use grants::GrantsConfig;
+pub mod pkcs11;
 
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
@@ -59,6 +60,7 @@ struct RawConfig {
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
     certificates: Option<RawCertificates>,
+    pkcs11: Option<pkcs11::RawPkcs11>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +90,8 @@ pub enum BackendKind {
     Upstream,
     /// keyholder holds the keys itself and serves `agent.socket`.
     Builtin,
+    /// The keys stay on a PKCS#11 token (`[pkcs11]`).
+    Pkcs11,
 }
 
 impl BackendKind {
@@ -96,6 +100,7 @@ impl BackendKind {
         match self {
             Self::Upstream => "upstream",
             Self::Builtin => "builtin",
+            Self::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -128,6 +133,8 @@ struct RawKey {
     #[serde(default)]
     allow_forwarding: bool,
     grants: Option<grants::RawGrants>,
+    pkcs11_label: Option<String>,
+    pkcs11_id: Option<String>,
 }
 
 /// Whether a key is listed with a certificate minted for each caller
@@ -316,6 +323,8 @@ pub struct Config {
     pub certificates: Option<Box<CertificatesConfig>>,
     /// Where the daemon keeps state (grants).
     pub state_dir: PathBuf,
+    /// `[pkcs11]` (with `backend = "pkcs11"` only).
+    pub pkcs11: Option<Box<pkcs11::Pkcs11Config>>,
 }
 
 impl Config {
@@ -412,7 +421,13 @@ impl Config {
         };
 
         let mut keys = Vec::with_capacity(raw.keys.len());
-        for (name, key) in raw.keys {
+        let mut objects = BTreeMap::new();
+        for (name, mut key) in raw.keys {
+            if let Some(object) =
+                pkcs11::key_object(&file, &name, key.pkcs11_label.take(), key.pkcs11_id.take())?
+            {
+                objects.insert(name.clone(), object);
+            }
             keys.push(load_key(path, &key_dir, name, key)?);
         }
         let certificates = match raw.certificates {
@@ -443,16 +458,18 @@ impl Config {
         }
 
         let backend = raw.agent.backend.unwrap_or_default();
-        if backend == BackendKind::Builtin {
+        let pkcs11 = pkcs11::load(&file, raw.pkcs11, backend == BackendKind::Pkcs11, objects)?;
+        if backend != BackendKind::Upstream {
             for (field, set) in [
                 ("spawn", raw.agent.spawn.is_some()),
                 ("program", raw.agent.program.is_some()),
             ] {
                 if set {
                     return Err(Error::msg(format!(
-                        "{file}: agent.{field}: does not apply with agent.backend = \"builtin\" \
+                        "{file}: agent.{field}: does not apply with agent.backend = \"{}\" \
                          (keyholder serves agent.socket itself, no ssh-agent is started); \
-                         remove it"
+                         remove it",
+                        backend.name()
                     )));
                 }
             }
@@ -484,6 +501,7 @@ impl Config {
                 raw.state_dir
                     .unwrap_or_else(|| grants::DEFAULT_STATE_DIR.into()),
             ),
+            pkcs11: pkcs11.map(Box::new),
         })
     }
 

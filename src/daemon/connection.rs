@@ -213,6 +213,7 @@ async fn handle(
     };
     shared.metrics.decided(&decision, &request);
     let metrics_wanted = status::wants_metrics(&request);
+    let notes_wanted = status::wants_notes(&request);
     // What the connection is bound to, for the audit line.
     let binding = audit::Binding::of(bindings);
     // A refusal's outcome is known now; a sign's only once the backend
@@ -342,9 +343,14 @@ async fn handle(
             let ids = status.ok().map(|s| s.identities);
             let report = policy::status_report(&rt.policy, ids.as_deref());
             let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
+            let notes = notes_wanted.then(|| backend.notes());
             Ok(extension_response(
                 status::NAME,
-                &status::Answer { report, metrics },
+                &status::Answer {
+                    report,
+                    metrics,
+                    notes,
+                },
             ))
         }
         // Refusals, and decisions that do not match their request (which
