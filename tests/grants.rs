@@ -215,6 +215,14 @@ fn four_eyes_request_approve_use() {
     assert!(s.log().contains("grant=- decision=refused reason=no-grant"));
     // Root never needs one.
     assert!(s.signs(&As::Root));
+    // `keyholder list` says what to do.
+    let o = s.kh(&alice, &["list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("prod needs a grant: keyholder request prod"),
+        "{}",
+        stderr(&o)
+    );
 
     let id = s.request(&s.alice, "5m");
     s.wait_log(&format!("grant event=requested id={id} key=prod"));
@@ -252,6 +260,10 @@ fn four_eyes_request_approve_use() {
     assert!(s.lists(&alice));
     assert!(s.signs(&alice));
     s.wait_log(&format!("grant={id} decision=granted"));
+    let o = s.kh(&alice, &["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("prod "), "{}", stdout(&o));
+    assert!(!stderr(&o).contains("needs a grant"), "{}", stderr(&o));
     // Bob, also a member, has no grant of his own.
     assert!(!s.lists(&s.bob.as_user()));
     assert!(!s.signs(&s.bob.as_user()));
