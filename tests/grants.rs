@@ -342,6 +342,36 @@ fn bad_requests_are_one_line_and_change_nothing() {
         s.request(&s.alice, "1m");
     }
     s.refused(&req(&a, "1m", "r"), "16 pending requests");
+    // Malformed and oversized grant extensions: an answer saying so, on a
+    // connection that stays usable.
+    let ext =
+        |name: &str, contents: Vec<u8>| [vec![27u8], string(name.as_bytes()), contents].concat();
+    let answers = raw_as(
+        &a,
+        &s.daemon.socket,
+        &[
+            ext("grant-approve@keyholder", vec![0, 0, 0]),
+            ext(
+                "grant-request@keyholder",
+                [string(b"prod"), string(b"5m"), string(&[b'x'; 2000])].concat(),
+            ),
+            ext(
+                "grant-revoke@keyholder",
+                [string(&[0xff]), string(b"")].concat(),
+            ),
+            ext("grant-list@keyholder", Vec::new()),
+        ],
+    );
+    for (i, answer) in answers.iter().enumerate() {
+        let answer = answer.as_ref().expect("an answer");
+        assert_eq!(answer[0], EXTENSION_RESPONSE, "{i}");
+        let text = String::from_utf8_lossy(answer);
+        if i < 3 {
+            assert!(text.contains("malformed"), "{i}: {text}");
+        } else {
+            assert!(text.contains("\"grants\""), "{text}");
+        }
+    }
     // Nothing was granted by any of this.
     assert!(!s.signs(&a));
     assert!(!s.log().contains("event=active"));
