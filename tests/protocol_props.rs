@@ -131,12 +131,18 @@ fn classify_and_decide(body: &[u8]) -> Request {
             }
             (Request::Sign(s), Decision::Sign { key, .. }) => {
                 c.may_use(key)
-                    && policy.key(s.credential.key_data()) == Some(*key)
+                    && policy.key(s.request.credential.key_data()) == Some(*key)
                     && (key.allow_any_data
-                        || userauth::parse(&s.data, s.credential.key_data()).is_ok())
+                        || userauth::parse(&s.request.data, s.request.credential.key_data())
+                            .is_ok())
+                    // Classification parsed the data once, as the policy reads it.
+                    && s.auth == userauth::parse(&s.request.data, s.request.credential.key_data())
             }
             (Request::Sign(_), Decision::Refuse { .. }) => true,
-            (Request::Extension(_), _) => !matches!(d, Decision::List | Decision::Sign { .. }),
+            (
+                Request::Extension(_) | Request::Query | Request::Status(_) | Request::Grant { .. },
+                _,
+            ) => !matches!(d, Decision::List | Decision::Sign { .. }),
             (Request::SessionBind(_), Decision::VerifyBind | Decision::RefuseBind { .. }) => true,
             (Request::BadSessionBind(_), Decision::RefuseBind { .. }) => true,
             (
@@ -261,11 +267,11 @@ proptest! {
         let Request::Sign(s) = classify_and_decide(&m) else {
             return Err(TestCaseError::fail("not classified as a sign request"));
         };
-        prop_assert_eq!(s.credential.key_data(), &k);
-        prop_assert_eq!(&s.data, &data);
-        prop_assert_eq!(s.flags, flags);
+        prop_assert_eq!(s.request.credential.key_data(), &k);
+        prop_assert_eq!(&s.request.data, &data);
+        prop_assert_eq!(s.request.flags, flags);
         let mut again = vec![13u8];
-        s.encode(&mut again).unwrap();
+        s.request.encode(&mut again).unwrap();
         prop_assert_eq!(again, m.clone());
         let mut trailing = m;
         trailing.extend(junk);
