@@ -358,8 +358,8 @@ fn a_burst_of_admin_refusals_never_hides_a_refused_sign() {
         .to_owned();
     assert!(
         line.contains(&format!(
-            " key=deploy fingerprint={fp} remote_user=deploy dest=- forwarded=no serial=- grant=- \
-             decision=refused reason=not-in-allowed-group"
+            " key=deploy fingerprint={fp} remote_user=deploy dest=- forwarded=no serial=- \
+             grant=- decision=refused reason=not-in-allowed-group"
         )),
         "{line}"
     );

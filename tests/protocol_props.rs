@@ -176,6 +176,21 @@ fn classify_and_decide(body: &[u8]) -> Request {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
+    /// Any contents of any grant extension: parsed or refused, never a
+    /// panic; what parses encodes back to the same bytes.
+    #[test]
+    fn grant_extensions_never_panic(
+        which in 0usize..5,
+        contents in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        use keyholder::protocol::grants;
+        let name = [grants::REQUEST, grants::APPROVE, grants::DENY, grants::LIST, grants::REVOKE][which];
+        if let Ok(op) = grants::parse(name, &contents) {
+            prop_assert_eq!(op.name(), name);
+            prop_assert_eq!(grants::parse(name, &op.contents()), Ok(op.clone()));
+        }
+    }
+
     /// Any bytes, as one message or as a stream of frames: no panic, and
     /// every decision fits its request.
     #[test]
