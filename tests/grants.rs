@@ -16,103 +16,65 @@ use nix::sys::signal::Signal;
 
 raw_client_helper!();
 
-/// A deployment host with key `prod` behind grants.
-struct Site {
-    dir: TempDir,
-    agent: Agent,
-    daemon: Daemon,
+/// A deployment host with key `prod` behind grants: an upstream agent,
+/// `deployers` (users `alice`, `bob`) may use it; approvers are users
+/// `lead1` (group `leads`) and `lead2` (group `sre`, for six eyes); `carol`
+/// is in no group.
+struct Grants {
+    site: Site,
     blob: Vec<u8>,
-    deployers: TestGroup,
-    /// Members of `deployers`.
-    alice: TestUser,
-    bob: TestUser,
-    /// Approvers (`leads`, and `sre` for six eyes).
-    lead1: TestUser,
-    lead2: TestUser,
-    /// In no group.
-    carol: TestUser,
-    _leads: TestGroup,
-    _sre: TestGroup,
     /// The agent's keys after arming (what "unchanged" is checked against).
     keys: Vec<String>,
 }
 
+impl std::ops::Deref for Grants {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
+}
+
+impl std::ops::DerefMut for Grants {
+    fn deref_mut(&mut self) -> &mut Site {
+        &mut self.site
+    }
+}
+
 /// `grants`: the `[keys.prod.grants]` body (without approvers, which are
-/// `leads` and `sre`); `extra`: more configuration (before the keys).
-fn site(grants: &str, extra: &str) -> Site {
-    let dir = TempDir::new("g");
-    let agent = Agent::start(&dir);
-    let prod = keygen(dir.path(), "prod", "ed25519", "");
-    agent.add(&prod);
-    let deployers = TestGroup::create("gd");
-    let leads = TestGroup::create("gl");
-    let sre = TestGroup::create("gs");
-    let alice = TestUser::create("ga", &[&deployers]);
-    let bob = TestUser::create("gb", &[&deployers]);
-    let lead1 = TestUser::create("l1", &[&leads]);
-    let lead2 = TestUser::create("l2", &[&sre]);
-    let carol = TestUser::create("gc", &[]);
-    let config = Daemon::config(
-        &dir,
-        &agent.socket,
-        &format!(
-            "state_dir = \"{}\"\n{extra}\n[keys.prod]\ngroups = [\"{}\"]\n\
-             [keys.prod.grants]\napprovers = [\"{}\", \"{}\"]\n{grants}\n",
-            dir.join("state").display(),
-            deployers.name,
-            leads.name,
-            sre.name
-        ),
-    );
-    // `Daemon::config` puts its text first; `state_dir` must be top level,
-    // so it goes before any table.
-    let config = hoist_top_level(&config);
-    let daemon = Daemon::start_with(&dir, &config);
+/// `leads` and `sre`); `extra`: more configuration (tables).
+fn site(grants: &str, extra: &str) -> Grants {
+    let site = Site::builder("g", Backend::Upstream)
+        .group("deployers")
+        .group("leads")
+        .group("sre")
+        .user("alice", &["deployers"])
+        .user("bob", &["deployers"])
+        .user("lead1", &["leads"])
+        .user("lead2", &["sre"])
+        .user("carol", &[])
+        .top("state_dir = \"{dir}/state\"")
+        .key(
+            SiteKey::new("prod", "ed25519")
+                .groups(&["deployers"])
+                .lines(&format!(
+                    "[keys.prod.grants]\napprovers = [\"{{group:leads}}\", \"{{group:sre}}\"]\n{grants}"
+                )),
+        )
+        .extra(extra)
+        .build();
+    let daemon = site.daemon();
     assert!(
         daemon.wait_log("listening on"),
         "daemon did not start:\n{}",
         daemon.log_text()
     );
-    let keys = agent.keys();
+    let keys = site.agent.keys();
     assert_eq!(keys.len(), 1);
-    let blob = pubkey_blob(&dir.join("prod.pub"));
-    Site {
-        dir,
-        agent,
-        daemon,
-        blob,
-        deployers,
-        alice,
-        bob,
-        lead1,
-        lead2,
-        carol,
-        _leads: leads,
-        _sre: sre,
-        keys,
-    }
+    let blob = site.blob("prod");
+    Grants { site, blob, keys }
 }
 
-/// Moves `state_dir = …` and a `[certificates]`-free top of `extra` before
-/// the first table of `config`.
-fn hoist_top_level(config: &str) -> String {
-    let mut top = Vec::new();
-    let mut rest = Vec::new();
-    for line in config.lines() {
-        if line.starts_with("state_dir") || line.starts_with("require_encrypted") {
-            top.push(line);
-        } else {
-            rest.push(line);
-        }
-    }
-    format!("{}\n{}\n", top.join("\n"), rest.join("\n"))
-}
-
-impl Site {
-    fn config(&self) -> &str {
-        self.daemon.config.to_str().unwrap()
-    }
-
+impl Grants {
     /// `keyholder ARGS --config …` as `who`.
     fn kh(&self, who: &As, args: &[&str]) -> Output {
         let mut all: Vec<&str> = args.to_vec();
@@ -170,7 +132,7 @@ impl Site {
 
     /// A raw sign request as `who`: whether it was signed.
     fn signs(&self, who: &As) -> bool {
-        let answers = raw_as(who, &self.daemon.socket, &[self.sign_message()]);
+        let answers = raw_as(who, &self.daemon().socket, &[self.sign_message()]);
         let signed = answers[0].as_ref().map(|a| a[0]) == Some(SIGN_RESPONSE);
         if !signed {
             assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(FAILURE));
@@ -181,11 +143,11 @@ impl Site {
 
     /// Whether `prod` is listed to `who`.
     fn lists(&self, who: &As) -> bool {
-        !self.daemon.listed(who).is_empty()
+        !self.daemon().listed(who).is_empty()
     }
 
     fn log(&self) -> String {
-        self.daemon.log_text()
+        self.daemon().log_text()
     }
 
     fn wait_log(&self, needle: &str) {
@@ -207,7 +169,7 @@ fn four_eyes_request_approve_use() {
         return;
     }
     let s = site("approvals = 1\nmax_secs = 600\n", "");
-    let alice = s.alice.as_user();
+    let alice = s.user("alice").as_user();
     // No grant: not listed, not signed (no-grant).
     assert!(!s.lists(&alice));
     assert!(!s.signs(&alice));
@@ -224,39 +186,39 @@ fn four_eyes_request_approve_use() {
         stderr(&o)
     );
 
-    let id = s.request(&s.alice, "5m");
+    let id = s.request(s.user("alice"), "5m");
     s.wait_log(&format!("grant event=requested id={id} key=prod"));
     // Pending is not enough.
     assert!(!s.signs(&alice));
     // The requester, other members and strangers cannot approve.
     for (who, why) in [
-        (&s.alice, "not an approver"),
-        (&s.bob, "not an approver"),
-        (&s.carol, "not an approver"),
+        (s.user("alice"), "not an approver"),
+        (s.user("bob"), "not an approver"),
+        (s.user("carol"), "not an approver"),
     ] {
         s.refused(&s.kh(&who.as_user(), &["approve", &id]), why);
     }
     // Refused attempts are logged.
     s.wait_log(&format!(
         "grant refused op=approve target={id} user={} uid={}",
-        s.alice.name,
-        s.alice.uid()
+        s.user("alice").name,
+        s.user("alice").uid()
     ));
     // Listing shows who may approve.
-    let o = s.kh(&s.carol.as_user(), &["grants"]);
+    let o = s.kh(&s.user("carol").as_user(), &["grants"]);
     assert!(o.status.success());
     let out = stdout(&o);
     assert!(out.contains(&id) && out.contains("pending"), "{out}");
     assert!(
-        out.contains(&s.lead1.name) && out.contains(&s.lead2.name),
+        out.contains(&s.user("lead1").name) && out.contains(&s.user("lead2").name),
         "{out}"
     );
     assert!(!s.signs(&alice));
 
-    s.approve(&s.lead1, &id);
+    s.approve(s.user("lead1"), &id);
     s.wait_log(&format!("grant event=approved id={id}"));
     s.wait_log(&format!("grant event=active id={id}"));
-    assert!(s.log().contains(&format!("by={}", s.lead1.name)));
+    assert!(s.log().contains(&format!("by={}", s.user("lead1").name)));
     assert!(s.lists(&alice));
     assert!(s.signs(&alice));
     s.wait_log(&format!("grant={id} decision=granted"));
@@ -265,19 +227,22 @@ fn four_eyes_request_approve_use() {
     assert!(stdout(&o).starts_with("prod "), "{}", stdout(&o));
     assert!(!stderr(&o).contains("needs a grant"), "{}", stderr(&o));
     // Bob, also a member, has no grant of his own.
-    assert!(!s.lists(&s.bob.as_user()));
-    assert!(!s.signs(&s.bob.as_user()));
+    assert!(!s.lists(&s.user("bob").as_user()));
+    assert!(!s.signs(&s.user("bob").as_user()));
     // Approving again: not pending.
-    s.refused(&s.kh(&s.lead2.as_user(), &["approve", &id]), "not pending");
+    s.refused(
+        &s.kh(&s.user("lead2").as_user(), &["approve", &id]),
+        "not pending",
+    );
 
     // JSON listing.
-    let o = s.kh(&s.carol.as_user(), &["grants", "--json"]);
+    let o = s.kh(&s.user("carol").as_user(), &["grants", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["grants"][0]["id"], id.as_str());
     assert_eq!(v["grants"][0]["state"], "active");
 
     // Metrics.
-    let o = s.kh(&s.carol.as_user(), &["status", "--prometheus"]);
+    let o = s.kh(&s.user("carol").as_user(), &["status", "--prometheus"]);
     let metrics = stdout(&o);
     assert!(
         metrics.contains("keyholder_grants_active{key=\"prod\"} 1"),
@@ -295,7 +260,7 @@ fn bad_requests_are_one_line_and_change_nothing() {
         return;
     }
     let s = site("approvals = 1\nmax_secs = 600\n", "");
-    let a = s.alice.as_user();
+    let a = s.user("alice").as_user();
     let req = |who: &As, dur: &str, reason: &str| {
         s.kh(who, &["request", "prod", "--for", dur, "--reason", reason])
     };
@@ -305,11 +270,11 @@ fn bad_requests_are_one_line_and_change_nothing() {
     s.refused(&req(&a, "5m", &"x".repeat(300)), "at most 256");
     s.refused(&req(&a, "5m", "a\nb"), "control characters");
     s.refused(
-        &req(&s.carol.as_user(), "5m", "r"),
+        &req(&s.user("carol").as_user(), "5m", "r"),
         "not in a group of key prod",
     );
     s.refused(
-        &req(&s.lead1.as_user(), "5m", "r"),
+        &req(&s.user("lead1").as_user(), "5m", "r"),
         "not in a group of key prod",
     );
     s.refused(
@@ -317,11 +282,11 @@ fn bad_requests_are_one_line_and_change_nothing() {
         "no key named",
     );
     s.refused(
-        &s.kh(&s.lead1.as_user(), &["approve", "000000000000"]),
+        &s.kh(&s.user("lead1").as_user(), &["approve", "000000000000"]),
         "no grant request",
     );
     s.refused(
-        &s.kh(&s.lead1.as_user(), &["deny", "000000000000"]),
+        &s.kh(&s.user("lead1").as_user(), &["deny", "000000000000"]),
         "no grant request",
     );
     s.refused(&s.kh(&a, &["revoke", "000000000000"]), "no grant request");
@@ -332,14 +297,17 @@ fn bad_requests_are_one_line_and_change_nothing() {
     );
     s.refused(&o, "--reason");
     // An id of another key.
-    let id = s.request(&s.alice, "5m");
+    let id = s.request(s.user("alice"), "5m");
     s.refused(
-        &s.kh(&s.lead1.as_user(), &["approve", &id, "--key", "other"]),
+        &s.kh(
+            &s.user("lead1").as_user(),
+            &["approve", &id, "--key", "other"],
+        ),
         "is for key prod, not other",
     );
     // At most 16 pending per user.
     for _ in 1..16 {
-        s.request(&s.alice, "1m");
+        s.request(s.user("alice"), "1m");
     }
     s.refused(&req(&a, "1m", "r"), "16 pending requests");
     // Malformed and oversized grant extensions: an answer saying so, on a
@@ -348,7 +316,7 @@ fn bad_requests_are_one_line_and_change_nothing() {
         |name: &str, contents: Vec<u8>| [vec![27u8], string(name.as_bytes()), contents].concat();
     let answers = raw_as(
         &a,
-        &s.daemon.socket,
+        &s.daemon().socket,
         &[
             ext("grant-approve@keyholder", vec![0, 0, 0]),
             ext(
@@ -383,25 +351,25 @@ fn six_eyes_needs_two_distinct_approvers() {
         return;
     }
     let s = site("approvals = 2\n", "");
-    let id = s.request(&s.alice, "5m");
-    s.approve(&s.lead1, &id);
-    assert!(!s.signs(&s.alice.as_user()));
+    let id = s.request(s.user("alice"), "5m");
+    s.approve(s.user("lead1"), &id);
+    assert!(!s.signs(&s.user("alice").as_user()));
     s.refused(
-        &s.kh(&s.lead1.as_user(), &["approve", &id]),
+        &s.kh(&s.user("lead1").as_user(), &["approve", &id]),
         "already approved",
     );
-    assert!(!s.signs(&s.alice.as_user()));
-    s.approve(&s.lead2, &id);
+    assert!(!s.signs(&s.user("alice").as_user()));
+    s.approve(s.user("lead2"), &id);
     s.wait_log(&format!("grant event=active id={id}"));
-    assert!(s.signs(&s.alice.as_user()));
+    assert!(s.signs(&s.user("alice").as_user()));
     // A requester who is also an approver still needs two others.
-    let both = TestUser::create("gx", &[&s.deployers, &s._leads]);
+    let both = TestUser::create("gx", &[s.group("deployers"), s.group("leads")]);
     let id2 = s.request(&both, "5m");
     s.refused(
         &s.kh(&both.as_user(), &["approve", &id2]),
         "your own request",
     );
-    s.approve(&s.lead1, &id2);
+    s.approve(s.user("lead1"), &id2);
     assert!(!s.signs(&both.as_user()));
 }
 
@@ -412,11 +380,11 @@ fn a_grant_ends_on_an_open_connection() {
     }
     let s = site("approvals = 1\n", "");
     // Long enough for the first sign on a loaded machine; short enough to wait for.
-    let id = s.request(&s.alice, "8s");
-    s.approve(&s.lead1, &id);
+    let id = s.request(s.user("alice"), "8s");
+    s.approve(s.user("lead1"), &id);
     let go = s.dir.join("go");
     let expired = format!("grant event=expired id={id}");
-    let log = s.daemon.log.clone();
+    let log = s.daemon().log.clone();
     let go2 = go.clone();
     let waiter = std::thread::spawn(move || {
         // Written by the timer when the time passes, not at the next request.
@@ -429,8 +397,8 @@ fn a_grant_ends_on_an_open_connection() {
         seen
     });
     let answers = raw_script_as(
-        &s.alice.as_user(),
-        &s.daemon.socket,
+        &s.user("alice").as_user(),
+        &s.daemon().socket,
         &[
             Step::Send(s.sign_message()),
             Step::Wait(go),
@@ -442,7 +410,7 @@ fn a_grant_ends_on_an_open_connection() {
     assert_eq!(answers[1].as_ref().map(|a| a[0]), Some(FAILURE));
     s.unchanged();
     s.wait_log("reason=grant-expired");
-    assert!(!s.lists(&s.alice.as_user()));
+    assert!(!s.lists(&s.user("alice").as_user()));
 }
 
 #[test]
@@ -452,12 +420,15 @@ fn revoke_deny_lapse() {
     }
     // Requests are approved well within pending_secs; the last one lapses.
     let s = site("approvals = 1\npending_secs = 8\n", "");
-    let a = s.alice.as_user();
+    let a = s.user("alice").as_user();
     // Revoke: another member may not; the grantee may.
-    let id = s.request(&s.alice, "5m");
-    s.approve(&s.lead1, &id);
+    let id = s.request(s.user("alice"), "5m");
+    s.approve(s.user("lead1"), &id);
     assert!(s.signs(&a));
-    s.refused(&s.kh(&s.bob.as_user(), &["revoke", &id]), "may revoke");
+    s.refused(
+        &s.kh(&s.user("bob").as_user(), &["revoke", &id]),
+        "may revoke",
+    );
     assert!(s.signs(&a));
     let o = s.kh(&a, &["revoke", &id]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -465,15 +436,18 @@ fn revoke_deny_lapse() {
     assert!(!s.signs(&a));
     s.refused(&s.kh(&a, &["revoke", &id]), "already over");
     // An approver revokes a grant early.
-    let id = s.request(&s.alice, "5m");
-    s.approve(&s.lead1, &id);
+    let id = s.request(s.user("alice"), "5m");
+    s.approve(s.user("lead1"), &id);
     assert!(s.signs(&a));
-    assert!(s.kh(&s.lead2.as_user(), &["revoke", &id]).status.success());
+    assert!(s
+        .kh(&s.user("lead2").as_user(), &["revoke", &id])
+        .status
+        .success());
     assert!(!s.signs(&a));
     // Deny.
-    let id = s.request(&s.alice, "5m");
+    let id = s.request(s.user("alice"), "5m");
     let o = s.kh(
-        &s.lead1.as_user(),
+        &s.user("lead1").as_user(),
         &["deny", &id, "--reason", "freeze \"week\""],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -484,14 +458,17 @@ fn revoke_deny_lapse() {
         s.log()
     );
     s.refused(
-        &s.kh(&s.lead2.as_user(), &["approve", &id]),
+        &s.kh(&s.user("lead2").as_user(), &["approve", &id]),
         "not pending (denied)",
     );
     assert!(!s.signs(&a));
     // Lapse: nobody decides within pending_secs.
-    let id = s.request(&s.alice, "5m");
+    let id = s.request(s.user("alice"), "5m");
     s.wait_log(&format!("grant event=lapsed id={id}"));
-    s.refused(&s.kh(&s.lead1.as_user(), &["approve", &id]), "not pending");
+    s.refused(
+        &s.kh(&s.user("lead1").as_user(), &["approve", &id]),
+        "not pending",
+    );
     assert!(!s.signs(&a));
 }
 
@@ -502,7 +479,7 @@ fn wait_both_ways() {
     }
     let s = site("approvals = 1\n", "");
     let spawn_wait = || {
-        s.alice
+        s.user("alice")
             .as_user()
             .command(KEYHOLDER)
             .args([
@@ -521,7 +498,7 @@ fn wait_both_ways() {
             .spawn()
             .unwrap()
     };
-    let pending_id = |s: &Site, n: usize| -> String {
+    let pending_id = |s: &Grants, n: usize| -> String {
         let mut id = String::new();
         assert!(wait_for(Duration::from_secs(20), || {
             let o = s.kh(&As::Root, &["grants", "--json"]);
@@ -539,7 +516,7 @@ fn wait_both_ways() {
     };
     let child = spawn_wait();
     let id = pending_id(&s, 1);
-    s.approve(&s.lead1, &id);
+    s.approve(s.user("lead1"), &id);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).starts_with(&id));
@@ -547,7 +524,10 @@ fn wait_both_ways() {
 
     let child = spawn_wait();
     let id = pending_id(&s, 1);
-    assert!(s.kh(&s.lead2.as_user(), &["deny", &id]).status.success());
+    assert!(s
+        .kh(&s.user("lead2").as_user(), &["deny", &id])
+        .status
+        .success());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("denied"), "{}", stderr(&o));
@@ -559,28 +539,28 @@ fn grants_survive_reload_and_restart() {
         return;
     }
     let mut s = site("approvals = 1\n", "");
-    let id = s.request(&s.alice, "10m");
-    s.approve(&s.lead1, &id);
-    let pending = s.request(&s.bob, "10m");
-    assert!(s.signs(&s.alice.as_user()));
+    let id = s.request(s.user("alice"), "10m");
+    s.approve(s.user("lead1"), &id);
+    let pending = s.request(s.user("bob"), "10m");
+    assert!(s.signs(&s.user("alice").as_user()));
     let meta = std::fs::metadata(s.state_file()).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
     assert_eq!(
         std::fs::metadata(s.dir.join("state")).unwrap().mode() & 0o777,
         0o700
     );
-    s.daemon.signal(Signal::SIGHUP);
+    s.daemon().signal(Signal::SIGHUP);
     s.wait_log("configuration reloaded");
-    assert!(s.signs(&s.alice.as_user()));
-    s.daemon.stop();
-    let config = std::fs::read_to_string(&s.daemon.config).unwrap();
-    s.daemon = Daemon::start_with(&s.dir, &config);
-    assert!(s.daemon.wait_log("listening on"), "{}", s.log());
-    assert!(s.signs(&s.alice.as_user()));
-    assert!(!s.signs(&s.bob.as_user()));
+    assert!(s.signs(&s.user("alice").as_user()));
+    s.daemon_mut().stop();
+    let config = std::fs::read_to_string(&s.daemon().config).unwrap();
+    s.daemon = Some(Daemon::start_with(&s.dir, &config));
+    assert!(s.daemon().wait_log("listening on"), "{}", s.log());
+    assert!(s.signs(&s.user("alice").as_user()));
+    assert!(!s.signs(&s.user("bob").as_user()));
     // The pending request survived too, and can be approved.
-    s.approve(&s.lead2, &pending);
-    assert!(s.signs(&s.bob.as_user()));
+    s.approve(s.user("lead2"), &pending);
+    assert!(s.signs(&s.user("bob").as_user()));
     // A reload that takes the grants section away ends the grants (the key
     // is then its members' again, as any key).
     let without: String = config
@@ -588,14 +568,14 @@ fn grants_survive_reload_and_restart() {
         .take_while(|l| !l.starts_with("[keys.prod.grants]"))
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(&s.daemon.config, without).unwrap();
-    s.daemon.signal(Signal::SIGHUP);
+    std::fs::write(&s.daemon().config, without).unwrap();
+    s.daemon().signal(Signal::SIGHUP);
     s.wait_log(&format!("grant event=revoked id={id}"));
     assert!(s
         .log()
         .contains("its key is no longer configured with grants"));
-    assert!(s.signs(&s.alice.as_user()));
-    assert!(!s.signs(&s.carol.as_user()));
+    assert!(s.signs(&s.user("alice").as_user()));
+    assert!(!s.signs(&s.user("carol").as_user()));
 }
 
 #[test]
@@ -603,36 +583,22 @@ fn grants_work_the_same_with_the_builtin_backend() {
     if !is_root() {
         return;
     }
-    let dir = TempDir::new("gbi");
-    let agent = Agent::new(&dir, Backend::Builtin);
-    let prod = keygen(dir.path(), "prod", "ed25519", "");
-    let deployers = TestGroup::create("bd");
-    let leads = TestGroup::create("bl");
-    let alice = TestUser::create("ba", &[&deployers]);
-    let lead = TestUser::create("bl", &[&leads]);
-    let config = format!(
-        "state_dir = \"{}\"\n{}",
-        dir.join("state").display(),
-        Daemon::config_for(
-            &dir,
-            &agent,
-            &format!(
-                "[keys.prod]\ngroups = [\"{}\"]\n[keys.prod.grants]\napprovers = [\"{}\"]\n",
-                deployers.name, leads.name
-            ),
+    let site = Site::builder("gbi", Backend::Builtin)
+        .group("deployers")
+        .group("leads")
+        .user("alice", &["deployers"])
+        .user("lead", &["leads"])
+        .top("state_dir = \"{dir}/state\"")
+        .key(
+            SiteKey::new("prod", "ed25519")
+                .groups(&["deployers"])
+                .lines("[keys.prod.grants]\napprovers = [\"{group:leads}\"]"),
         )
-    );
-    let daemon = Daemon::start_with(&dir, &config);
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
-        }),
-        "{}",
-        daemon.log_text()
-    );
-    agent.add(&prod);
+        .build();
+    let (agent, daemon) = (&site.agent, site.daemon());
+    let (alice, lead) = (site.user("alice"), site.user("lead"));
     let keys = agent.keys();
-    let blob = pubkey_blob(&dir.join("prod.pub"));
+    let blob = site.blob("prod");
     let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
     let signs = |who: &As| {
         raw_as(who, &daemon.socket, std::slice::from_ref(&sign))[0]
@@ -665,18 +631,19 @@ fn leaving_the_group_ends_the_grant() {
         return;
     }
     let s = site("approvals = 1\n", "");
-    let id = s.request(&s.alice, "10m");
-    s.approve(&s.lead1, &id);
-    assert!(s.signs(&s.alice.as_user()));
-    s.alice.leave(&s.deployers);
+    let id = s.request(s.user("alice"), "10m");
+    s.approve(s.user("lead1"), &id);
+    assert!(s.signs(&s.user("alice").as_user()));
+    s.user("alice").leave(s.group("deployers"));
     // The user database change applies to the very next request.
-    assert!(wait_for(Duration::from_secs(10), || !s.signs(&s.alice.as_user())));
+    assert!(wait_for(Duration::from_secs(10), || !s
+        .signs(&s.user("alice").as_user())));
     s.wait_log(&format!("grant event=revoked id={id}"));
     s.wait_log("reason=no-grant");
     // Back in the group: the grant is gone for good.
-    s.alice.join(&s.deployers);
+    s.user("alice").join(s.group("deployers"));
     std::thread::sleep(Duration::from_millis(100));
-    assert!(!s.signs(&s.alice.as_user()));
+    assert!(!s.signs(&s.user("alice").as_user()));
 }
 
 #[test]
@@ -686,7 +653,7 @@ fn break_glass_is_self_granted_and_audited() {
     }
     let s = site("approvals = 0\n", "");
     let o = s.kh(
-        &s.alice.as_user(),
+        &s.user("alice").as_user(),
         &[
             "request",
             "prod",
@@ -699,18 +666,18 @@ fn break_glass_is_self_granted_and_audited() {
     assert!(o.status.success(), "{}", stderr(&o));
     let id = stdout(&o).trim().to_owned();
     assert!(stderr(&o).contains("break-glass"), "{}", stderr(&o));
-    assert!(s.signs(&s.alice.as_user()));
+    assert!(s.signs(&s.user("alice").as_user()));
     s.wait_log(&format!(
         "grant event=active id={id} key=prod user={} uid={} by={}",
-        s.alice.name,
-        s.alice.uid(),
-        s.alice.name
+        s.user("alice").name,
+        s.user("alice").uid(),
+        s.user("alice").name
     ));
     assert!(s.log().contains("break_glass=yes"));
     // Not for non-members.
     s.refused(
         &s.kh(
-            &s.carol.as_user(),
+            &s.user("carol").as_user(),
             &["request", "prod", "--for", "2m", "--reason", "me too"],
         ),
         "not in a group",
@@ -740,7 +707,7 @@ fn notify_gets_the_event_and_never_delays_a_sign() {
         &format!("approvals = 1\nnotify = \"{}\"\n", hook.display()),
         "",
     );
-    let id = s.request(&s.alice, "5m");
+    let id = s.request(s.user("alice"), "5m");
     assert!(wait_for(Duration::from_secs(20), || {
         std::fs::read_to_string(&out)
             .unwrap_or_default()
@@ -750,7 +717,7 @@ fn notify_gets_the_event_and_never_delays_a_sign() {
     for line in [
         format!("KEYHOLDER_GRANT_ID={id}"),
         "KEYHOLDER_GRANT_KEY=prod".to_owned(),
-        format!("KEYHOLDER_GRANT_USER={}", s.alice.name),
+        format!("KEYHOLDER_GRANT_USER={}", s.user("alice").name),
         "KEYHOLDER_GRANT_UNTIL=\n".to_owned(),
         "KEYHOLDER_GRANT_REASON=deploy 1.2 (T123)".to_owned(),
         "KEYHOLDER_GRANT_APPROVERS=\n".to_owned(),
@@ -761,17 +728,20 @@ fn notify_gets_the_event_and_never_delays_a_sign() {
     s.wait_log("exited with exit status: 3");
     s.wait_log("hook saw requested");
     // The `active` hook hangs for 30 s; signs go on at once.
-    s.approve(&s.lead1, &id);
+    s.approve(s.user("lead1"), &id);
     assert!(wait_for(Duration::from_secs(20), || {
         std::fs::read_to_string(&out)
             .unwrap_or_default()
             .contains("KEYHOLDER_GRANT_EVENT=active")
     }));
     let events = std::fs::read_to_string(&out).unwrap();
-    assert!(events.contains(&format!("KEYHOLDER_GRANT_APPROVERS={}", s.lead1.name)));
+    assert!(events.contains(&format!(
+        "KEYHOLDER_GRANT_APPROVERS={}",
+        s.user("lead1").name
+    )));
     let start = Instant::now();
     for _ in 0..5 {
-        assert!(s.signs(&s.alice.as_user()));
+        assert!(s.signs(&s.user("alice").as_user()));
     }
     // Five signs, each a process as alice: far below the hook's 30 s.
     assert!(start.elapsed() < Duration::from_secs(20));
@@ -784,12 +754,12 @@ fn notify_gets_the_event_and_never_delays_a_sign() {
     revoke.extend(string(b"grant-revoke@keyholder"));
     revoke.extend(string(id.as_bytes()));
     revoke.extend(string(b""));
-    let answers = raw_as(&s.alice.as_user(), &s.daemon.socket, &[revoke]);
+    let answers = raw_as(&s.user("alice").as_user(), &s.daemon().socket, &[revoke]);
     let answer = answers[0].clone().unwrap();
     assert_eq!(answer[0], EXTENSION_RESPONSE);
     s.wait_log(&format!("grant event=revoked id={id}"));
     s.wait_log("not run");
-    assert!(!s.signs(&s.alice.as_user()));
+    assert!(!s.signs(&s.user("alice").as_user()));
 }
 
 #[test]
@@ -797,30 +767,25 @@ fn a_certificate_under_a_grant_ends_with_it() {
     if !is_root() {
         return;
     }
-    let dir = TempDir::new("gcert");
-    let agent = Agent::start(&dir);
-    let prod = keygen(dir.path(), "prod", "ed25519", "");
-    let ca = keygen(dir.path(), "ca", "ed25519", "");
-    agent.add(&prod);
-    agent.add(&ca);
-    let deployers = TestGroup::create("cd");
-    let leads = TestGroup::create("cl");
-    let alice = TestUser::create("ca", &[&deployers]);
-    let lead = TestUser::create("cl", &[&leads]);
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\nstate_dir = \"{}\"\n\n\
-         [agent]\nsocket = \"{}\"\nspawn = false\n\n\
-         [certificates]\nca = \"ca\"\nvalidity_secs = 3600\n\n\
-         [keys.prod]\ngroups = [\"{}\"]\ncertificate = \"also\"\nprincipals = [\"deploy\"]\n\
-         [keys.prod.grants]\napprovers = [\"{}\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        dir.join("state").display(),
-        agent.socket.display(),
-        deployers.name,
-        leads.name
-    );
-    let daemon = Daemon::start_with(&dir, &config);
+    let site = Site::builder("gcert", Backend::Upstream)
+        .group("deployers")
+        .group("leads")
+        .user("alice", &["deployers"])
+        .user("lead", &["leads"])
+        .top("state_dir = \"{dir}/state\"")
+        .key(
+            SiteKey::new("prod", "ed25519")
+                .groups(&["deployers"])
+                .lines(
+                    "certificate = \"also\"\nprincipals = [\"deploy\"]\n\
+             [keys.prod.grants]\napprovers = [\"{group:leads}\"]",
+                ),
+        )
+        .key(SiteKey::new("ca", "ed25519").stray())
+        .extra("[certificates]\nca = \"ca\"\nvalidity_secs = 3600\n")
+        .build();
+    let daemon = site.daemon();
+    let (alice, lead) = (site.user("alice"), site.user("lead"));
     assert!(daemon.wait_log("listening on"), "{}", daemon.log_text());
     let cfg = daemon.config.to_str().unwrap();
     // No grant: no certificate either.
@@ -858,51 +823,51 @@ fn an_untrusted_state_file_means_no_grants() {
         return;
     }
     let mut s = site("approvals = 1\n", "");
-    let id = s.request(&s.alice, "10m");
-    s.approve(&s.lead1, &id);
-    assert!(s.signs(&s.alice.as_user()));
-    s.daemon.stop();
-    let config = std::fs::read_to_string(&s.daemon.config).unwrap();
+    let id = s.request(s.user("alice"), "10m");
+    s.approve(s.user("lead1"), &id);
+    assert!(s.signs(&s.user("alice").as_user()));
+    s.daemon_mut().stop();
+    let config = std::fs::read_to_string(&s.daemon().config).unwrap();
     let good = std::fs::read_to_string(s.state_file()).unwrap();
 
     // Corrupt.
     std::fs::write(s.state_file(), "{\"version\": 1, \"grants\": [").unwrap();
-    s.daemon = Daemon::start_with(&s.dir, &config);
-    assert!(s.daemon.wait_log("listening on"));
+    s.daemon = Some(Daemon::start_with(&s.dir, &config));
+    assert!(s.daemon().wait_log("listening on"));
     s.wait_log("refusing grant state");
-    assert!(!s.signs(&s.alice.as_user()));
-    s.daemon.stop();
+    assert!(!s.signs(&s.user("alice").as_user()));
+    s.daemon_mut().stop();
 
     // Intact, but someone else's.
     std::fs::write(s.state_file(), &good).unwrap();
     std::fs::set_permissions(s.state_file(), std::fs::Permissions::from_mode(0o600)).unwrap();
     nix::unistd::chown(
         &s.state_file(),
-        Some(nix::unistd::Uid::from_raw(s.alice.uid())),
+        Some(nix::unistd::Uid::from_raw(s.user("alice").uid())),
         None,
     )
     .unwrap();
-    s.daemon = Daemon::start_with(&s.dir, &config);
-    assert!(s.daemon.wait_log("listening on"));
+    s.daemon = Some(Daemon::start_with(&s.dir, &config));
+    assert!(s.daemon().wait_log("listening on"));
     s.wait_log("refusing grant state");
     assert!(s.log().contains("not root"), "{}", s.log());
-    assert!(!s.signs(&s.alice.as_user()));
-    s.daemon.stop();
+    assert!(!s.signs(&s.user("alice").as_user()));
+    s.daemon_mut().stop();
 
     // Readable by others.
     std::fs::write(s.state_file(), &good).unwrap();
     nix::unistd::chown(&s.state_file(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
     std::fs::set_permissions(s.state_file(), std::fs::Permissions::from_mode(0o644)).unwrap();
-    s.daemon = Daemon::start_with(&s.dir, &config);
-    assert!(s.daemon.wait_log("listening on"));
+    s.daemon = Some(Daemon::start_with(&s.dir, &config));
+    assert!(s.daemon().wait_log("listening on"));
     s.wait_log("refusing grant state");
-    assert!(!s.signs(&s.alice.as_user()));
+    assert!(!s.signs(&s.user("alice").as_user()));
 
     // Back to the good one.
-    s.daemon.stop();
+    s.daemon_mut().stop();
     std::fs::set_permissions(s.state_file(), std::fs::Permissions::from_mode(0o600)).unwrap();
-    s.daemon = Daemon::start_with(&s.dir, &config);
-    assert!(s.daemon.wait_log("listening on"));
-    assert!(s.signs(&s.alice.as_user()));
+    s.daemon = Some(Daemon::start_with(&s.dir, &config));
+    assert!(s.daemon().wait_log("listening on"));
+    assert!(s.signs(&s.user("alice").as_user()));
     let _ = Command::new("true").status();
 }
