@@ -158,24 +158,32 @@ impl Hsm {
 }
 
 /// A daemon with the PKCS#11 backend on `hsm`'s token, keys in `dir`, one
-/// group and one user in it.
+/// group and one `user` in it.
 struct Setup {
+    site: Site,
     hsm: Hsm,
-    dir: TempDir,
-    daemon: Daemon,
-    agent_socket: PathBuf,
-    user: TestUser,
-    _group: TestGroup,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
 }
 
 impl Setup {
     /// `keys`: (key name, token label whose public key is NAME.pub — or
     /// `None` for a fresh ssh-keygen key the token does not have, extra TOML).
     fn start(hsm: Hsm, keys: &[(&str, Option<&str>, &str)]) -> Self {
-        let group = TestGroup::create("p11g");
-        let user = TestUser::create("p11u", &[&group]);
         let dir = TempDir::new("p11d");
-        let mut tables = String::new();
+        let mut site = Site::builder("p11", Backend::Builtin)
+            .group("group")
+            .user("user", &["group"])
+            .agent_table("[agent]\nbackend = \"pkcs11\"\nsocket = \"{dir}/agent.sock\"\n")
+            .extra(&format!(
+                "[pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"kh\"\nsessions = 2\n"
+            ))
+            .env("SOFTHSM2_CONF", hsm.conf.to_str().unwrap());
         for (name, label, extra) in keys {
             let line = match label {
                 Some(label) => hsm.public_line(label),
@@ -184,43 +192,10 @@ impl Setup {
                     std::fs::read_to_string(dir.join(&format!("{name}-other.pub"))).unwrap()
                 }
             };
-            let path = dir.join(&format!("{name}.pub"));
-            std::fs::write(&path, format!("{}\n", line.trim())).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            tables.push_str(&format!(
-                "[keys.{name}]\ngroups = [\"{}\"]\n{extra}\n\n",
-                group.name
-            ));
+            site = site.key(SiteKey::public(name, &line).groups(&["group"]).lines(extra));
         }
-        let agent_socket = dir.join("agent.sock");
-        let body = format!(
-            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"pkcs11\"\n\
-             socket = \"{}\"\n\n[pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"kh\"\nsessions = 2\n\n{tables}",
-            dir.join("proxy.sock").display(),
-            dir.path().display(),
-            agent_socket.display()
-        );
-        let conf = hsm.conf.to_str().unwrap().to_owned();
-        let daemon = Daemon::start_via_env(&dir, &body, &[], &[("SOFTHSM2_CONF", &conf)]);
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                std::os::unix::net::UnixStream::connect(&agent_socket).is_ok()
-            }),
-            "{}",
-            daemon.log_text()
-        );
-        Self {
-            hsm,
-            dir,
-            daemon,
-            agent_socket,
-            user,
-            _group: group,
-        }
-    }
-
-    fn config(&self) -> String {
-        self.daemon.config.display().to_string()
+        let site = site.in_dir(dir).build();
+        Self { site, hsm }
     }
 
     /// `keyholder arm --pin-file` (root) with `pin`.
@@ -229,18 +204,17 @@ impl Setup {
         std::fs::write(&file, format!("{pin}\n")).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let file = file.display().to_string();
-        run(Command::new(KEYHOLDER).args(["arm", "--config", &self.config(), "--pin-file", &file]))
+        run(Command::new(KEYHOLDER).args(["arm", "--config", self.config(), "--pin-file", &file]))
     }
 
     fn keyholder(&self, who: &As, args: &[&str]) -> Output {
         let mut all = args.to_vec();
-        let config = self.config();
-        all.extend(["--config", &config]);
+        all.extend(["--config", self.config()]);
         keyholder(who, &all)
     }
 
     fn status(&self) -> (i32, String) {
-        let o = self.keyholder(&self.user.as_user(), &["status"]);
+        let o = self.keyholder(&self.as_user("user"), &["status"]);
         (o.status.code().unwrap_or(-1), stdout(&o))
     }
 
@@ -251,15 +225,11 @@ impl Setup {
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
         run(Command::new("ssh-add")
             .args(args)
-            .env("SSH_AUTH_SOCK", &self.agent_socket)
+            .env("SSH_AUTH_SOCK", self.agent_socket())
             .env("SSH_ASKPASS", &askpass)
             .env("SSH_ASKPASS_REQUIRE", "force")
             .env("DISPLAY", ":0")
             .stdin(Stdio::null()))
-    }
-
-    fn blob(&self, name: &str) -> Vec<u8> {
-        pubkey_blob(&self.dir.join(&format!("{name}.pub")))
     }
 
     fn public(&self, name: &str) -> ssh_key::PublicKey {
@@ -269,10 +239,10 @@ impl Setup {
     /// One sign request through the proxy as the user; the answer.
     fn sign(&self, name: &str, alg: &str, flags: u32) -> (Vec<u8>, Option<Vec<u8>>) {
         let blob = self.blob(name);
-        let data = userauth_data(&blob, &self.user.name, alg);
+        let data = userauth_data(&blob, &self.user("user").name, alg);
         let answer = raw_as(
-            &self.user.as_user(),
-            &self.daemon.socket,
+            &self.as_user("user"),
+            &self.daemon().socket,
             &[sign_request(&blob, &data, flags)],
         );
         (data, answer.into_iter().next().flatten())
@@ -287,7 +257,7 @@ impl Setup {
             answer.first(),
             Some(&SIGN_RESPONSE),
             "{name} flags {flags}: {answer:?}\n{}",
-            self.daemon.log_text()
+            self.daemon().log_text()
         );
         let (sig, rest) = take_string(&answer[1..]).unwrap();
         assert!(rest.is_empty());
@@ -356,7 +326,7 @@ fn logins_with_ed25519_rsa_and_ecdsa_token_keys_and_rsa_flags_as_asked() {
         o.status.success(),
         "{}\n{}",
         stdout(&o),
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
     assert_eq!(stdout(&o).matches(": armed (").count(), 3, "{}", stdout(&o));
     let (code, text) = s.status();
@@ -368,15 +338,15 @@ fn logins_with_ed25519_rsa_and_ecdsa_token_keys_and_rsa_flags_as_asked() {
         .map(|n| s.dir.join(&format!("{n}.pub")))
         .collect();
     sshd.authorize(
-        &s.user.name,
+        &s.user("user").name,
         &pubs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
     );
     for p in &pubs {
         let id = p.display().to_string();
         let o = sshd.ssh(
-            &s.user.as_user(),
-            &s.daemon.socket,
-            &s.user.name,
+            &s.as_user("user"),
+            &s.daemon().socket,
+            &s.user("user").name,
             &["-i", &id, "-o", "IdentitiesOnly=yes"],
             "echo logged-in",
         );
@@ -385,7 +355,7 @@ fn logins_with_ed25519_rsa_and_ecdsa_token_keys_and_rsa_flags_as_asked() {
             "{id}: {}\n{}\n{}",
             stderr(&o),
             sshd.log_text(),
-            s.daemon.log_text()
+            s.daemon().log_text()
         );
     }
 
@@ -398,7 +368,7 @@ fn logins_with_ed25519_rsa_and_ecdsa_token_keys_and_rsa_flags_as_asked() {
         s.sign_ok("ec", "ecdsa-sha2-nistp256", 0),
         "ecdsa-sha2-nistp256"
     );
-    let log = s.daemon.log_text();
+    let log = s.daemon().log_text();
     assert!(log.contains("decision=granted"), "{log}");
 }
 
@@ -411,23 +381,33 @@ fn ssh_add_s_and_e_on_agent_socket_arm_and_disarm() {
     // Another module's path: refused, nothing logged in.
     let o = s.ssh_add_admin(&["-s", "/usr/lib/x86_64-linux-gnu/libc.so.6"], PIN);
     assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(s.daemon.wait_log("refused to log in for module"));
-    assert!(s.daemon.listed(&s.user.as_user()).is_empty());
+    assert!(s.daemon().wait_log("refused to log in for module"));
+    assert!(s.daemon().listed(&s.as_user("user")).is_empty());
     assert_eq!(s.hsm.objects(), before);
 
     let o = s.ssh_add_admin(&["-s", MODULE], PIN);
-    assert!(o.status.success(), "{}{}", stderr(&o), s.daemon.log_text());
-    assert_eq!(s.daemon.listed(&s.user.as_user()).len(), 1);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stderr(&o),
+        s.daemon().log_text()
+    );
+    assert_eq!(s.daemon().listed(&s.as_user("user")).len(), 1);
     assert_eq!(s.sign_ok("ed", "ssh-ed25519", 0), "ssh-ed25519");
     // agent.socket lists it for root too.
     let o = run(Command::new("ssh-add")
         .arg("-L")
-        .env("SSH_AUTH_SOCK", &s.agent_socket));
+        .env("SSH_AUTH_SOCK", s.agent_socket()));
     assert_eq!(key_lines(&o).len(), 1);
 
     let o = s.ssh_add_admin(&["-e", MODULE], "");
-    assert!(o.status.success(), "{}{}", stderr(&o), s.daemon.log_text());
-    assert!(s.daemon.listed(&s.user.as_user()).is_empty());
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stderr(&o),
+        s.daemon().log_text()
+    );
+    assert!(s.daemon().listed(&s.as_user("user")).is_empty());
     assert!(s.sign_fails("ed"));
     assert_eq!(s.status().0, 2);
     assert_eq!(s.hsm.objects(), before);
@@ -441,11 +421,11 @@ fn a_wrong_pin_is_one_line_tried_once_then_the_right_pin_works() {
     let o = s.arm("9999");
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAILED"), "{}", stdout(&o));
-    assert!(s.daemon.wait_log("the PIN was refused"));
+    assert!(s.daemon().wait_log("the PIN was refused"));
     // Let the monitor run a few rounds: it must never try the PIN again.
     std::thread::sleep(Duration::from_secs(3));
-    let log = s.daemon.log_text();
-    assert_eq!(s.daemon.log_count("CKR_PIN_INCORRECT"), 1, "{log}");
+    let log = s.daemon().log_text();
+    assert_eq!(s.daemon().log_count("CKR_PIN_INCORRECT"), 1, "{log}");
     let line = log
         .lines()
         .find(|l| l.contains("CKR_PIN_INCORRECT"))
@@ -466,7 +446,12 @@ fn a_wrong_pin_is_one_line_tried_once_then_the_right_pin_works() {
     assert_eq!(s.hsm.objects(), before);
 
     let o = s.arm(PIN);
-    assert!(o.status.success(), "{}{}", stdout(&o), s.daemon.log_text());
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        s.daemon().log_text()
+    );
     assert_eq!(s.sign_ok("ed", "ssh-ed25519", 0), "ssh-ed25519");
     assert_eq!(s.status().0, 0);
     // A second arm is idempotent.
@@ -498,7 +483,7 @@ fn a_label_not_on_the_token_or_a_mismatch_is_named_and_the_others_work() {
         out.contains("wrong: FAILED: the private key with CKA_LABEL"),
         "{out}"
     );
-    let log = s.daemon.log_text();
+    let log = s.daemon().log_text();
     assert!(
         log.contains("key ghost not armed: no private key with CKA_LABEL \"nope\" on token \"kh\""),
         "{log}"
@@ -546,7 +531,7 @@ fn a_token_removed_fails_signs_at_once_and_signs_again_when_back_without_rearmin
     assert!(
         wait_for(Duration::from_secs(15), || s.sign_fails("ed")),
         "{}",
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
     eprintln!(
         "signs failed {:?} after the token was removed",
@@ -559,17 +544,17 @@ fn a_token_removed_fails_signs_at_once_and_signs_again_when_back_without_rearmin
             && text.contains("pkcs11: token \"kh\" is not present"),
         "{text}"
     );
-    assert!(s.daemon.wait_log("token \"kh\" is gone"));
-    assert!(s.daemon.wait_log("reason=upstream-error"));
+    assert!(s.daemon().wait_log("token \"kh\" is gone"));
+    assert!(s.daemon().wait_log("reason=upstream-error"));
 
     s.hsm.put_back();
     assert!(
         wait_for(Duration::from_secs(20), || !s.sign_fails("ed")),
         "{}",
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
     assert!(s
-        .daemon
+        .daemon()
         .log_text()
         .contains("is back; logged in again with the kept PIN"));
     assert_eq!(s.sign_ok("ed", "ssh-ed25519", 0), "ssh-ed25519");
@@ -584,19 +569,19 @@ fn disarm_logs_out_and_forgets_the_pin() {
     let before = s.hsm.objects();
     let o = s.keyholder(&As::Root, &["disarm"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert!(s.daemon.wait_log("logged out; PIN forgotten"));
-    assert!(s.daemon.listed(&s.user.as_user()).is_empty());
+    assert!(s.daemon().wait_log("logged out; PIN forgotten"));
+    assert!(s.daemon().listed(&s.as_user("user")).is_empty());
     assert!(s.sign_fails("ed"));
     assert_eq!(s.status().0, 2);
     // Gone and back: the PIN was forgotten, so no login without a human.
     s.hsm.remove();
-    assert!(s.daemon.wait_log("is gone"));
+    assert!(s.daemon().wait_log("is gone"));
     s.hsm.put_back();
-    assert!(s.daemon.wait_log("no PIN kept"));
+    assert!(s.daemon().wait_log("no PIN kept"));
     assert!(s.sign_fails("ed"));
     assert_eq!(s.hsm.objects(), before);
     // Non-root cannot disarm.
-    let o = s.keyholder(&s.user.as_user(), &["disarm"]);
+    let o = s.keyholder(&s.as_user("user"), &["disarm"]);
     assert_eq!(o.status.code(), Some(1));
 }
 
@@ -681,7 +666,7 @@ fn check_config_as_root_checks_the_token_and_warns_about_an_extractable_key() {
     .unwrap();
     let config = s.config();
     let o = run(Command::new(KEYHOLDER)
-        .args(["check-config", "--config", &config])
+        .args(["check-config", "--config", config])
         .env("SOFTHSM2_CONF", &s.hsm.conf)
         .env("CREDENTIALS_DIRECTORY", &creds)
         .stdin(Stdio::null()));
@@ -699,7 +684,7 @@ fn check_config_as_root_checks_the_token_and_warns_about_an_extractable_key() {
         "{out}"
     );
     // Anyone else: a note, no token access.
-    let o = s.keyholder(&s.user.as_user(), &["check-config"]);
+    let o = s.keyholder(&s.as_user("user"), &["check-config"]);
     assert!(
         stdout(&o).contains("run check-config as root"),
         "{}",
@@ -937,7 +922,7 @@ fn a_token_pulled_in_the_middle_of_a_burst_fails_requests_and_never_relays_a_bad
     let s = Setup::start(three_key_token(), &[("ed", Some("ed"), "")]);
     assert!(s.arm(PIN).status.success());
     let blob = s.blob("ed");
-    let data = userauth_data(&blob, &s.user.name, "ssh-ed25519");
+    let data = userauth_data(&blob, &s.user("user").name, "ssh-ed25519");
     let request = sign_request(&blob, &data, 0);
     let public = s.public("ed");
     // Clients keep signing (30 requests per connection, connection after
@@ -947,8 +932,8 @@ fn a_token_pulled_in_the_middle_of_a_burst_fails_requests_and_never_relays_a_bad
         let clients: Vec<_> = (0..4)
             .map(|_| {
                 let messages = vec![request.clone(); 30];
-                let who = s.user.as_user();
-                let socket = s.daemon.socket.clone();
+                let who = s.as_user("user");
+                let socket = s.daemon().socket.clone();
                 let stop = &stop;
                 scope.spawn(move || {
                     let mut all = Vec::new();
@@ -988,11 +973,11 @@ fn a_token_pulled_in_the_middle_of_a_burst_fails_requests_and_never_relays_a_bad
         signed > 0,
         "the token was there at first: some requests must be signed"
     );
-    assert!(!s.daemon.log_text().contains("panicked"));
+    assert!(!s.daemon().log_text().contains("panicked"));
     s.hsm.put_back();
     assert!(
         wait_for(Duration::from_secs(20), || !s.sign_fails("ed")),
         "{}",
-        s.daemon.log_text()
+        s.daemon().log_text()
     );
 }

@@ -2,12 +2,14 @@
 //! [`Site::builder`] and made by [`SiteBuilder::build`].
 //!
 //! A site is a directory with key files, throwaway `kht-` groups and users,
-//! a place holding the keys (an external OpenSSH `ssh-agent`, one the
-//! daemon spawns, or the daemon itself with the builtin backend), a
-//! `keyholder daemon` in front of it and, on demand, an `sshd`:
+//! a place holding the keys (an OpenSSH `ssh-agent` the site or the test
+//! starts, one the daemon spawns, or the daemon itself: the builtin backend
+//! or one given by its `[agent]` table), a `keyholder daemon` in front of
+//! it (or several, one after the other, with [`Site::start_daemon`]) and,
+//! on demand, an `sshd`:
 //!
 //! ```ignore
-//! let s = Site::builder(backend)
+//! let s = Site::builder("h", backend)
 //!     .group("dep")
 //!     .user("member", &["dep"])
 //!     .key(SiteKey::new("deploy", "ed25519").groups(&["dep"]))
@@ -19,6 +21,8 @@
 //!
 //! Group names in a key's `groups` are the labels of declared groups; a
 //! label that was not declared is used as a group name as it is (`root`).
+//! In any TOML of the site, `{user:LABEL}` and `{group:LABEL}` become the
+//! names of the declared user and group, and `{dir}` the site's directory.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -30,8 +34,9 @@ use super::{
     Daemon, Sshd, TempDir, TestGroup, TestUser,
 };
 
-/// One key of a site: generated with `ssh-keygen`, and (unless stray)
-/// configured with a `[keys.NAME]` table.
+/// One key of a site: generated with `ssh-keygen` (or only a public key
+/// line, [`SiteKey::public`]), and (unless stray) configured with a
+/// `[keys.NAME]` table.
 #[derive(Clone, Debug)]
 pub struct SiteKey {
     pub name: String,
@@ -42,6 +47,8 @@ pub struct SiteKey {
     lines: String,
     configured: bool,
     added: bool,
+    /// Only this public key line, written to NAME.pub (no private key).
+    public: Option<String>,
 }
 
 impl SiteKey {
@@ -57,6 +64,17 @@ impl SiteKey {
             lines: String::new(),
             configured: true,
             added: true,
+            public: None,
+        }
+    }
+
+    /// A key whose only file is NAME.pub holding `line` (a key held
+    /// elsewhere, e.g. on a token); never added by the site.
+    pub fn public(name: &str, line: &str) -> Self {
+        Self {
+            public: Some(line.trim().to_owned()),
+            added: false,
+            ..Self::new(name, "")
         }
     }
 
@@ -111,6 +129,9 @@ enum Holder {
     Spawned,
     /// An ssh-agent the test started at this socket.
     External(PathBuf),
+    /// A backend inside the daemon with this `[agent]` table (and its
+    /// agent.socket at `dir/agent.sock`).
+    Table(String),
 }
 
 /// The declaration of a [`Site`].
@@ -141,7 +162,10 @@ pub struct Site {
     pub daemon: Option<Daemon>,
     pub sshd: Option<Sshd>,
     pub backend: Backend,
+    /// Whether the daemon starts what holds the keys (spawned ssh-agent,
+    /// or a backend of its own).
     spawned: bool,
+    table: Option<String>,
     keys: Vec<SiteKey>,
     groups: Vec<(String, TestGroup)>,
     users: Vec<(String, TestUser)>,
@@ -162,6 +186,16 @@ impl SiteBuilder {
     /// The daemon spawns its ssh-agent (`spawn = true`; upstream only).
     pub fn spawned_agent(mut self) -> Self {
         self.holder = Holder::Spawned;
+        self
+    }
+
+    /// The daemon holds the keys in a backend of its own configured by
+    /// `table` (the whole `[agent]` table; `{dir}` is the site's directory),
+    /// serving agent.socket at `dir/agent.sock`. For a backend
+    /// [`Backend`] does not name (give `Backend::Builtin` to the builder:
+    /// the keys are in the daemon).
+    pub fn agent_table(mut self, table: &str) -> Self {
+        self.holder = Holder::Table(table.to_owned());
         self
     }
 
@@ -259,7 +293,17 @@ impl SiteBuilder {
             None => dir.path().to_owned(),
         };
         for k in &self.keys {
-            keygen_full(&key_dir, &k.name, &k.kind, &k.bits, &k.passphrase);
+            match &k.public {
+                Some(line) => {
+                    let path = key_dir.join(format!("{}.pub", k.name));
+                    std::fs::write(&path, format!("{line}\n")).unwrap();
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                        .unwrap();
+                }
+                None => {
+                    keygen_full(&key_dir, &k.name, &k.kind, &k.bits, &k.passphrase);
+                }
+            }
         }
         let groups: Vec<(String, TestGroup)> = self
             .groups
@@ -292,17 +336,22 @@ impl SiteBuilder {
                 },
                 false,
             ),
-            (Holder::Spawned, Backend::Upstream) => (
+            (Holder::Spawned, Backend::Upstream) | (Holder::Table(_), _) => (
                 Agent {
                     socket: dir.join("agent.sock"),
-                    backend: Backend::Upstream,
+                    backend: self.backend,
                     child: None,
                 },
                 true,
             ),
             (_, backend) => (Agent::new(&dir, backend), false),
         };
+        let table = match self.holder {
+            Holder::Table(table) => Some(table),
+            _ => None,
+        };
         let mut site = Site {
+            table,
             dir,
             key_dir,
             agent,
@@ -394,7 +443,9 @@ impl Site {
 
     /// The `[agent]` table.
     fn agent_toml(&self) -> String {
-        if self.spawned {
+        if let Some(table) = &self.table {
+            table.clone()
+        } else if self.spawned {
             format!(
                 "[agent]\nsocket = \"{}\"\nspawn = true\n",
                 self.agent.socket.display()
