@@ -279,46 +279,62 @@ fn keys_it_cannot_sign_with_are_refused_at_add_time() {
     b.agent.add(&b.key("good"));
     let before = b.held();
 
-    // DSA (ssh-keygen of OpenSSH 9.2 still makes them).
-    let dsa = keygen(b.dir.path(), "dsa", "dsa", "");
-    let o = b.agent.ssh_add(&[dsa.to_str().unwrap()]);
-    assert!(!o.status.success(), "DSA added");
-    assert!(b
-        .daemon()
-        .wait_log("DSA (ssh-dss) keys are not supported by the builtin backend"));
-    // RSA below 2048 bits.
-    let small = keygen_full(b.dir.path(), "small", "rsa", "1024", "");
-    let o = b.agent.ssh_add(&[small.to_str().unwrap()]);
-    assert!(!o.status.success(), "RSA-1024 added");
-    assert!(b
-        .daemon()
-        .wait_log("RSA key of 1024 bits: the builtin backend accepts 2048 to 16384"));
-    // A key type nobody knows, hand-built.
+    // Refused by ssh-add: (name, type, bits, what the log says).
+    for (name, kind, bits, logged) in [
+        // DSA (ssh-keygen of OpenSSH 9.2 still makes them).
+        (
+            "dsa",
+            "dsa",
+            "",
+            "DSA (ssh-dss) keys are not supported by the builtin backend",
+        ),
+        // RSA below 2048 bits.
+        (
+            "small",
+            "rsa",
+            "1024",
+            "RSA key of 1024 bits: the builtin backend accepts 2048 to 16384",
+        ),
+    ] {
+        let key = keygen_full(b.dir.path(), name, kind, bits, "");
+        let o = b.agent.ssh_add(&[key.to_str().unwrap()]);
+        assert!(!o.status.success(), "{name} added");
+        assert!(b.daemon().wait_log(logged), "{name}");
+    }
+    // Refused hand-built keys: (message, what the log says).
     let mut raw = Raw::connect(&b.agent.socket);
-    let unknown = [
-        vec![17u8],
-        string(b"ssh-frobnitz@example.com"),
-        string(&[1u8; 32]),
-        string(&[2u8; 64]),
-        string(b"comment"),
-    ]
-    .concat();
-    assert_eq!(raw.call(&unknown), Some(vec![FAILURE]));
-    assert!(b.daemon().wait_log("ssh-frobnitz@example.com"));
-    // A security-key (sk-) key, hand-built in its wire form.
-    let sk = [
-        vec![17u8],
-        string(b"sk-ssh-ed25519@openssh.com"),
-        string(&[3u8; 32]),
-        string(b"ssh:"),
-        vec![1u8],
-        string(b"handle"),
-        string(b""),
-        string(b"comment"),
-    ]
-    .concat();
-    assert_eq!(raw.call(&sk), Some(vec![FAILURE]));
-    assert!(b.daemon().wait_log("security-key (sk-"));
+    for (message, logged) in [
+        // A key type nobody knows.
+        (
+            [
+                vec![17u8],
+                string(b"ssh-frobnitz@example.com"),
+                string(&[1u8; 32]),
+                string(&[2u8; 64]),
+                string(b"comment"),
+            ]
+            .concat(),
+            "ssh-frobnitz@example.com",
+        ),
+        // A security-key (sk-) key, in its wire form.
+        (
+            [
+                vec![17u8],
+                string(b"sk-ssh-ed25519@openssh.com"),
+                string(&[3u8; 32]),
+                string(b"ssh:"),
+                vec![1u8],
+                string(b"handle"),
+                string(b""),
+                string(b"comment"),
+            ]
+            .concat(),
+            "security-key (sk-",
+        ),
+    ] {
+        assert_eq!(raw.call(&message), Some(vec![FAILURE]), "{logged}");
+        assert!(b.daemon().wait_log(logged), "{logged}");
+    }
     // Malformed: truncated Ed25519.
     let cut = [vec![17u8], string(b"ssh-ed25519"), string(&[1u8; 32])].concat();
     assert_eq!(raw.call(&cut), Some(vec![FAILURE]));
