@@ -64,6 +64,8 @@ mod load;
 #[path = "../../tests/common/nslcd.rs"]
 mod nslcd;
 mod pkcs11;
+#[path = "../../tests/common/process.rs"]
+mod process;
 mod relay;
 mod setup;
 
@@ -79,7 +81,7 @@ use load::{
     BurstResult, BurstSpec, HoldSpec, Op, RunResult, RunSpec, SideSpec, SPEC_ENV, WORKER_ENV,
 };
 use setup::{
-    machine_cpu_us, proc_kib, run, wait_for, wait_socket, Account, Proc, Result, TempDir, PREFIX,
+    machine_cpu_us, read_kib, run, wait_for, wait_socket, Account, Proc, Result, TempDir, PREFIX,
 };
 
 /// The daemon under test, built by cargo for this bench (release settings).
@@ -1015,7 +1017,7 @@ fn bench() -> Result<String> {
     } else {
         None
     };
-    let rss_after_load = proc_kib(b.daemon.pid(), "VmRSS");
+    let rss_after_load = read_kib(b.daemon.pid(), "VmRSS");
 
     let certificates = if settings.wants("certs") {
         Some(certs::phase(&mut b, settings.rounds, settings.timing)?)
@@ -1045,7 +1047,7 @@ fn bench() -> Result<String> {
     } else {
         None
     };
-    let hwm = proc_kib(b.daemon.pid(), "VmHWM");
+    let hwm = read_kib(b.daemon.pid(), "VmHWM");
     b.check_alive()?;
     let log = b.log_text();
     let load_after = loadavg();
@@ -1267,7 +1269,7 @@ fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
         fds() >= base_fds + opened as usize
     });
     std::thread::sleep(Duration::from_secs(1));
-    let rss_idle = proc_kib(pid, "VmRSS");
+    let rss_idle = read_kib(pid, "VmRSS");
     let fds_idle = fds();
     for (_, stdin, _) in &mut holders {
         stdin
@@ -1277,7 +1279,7 @@ fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
     }
     let (listed, list_failed) = read_counts(&mut holders, "listed")?;
     std::thread::sleep(Duration::from_secs(1));
-    let rss_used = proc_kib(pid, "VmRSS");
+    let rss_used = read_kib(pid, "VmRSS");
     let fds_used = fds();
     for (mut proc, stdin, _) in holders {
         drop(stdin);
@@ -1285,7 +1287,7 @@ fn memory_phase(b: &mut Bench, idle: usize) -> Result<Memory> {
     }
     wait_for(Duration::from_secs(10), || fds() <= base_fds);
     std::thread::sleep(Duration::from_secs(1));
-    let rss_closed = proc_kib(pid, "VmRSS");
+    let rss_closed = read_kib(pid, "VmRSS");
     b.check_alive()?;
 
     let verdict = |kib: Option<u64>| match kib {
@@ -1347,7 +1349,7 @@ fn read_counts(holders: &mut [Holder], what: &str) -> Result<(u64, u64)> {
 /// Waits for the daemon's RSS to settle after start.
 fn wait_rss(b: &Bench) -> Option<u64> {
     std::thread::sleep(Duration::from_millis(300));
-    proc_kib(b.daemon.pid(), "VmRSS")
+    read_kib(b.daemon.pid(), "VmRSS")
 }
 
 fn median(runs: &[&RunResult], f: impl Fn(&RunResult) -> f64) -> f64 {

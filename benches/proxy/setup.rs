@@ -6,11 +6,12 @@
 //! credentials), so the next run ends it, and removes the users and
 //! directories such a run left ([`sweep_stale`]).
 
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub use crate::process::{read_kib, run_ok as run, wait_for, Proc, TempDir};
 
 /// Prefix of everything the bench creates: users, groups, directories.
 /// (`kht-` is the test suite's prefix for throwaway users.)
@@ -18,63 +19,11 @@ pub const PREFIX: &str = "kht-bench";
 
 pub type Result<T> = std::result::Result<T, String>;
 
-/// Runs a command to completion; error unless it exits 0.
-pub fn run(cmd: &mut Command) -> Result<Output> {
-    let o = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if o.status.success() {
-        Ok(o)
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
-
-/// Waits until `f` holds, up to `timeout`.
-pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 /// Waits until something listens on `socket`.
 pub fn wait_socket(socket: &Path) -> bool {
     wait_for(Duration::from_secs(15), || {
         UnixStream::connect(socket).is_ok()
     })
-}
-
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn create(path: PathBuf) -> Result<Self> {
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(Self(path))
-    }
-
-    pub fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A throwaway user (with its own primary group) or group, deleted on drop.
@@ -155,54 +104,6 @@ impl Drop for Account {
                 .status();
         }
     }
-}
-
-/// A child process: SIGTERM on drop, SIGKILL if it does not exit in 5 s.
-pub struct Proc {
-    pub name: &'static str,
-    pub child: Child,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether it is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !self.alive() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        if !wait_for(Duration::from_secs(5), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        }) {
-            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// A field of /proc/PID/status in KiB (`VmRSS`, `VmHWM`).
-pub fn proc_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix(field)?
-            .strip_prefix(':')?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 /// The pid embedded in a name this bench made (`kht-bench1234a`), if any.

@@ -9,10 +9,14 @@
 #![allow(dead_code)]
 
 pub mod nslcd;
+pub mod process;
 pub mod site;
 
 #[allow(unused_imports)]
-pub use site::{first_two, keygen_full, Site, SiteBuilder, SiteKey};
+pub use process::{proc_status, read_kib, run_ok, wait_for, Proc, TempDir};
+
+#[allow(unused_imports)]
+pub use site::{fingerprint, first_two, keygen_full, Site, SiteBuilder, SiteKey};
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -53,29 +57,14 @@ pub fn unique(tag: &str) -> String {
     format!("{tag}{}x{n}", std::process::id() % 100_000)
 }
 
-/// A temporary directory (0755, so test users can reach the sockets in it),
-/// removed on drop.
-pub struct TempDir(pub PathBuf);
-
 impl TempDir {
+    /// A temporary directory tagged `tag`, unique to this test.
     pub fn new(tag: &str) -> Self {
         let path = std::env::temp_dir().join(format!("kht-{}", unique(tag)));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self(path)
+        Self::create(path).unwrap()
     }
     pub fn path(&self) -> &Path {
         &self.0
-    }
-    pub fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -155,18 +144,6 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Waits until `f` holds, up to `timeout`.
-pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 /// Generates a key pair `dir/name`, `dir/name.pub`. `kind` is `ed25519`,
 /// `rsa`, or `ecdsa`; `passphrase` empty for none.
 pub fn keygen(dir: &Path, name: &str, kind: &str, passphrase: &str) -> PathBuf {
@@ -240,18 +217,18 @@ impl Backend {
 }
 
 /// Runs `body` once per backend ([`Backend::all`]), saying which on stderr
-/// (a failure's output then names the backend). The one fixture for
-/// parametrized tests:
+/// (a failure's output then names the backend). With the [`Site`] builder:
 ///
 /// ```ignore
 /// #[test]
 /// fn something() {
 ///     require_root!();
 ///     each_backend(|backend| {
-///         let dir = TempDir::new("x");
-///         let agent = Agent::new(&dir, backend);   // ssh-agent, or nothing yet
-///         let daemon = Daemon::start(&dir, &agent, "…keys…");
-///         agent.add(&key);                          // after the daemon starts
+///         let s = Site::builder("x", backend)
+///             .group("dep")
+///             .user("member", &["dep"])
+///             .keys(&[("deploy", "ed25519")], &["dep"])
+///             .build();                      // keys added once the agent is up
 ///         …
 ///     });
 /// }
@@ -1150,21 +1127,9 @@ impl Daemon {
     }
 }
 
-/// A field of `/proc/PID/status` (`VmRSS`, `Umask`, …), value trimmed.
-pub fn proc_status(pid: u32, field: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix(field)
-            .and_then(|r| r.strip_prefix(':'))
-            .map(|v| v.trim().to_owned())
-    })
-}
-
 /// A `/proc/PID/status` memory field (`VmRSS`, `VmLck`, …) in KiB.
 pub fn proc_kib(pid: u32, field: &str) -> u64 {
-    proc_status(pid, field)
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    read_kib(pid, field).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Starts the test binary again as `who`, running only the test `helper`
