@@ -97,12 +97,6 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
 
-/// `SHA256:…` of a public key file.
-fn fingerprint(pub_file: &Path) -> String {
-    let key = ssh_key::PublicKey::from_openssh(read(pub_file).trim()).unwrap();
-    key.fingerprint(ssh_key::HashAlg::Sha256).to_string()
-}
-
 /// Reloads the daemon's configuration and waits until it has.
 fn reload(d: &Daemon) {
     let before = d.log_count("configuration reloaded");

@@ -407,6 +407,13 @@ pub fn keygen_full(dir: &Path, name: &str, kind: &str, bits: &str, passphrase: &
     path
 }
 
+/// `SHA256:…` of a public key file.
+pub fn fingerprint(pub_file: &Path) -> String {
+    let text = std::fs::read_to_string(pub_file).unwrap();
+    let key = ssh_key::PublicKey::from_openssh(text.trim()).unwrap();
+    key.fingerprint(ssh_key::HashAlg::Sha256).to_string()
+}
+
 /// `TYPE BASE64` of a public key line (no comment).
 pub fn first_two(line: &str) -> String {
     line.split_whitespace()
@@ -637,9 +644,7 @@ impl Site {
 
     /// `SHA256:…` of a key.
     pub fn fingerprint(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.pub_path(name)).unwrap();
-        let key = ssh_key::PublicKey::from_openssh(text.trim()).unwrap();
-        key.fingerprint(ssh_key::HashAlg::Sha256).to_string()
+        fingerprint(&self.pub_path(name))
     }
 
     /// A sign request for an ed25519 key over user-auth data for `deploy`.
