@@ -147,14 +147,10 @@ fn summary_counts(log: &str, subject: &str, uid: u32) -> Vec<u64> {
         .collect()
 }
 
-fn daemon(dir: &TempDir, agent: &Agent, extra: &str) -> Daemon {
-    let window = WINDOW_MS.to_string();
-    Daemon::start_via_env(
-        dir,
-        &Daemon::config(dir, &agent.socket, extra),
-        &[],
-        &[("KEYHOLDER_LOG_WINDOW_MS", &window)],
-    )
+/// An upstream agent and a daemon in front of it, logging in windows of
+/// `WINDOW_MS`.
+fn flood_site(tag: &str) -> SiteBuilder {
+    Site::builder(tag, Backend::Upstream).env("KEYHOLDER_LOG_WINDOW_MS", &WINDOW_MS.to_string())
 }
 
 fn hold_as(who: &As, socket: &Path, n: usize) -> (std::process::Child, u64, u64) {
@@ -182,22 +178,19 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
     const THREADS: usize = 4;
     const PER_THREAD: usize = 8000;
     const SIGNS: usize = 300;
-    let dir = TempDir::new("rf");
-    let agent = Agent::start(&dir);
-    for name in ["deploy", "stray"] {
-        agent.add(&keygen(dir.path(), name, "ed25519", ""));
-    }
-    let group = TestGroup::create("rfg");
+    let s = flood_site("rf")
+        .group("rfg")
+        .keys(&[("deploy", "ed25519")], &["rfg"])
+        .key(SiteKey::new("stray", "ed25519").stray())
+        .no_daemon()
+        .build();
+    let (dir, agent) = (&s.dir, &s.agent);
     // `stray` is in the agent, not in the configuration.
     std::fs::remove_file(dir.join("stray.pub")).unwrap();
-    let d = daemon(
-        &dir,
-        &agent,
-        &format!("[keys.deploy]\ngroups = [\"{}\"]\n", group.name),
-    );
+    let d = s.start_daemon("");
     let before = agent.keys();
     let flooder = TestUser::create("rfl", &[]);
-    let member = TestUser::create("rfm", &[&group]);
+    let member = TestUser::create("rfm", &[s.group("rfg")]);
     let deploy = pubkey_blob(&dir.join("deploy.pub"));
     let stray_blob = {
         let o = agent.ssh_add(&["-L"]);
@@ -319,15 +312,11 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
 #[test]
 fn a_burst_of_admin_refusals_never_hides_a_refused_sign() {
     require_root!();
-    let dir = TempDir::new("kinds");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let group = TestGroup::create("kdg");
-    let d = daemon(
-        &dir,
-        &agent,
-        &format!("[keys.deploy]\ngroups = [\"{}\"]\n", group.name),
-    );
+    let s = flood_site("kinds")
+        .group("kdg")
+        .keys(&[("deploy", "ed25519")], &["kdg"])
+        .build();
+    let (dir, agent, d) = (&s.dir, &s.agent, s.daemon());
     let before = agent.keys();
     let user = TestUser::create("kdu", &[]);
     let deploy = pubkey_blob(&dir.join("deploy.pub"));
@@ -386,9 +375,8 @@ fn a_burst_of_admin_refusals_never_hides_a_refused_sign() {
 #[test]
 fn uids_without_a_passwd_entry_share_one_log_bucket() {
     require_root!();
-    let dir = TempDir::new("unl");
-    let agent = Agent::start(&dir);
-    let d = daemon(&dir, &agent, "");
+    let s = flood_site("unl").build();
+    let d = s.daemon();
     // Two uids no passwd entry names (like a user's subordinate uids).
     let base = 3_000_000_000 + std::process::id() * 4;
     let uids = [base, base + 1];
@@ -415,9 +403,8 @@ fn uids_without_a_passwd_entry_share_one_log_bucket() {
 fn connections_closed_on_bad_messages_are_logged_per_uid_with_a_count() {
     require_root!();
     const N: usize = 1000;
-    let dir = TempDir::new("bad");
-    let agent = Agent::start(&dir);
-    let d = daemon(&dir, &agent, "");
+    let s = flood_site("bad").build();
+    let d = s.daemon();
     let user = TestUser::create("bad", &[]);
     let mut child = spawn_helper_as(
         &user.as_user(),
@@ -452,13 +439,10 @@ fn connections_closed_on_bad_messages_are_logged_per_uid_with_a_count() {
 #[test]
 fn limit_reached_is_logged_for_every_uid_with_its_count_when_the_window_ends() {
     require_root!();
-    let dir = TempDir::new("lim");
-    let agent = Agent::start(&dir);
-    let d = daemon(
-        &dir,
-        &agent,
-        "[limits]\nmax_connections = 6\nmax_connections_per_user = 2\nidle_timeout_secs = 120\n",
-    );
+    let s = flood_site("lim")
+        .extra("[limits]\nmax_connections = 6\nmax_connections_per_user = 2\nidle_timeout_secs = 120\n")
+        .build();
+    let d = s.daemon();
     let users: Vec<TestUser> = ["la", "lb", "lc", "ld"]
         .iter()
         .map(|t| TestUser::create(t, &[]))
@@ -532,16 +516,15 @@ fn the_spawned_agents_stderr_is_rate_limited_in_the_log() {
     )
     .unwrap();
     std::fs::set_permissions(&noisy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    keygen(dir.path(), "deploy", "ed25519", "");
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nsocket = \"{}\"\nspawn = true\n         program = \"{}\"\n\n[keys.deploy]\ngroups = [\"root\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        dir.join("agent.sock").display(),
-        noisy.display()
-    );
-    let window = WINDOW_MS.to_string();
-    let d = Daemon::start_via_env(&dir, &config, &[], &[("KEYHOLDER_LOG_WINDOW_MS", &window)]);
+    let s = flood_site("err")
+        .in_dir(dir)
+        .agent_table(
+            "[agent]\nsocket = \"{dir}/agent.sock\"\nspawn = true\nprogram = \"{dir}/noisy-agent\"\n",
+        )
+        .keys(&[("deploy", "ed25519")], &["root"])
+        .unadded()
+        .build();
+    let d = s.daemon();
     let summary = format!("upstream agent stderr: {} more in the last ", LINES - 10);
     assert!(d.wait_log(&summary), "{}", d.log_text());
     let log = d.log_text();
@@ -568,13 +551,10 @@ fn connect(socket: &Path) -> UnixStream {
 fn memory_returns_near_the_idle_baseline_after_a_half_frame_flood() {
     require_root!();
     const N: usize = 512;
-    let dir = TempDir::new("mem");
-    let agent = Agent::start(&dir);
-    let d = Daemon::start(
-        &dir,
-        &agent,
-        "[limits]\nmax_connections = 4096\nmax_connections_per_user = 4096\n",
-    );
+    let site = Site::builder("mem", Backend::Upstream)
+        .extra("[limits]\nmax_connections = 4096\nmax_connections_per_user = 4096\n")
+        .build();
+    let d = site.daemon();
     let pid = d.pid();
     // Warm up: a few requests so lazily initialised state exists.
     for _ in 0..4 {
