@@ -81,47 +81,48 @@ fn sign(blob: &[u8], user: &str) -> Vec<u8> {
 #[test]
 fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
     require_root!();
-    let dir = TempDir::new("met");
-    let agent = Agent::start(&dir);
-    for name in ["deploy", "phab", "stray"] {
-        agent.add(&keygen(dir.path(), name, "ed25519", ""));
-    }
-    let deployers = TestGroup::create("mdep");
-    let alice = TestUser::create("ma", &[&deployers]);
-    let bob = TestUser::create("mb", &[&deployers]);
-    let outsider = TestUser::create("mo", &[]);
-    let keys = format!(
-        "[keys.deploy]\ngroups = [\"{d}\"]\n\n[keys.phab]\ngroups = [\"{d}\"]\n",
-        d = deployers.name
+    let mut site = Site::builder("met", Backend::Upstream)
+        .group("mdep")
+        .user("alice", &["mdep"])
+        .user("bob", &["mdep"])
+        .user("outsider", &[])
+        .keys(&[("deploy", "ed25519"), ("phab", "ed25519")], &["mdep"])
+        .key(SiteKey::new("stray", "ed25519").stray())
+        .extra("[limits]\nmax_connections_per_user = 2\nidle_timeout_secs = 3\n")
+        .build();
+    let config_text = site.config_text("");
+    let mut daemon = site.daemon.take().unwrap();
+    let (alice, bob, outsider) = (
+        site.as_user("alice"),
+        site.as_user("bob"),
+        site.as_user("outsider"),
     );
-    let limits = "[limits]\nmax_connections_per_user = 2\nidle_timeout_secs = 3\n\n";
-    let config_text = Daemon::config(&dir, &agent.socket, &format!("{limits}{keys}"));
-    let mut daemon = Daemon::start_with(&dir, &config_text);
+    let (dir, agent) = (&site.dir, &site.agent);
     let before = agent.keys();
     let deploy = pubkey_blob(&dir.join("deploy.pub"));
     let stray = pubkey_blob(&dir.join("stray.pub"));
 
     // Granted: alice twice on one connection, bob once.
     let answers = raw_as(
-        &alice.as_user(),
+        &alice,
         &daemon.socket,
         &[sign(&deploy, "git"), sign(&deploy, "git")],
     );
     assert!(answers
         .iter()
         .all(|a| a.as_ref().unwrap()[0] == SIGN_RESPONSE));
-    let answers = raw_as(&bob.as_user(), &daemon.socket, &[sign(&deploy, "git")]);
+    let answers = raw_as(&bob, &daemon.socket, &[sign(&deploy, "git")]);
     assert_eq!(answers[0].as_ref().unwrap()[0], SIGN_RESPONSE);
     // Refused: not in the group; not user-auth data; a key not configured;
     // an admin request (ssh-add -D, real client).
     let answers = raw_as(
-        &outsider.as_user(),
+        &outsider,
         &daemon.socket,
         &[sign(&deploy, "git"), sign(&deploy, "git")],
     );
     assert!(answers.iter().all(|a| a.as_deref() == Some(&[FAILURE][..])));
     let answers = raw_as(
-        &alice.as_user(),
+        &alice,
         &daemon.socket,
         &[
             sign_request(&deploy, b"not user-auth", 0),
@@ -129,7 +130,7 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
         ],
     );
     assert!(answers.iter().all(|a| a.as_deref() == Some(&[FAILURE][..])));
-    assert!(!daemon.ssh_add(&alice.as_user(), &["-D"]).status.success());
+    assert!(!daemon.ssh_add(&alice, &["-D"]).status.success());
     assert_eq!(agent.keys(), before);
 
     // max_connections_per_user = 2: root's third connection is closed.
@@ -152,12 +153,12 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
     assert!(daemon.wait_log("reload failed"));
 
     // Any user may read the counters; all keys armed: OK (0).
-    let (code, text) = prometheus(&outsider.as_user(), &daemon.config);
+    let (code, text) = prometheus(&outsider, &daemon.config);
     // The config is now broken for the command too: use a good copy.
     assert_eq!(code, 3, "{text}");
     let good = dir.join("good.toml");
     std::fs::write(&good, &config_text).unwrap();
-    let (code, text) = prometheus(&outsider.as_user(), &good);
+    let (code, text) = prometheus(&outsider, &good);
     assert_eq!(code, 0, "{text}");
     let s = samples(&text);
     let get = |series: &str| {
@@ -238,7 +239,7 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
         0
     );
     // Counts only: no user name, no uid.
-    for user in [&alice, &bob, &outsider] {
+    for user in ["alice", "bob", "outsider"].map(|u| site.user(u)) {
         assert!(!text.contains(&user.name), "{text}");
         assert!(!text.contains(&format!("\"{}\"", user.uid())), "{text}");
     }
@@ -251,8 +252,8 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
     assert_promtool_passes(&text);
 
     // The upstream agent dies: CRITICAL (2), upstream errors counted, still valid.
-    drop(agent);
-    let (code, text) = prometheus(&outsider.as_user(), &good);
+    site.agent.stop();
+    let (code, text) = prometheus(&outsider, &good);
     assert_eq!(code, 2, "{text}");
     let s = samples(&text);
     assert_eq!(s["keyholder_up"], 1);
@@ -266,7 +267,7 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
 
     // The daemon is gone: keyholder_up 0, build_info, exit 2, still valid.
     daemon.stop();
-    let (code, text) = prometheus(&outsider.as_user(), &good);
+    let (code, text) = prometheus(&outsider, &good);
     assert_eq!(code, 2, "{text}");
     let s = samples(&text);
     assert_eq!(s["keyholder_up"], 0);
@@ -332,10 +333,10 @@ fn format_1_keys(answer: &[u8]) -> Option<Vec<String>> {
 #[test]
 fn older_clients_get_format_1_and_only_an_exact_request_gets_counters() {
     require_root!();
-    let dir = TempDir::new("mv1");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let daemon = Daemon::start(&dir, &agent, "[keys.deploy]\ngroups = [\"root\"]\n");
+    let site = Site::builder("mv1", Backend::Upstream)
+        .keys(&[("deploy", "ed25519")], &["root"])
+        .build();
+    let (agent, daemon) = (&site.agent, site.daemon());
     let mut raw = Raw::connect(&daemon.socket);
     let ask = |details: &[u8]| [vec![27u8], string(b"status@keyholder"), details.to_vec()].concat();
     for details in [&[][..], &[0, 0, 0, 1], &[0, 0, 0, 2, 0], &[0xff; 4]] {
@@ -390,10 +391,11 @@ fn the_metrics_unit_replaces_the_textfile_atomically_as_an_unprivileged_user() {
         .contains("Environment=KEYHOLDER_PROM=/var/lib/prometheus/node-exporter/keyholder.prom"));
     assert!(unit.contains("ReadWritePaths=/var/lib/prometheus/node-exporter\n"));
 
-    let dir = TempDir::new("mun");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let mut daemon = Daemon::start(&dir, &agent, "[keys.deploy]\ngroups = [\"root\"]\n");
+    let mut site = Site::builder("mun", Backend::Upstream)
+        .keys(&[("deploy", "ed25519")], &["root"])
+        .build();
+    let mut daemon = site.daemon.take().unwrap();
+    let dir = &site.dir;
     // The runtime directory (the dynamic user's, 0755) and the textfile
     // directory (root's, 0755, as Debian ships it).
     let runtime = dir.join("runtime");
@@ -473,7 +475,7 @@ fn the_metrics_unit_replaces_the_textfile_atomically_as_an_unprivileged_user() {
     assert!(first.contains("keyholder_key_armed{key=\"deploy\"} 1"));
     // An unarmed key (WARNING/CRITICAL) and a stopped daemon still replace
     // the file: the unit reports every state.
-    assert!(agent.ssh_add(&["-D"]).status.success());
+    assert!(site.agent.ssh_add(&["-D"]).status.success());
     let second = run_unit(1);
     assert!(
         second.contains("keyholder_key_armed{key=\"deploy\"} 0"),
@@ -519,23 +521,21 @@ fn the_documented_alert_rules_pass_promtool() {
 #[test]
 fn certificates_issued_are_counted_per_key() {
     require_root!();
-    let dir = TempDir::new("mce");
-    let agent = Agent::start(&dir);
-    keygen(dir.path(), "deploy", "ed25519", "");
-    keygen(dir.path(), "ca", "ed25519", "");
-    let group = TestGroup::create("mcg");
-    let alice = TestUser::create("mca", &[&group]);
-    let bob = TestUser::create("mcb", &[&group]);
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\nrequire_encrypted = false\n\n\
-         [agent]\nsocket = \"{}\"\nspawn = false\n\n[certificates]\nca = \"ca\"\n\n\
-         [keys.deploy]\ngroups = [\"{}\"]\ncertificate = \"also\"\nprincipals = [\"deploy\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        agent.socket.display(),
-        group.name
-    );
-    let daemon = Daemon::start_with(&dir, &config);
+    let site = Site::builder("mce", Backend::Upstream)
+        .group("mcg")
+        .user("alice", &["mcg"])
+        .user("bob", &["mcg"])
+        .top("require_encrypted = false")
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["mcg"])
+                .lines("certificate = \"also\"\nprincipals = [\"deploy\"]")
+                .unadded(),
+        )
+        .key(SiteKey::new("ca", "ed25519").stray().unadded())
+        .extra("[certificates]\nca = \"ca\"\n")
+        .build();
+    let (daemon, alice, bob) = (site.daemon(), site.user("alice"), site.user("bob"));
     let config = daemon.config.to_str().unwrap();
     let o = keyholder(&As::Root, &["arm", "--config", config]);
     assert!(o.status.success(), "arm: {}{}", stdout(&o), stderr(&o));

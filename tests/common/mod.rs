@@ -305,6 +305,15 @@ impl Agent {
         key_lines(&o)
     }
 
+    /// Stops the ssh-agent the test started (kill and reap), as dropping it
+    /// does; the socket file stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The ssh-agent's pid (upstream only; 0 for builtin).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -313,10 +322,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }
 
