@@ -31,15 +31,17 @@ fn userauth_sign(pub_path: &Path) -> Vec<u8> {
 #[test]
 fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
     require_root!();
-    let dir = TempDir::new("au");
-    let agent = Agent::start(&dir);
     // Configured and allowed (root may use every key), but not armed.
-    keygen(dir.path(), "deploy", "ed25519", "");
-    let daemon = Daemon::start(
-        &dir,
-        &agent,
-        "[limits]\nupstream_timeout_secs = 1\n\n[keys.deploy]\ngroups = [\"root\"]\n",
-    );
+    let mut site = Site::builder("au", Backend::Upstream)
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .extra("[limits]\nupstream_timeout_secs = 1\n")
+        .build();
+    let daemon = site.daemon.take().unwrap();
+    let (dir, agent) = (&site.dir, &site.agent);
     let sign = userauth_sign(&dir.join("deploy.pub"));
     let mut raw = Raw::connect(&daemon.socket);
 
@@ -61,7 +63,7 @@ fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
     assert!(daemon.wait_log("decision=failed reason=upstream-timeout"));
 
     // 4. The agent is gone: unreachable.
-    drop(agent);
+    site.agent.stop();
     let mut raw = Raw::connect(&daemon.socket);
     assert_eq!(raw.call(&sign), Some(vec![FAILURE]));
     assert!(wait_for(Duration::from_secs(10), || {
@@ -347,10 +349,10 @@ fn a_config_file_not_owned_by_root_or_writable_by_others_is_refused() {
 #[test]
 fn a_fifo_as_config_on_sighup_never_blocks_the_daemon() {
     require_root!();
-    let dir = TempDir::new("ff");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let d = Daemon::start(&dir, &agent, "[keys.deploy]\ngroups = [\"root\"]\n");
+    let site = Site::builder("ff", Backend::Upstream)
+        .keys(&[("deploy", "ed25519")], &["root"])
+        .build();
+    let (dir, d) = (&site.dir, site.daemon());
     let good = std::fs::read_to_string(&d.config).unwrap();
     assert_eq!(d.listed(&As::Root).len(), 1);
 
@@ -385,12 +387,12 @@ fn a_fifo_as_config_on_sighup_never_blocks_the_daemon() {
 #[test]
 fn a_fifo_or_a_writable_file_as_the_ca_pub_is_refused_at_once_and_a_later_reload_applies() {
     require_root!();
-    let dir = TempDir::new("cf");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    keygen(dir.path(), "ca", "ed25519", "");
-    let body = "[certificates]\nca = \"ca\"\n\n[keys.deploy]\ngroups = [\"root\"]\n";
-    let d = Daemon::start(&dir, &agent, body);
+    let site = Site::builder("cf", Backend::Upstream)
+        .keys(&[("deploy", "ed25519")], &["root"])
+        .key(SiteKey::new("ca", "ed25519").stray().unadded())
+        .extra("[certificates]\nca = \"ca\"\n")
+        .build();
+    let (dir, agent, d) = (&site.dir, &site.agent, site.daemon());
     assert_eq!(d.listed(&As::Root).len(), 1);
     let before = agent.keys();
     let ca_pub = dir.join("ca.pub");
