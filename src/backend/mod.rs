@@ -19,6 +19,7 @@
 //! the deadline set by [`Backend::set_timeout`].
 
 pub mod builtin;
+pub mod openbao;
 pub mod supervisor;
 pub mod upstream;
 

