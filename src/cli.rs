@@ -75,6 +75,11 @@ pub enum Command {
         /// Read the passphrase from this file (first line) instead of the terminal.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// backend = "openbao": read the AppRole secret id (or the token, with auth = "token")
+        /// from this file (first line) instead of $CREDENTIALS_DIRECTORY/keyholder-openbao-secret
+        /// or the terminal; the daemon logs in with it and keeps it in locked memory.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
     },
     /// Remove every identity from the upstream agent. Root only.
     ///

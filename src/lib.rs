@@ -37,7 +37,7 @@ pub mod protocol;
 pub mod ratelog;
 pub mod shutdown;
 pub mod sockets;
-pub mod stream;
+pub mod trust;
 pub mod verify;
 
 /// Fails with a one-line error unless the effective uid is 0.

@@ -24,9 +24,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Daemon { log } => keyholder::daemon::run(&cli.config, log).map(|()| 0),
-        Command::Arm { passphrase_file } => {
-            keyholder::commands::arm::run(&cli.config, passphrase_file.as_deref())
-        }
+        Command::Arm {
+            passphrase_file,
+            secret_file,
+        } => keyholder::commands::arm::run(
+            &cli.config,
+            passphrase_file.as_deref(),
+            secret_file.as_deref(),
+        ),
         Command::Disarm => keyholder::commands::disarm::run(&cli.config),
         Command::Status { json, prometheus } => Ok(if prometheus {
             keyholder::commands::status::run_prometheus(&cli.config)

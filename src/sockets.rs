@@ -9,7 +9,7 @@
 //! must leave the running one untouched.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -112,30 +112,61 @@ pub fn remove_stale(path: &Path, what: &str) -> Result<()> {
     }
 }
 
+/// Removes a socket file on the way out, if nothing answers on it any more
+/// (never another kind of file, never a socket someone else now listens
+/// on); what is left in place is logged.
+pub fn remove(path: &Path) {
+    if let Err(e) = remove_stale(path, "socket") {
+        tracing::warn!("left in place: {e}");
+    }
+}
+
+/// Creates the directory of a socket keyholder owns (root-owned, 0755)
+/// when it is missing, and refuses one that anyone but root could write
+/// (where someone could replace the socket, or put their own in its place).
+pub fn ensure_dir(socket: &Path, what: &str) -> Result<()> {
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    check_dir(dir, what)
+}
+
+/// Binds a socket keyholder serves (the proxy socket, `agent.socket` of an
+/// in-process backend): its directory is made or checked
+/// ([`ensure_dir`]), a stale socket left by a crash is replaced, anything
+/// else at the path (a live socket, another kind of file) is an error, and
+/// the socket has `mode` from the moment its name exists.
+pub fn bind(path: &Path, mode: u32, what: &str) -> Result<tokio::net::UnixListener> {
+    ensure_dir(path, what)?;
+    let stale = matches!(probe(path), Ok(Probe::Stale));
+    remove_stale(path, what)?;
+    if stale {
+        tracing::info!("replaced stale {what} {}", path.display());
+    }
+    bind_with_mode(path, mode)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .map_err(|e| Error::msg(format!("cannot listen on {what} {}: {e}", path.display())))
+}
+
 /// Fails when the directory `dir` could be written by anyone but root: its
 /// owner is not root, or it has the group or other write bit (a sticky
 /// `/tmp` counts: others can create names in it).
 pub fn check_dir(dir: &Path, what: &str) -> Result<()> {
-    let m = std::fs::metadata(dir)
-        .map_err(|e| Error::msg(format!("{what} directory {}: {e}", dir.display())))?;
-    if !m.is_dir() {
-        return Err(Error::msg(format!(
-            "{what} directory {} is not a directory",
+    crate::trust::check_dir(dir).map_err(|e| {
+        Error::msg(format!(
+            "{what} directory {}: {e}; refusing to start (e.g. install -d -m 0755 -o root {0})",
             dir.display()
-        )));
-    }
-    let mode = m.permissions().mode() & 0o7777;
-    if m.uid() != 0 || mode & 0o022 != 0 {
-        return Err(Error::msg(format!(
-            "{what} directory {} (owner uid {}, mode {mode:04o}) is writable by others than \
-             root; refusing to start: use a directory owned by root and writable by no one else \
-             (e.g. install -d -m 0755 -o root {})",
-            dir.display(),
-            m.uid(),
-            dir.display()
-        )));
-    }
-    Ok(())
+        ))
+    })
 }
 
 /// Binds a listening socket at `path` that has `mode` from the moment the

@@ -301,7 +301,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
         std::fs::set_permissions(&deploy, std::fs::Permissions::from_mode(0o644)).unwrap();
         let o = s.arm_with(&pass);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
-        let expected = format!("permissions 0644 for {file} are too open");
+        let expected = format!("{file}: permissions 0644 are too open");
         assert!(stdout(&o).contains(&expected), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: FAILED"), "{}", both(&o));
         // the other key is not held back by it
@@ -316,7 +316,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
         let o = s.arm_with(&pass);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(
-            stdout(&o).contains(&format!("permissions 0640 for {file}")),
+            stdout(&o).contains(&format!("{file}: permissions 0640 are too open")),
             "{}",
             both(&o)
         );
@@ -327,7 +327,7 @@ fn unsafe_key_files_are_refused_naming_the_file() {
         let o = s.arm_with(&pass);
         assert_eq!(o.status.code(), Some(1), "{}", both(&o));
         assert!(
-            stdout(&o).contains(&format!("{file} is owned by uid 65534, not root")),
+            stdout(&o).contains(&format!("{file}: owned by uid 65534, not root")),
             "{}",
             both(&o)
         );
@@ -825,24 +825,30 @@ fn check_config_as_root_and_as_an_unprivileged_user() {
         assert!(!out.contains("error:"), "{out}");
 
         std::fs::set_permissions(s.key("phab"), std::fs::Permissions::from_mode(0o604)).unwrap();
-        std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o777)).unwrap();
         for who in [As::Root, member.as_user()] {
             let o = s.kh(&who, &["check-config"]);
             assert_eq!(o.status.code(), Some(1), "{who:?}: {}", both(&o));
             let out = stdout(&o);
             assert!(
                 out.contains(&format!(
-                    "error: keys.phab: permissions 0604 for {} are too open",
+                    "error: keys.phab: {}: permissions 0604 are too open",
                     s.key("phab").display()
                 )),
                 "{out}"
             );
+        }
+        // key_dir writable by others: refused (whoever can write there can
+        // rename public keys into each other's names), by every command
+        std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for who in [As::Root, member.as_user()] {
+            let o = s.kh(&who, &["check-config"]);
+            assert_eq!(o.status.code(), Some(1), "{who:?}: {}", both(&o));
+            let err = stderr(&o);
             assert!(
-                out.contains(&format!(
-                    "warning: key_dir {} is group- or world-writable",
-                    s.keys.display()
-                )),
-                "{out}"
+                err.contains(&format!("key_dir {}: is owned by uid 0", s.keys.display()))
+                    && err.contains("writable by others than root"),
+                "{}",
+                both(&o)
             );
         }
         std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o755)).unwrap();

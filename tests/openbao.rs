@@ -86,7 +86,7 @@ fn check_blob(line: &str, data: &[u8], blob: &[u8], alg: &str) {
         let pkey =
             openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::from_public_components(n, e).unwrap())
                 .unwrap();
-        assert_eq!(bytes.len(), pkey.size() as usize);
+        assert_eq!(bytes.len(), pkey.size());
         let mut v = openssl::sign::Verifier::new(md, &pkey).unwrap();
         assert!(
             v.verify_oneshot(&bytes, data).unwrap(),

@@ -5,7 +5,9 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -376,6 +378,79 @@ fn a_fifo_as_config_on_sighup_never_blocks_the_daemon() {
     d.signal(Signal::SIGHUP);
     assert!(d.wait_log("configuration reloaded"), "{}", d.log_text());
     assert!(d.log_text().contains("1 key(s): other"), "{}", d.log_text());
+}
+
+#[test]
+fn a_fifo_or_a_writable_file_as_the_ca_pub_is_refused_at_once_and_a_later_reload_applies() {
+    require_root!();
+    let dir = TempDir::new("cf");
+    let agent = Agent::start(&dir);
+    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
+    keygen(dir.path(), "ca", "ed25519", "");
+    let body = "[certificates]\nca = \"ca\"\n\n[keys.deploy]\ngroups = [\"root\"]\n";
+    let d = Daemon::start(&dir, &agent, body);
+    assert_eq!(d.listed(&As::Root).len(), 1);
+    let before = agent.keys();
+    let ca_pub = dir.join("ca.pub");
+    let good = std::fs::read_to_string(&ca_pub).unwrap();
+    let kh_ca = || {
+        run(Command::new(env!("CARGO_BIN_EXE_keyholder")).args([
+            "ca",
+            "--config",
+            d.config.to_str().unwrap(),
+        ]))
+    };
+
+    // A FIFO: `keyholder ca` and a reload fail at once, naming it.
+    std::fs::remove_file(&ca_pub).unwrap();
+    nix::unistd::mkfifo(&ca_pub, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let o = kh_ca();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is a FIFO"), "{}", stderr(&o));
+    d.signal(Signal::SIGHUP);
+    assert!(
+        d.wait_log("is a FIFO, not a regular file"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.wait_log("reload failed, keeping the last good configuration"));
+
+    // Writable by others: the same.
+    std::fs::remove_file(&ca_pub).unwrap();
+    std::fs::write(&ca_pub, &good).unwrap();
+    std::fs::set_permissions(&ca_pub, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = kh_ca();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("writable by group or others"),
+        "{}",
+        stderr(&o)
+    );
+    d.signal(Signal::SIGHUP);
+    assert!(
+        d.wait_log("mode 0666 is writable by group or others"),
+        "{}",
+        d.log_text()
+    );
+
+    // Mended, with a group taken off the key: the next reload applies it.
+    std::fs::set_permissions(&ca_pub, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = kh_ca();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let key = |line: &str| {
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(key(&stdout(&o)), key(&good));
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, text.replace("[keys.deploy]", "[keys.other]")).unwrap();
+    std::fs::copy(dir.join("deploy.pub"), dir.join("other.pub")).unwrap();
+    d.signal(Signal::SIGHUP);
+    assert!(d.wait_log("configuration reloaded"), "{}", d.log_text());
+    assert!(d.log_text().contains("1 key(s): other"), "{}", d.log_text());
+    assert_eq!(agent.keys(), before, "the upstream agent is unchanged");
 }
 
 #[test]

@@ -1,26 +1,30 @@
 //! Whatever holds or reaches the keys, behind one small interface.
 //!
-//! The daemon holds an `Arc<dyn Backend>` and never knows which backend it
-//! is: it asks for the identities, for a signature, for the status, and (for
-//! admin callers such as `keyholder arm/disarm` when the daemon serves them)
-//! adds and removes keys. It never decides anything here: every request a
-//! backend sees has already been allowed by [`crate::policy`].
+//! [`open`] owns a backend's whole life: it starts what the backend needs
+//! (a spawned agent and its supervisor, a pool of signing threads, the
+//! root-only `agent.socket` of an in-process backend), and the [`Opened`]
+//! value it returns stops all of it. The daemon holds an `Arc<dyn Backend>`
+//! and never knows which backend it is: it asks for the identities, for a
+//! signature and for the status. The admin side (add, remove, unlock, a
+//! smartcard's PIN) is what [`admin`] serves on `agent.socket` to root. No
+//! backend decides anything: every request a backend sees from a client has
+//! already been allowed by [`crate::policy`].
 //!
 //! - [`upstream`]: an ssh-agent reached over its socket (OpenSSH's, spawned
-//!   or external), through a bounded pool of connections.
-//! - [`supervisor`]: starts OpenSSH's `ssh-agent` when `agent.spawn = true`,
-//!   restarts it when it dies, stops it on exit.
-//! - [`builtin`]: the in-process backend: keyholder holds the keys, signs on
-//!   a bounded pool of threads and serves `agent.socket` itself.
+//!   and supervised by the daemon, or external), through a bounded pool of
+//!   connections.
+//! - [`builtin`]: the in-process backend: keyholder holds the keys and signs
+//!   on a bounded pool of threads.
+//! - [`admin`]: `agent.socket` served by the daemon for in-process backends.
 //!
 //! A backend must never log key material, never decode or alter a signature
 //! it relays (the blob goes back to the client byte for byte), and never
 //! block an async thread: every call is a future, and every call ends within
 //! the deadline set by [`Backend::set_timeout`].
 
+pub mod admin;
 pub mod builtin;
 pub mod openbao;
-pub mod supervisor;
 pub mod upstream;
 
 use std::future::Future;
@@ -32,8 +36,11 @@ use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, S
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
 
 use crate::config::{BackendKind, Config};
+use crate::counter::Counter;
+use crate::ratelog::RateLog;
 
 pub use upstream::UpstreamBackend;
 
@@ -54,15 +61,39 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// name and blob), never decoded: `ssh-rsa` (SHA-1) included.
     fn sign(&self, request: SignRequest) -> BackendFuture<'_, Vec<u8>>;
 
-    /// Adds a key (constraints may be empty). A backend that does not support
-    /// a constraint answers [`BackendError::Refused`].
-    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()>;
+    /// Adds a key (constraints may be empty); `origin` names who asked, for
+    /// the log. A backend that does not support a constraint answers
+    /// [`BackendError::Refused`].
+    fn add(&self, identity: AddIdentityConstrained, origin: String) -> BackendFuture<'_, ()>;
 
     /// Removes one key.
     fn remove(&self, key: PublicCredential) -> BackendFuture<'_, ()>;
 
     /// Removes every key.
     fn remove_all(&self) -> BackendFuture<'_, ()>;
+
+    /// SSH_AGENTC_ADD_SMARTCARD_KEY: `id` names the token (a PKCS#11
+    /// module's path), `pin` unlocks it. Backends without tokens answer
+    /// [`BackendError::Unsupported`].
+    fn add_smartcard(&self, id: String, pin: Zeroizing<String>) -> BackendFuture<'_, ()> {
+        let _ = (id, pin);
+        Box::pin(async { Err(BackendError::Unsupported) })
+    }
+
+    /// SSH_AGENTC_REMOVE_SMARTCARD_KEY: forgets the token `id` and its PIN.
+    fn remove_smartcard(&self, id: String) -> BackendFuture<'_, ()> {
+        let _ = id;
+        Box::pin(async { Err(BackendError::Unsupported) })
+    }
+
+    /// `unlock@keyholder`: the secret that lets the backend reach its keys
+    /// (a secret id, a token), kept by the backend in locked memory until
+    /// [`Backend::remove_all`]. Backends with nothing to unlock answer
+    /// [`BackendError::Unsupported`].
+    fn unlock(&self, secret: Zeroizing<Vec<u8>>) -> BackendFuture<'_, ()> {
+        drop(secret);
+        Box::pin(async { Err(BackendError::Unsupported) })
+    }
 
     /// What `status@keyholder` needs: an error means the backend cannot be
     /// reached; otherwise the identities it holds.
@@ -92,6 +123,9 @@ pub enum BackendError {
     Busy,
     /// The backend answered FAILURE (or refused what was asked).
     Refused,
+    /// The backend has no such operation (a smartcard request to a backend
+    /// without tokens, say).
+    Unsupported,
     /// The connection broke or the answer could not be decoded.
     Broken(String),
 }
@@ -105,6 +139,7 @@ impl std::fmt::Display for BackendError {
                 "no signing worker free within upstream_timeout_secs (the work queue stayed full)",
             ),
             Self::Refused => f.write_str("upstream agent refused"),
+            Self::Unsupported => f.write_str("not supported by this backend"),
             Self::Broken(e) => write!(f, "upstream agent connection failed: {e}"),
         }
     }
@@ -119,40 +154,64 @@ pub struct OpenContext {
     pub shutdown: watch::Receiver<bool>,
     /// Whether the daemon's memory is locked (`mlockall`).
     pub memory_locked: bool,
+    /// Rate-limited logging, for lines a flood could repeat (a spawned
+    /// agent's stderr).
+    pub log: Arc<RateLog>,
+    /// Counts restarts of whatever the backend runs (a spawned agent).
+    pub restarts: Counter,
 }
 
-/// An opened backend, and the task that runs its own services (if any).
-pub type Opened = (Arc<dyn Backend>, Option<JoinHandle<()>>);
+/// An opened backend and the tasks that run its services (a supervised
+/// agent, `agent.socket`, expiry of keys). They end on the daemon's stop
+/// signal; [`Opened::stopped`] waits for them.
+#[derive(Debug)]
+pub struct Opened {
+    /// The backend the daemon serves requests with.
+    pub backend: Arc<dyn Backend>,
+    tasks: Vec<JoinHandle<()>>,
+}
 
-/// The backend the configuration asks for, and the task (if any) that runs
-/// its own services until shutdown (await it before exiting: the builtin
-/// backend drops its keys there). Fallible, so that a backend that must
-/// bind, load or lock something at start reports it as one line without the
-/// daemon knowing which backend it is.
-pub fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opened> {
-    match config.agent.backend {
-        BackendKind::Upstream => {
-            if !config.agent.spawn {
-                tracing::info!(
-                    "using the upstream agent at {}",
-                    config.agent.socket.display()
-                );
-            }
-            let backend = UpstreamBackend::new(
-                config.agent.socket.clone(),
-                config.limits.upstream_timeout,
-                config.limits.max_connections,
-            );
-            Ok((Arc::new(backend), None))
+impl Opened {
+    /// After the stop signal: waits until every service of the backend is
+    /// down (a spawned agent stopped and its socket removed, keys held in
+    /// memory dropped).
+    pub async fn stopped(self) {
+        for task in self.tasks {
+            let _ = task.await;
         }
+    }
+}
+
+/// Opens the backend the configuration asks for, with everything it needs
+/// running. Fails with one line when something it must start, bind, load or
+/// lock cannot be (what it had started by then is stopped again).
+pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opened> {
+    match config.agent.backend {
+        BackendKind::Upstream => upstream::open(config, context).await,
+        BackendKind::OpenBao => openbao::open(config, context).await,
         BackendKind::Builtin => {
             let settings = builtin::Settings {
-                socket: config.agent.socket.clone(),
                 timeout: config.limits.upstream_timeout,
                 memory_locked: context.memory_locked,
             };
-            let (backend, task) = builtin::Builtin::start(&settings, context.shutdown)?;
-            Ok((Arc::new(backend), Some(task)))
+            let listener = admin::bind(&config.agent.socket)?;
+            let (backend, task) = builtin::Builtin::start(&settings, context.shutdown.clone())?;
+            let backend: Arc<dyn Backend> = Arc::new(backend);
+            tracing::info!(
+                "builtin backend: serving agent.socket {} (root only)",
+                config.agent.socket.display()
+            );
+            let server = tokio::spawn(admin::serve(
+                listener,
+                config.agent.socket.clone(),
+                Arc::clone(&backend),
+                context.shutdown,
+            ));
+            // agent.socket closes before the keys are dropped.
+            Ok(Opened {
+                backend,
+                tasks: vec![server, task],
+            })
         }
     }
 }

@@ -51,7 +51,7 @@ impl Backend for TestCa {
             Ok(out)
         })
     }
-    fn add(&self, _: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+    fn add(&self, _: AddIdentityConstrained, _: String) -> BackendFuture<'_, ()> {
         Box::pin(async { Err(BackendError::Refused) })
     }
     fn remove(&self, _: PublicCredential) -> BackendFuture<'_, ()> {

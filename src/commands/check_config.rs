@@ -215,26 +215,9 @@ fn check_rules(key: &KeyConfig, found: &mut Findings) {
 
 fn check_key_dir(config: &Config, found: &mut Findings) {
     let dir = config.key_dir.display();
-    match std::fs::metadata(&config.key_dir) {
-        Ok(meta) if !meta.is_dir() => {
-            found.error(format!("key_dir {dir} is not a directory"));
-        }
-        Ok(meta) => {
-            let mode = meta.mode() & 0o7777;
-            if mode & 0o022 != 0 {
-                found.warning(format!(
-                    "key_dir {dir} is group- or world-writable (mode {mode:04o}): whoever may \
-                     write there can replace key files (chmod 755 {dir})"
-                ));
-            }
-            if meta.uid() != 0 {
-                found.warning(format!(
-                    "key_dir {dir} is owned by uid {}, not root",
-                    meta.uid()
-                ));
-            }
-        }
-        Err(e) if config.keys.is_empty() => {
+    match crate::trust::check_dir(&config.key_dir) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() && config.keys.is_empty() => {
             found.note(format!("key_dir {dir}: {e}"));
         }
         Err(e) => found.error(format!("key_dir {dir}: {e}")),

@@ -11,7 +11,7 @@
 
 use std::fs::{File, Metadata};
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ssh_key::{HashAlg, PrivateKey};
@@ -43,26 +43,10 @@ impl std::fmt::Display for ReadError {
 /// What is wrong with the file's type, owner and mode, one message each,
 /// each naming the file.
 pub fn problems(path: &Path, meta: &Metadata) -> Vec<String> {
-    let file = path.display();
-    let mut found = Vec::new();
-    if !meta.file_type().is_file() {
-        found.push(format!("{file} is not a regular file"));
-        return found;
+    match crate::trust::check_metadata(meta, crate::trust::Access::Secret) {
+        Ok(()) => Vec::new(),
+        Err(why) => vec![format!("{}: {why}", path.display())],
     }
-    if meta.uid() != 0 {
-        found.push(format!(
-            "{file} is owned by uid {}, not root (chown root: {file})",
-            meta.uid()
-        ));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        found.push(format!(
-            "permissions {mode:04o} for {file} are too open: group or others may access it \
-             (chmod 600 {file})"
-        ));
-    }
-    found
 }
 
 /// Opens and reads the file (following a symlink, as ssh does; the checks
@@ -136,15 +120,15 @@ pub fn parse(key: &KeyConfig, path: &Path, text: &str) -> Result<PrivateKey, Str
 /// the file.
 pub fn load(key: &KeyConfig) -> Result<PrivateKey, String> {
     let path = &key.private_key_path;
-    let (meta, text) = read(path).map_err(|e| match e {
-        ReadError::Denied(e) => format!("cannot open {}: {e}", path.display()),
-        ReadError::Other(e) => e,
+    let file = path.display();
+    let bytes = crate::trust::read_secret_capped(path, MAX_KEY_FILE).map_err(|e| match e {
+        e if e.is_not_found() => format!("private key {file} does not exist"),
+        crate::trust::TrustError::Io(e) => format!("cannot open {file}: {e}"),
+        crate::trust::TrustError::Untrusted(why) => format!("{file}: {why}"),
     })?;
-    let found = problems(path, &meta);
-    if !found.is_empty() {
-        return Err(found.join("; "));
-    }
-    parse(key, path, &text)
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| format!("{file}: not an OpenSSH private key (not text)"))?;
+    parse(key, path, text)
 }
 
 #[cfg(test)]
@@ -162,7 +146,7 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let meta = std::fs::metadata(&path).unwrap();
             let found = problems(&path, &meta);
-            let too_open = found.iter().any(|p| p.contains("too open"));
+            let too_open = found.iter().any(|p| p.contains("are too open"));
             assert_eq!(too_open, bad, "{mode:o}: {found:?}");
             if bad {
                 assert!(found.join("").contains(&path.display().to_string()));

@@ -26,10 +26,11 @@ pub mod list;
 pub mod passphrase;
 pub mod prometheus;
 pub mod status;
+pub mod unlock;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{read_trusted, Config, TrustError, DEFAULT_SOCKET};
+use crate::config::{Config, DEFAULT_SOCKET};
 use crate::error::{Error, Result};
 
 /// The configuration as the commands for everyone (`status`, `list`) see
@@ -50,9 +51,11 @@ impl ClientConfig {
     /// Loads `path`; permission denied falls back to the defaults, any
     /// other failure (missing file, invalid content) is an error.
     pub fn load(path: &Path) -> Result<Self> {
-        match read_trusted(path) {
+        match crate::trust::read_text(path) {
             Ok(text) => Config::parse(path, &text).map(|c| Self::Loaded(Box::new(c))),
-            Err(TrustError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(crate::trust::TrustError::Io(e))
+                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
                 Ok(Self::Defaults {
                     note: format!(
                         "{}: cannot read ({e}); using the default socket {DEFAULT_SOCKET}",

@@ -11,9 +11,7 @@
 //! terminal; the signal is then re-raised with its previous disposition.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -96,50 +94,12 @@ impl Source {
     }
 }
 
-/// Reads the first line of `path` (without its line ending).
+/// Reads the first line of `path` (without its line ending). The file
+/// must pass the trust check for secrets (root's alone, a regular file).
 pub fn read_file(path: &Path) -> Result<Passphrase> {
     let file = path.display();
-    let handle = File::options()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| Error::msg(format!("passphrase file {file}: cannot open: {e}")))?;
-    let meta = handle
-        .metadata()
-        .map_err(|e| Error::msg(format!("passphrase file {file}: cannot stat: {e}")))?;
-    if !meta.file_type().is_file() {
-        return Err(Error::msg(format!(
-            "passphrase file {file}: not a regular file"
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        eprintln!(
-            "keyholder: warning: passphrase file {file} has permissions {:04o}: \
-             group or others may read it",
-            meta.mode() & 0o7777
-        );
-    }
-    // Read at most MAX_PASSPHRASE + 1 bytes into a buffer that never grows.
-    let mut bytes = Zeroizing::new(vec![0u8; MAX_PASSPHRASE + 1]);
-    let mut len = 0;
-    let mut reader = handle.take(MAX_PASSPHRASE as u64 + 1);
-    loop {
-        let rest = bytes.get_mut(len..).unwrap_or_default();
-        if rest.is_empty() {
-            break;
-        }
-        match reader.read(rest) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::msg(format!(
-                    "passphrase file {file}: cannot read: {e}"
-                )))
-            }
-        }
-    }
-    let content = bytes.get(..len).unwrap_or_default();
+    let content = crate::trust::read_secret(path)
+        .map_err(|e| Error::msg(format!("passphrase file {file}: {e}")))?;
     let line_len = content
         .iter()
         .position(|&b| b == b'\n')
@@ -328,6 +288,8 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("kh-pass-{}-{}", std::process::id(), content.len()));
         std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let p = read_file(&path);
         std::fs::remove_file(&path).unwrap();
         (path, p)

@@ -15,8 +15,12 @@ use serde::Deserialize;
 use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, PublicKey};
 
+pub mod openbao;
+
 use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
+use crate::trust::TrustError;
+pub use openbao::OpenBaoConfig;
 
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
@@ -54,6 +58,7 @@ struct RawConfig {
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
     certificates: Option<RawCertificates>,
+    openbao: Option<openbao::RawOpenBao>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +88,9 @@ pub enum BackendKind {
     Upstream,
     /// keyholder holds the keys itself and serves `agent.socket`.
     Builtin,
+    /// The keys are transit keys of an OpenBao / Vault cluster (`[openbao]`).
+    #[serde(rename = "openbao")]
+    OpenBao,
 }
 
 impl BackendKind {
@@ -91,6 +99,7 @@ impl BackendKind {
         match self {
             Self::Upstream => "upstream",
             Self::Builtin => "builtin",
+            Self::OpenBao => "openbao",
         }
     }
 }
@@ -122,6 +131,7 @@ struct RawKey {
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
+    transit_key: Option<String>,
 }
 
 /// Whether a key is listed with a certificate minted for each caller
@@ -272,6 +282,8 @@ pub struct KeyConfig {
     pub remote_users: Option<Vec<String>>,
     /// May be used through a forwarded agent.
     pub allow_forwarding: bool,
+    /// The transit key holding it (`backend = "openbao"`; default: the name).
+    pub transit_key: Option<String>,
 }
 
 /// A key's `destinations` file, read and parsed.
@@ -306,15 +318,17 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
     pub certificates: Option<Box<CertificatesConfig>>,
+    /// `[openbao]`, when present.
+    pub openbao: Option<Box<OpenBaoConfig>>,
 }
 
 impl Config {
     /// Reads and validates the configuration file at `path`, which must be
     /// a regular file owned by root and writable by no one else (see
-    /// [`read_trusted`]).
+    /// [`crate::trust`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            read_trusted(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let text = crate::trust::read_text(path)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         Self::parse(path, &text)
     }
 
@@ -343,6 +357,18 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
         let key_dir = resolve(raw.key_dir.unwrap_or_else(|| DEFAULT_KEY_DIR.into()));
+        // Whoever can write in key_dir can rename public keys into each
+        // other's names and choose which key a group gets. A missing one is
+        // named by the first key file it should hold.
+        match crate::trust::check_dir(&key_dir) {
+            Err(e) if !e.is_not_found() => {
+                return Err(Error::msg(format!(
+                    "{file}: key_dir {}: {e}",
+                    key_dir.display()
+                )))
+            }
+            _ => {}
+        }
         let defaults = Limits::default();
         let limits = Limits {
             max_connections: positive(
@@ -421,6 +447,37 @@ impl Config {
         }
 
         let backend = raw.agent.backend.unwrap_or_default();
+        let openbao = match raw.openbao {
+            Some(o) => Some(Box::new(openbao::load(path, o)?)),
+            None => None,
+        };
+        if backend == BackendKind::OpenBao && openbao.is_none() {
+            return Err(Error::msg(format!(
+                "{file}: agent.backend = \"openbao\" needs an [openbao] section \
+                 (addresses, auth)"
+            )));
+        }
+        if backend != BackendKind::OpenBao {
+            if let Some(k) = keys.iter().find(|k| k.transit_key.is_some()) {
+                return Err(Error::msg(format!(
+                    "{file}: keys.{}.transit_key: applies only with agent.backend = \"openbao\"",
+                    k.name
+                )));
+            }
+        }
+        if backend == BackendKind::OpenBao {
+            for (field, set) in [
+                ("spawn", raw.agent.spawn == Some(true)),
+                ("program", raw.agent.program.is_some()),
+            ] {
+                if set {
+                    return Err(Error::msg(format!(
+                        "{file}: agent.{field}: does not apply with agent.backend = \"openbao\" \
+                         (the keys are in the cluster, no ssh-agent is started); remove it"
+                    )));
+                }
+            }
+        }
         if backend == BackendKind::Builtin {
             for (field, set) in [
                 ("spawn", raw.agent.spawn.is_some()),
@@ -458,6 +515,7 @@ impl Config {
             limits,
             keys,
             certificates,
+            openbao,
         })
     }
 
@@ -550,7 +608,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         ),
         None => {
             let pub_path = key_dir.join(format!("{name}.pub"));
-            let text = read_trusted(&pub_path).map_err(|e| {
+            let text = crate::trust::read_text(&pub_path).map_err(|e| {
                 let hint = match e {
                     TrustError::Io(_) => format!(" (put it there, or set keys.{name}.public_key)"),
                     TrustError::Untrusted(_) => String::new(),
@@ -594,6 +652,10 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
             )));
         }
     }
+    if let Some(t) = &raw.transit_key {
+        openbao::check_transit_key(&file.to_string(), &name, t)?;
+    }
+    let transit_key = raw.transit_key;
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -606,144 +668,32 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         destinations,
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
+        transit_key,
     })
 }
 
-/// Reads a key's destinations file: a regular file owned by root that
-/// group and others cannot write (whoever can write it chooses where the
-/// key may be used), in known_hosts format.
+/// Reads a key's destinations file (known_hosts format), which must pass
+/// the trust check: whoever can write it chooses where the key may be used.
+/// A caller that may not read it (a non-root `status` or `list`) gets the
+/// path without its hosts.
 fn load_destinations(
     file: &impl std::fmt::Display,
     name: &str,
     path: PathBuf,
 ) -> Result<Destinations> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let what = || format!("{file}: keys.{name}.destinations: {}", path.display());
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&path);
-    let mut f = match opened {
-        Ok(f) => f,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::PermissionDenied
-                && !nix::unistd::geteuid().is_root() =>
-        {
+    let text = match crate::trust::read_text(&path) {
+        Ok(text) => text,
+        Err(e) if e.is_permission_denied() && !nix::unistd::geteuid().is_root() => {
             return Ok(Destinations { path, hosts: None });
         }
-        Err(e) => return Err(Error::msg(format!("{}: cannot open: {e}", what()))),
+        Err(e) => return Err(Error::msg(format!("{}: {e}", what()))),
     };
-    let meta = f
-        .metadata()
-        .map_err(|e| Error::msg(format!("{}: cannot stat: {e}", what())))?;
-    if !meta.file_type().is_file() {
-        return Err(Error::msg(format!("{}: not a regular file", what())));
-    }
-    if meta.uid() != 0 {
-        return Err(Error::msg(format!(
-            "{}: owned by uid {}, not root",
-            what(),
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(Error::msg(format!(
-            "{}: writable by group or others (mode {:04o}); chmod go-w",
-            what(),
-            meta.mode() & 0o7777
-        )));
-    }
-    let mut text = String::new();
-    f.read_to_string(&mut text)
-        .map_err(|e| Error::msg(format!("{}: cannot read: {e}", what())))?;
     let hosts = KnownHosts::parse(&text).map_err(|e| Error::msg(format!("{}: {e}", what())))?;
     Ok(Destinations {
         path,
         hosts: Some(Arc::new(hosts)),
     })
-}
-
-/// The largest configuration or public key file read (far above any real one).
-const MAX_FILE_LEN: u64 = 1024 * 1024;
-
-/// Why a file that must be trusted was not read.
-#[derive(Debug)]
-pub enum TrustError {
-    /// It could not be opened or read.
-    Io(std::io::Error),
-    /// It is not a regular file owned by root and writable by root alone.
-    Untrusted(String),
-}
-
-impl std::fmt::Display for TrustError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Io(e) => write!(f, "cannot read: {e}"),
-            Self::Untrusted(why) => f.write_str(why),
-        }
-    }
-}
-
-/// Reads a file whose content decides who may use which key (the
-/// configuration, `NAME.pub`): it must be a regular file, owned by root, not
-/// writable by group or others (a writable `.pub` would let its writer swap
-/// the key a group may use). Never blocks on what is not a regular file:
-/// it is opened non-blocking and without following a final symbolic link,
-/// and the opened descriptor is checked before anything is read.
-pub fn read_trusted(path: &Path) -> std::result::Result<String, TrustError> {
-    use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(nix::libc::ELOOP) => TrustError::Untrusted(
-                "is a symbolic link, not a regular file; name the file itself".to_owned(),
-            ),
-            _ => TrustError::Io(e),
-        })?;
-    let meta = file.metadata().map_err(TrustError::Io)?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_dir() {
-            "a directory"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
-        return Err(TrustError::Untrusted(format!(
-            "is {what}, not a regular file; refusing to read it"
-        )));
-    }
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() != 0 {
-        return Err(TrustError::Untrusted(format!(
-            "owned by uid {}, not root; refusing to trust it (chown root)",
-            meta.uid()
-        )));
-    }
-    if mode & 0o022 != 0 {
-        return Err(TrustError::Untrusted(format!(
-            "mode {mode:04o} is writable by group or others; refusing to trust it \
-             (chmod go-w)"
-        )));
-    }
-    let mut text = String::new();
-    file.take(MAX_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(TrustError::Io)?;
-    if text.len() as u64 > MAX_FILE_LEN {
-        return Err(TrustError::Untrusted(format!(
-            "larger than {MAX_FILE_LEN} bytes; refusing to read it"
-        )));
-    }
-    Ok(text)
 }
 
 /// A certificate field value: printable ASCII, no spaces or commas (they
@@ -847,9 +797,9 @@ fn load_certificates(
         )));
     }
     let pub_path = key_dir.join(format!("{name}.pub"));
-    let text = std::fs::read_to_string(&pub_path).map_err(|e| {
+    let text = crate::trust::read_text(&pub_path).map_err(|e| {
         Error::msg(format!(
-            "{file}: certificates.ca: cannot read the CA public key {}: {e}",
+            "{file}: certificates.ca: the CA public key {}: {e}",
             pub_path.display()
         ))
     })?;
@@ -904,6 +854,7 @@ fn load_certificates(
             destinations: None,
             remote_users: None,
             allow_forwarding: false,
+            transit_key: None,
         },
         validity_secs,
         backdate_secs,
@@ -1264,7 +1215,7 @@ mod example_tests {
     #[test]
     fn example_config_loads_and_matches_the_defaults() {
         let path = Path::new("/etc/keyholder/keyholder.toml");
-        let example = Config::parse(path, include_str!("../keyholder.toml.example")).unwrap();
+        let example = Config::parse(path, include_str!("../../keyholder.toml.example")).unwrap();
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
     }

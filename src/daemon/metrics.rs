@@ -90,7 +90,7 @@ fn upstream_index(e: &BackendError) -> usize {
     match e {
         BackendError::Unreachable(_) => 0,
         BackendError::Timeout | BackendError::Busy => 1,
-        BackendError::Refused => 2,
+        BackendError::Refused | BackendError::Unsupported => 2,
         BackendError::Broken(_) => 3,
     }
 }

@@ -20,16 +20,14 @@ pub mod metrics;
 pub mod userdb_watch;
 pub mod verifier;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::supervisor::{remove_socket, Supervisor};
 use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
@@ -55,8 +53,6 @@ pub struct Runtime {
     pub policy: Policy,
     /// Timeouts and limits.
     pub limits: Limits,
-    /// The upstream agent socket.
-    pub agent_socket: PathBuf,
     /// The groups the keys name: a caller's membership is looked up for
     /// these (for each request, through the lookup cache).
     pub groups: Arc<[String]>,
@@ -72,7 +68,6 @@ impl From<&Config> for Runtime {
             groups: policy.group_names().into(),
             policy,
             limits: config.limits,
-            agent_socket: config.agent.socket.clone(),
             certs: crate::certs::Settings::from_config(config),
         }
     }
@@ -151,51 +146,23 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     // mistake must leave the running one (and its agent) alone.
     refuse_if_running(&config)?;
     let log = RateLog::start(RateLog::window_from_env(), stop_rx.clone());
-    ensure_runtime_dir(&config.socket, "socket")?;
-    if config.agent.spawn {
-        ensure_runtime_dir(&config.agent.socket, "agent.socket")?;
-    }
-    let supervisor = if config.agent.spawn {
-        let sup = Supervisor::start(config.agent.clone(), Arc::clone(&log))
-            .await?
-            .count_restarts(metrics.upstream_restarts.clone());
-        tracing::info!(
-            "upstream agent {} started (pid {}) on {}",
-            config.agent.program.display(),
-            sup.pid().unwrap_or(0),
-            config.agent.socket.display()
-        );
-        Some(tokio::spawn(sup.run(stop_rx.clone())))
-    } else {
-        None
-    };
-
-    let listener = match bind_proxy(&config.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            if let Some(sup) = supervisor {
-                let _ = sup.await;
-            }
-            return Err(e);
-        }
-    };
+    sockets::ensure_dir(&config.socket, "socket")?;
     let context = crate::backend::OpenContext {
         shutdown: stop_rx.clone(),
         memory_locked,
+        log: Arc::clone(&log),
+        restarts: metrics.upstream_restarts.clone(),
     };
-    let (backend, backend_task) = match crate::backend::open(&config, context) {
-        Ok(b) => b,
+    let opened = crate::backend::open(&config, context).await?;
+    let listener = match sockets::bind(&config.socket, 0o666, "socket") {
+        Ok(l) => l,
         Err(e) => {
             let _ = stop_tx.send(true);
-            drop(listener);
-            remove_socket(&config.socket);
-            if let Some(sup) = supervisor {
-                let _ = sup.await;
-            }
+            opened.stopped().await;
             return Err(e);
         }
     };
+    let backend = Arc::clone(&opened.backend);
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
     let shared = Arc::new(Shared {
@@ -318,15 +285,10 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     crate::notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     drop(listener);
-    remove_socket(&config.socket);
+    sockets::remove(&config.socket);
     drop(done_tx);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx.recv()).await;
-    if let Some(sup) = supervisor {
-        let _ = sup.await;
-    }
-    if let Some(task) = backend_task {
-        let _ = task.await;
-    }
+    opened.stopped().await;
     let lookups = shared.lookups.stats();
     tracing::info!(
         "stopped; user lookups since start: {} run, {} requests answered from the cache, \
@@ -448,9 +410,7 @@ fn apply_reload(
         }
     }
     limiter.set_max_per_user(new.limits.max_connections_per_user);
-    let mut next = Runtime::from(&new);
-    next.agent_socket = current.agent.socket.clone();
-    runtime.send_replace(Arc::new(next));
+    runtime.send_replace(Arc::new(Runtime::from(&new)));
     tracing::info!(
         "configuration reloaded from {}: {} key(s): {}",
         new.path.display(),
@@ -483,22 +443,6 @@ fn signal_stream(kind: SignalKind) -> Result<tokio::signal::unix::Signal> {
     signal(kind).map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))
 }
 
-/// Creates the socket's directory (root-owned, 0755) when it is missing,
-/// and refuses one that anyone but root could write (where someone could
-/// replace the socket, or put their own in its place).
-fn ensure_runtime_dir(socket: &Path, what: &str) -> Result<()> {
-    let dir = socket
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
-            .map_err(|e| Error::msg(format!("cannot create {}: {e}", dir.display())))?;
-    }
-    sockets::check_dir(dir, what)
-}
-
 /// Fails with "already running (pid N)" when something answers on the
 /// proxy socket or, with `agent.spawn`, on `agent.socket`.
 fn refuse_if_running(config: &Config) -> Result<()> {
@@ -520,24 +464,4 @@ fn refuse_if_running(config: &Config) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Binds the proxy socket (mode 0666), replacing a stale socket left by a
-/// crash. Refuses to replace anything that is not a socket, or a socket
-/// another process still listens on.
-fn bind_proxy(path: &Path) -> Result<UnixListener> {
-    let stale = matches!(sockets::probe(path), Ok(Probe::Stale));
-    sockets::remove_stale(path, "socket")?;
-    if stale {
-        tracing::info!("replaced stale socket {}", path.display());
-    }
-    // Mode 0666 from the moment the path exists: no window in which a
-    // client sees (or a monitor records) another mode.
-    let listener = sockets::bind_with_mode(path, 0o666)
-        .and_then(|l| {
-            l.set_nonblocking(true)?;
-            UnixListener::from_std(l)
-        })
-        .map_err(|e| Error::msg(format!("cannot listen on {}: {e}", path.display())))?;
-    Ok(listener)
 }

@@ -9,12 +9,10 @@
 //! The backend holds keys and signs; it never decides who may use them (that
 //! is the policy's, the same for every backend) and never logs key material.
 
-pub mod admin;
 pub mod key;
 pub mod pool;
 pub mod store;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,8 +204,6 @@ impl Inner {
 /// Settings read once at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `agent.socket`.
-    pub socket: PathBuf,
     /// `limits.upstream_timeout_secs`: queueing plus signing.
     pub timeout: Duration,
     /// Whether mlockall succeeded (an error is logged per added key if not).
@@ -215,8 +211,8 @@ pub struct Settings {
 }
 
 impl Builtin {
-    /// Starts the pool, binds `agent.socket` and spawns its server and the
-    /// expiry reaper; both stop (and every key is dropped) on shutdown.
+    /// Starts the pool and spawns the expiry reaper; on shutdown the reaper
+    /// stops and every key is dropped.
     pub fn start(
         settings: &Settings,
         shutdown: watch::Receiver<bool>,
@@ -226,11 +222,8 @@ impl Builtin {
         let capacity = knob(QUEUE_ENV).unwrap_or(workers.max(1) * QUEUE_PER_WORKER);
         let pool = Pool::start(workers, capacity)
             .map_err(|e| Error::msg(format!("cannot start the signing threads: {e}")))?;
-        let listener = admin::bind(&settings.socket)?;
         tracing::info!(
-            "builtin backend: serving agent.socket {} (root only); {} signing thread(s), \
-             queue of {}",
-            settings.socket.display(),
+            "builtin backend: {} signing thread(s), queue of {}",
             pool.workers(),
             pool.capacity()
         );
@@ -247,17 +240,10 @@ impl Builtin {
             memory_locked: settings.memory_locked,
             busy_log: Mutex::new((None, 0)),
         });
-        let server = tokio::spawn(admin::serve(
-            listener,
-            settings.socket.clone(),
-            Arc::clone(&inner),
-            shutdown.clone(),
-        ));
         let reaper = tokio::spawn(reap(Arc::clone(&inner), shutdown));
         let task = tokio::spawn({
             let inner = Arc::clone(&inner);
             async move {
-                let _ = server.await;
                 let _ = reaper.await;
                 let n = inner.store.remove_all();
                 inner.pool.stop();
@@ -298,7 +284,7 @@ impl Backend for Builtin {
         })
     }
 
-    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+    fn add(&self, identity: AddIdentityConstrained, origin: String) -> BackendFuture<'_, ()> {
         Box::pin(async move {
             let mut lifetime = None;
             for constraint in &identity.constraints {
@@ -314,7 +300,7 @@ impl Backend for Builtin {
                 }
             }
             self.inner
-                .add_key(identity.identity.credential, lifetime, "the daemon")
+                .add_key(identity.identity.credential, lifetime, &origin)
                 .map_err(|why| {
                     tracing::warn!("builtin backend: refused to add a key: {why}");
                     BackendError::Refused
@@ -333,7 +319,10 @@ impl Backend for Builtin {
 
     fn remove_all(&self) -> BackendFuture<'_, ()> {
         Box::pin(async move {
-            self.inner.store.remove_all();
+            let n = self.inner.store.remove_all();
+            if n > 0 {
+                tracing::info!("builtin backend: removed all keys ({n})");
+            }
             Ok(())
         })
     }

@@ -14,14 +14,13 @@
 //! a redirect to an address that is not configured, and never buffers more
 //! than [`MAX_BODY`] bytes of an answer.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Method, Request, Uri};
+use hyper::{Method, Request};
 use hyper_openssl::client::legacy::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -154,41 +153,7 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// Checks one configured address: `https://HOST[:PORT]`, or `http://` on
-/// loopback only; no path, query or credentials.
-pub fn check_address(address: &str) -> Result<String, String> {
-    let uri: Uri = address
-        .parse()
-        .map_err(|e| format!("address {address:?} is not a URL: {e}"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("address {address:?} has no host"))?;
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("address {address:?} must not carry credentials"));
-    }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-        return Err(format!(
-            "address {address:?} must be scheme://host:port only (the API path /v1 is added)"
-        ));
-    }
-    match uri.scheme_str() {
-        Some("https") => {}
-        Some("http") if is_loopback(host) => {}
-        Some("http") => {
-            return Err(format!(
-                "address {address:?}: http:// is refused unless the host is loopback (use https://)"
-            ))
-        }
-        _ => return Err(format!("address {address:?} must start with https://")),
-    }
-    Ok(address.trim_end_matches('/').to_string())
-}
-
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+pub use crate::config::openbao::check_address;
 
 impl Cluster {
     /// A client of these addresses (each checked with [`check_address`]).
@@ -459,20 +424,6 @@ fn tls_connector(tls: &Tls) -> Result<openssl::ssl::SslConnectorBuilder, String>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_are_https_or_loopback_http() {
-        assert!(check_address("https://bao.example:8200").is_ok());
-        assert!(check_address("http://127.0.0.1:8200").is_ok());
-        assert!(check_address("http://[::1]:8200").is_ok());
-        assert!(check_address("http://localhost:8200/").is_ok());
-        assert!(check_address("http://bao.example:8200").is_err());
-        assert!(check_address("http://10.0.0.1:8200").is_err());
-        assert!(check_address("ftp://127.0.0.1").is_err());
-        assert!(check_address("https://u:p@bao.example").is_err());
-        assert!(check_address("https://bao.example/v1").is_err());
-        assert!(check_address("not a url").is_err());
-    }
 
     fn reply(status: u16, body: &str) -> Reply {
         Reply {

@@ -234,7 +234,7 @@ impl VerifyKey {
                 (raw.to_vec(), ok)
             }
             Kind::Rsa => {
-                let size = self.pkey.size() as usize;
+                let size = self.pkey.size();
                 if raw.len() != size {
                     return Err(format!(
                         "RSA signature of {} bytes (the modulus has {size})",

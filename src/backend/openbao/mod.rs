@@ -33,6 +33,7 @@ use serde_json::{json, Map, Value};
 use ssh_agent_lib::proto::{AddIdentityConstrained, Identity, PublicCredential, SignRequest};
 use ssh_key::public::KeyData;
 use tokio::sync::oneshot;
+use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
 use auth::{LoginState, Session};
@@ -268,6 +269,22 @@ impl OpenBao {
             .logout(&self.inner.cluster, self.deadline())
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// At exit: revokes a token the daemon obtained itself (within 3 s).
+    async fn revoke_at_exit(&self) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        if self.inner.session.token().is_some() {
+            match self
+                .inner
+                .session
+                .logout(&self.inner.cluster, deadline)
+                .await
+            {
+                Ok(()) => tracing::info!("openbao: token revoked at exit"),
+                Err(e) => tracing::warn!("openbao: revoking the token at exit: {e}"),
+            }
+        }
     }
 
     /// The state of the login and of each key, as last seen.
@@ -572,6 +589,106 @@ impl OpenBao {
     }
 }
 
+/// Opens the backend: reads the TLS files through the trust check, serves
+/// `agent.socket` (for `keyholder arm/disarm`), and keeps the login alive
+/// until shutdown, when a token the daemon obtained itself is revoked.
+pub(super) async fn open(
+    config: &crate::config::Config,
+    context: super::OpenContext,
+) -> crate::error::Result<super::Opened> {
+    use crate::config::openbao::AuthKind;
+    use crate::error::Error;
+    let file = config.path.display();
+    let o = config.openbao.as_deref().ok_or_else(|| {
+        Error::msg(format!(
+            "{file}: agent.backend = \"openbao\" needs an [openbao] section"
+        ))
+    })?;
+    let text = |field: &str, path: &std::path::Path| {
+        crate::trust::read_text(path)
+            .map(String::into_bytes)
+            .map_err(|e| Error::msg(format!("{file}: openbao.{field} {}: {e}", path.display())))
+    };
+    let tls = http::Tls {
+        ca_pem: o
+            .ca_file
+            .as_deref()
+            .map(|p| text("ca_file", p))
+            .transpose()?,
+        client_cert_pem: o
+            .client_cert
+            .as_deref()
+            .map(|p| text("client_cert", p))
+            .transpose()?,
+        client_key_pem: o
+            .client_key
+            .as_deref()
+            .map(|p| {
+                crate::trust::read_secret(p).map_err(|e| {
+                    Error::msg(format!("{file}: openbao.client_key {}: {e}", p.display()))
+                })
+            })
+            .transpose()?,
+    };
+    let auth = match o.auth {
+        AuthKind::AppRole => AuthMethod::AppRole {
+            mount: o.auth_mount.clone(),
+            role_id: o.role_id.clone().unwrap_or_default(),
+        },
+        AuthKind::Cert => AuthMethod::Cert {
+            mount: o.auth_mount.clone(),
+        },
+        AuthKind::Token => AuthMethod::Token,
+        AuthKind::Agent => AuthMethod::Agent {
+            token_file: o.token_file.clone().unwrap_or_default(),
+        },
+    };
+    let revoke_at_exit = matches!(o.auth, AuthKind::AppRole | AuthKind::Cert);
+    let settings = Settings {
+        addresses: o.addresses.clone(),
+        tls,
+        namespace: o.namespace.clone(),
+        auth,
+        transit_mount: o.transit_mount.clone(),
+        keys: config
+            .keys
+            .iter()
+            .map(|k| KeySpec {
+                name: k.name.clone(),
+                public: k.public_key.clone(),
+                transit_key: k.transit_key.clone().unwrap_or_else(|| k.name.clone()),
+            })
+            .collect(),
+        timeout: config.limits.upstream_timeout,
+    };
+    let backend =
+        OpenBao::new(settings).map_err(|e| Error::msg(format!("{file}: openbao: {e}")))?;
+    let listener = super::admin::bind(&config.agent.socket)?;
+    tracing::info!(
+        "openbao backend: {} (auth {}), serving agent.socket {} (root only)",
+        o.addresses.join(", "),
+        o.auth.name(),
+        config.agent.socket.display()
+    );
+    let shared: Arc<dyn Backend> = Arc::new(backend.clone());
+    let server = tokio::spawn(super::admin::serve(
+        listener,
+        config.agent.socket.clone(),
+        Arc::clone(&shared),
+        context.shutdown.clone(),
+    ));
+    let upkeep = tokio::spawn(async move {
+        backend.run(context.shutdown).await;
+        if revoke_at_exit {
+            backend.revoke_at_exit().await;
+        }
+    });
+    Ok(super::Opened {
+        backend: shared,
+        tasks: vec![server, upkeep],
+    })
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -716,8 +833,29 @@ impl Backend for OpenBao {
         })
     }
 
-    fn add(&self, _identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+    fn add(&self, _identity: AddIdentityConstrained, origin: String) -> BackendFuture<'_, ()> {
+        tracing::warn!(
+            "openbao: refused adding a key ({origin}): the keys live in transit \
+             (create or import them there)"
+        );
         Box::pin(async { Err(BackendError::Refused) })
+    }
+
+    fn unlock(&self, secret: Zeroizing<Vec<u8>>) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            match self.arm(&secret).await {
+                Ok(report) => {
+                    for problem in report.problems() {
+                        tracing::warn!("{problem}");
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!("openbao: arming failed: {e}");
+                    Err(BackendError::Refused)
+                }
+            }
+        })
     }
 
     fn remove(&self, _key: PublicCredential) -> BackendFuture<'_, ()> {

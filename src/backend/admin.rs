@@ -1,25 +1,32 @@
-//! `agent.socket` when the builtin backend holds the keys: the admin side of
-//! the agent protocol, served by the daemon itself, to root only.
+//! `agent.socket` for the backends that live in the daemon (builtin, and
+//! any backend whose keys sit in a token or a cluster): the admin side of
+//! the agent protocol, served by the daemon itself, to root only, and
+//! dispatched to the [`Backend`] trait.
 //!
-//! Served: REQUEST_IDENTITIES, ADD_IDENTITY, ADD_ID_CONSTRAINED with a
-//! lifetime, REMOVE_IDENTITY, REMOVE_ALL_IDENTITIES, SIGN_REQUEST, so that
-//! `keyholder arm/disarm` and `ssh-add -l/-L/-d/-D/-t` work unchanged.
-//! Refused with FAILURE and a log line saying why: confirm, destination and
-//! every other constraint, smartcard keys, lock/unlock, extensions, unknown
-//! types. A peer whose SO_PEERCRED uid is not 0 is logged and disconnected
-//! before anything is read.
+//! Served: REQUEST_IDENTITIES, SIGN_REQUEST, ADD_IDENTITY, ADD_ID_CONSTRAINED
+//! with a lifetime, REMOVE_IDENTITY, REMOVE_ALL_IDENTITIES,
+//! ADD_SMARTCARD_KEY (with or without constraints) and REMOVE_SMARTCARD_KEY,
+//! and the vendor extension `unlock@keyholder` (one `string`: the secret
+//! that unlocks the backend), so that `keyholder arm/disarm` and `ssh-add
+//! -l/-L/-d/-D/-t/-s/-e` work unchanged. What the backend does not support
+//! it refuses. Refused with FAILURE and a log line saying why: confirm,
+//! destination and every other constraint, lock/unlock, other extensions,
+//! unknown types. A peer whose SO_PEERCRED uid is not 0 is logged and
+//! disconnected before anything is read.
 //!
 //! This module owns its accept loop (never ssh-agent-lib's server loop). It
-//! must never log key material or passphrases, and never keep a copy of a
+//! must never log key material, PINs or secrets, and never keep a copy of a
 //! received message: each one is read into a buffer allocated once at its
 //! full size (so it never reallocates) and zeroized after use.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssh_agent_lib::proto::{AddIdentity, PublicCredential, RemoveIdentity, Request, Response};
+use ssh_agent_lib::proto::{
+    AddIdentity, AddIdentityConstrained, KeyConstraint, PublicCredential, RemoveIdentity, Request,
+    Response,
+};
 use ssh_encoding::{Decode, Reader};
 use ssh_key::HashAlg;
 use tokio::io::AsyncWriteExt;
@@ -27,8 +34,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Inner, SignError};
-use crate::error::{Error, Result};
+use super::{Backend, BackendError};
+use crate::error::Result;
 use crate::protocol::{read_frame, response, FrameError, MAX_MESSAGE_LEN};
 
 /// Admin connections served at once (root's `ssh-add`, `keyholder arm`…).
@@ -45,65 +52,19 @@ const CONSTRAIN_CONFIRM: u8 = 2;
 const CONSTRAIN_MAXSIGN: u8 = 3;
 const CONSTRAIN_EXTENSION: u8 = 255;
 
-/// Binds `agent.socket` (mode 0600). Its directory must be owned by root and
-/// writable by root only. A stale socket is replaced; a socket something
-/// answers on, or a file that is not a socket, is an error.
+/// The vendor extension that hands a backend the secret that unlocks it.
+pub const UNLOCK_EXTENSION: &str = "unlock@keyholder";
+
+/// Binds `agent.socket` (mode 0600, in a directory only root may write).
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    let shown = path.display();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            // Created root-only (umask 077).
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::msg(format!(
-                    "agent.socket {shown}: cannot create {}: {e}",
-                    dir.display()
-                ))
-            })?;
-        }
-        let meta = std::fs::metadata(dir)
-            .map_err(|e| Error::msg(format!("agent.socket {shown}: {}: {e}", dir.display())))?;
-        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            return Err(Error::msg(format!(
-                "agent.socket {shown}: its directory {} must be owned by root and writable \
-                 by root only (it is uid {} mode {:o})",
-                dir.display(),
-                meta.uid(),
-                meta.mode() & 0o7777
-            )));
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::msg(format!(
-                    "agent.socket {shown} is in use by another process \
-                     (is keyholder or an ssh-agent already running there?)"
-                )));
-            }
-            std::fs::remove_file(path).map_err(|e| {
-                Error::msg(format!("cannot remove stale agent.socket {shown}: {e}"))
-            })?;
-        }
-        Ok(_) => {
-            return Err(Error::msg(format!(
-                "agent.socket {shown} exists and is not a socket; refusing to replace it"
-            )))
-        }
-        Err(_) => {}
-    }
-    // umask 077 (hardening) keeps others out between bind and chmod.
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Error::msg(format!("cannot listen on agent.socket {shown}: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::msg(format!("cannot chmod agent.socket {shown}: {e}")))?;
-    Ok(listener)
+    crate::sockets::bind(path, 0o600, "agent.socket")
 }
 
 /// Accepts admin connections until shutdown; then removes the socket.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    inner: Arc<Inner>,
+    backend: Arc<dyn Backend>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -123,10 +84,10 @@ pub async fn serve(
                     );
                     continue;
                 };
-                let inner = Arc::clone(&inner);
+                let backend = Arc::clone(&backend);
                 let stop = shutdown.clone();
                 tokio::spawn(async move {
-                    connection(stream, inner, stop).await;
+                    connection(stream, backend, stop).await;
                     drop(slot);
                 });
             }
@@ -141,12 +102,14 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(&path);
-    }
+    crate::sockets::remove(&path);
 }
 
-async fn connection(stream: UnixStream, inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+async fn connection(
+    stream: UnixStream,
+    backend: Arc<dyn Backend>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let (uid, pid) = match stream.peer_cred() {
         Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
         Err(e) => {
@@ -157,7 +120,8 @@ async fn connection(stream: UnixStream, inner: Arc<Inner>, mut shutdown: watch::
     if uid != 0 {
         tracing::warn!(
             "agent.socket: refused connection of uid={uid} pid={pid}: only root may use \
-             the builtin backend's admin socket; closed"
+             the {} backend's admin socket; closed",
+            backend.name()
         );
         return;
     }
@@ -178,7 +142,7 @@ async fn connection(stream: UnixStream, inner: Arc<Inner>, mut shutdown: watch::
                 break;
             }
         }
-        let reply = handle(&inner, &buf, pid).await;
+        let reply = handle(&*backend, &buf, pid).await;
         buf.zeroize();
         if stream.write_all(&reply).await.is_err() {
             break;
@@ -186,38 +150,78 @@ async fn connection(stream: UnixStream, inner: Arc<Inner>, mut shutdown: watch::
     }
 }
 
+/// The framed SUCCESS or FAILURE for a backend's answer.
+fn outcome(result: std::result::Result<(), BackendError>) -> Vec<u8> {
+    match result {
+        Ok(()) => response::SUCCESS.to_vec(),
+        Err(_) => response::FAILURE.to_vec(),
+    }
+}
+
 /// One request from root; returns the framed answer.
-async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
+async fn handle(backend: &dyn Backend, message: &[u8], pid: i32) -> Vec<u8> {
+    let name = backend.name();
     let Some((&kind, body)) = message.split_first() else {
         return response::FAILURE.to_vec();
     };
     match kind {
         // Decoded by hand: ssh-agent-lib's decoder cannot say which
         // constraint it did not understand.
-        17 | 25 => return add(inner, body, kind == 25, pid),
+        17 | 25 => return add(backend, body, kind == 25, pid).await,
         // SSH_AGENTC_REMOVE_ALL_RSA_IDENTITIES: `ssh-add -D` still sends it
         // after the SSH2 one, and OpenSSH's agent treats it as remove-all.
-        9 if body.is_empty() => {
-            let n = inner.store.remove_all();
-            if n > 0 {
-                tracing::info!("agent.socket: removed all keys ({n}) for pid={pid}");
+        9 if body.is_empty() => return outcome(backend.remove_all().await),
+        20 | 26 => {
+            let Some((id, pin)) = parse_smartcard(body, kind == 26) else {
+                tracing::warn!(
+                    "agent.socket: refused a malformed smartcard request from pid={pid}"
+                );
+                return response::FAILURE.to_vec();
+            };
+            let result = backend.add_smartcard(id, pin).await;
+            if matches!(result, Err(BackendError::Unsupported)) {
+                tracing::warn!(
+                    "agent.socket: refused a smartcard request (type {kind}) from pid={pid}: \
+                     the {name} backend holds no smartcard keys"
+                );
             }
-            return response::SUCCESS.to_vec();
+            return outcome(result);
         }
-        20 | 21 | 26 => {
-            tracing::warn!(
-                "agent.socket: refused a smartcard request (type {kind}) from pid={pid}: \
-                 the builtin backend holds no smartcard keys"
-            );
-            return response::FAILURE.to_vec();
+        21 => {
+            let Some((id, _pin)) = parse_smartcard(body, false) else {
+                tracing::warn!(
+                    "agent.socket: refused a malformed smartcard request from pid={pid}"
+                );
+                return response::FAILURE.to_vec();
+            };
+            let result = backend.remove_smartcard(id).await;
+            if matches!(result, Err(BackendError::Unsupported)) {
+                tracing::warn!(
+                    "agent.socket: refused a smartcard request (type {kind}) from pid={pid}: \
+                     the {name} backend holds no smartcard keys"
+                );
+            }
+            return outcome(result);
         }
         22 | 23 => {
             tracing::warn!(
-                "agent.socket: refused a {} request from pid={pid}: the builtin backend \
+                "agent.socket: refused a {} request from pid={pid}: the {name} backend \
                  cannot be locked (disarm it with `keyholder disarm`)",
                 if kind == 22 { "lock" } else { "unlock" }
             );
             return response::FAILURE.to_vec();
+        }
+        27 => {
+            if let Some(secret) = parse_unlock(body) {
+                let result = backend.unlock(secret).await;
+                if matches!(result, Err(BackendError::Unsupported)) {
+                    tracing::warn!(
+                        "agent.socket: refused {UNLOCK_EXTENSION} from pid={pid}: the {name} \
+                         backend has nothing to unlock"
+                    );
+                }
+                return outcome(result);
+            }
         }
         _ => {}
     }
@@ -232,26 +236,30 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
         }
     };
     let answer = match request {
-        Request::RequestIdentities => Response::IdentitiesAnswer(inner.identities()),
-        Request::SignRequest(sign) => match inner.sign(&sign).await {
+        Request::RequestIdentities => match backend.identities().await {
+            Ok(ids) => Response::IdentitiesAnswer(ids),
+            Err(e) => {
+                tracing::warn!("agent.socket: list for pid={pid} failed: {e}");
+                Response::Failure
+            }
+        },
+        Request::SignRequest(sign) => match backend.sign(sign).await {
             Ok(blob) => return response::sign_response(&blob),
             Err(e) => {
-                if !matches!(e, SignError::NotHeld) {
+                if !matches!(e, BackendError::Refused) {
                     tracing::warn!("agent.socket: sign for pid={pid} failed: {e}");
                 }
                 Response::Failure
             }
         },
-        Request::RemoveIdentity(RemoveIdentity { credential }) => remove(inner, &credential, pid),
-        Request::RemoveAllIdentities => {
-            let n = inner.store.remove_all();
-            tracing::info!("agent.socket: removed all keys ({n}) for pid={pid}");
-            Response::Success
+        Request::RemoveIdentity(RemoveIdentity { credential }) => {
+            return remove(backend, credential, pid).await
         }
+        Request::RemoveAllIdentities => return outcome(backend.remove_all().await),
         Request::Extension(ext) => {
             tracing::debug!(
                 "agent.socket: refused extension {:?} from pid={pid}: not supported by the \
-                 builtin backend",
+                 {name} backend",
                 ext.name
             );
             Response::Failure
@@ -259,7 +267,7 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
         other => {
             tracing::warn!(
                 "agent.socket: refused request type {} from pid={pid}: not supported by the \
-                 builtin backend",
+                 {name} backend",
                 other.message_id()
             );
             Response::Failure
@@ -268,32 +276,33 @@ async fn handle(inner: &Inner, message: &[u8], pid: i32) -> Vec<u8> {
     response::encode(&answer)
 }
 
-fn remove(inner: &Inner, credential: &PublicCredential, pid: i32) -> Response {
-    let PublicCredential::Key(key) = credential else {
-        return Response::Failure;
+async fn remove(backend: &dyn Backend, credential: PublicCredential, pid: i32) -> Vec<u8> {
+    let PublicCredential::Key(key) = &credential else {
+        return response::FAILURE.to_vec();
     };
-    if inner.store.remove(key) {
-        tracing::info!(
-            "agent.socket: removed key {} for pid={pid}",
-            key.fingerprint(HashAlg::Sha256)
-        );
-        Response::Success
-    } else {
-        Response::Failure
+    let fingerprint = key.fingerprint(HashAlg::Sha256);
+    let result = backend.remove(credential).await;
+    if result.is_ok() {
+        tracing::info!("agent.socket: removed key {fingerprint} for pid={pid}");
     }
+    outcome(result)
 }
 
 /// ADD_IDENTITY / ADD_ID_CONSTRAINED.
-fn add(inner: &Inner, body: &[u8], constrained: bool, pid: i32) -> Vec<u8> {
-    let result = parse_add(body, constrained).and_then(|(identity, lifetime)| {
-        inner.add_key(
-            identity.credential,
-            lifetime,
-            &format!("pid={pid} on agent.socket"),
-        )
-    });
-    match result {
-        Ok(()) => response::SUCCESS.to_vec(),
+async fn add(backend: &dyn Backend, body: &[u8], constrained: bool, pid: i32) -> Vec<u8> {
+    match parse_add(body, constrained, backend.name()) {
+        Ok((identity, lifetime)) => {
+            let constraints = lifetime.map(KeyConstraint::Lifetime).into_iter().collect();
+            let request = AddIdentityConstrained {
+                identity,
+                constraints,
+            };
+            outcome(
+                backend
+                    .add(request, format!("pid={pid} on agent.socket"))
+                    .await,
+            )
+        }
         Err(why) => {
             tracing::warn!("agent.socket: refused to add a key for pid={pid}: {why}");
             response::FAILURE.to_vec()
@@ -301,18 +310,49 @@ fn add(inner: &Inner, body: &[u8], constrained: bool, pid: i32) -> Vec<u8> {
     }
 }
 
+/// SSH_AGENTC_ADD_SMARTCARD_KEY(_CONSTRAINED) and REMOVE_SMARTCARD_KEY:
+/// `string id, string pin` (then constraints, which are ignored: a token's
+/// keys stay as long as the token is logged in).
+fn parse_smartcard(body: &[u8], constrained: bool) -> Option<(String, Zeroizing<String>)> {
+    let mut reader = body;
+    let id = take_string(&mut reader)?;
+    let pin = take_string(&mut reader)?;
+    if !constrained && !reader.is_empty() {
+        return None;
+    }
+    let id = std::str::from_utf8(id).ok()?.to_owned();
+    let pin = Zeroizing::new(std::str::from_utf8(pin).ok()?.to_owned());
+    Some((id, pin))
+}
+
+/// `unlock@keyholder`: `string name, string secret`, nothing after it.
+/// None for any other extension.
+fn parse_unlock(body: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let mut reader = body;
+    let name = take_string(&mut reader)?;
+    if name != UNLOCK_EXTENSION.as_bytes() {
+        return None;
+    }
+    let secret = take_string(&mut reader)?;
+    if !reader.is_empty() {
+        return None;
+    }
+    Some(Zeroizing::new(secret.to_vec()))
+}
+
 /// The identity of an add request and its lifetime constraint, or why the
 /// request is refused (one line, naming the key type or the constraint).
 fn parse_add(
     body: &[u8],
     constrained: bool,
+    backend: &str,
 ) -> std::result::Result<(AddIdentity, Option<u32>), String> {
     let normalized = normalize_ecdsa(body);
     let body = normalized.as_deref().map_or(body, Vec::as_slice);
     let mut reader = body;
     let identity = AddIdentity::decode(&mut reader).map_err(|e| {
         let name = key_type_name(body);
-        format!("cannot use a key of type {name:?}: {e} (the builtin backend holds Ed25519, RSA 2048-16384 and ECDSA P-256/384/521 keys)")
+        format!("cannot use a key of type {name:?}: {e} (the {backend} backend holds Ed25519, RSA 2048-16384 and ECDSA P-256/384/521 keys)")
     })?;
     let mut lifetime = None;
     while !reader.is_finished() {
@@ -329,16 +369,14 @@ fn parse_add(
                 }
             }
             CONSTRAIN_CONFIRM => {
-                return Err(
-                    "the confirm constraint (ssh-add -c) is not supported by the builtin backend"
-                        .to_owned(),
-                )
+                return Err(format!(
+                    "the confirm constraint (ssh-add -c) is not supported by the {backend} backend"
+                ))
             }
             CONSTRAIN_MAXSIGN => {
-                return Err(
-                    "the maximum-signatures constraint is not supported by the builtin backend"
-                        .to_owned(),
-                )
+                return Err(format!(
+                    "the maximum-signatures constraint is not supported by the {backend} backend"
+                ))
             }
             CONSTRAIN_EXTENSION => {
                 let name = String::decode(&mut reader).unwrap_or_else(|_| "(malformed)".to_owned());
@@ -348,7 +386,7 @@ fn parse_add(
                     ""
                 };
                 return Err(format!(
-                    "constraint {name:?}{what} is not supported by the builtin backend"
+                    "constraint {name:?}{what} is not supported by the {backend} backend"
                 ));
             }
             other => return Err(format!("unknown constraint type {other}")),
@@ -452,7 +490,7 @@ mod tests {
             (Nid::X9_62_PRIME256V1, "ecdsa-sha2-nistp256", "nistp256", 32),
         ] {
             let body = short_scalar_request(nid, name, curve, width);
-            let (identity, lifetime) = parse_add(&body, false).unwrap();
+            let (identity, lifetime) = parse_add(&body, false, "builtin").unwrap();
             assert_eq!(lifetime, None);
             let PrivateCredential::Key { privkey, comment } = identity.credential else {
                 panic!("not a key")
@@ -463,21 +501,26 @@ mod tests {
         }
     }
 
-    use super::super::key::HeldKey as HeldKeyForTest;
+    use super::super::builtin::key::HeldKey as HeldKeyForTest;
 
     #[test]
     fn constraints_other_than_one_lifetime_are_refused_by_name() {
         let body = short_scalar_request(Nid::SECP521R1, "ecdsa-sha2-nistp521", "nistp521", 66);
         let with = |c: &[u8]| [body.as_slice(), c].concat();
-        assert_eq!(parse_add(&with(&[1, 0, 0, 0, 9]), true).unwrap().1, Some(9));
-        assert!(parse_add(&with(&[1, 0, 0, 0, 9]), false).is_err());
-        let e = parse_add(&with(&[2]), true).unwrap_err();
+        assert_eq!(
+            parse_add(&with(&[1, 0, 0, 0, 9]), true, "builtin")
+                .unwrap()
+                .1,
+            Some(9)
+        );
+        assert!(parse_add(&with(&[1, 0, 0, 0, 9]), false, "builtin").is_err());
+        let e = parse_add(&with(&[2]), true, "builtin").unwrap_err();
         assert!(e.contains("confirm"), "{e}");
         let mut ext = vec![255u8];
         put_string(&mut ext, b"restrict-destination-v00@openssh.com");
-        let e = parse_add(&with(&ext), true).unwrap_err();
+        let e = parse_add(&with(&ext), true, "builtin").unwrap_err();
         assert!(e.contains("destination"), "{e}");
-        let e = parse_add(&with(&[42]), true).unwrap_err();
+        let e = parse_add(&with(&[42]), true, "builtin").unwrap_err();
         assert!(e.contains("unknown constraint type 42"), "{e}");
     }
 }

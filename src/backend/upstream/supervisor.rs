@@ -11,7 +11,6 @@
 //! the rate limit ([`crate::ratelog`]): a client that makes the agent
 //! complain on every request cannot flood the log through it.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,7 +105,7 @@ impl Supervisor {
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = crate::shutdown::stopped(&mut shutdown) => {
-                        remove_socket(&self.config.socket);
+                        crate::sockets::remove(&self.config.socket);
                         return;
                     }
                 }
@@ -139,16 +138,8 @@ impl Supervisor {
                 let _ = self.child.kill().await;
             }
         }
-        remove_socket(&self.config.socket);
+        crate::sockets::remove(&self.config.socket);
         tracing::info!("upstream agent stopped");
-    }
-}
-
-/// Removes a socket file on the way out, if nothing answers on it any more
-/// (never another kind of file, never a socket someone else now listens on).
-pub(crate) fn remove_socket(path: &Path) {
-    if let Err(e) = crate::sockets::remove_stale(path, "socket") {
-        tracing::warn!("left in place: {e}");
     }
 }
 

@@ -30,6 +30,10 @@
 //! (every `ssh` lists first) is not held behind one flight queued behind the
 //! agent's signs.
 //!
+//! With `agent.spawn = true` the agent itself is started, restarted and
+//! stopped by [`supervisor`]; [`stream`] is the read side of an upstream
+//! connection.
+//!
 //! Every call (waiting for a pooled connection, connecting, the request and
 //! its answer) ends within the timeout. Answers are read with the proxy's own
 //! capped framing ([`crate::protocol::read_frame`], 256 KiB) and a sign
@@ -62,28 +66,27 @@ use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
 use crate::protocol::{read_frame, FrameError, MAX_MESSAGE_LEN};
-use crate::stream::Stream;
+use stream::Stream;
+
+pub mod stream;
+pub mod supervisor;
 
 /// Upstream connections open at most (in use and idle together). The agent
 /// is single-threaded: more connections than this add poll work for it and
 /// nothing else; callers beyond it wait for a free one (within the timeout).
 pub const POOL_MAX: u32 = 64;
 /// Listing flights in flight upstream at once. A listing costs the agent
-/// little (about 13 µs) but waits its turn behind the signatures queued
-/// ahead of it. With a single flight, every `ssh` that arrived meanwhile
-/// waited for that one and then for the next, and the agent ran short of
-/// signatures to make: `connect` 16 in `cargo bench --bench proxy` gave
-/// 0.89 of the agent used directly with one flight, 0.94 to 0.98 with two,
-/// four or eight, 0.97 with no coalescing at all; more flights cost `list`
-/// 16 (each is an upstream round trip for the daemon).
+/// little but waits its turn behind the signatures queued ahead of it: with
+/// two flights, an `ssh` that arrives while one is queued is answered by the
+/// other instead of waiting for both, and the agent never runs short of
+/// signatures to make; each further flight is one more upstream round trip
+/// for the daemon.
 pub const LIST_FLIGHTS: usize = 2;
 /// How long after a listing flight was sent its answer still serves a new
 /// list request at once, without another trip to the agent. Shorter than
-/// one signature by OpenSSH's agent (600-700 µs on the bench host, most of
+/// one signature by OpenSSH's agent (600-700 µs on a small host, most of
 /// it unshielding the key): a listing sent alone can wait that long behind
 /// one signature queued ahead of it, so no client can tell the two apart.
-/// `list` 16 in `cargo bench --bench proxy`: 1.58 times the build without
-/// it, the daemon's CPU per list 17.6 → 12.4 µs (BENCHMARKS.md).
 pub const LIST_FRESH: Duration = Duration::from_micros(500);
 /// Upstream connects in flight at once: well under OpenSSH's listen backlog
 /// of 128, so a refill after a restart never overruns it by itself.
@@ -514,6 +517,7 @@ fn duplicate(answer: &ListAnswer) -> ListAnswer {
         Err(BackendError::Timeout) => Err(BackendError::Timeout),
         Err(BackendError::Busy) => Err(BackendError::Busy),
         Err(BackendError::Refused) => Err(BackendError::Refused),
+        Err(BackendError::Unsupported) => Err(BackendError::Unsupported),
         Err(BackendError::Broken(e)) => Err(BackendError::Broken(e.clone())),
     }
 }
@@ -578,7 +582,7 @@ impl Backend for UpstreamBackend {
         })
     }
 
-    fn add(&self, identity: AddIdentityConstrained) -> BackendFuture<'_, ()> {
+    fn add(&self, identity: AddIdentityConstrained, _origin: String) -> BackendFuture<'_, ()> {
         Box::pin(async move {
             let request = if identity.constraints.is_empty() {
                 Request::AddIdentity(identity.identity)
@@ -622,6 +626,42 @@ fn jittered(base: Duration) -> Duration {
     let random = RandomState::new().build_hasher().finish();
     let nanos = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX).max(2);
     Duration::from_nanos(nanos / 2 + random % nanos)
+}
+
+/// Opens the upstream backend: with `agent.spawn`, starts the agent (in a
+/// directory only root may write) and its supervisor, which restarts it
+/// when it dies and stops it on shutdown; otherwise uses the agent someone
+/// else runs on `agent.socket`.
+pub(super) async fn open(
+    config: &crate::config::Config,
+    context: super::OpenContext,
+) -> crate::error::Result<super::Opened> {
+    let agent = &config.agent;
+    let mut tasks = Vec::new();
+    if agent.spawn {
+        crate::sockets::ensure_dir(&agent.socket, "agent.socket")?;
+        let sup = supervisor::Supervisor::start(agent.clone(), context.log)
+            .await?
+            .count_restarts(context.restarts);
+        tracing::info!(
+            "upstream agent {} started (pid {}) on {}",
+            agent.program.display(),
+            sup.pid().unwrap_or(0),
+            agent.socket.display()
+        );
+        tasks.push(tokio::spawn(sup.run(context.shutdown)));
+    } else {
+        tracing::info!("using the upstream agent at {}", agent.socket.display());
+    }
+    let backend = UpstreamBackend::new(
+        agent.socket.clone(),
+        config.limits.upstream_timeout,
+        config.limits.max_connections,
+    );
+    Ok(super::Opened {
+        backend: std::sync::Arc::new(backend),
+        tasks,
+    })
 }
 
 #[cfg(test)]
