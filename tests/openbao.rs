@@ -429,3 +429,186 @@ fn short_token_ttl_over_a_longer_run_fails_nothing() {
         upkeep.await.unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------
+// Through the daemon: real users, the proxy socket, a real sshd.
+
+/// A daemon with `backend = "openbao"` in front of a dev server, keys
+/// (name, transit type) created in transit with their `.pub` in key_dir,
+/// usable by `group`; not armed yet.
+struct Host {
+    dir: TempDir,
+    bao: Bao,
+    daemon: Daemon,
+    secret_file: std::path::PathBuf,
+    group: TestGroup,
+}
+
+impl Host {
+    fn start(bin: &std::path::Path, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
+        let dir = TempDir::new("baoh");
+        let bao = Bao::dev(bin, &dir);
+        let (role_id, secret) = bao.setup_host(ttl, max_ttl);
+        let group = TestGroup::create("bao");
+        let mut key_toml = String::new();
+        for (name, kind) in keys {
+            let line = bao.transit_key(name, kind);
+            std::fs::write(dir.join(&format!("{name}.pub")), format!("{line} {name}\n")).unwrap();
+            key_toml.push_str(&format!("[keys.{name}]\ngroups = [\"{}\"]\n", group.name));
+        }
+        let secret_file = dir.join("secret");
+        write_secret(&secret_file, &secret);
+        let config = format!(
+            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"openbao\"\n\
+             socket = \"{}\"\n\n[openbao]\naddresses = [\"{}\"]\nauth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}",
+            dir.join("proxy.sock").display(),
+            dir.path().display(),
+            dir.join("agent.sock").display(),
+            bao.addr,
+        );
+        let daemon = Daemon::start_with(&dir, &config);
+        Self {
+            dir,
+            bao,
+            daemon,
+            secret_file,
+            group,
+        }
+    }
+
+    fn keyholder(&self, args: &[&str]) -> std::process::Output {
+        run(std::process::Command::new(KEYHOLDER)
+            .args(args)
+            .arg("--config")
+            .arg(&self.daemon.config))
+    }
+
+    fn arm(&self) -> std::process::Output {
+        let f = self.secret_file.to_str().unwrap().to_string();
+        self.keyholder(&["arm", "--secret-file", &f])
+    }
+
+    fn pub_path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(&format!("{name}.pub"))
+    }
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn login(sshd: &Sshd, who: &As, host: &Host, account: &str, name: &str, extra: &[&str]) -> std::process::Output {
+    let p = host.pub_path(name);
+    let mut args = vec!["-i", p.to_str().unwrap(), "-o", "IdentitiesOnly=yes"];
+    args.extend_from_slice(extra);
+    sshd.ssh(who, &host.daemon.socket, account, &args, "id -un")
+}
+
+#[test]
+fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
+    require_root!();
+    let bin = require_bao!();
+    let keys = [
+        ("ed", "ed25519"),
+        ("rsa", "rsa-2048"),
+        ("p256", "ecdsa-p256"),
+        ("p384", "ecdsa-p384"),
+        ("p521", "ecdsa-p521"),
+    ];
+    let host = Host::start(&bin, &keys, "1h", "2h");
+    let user = TestUser::create("bu", &[&host.group]);
+    let outsider = TestUser::create("bo", &[]);
+
+    // Not armed: status CRITICAL, nothing listed.
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(host.daemon.listed(&user.as_user()).is_empty());
+
+    let tokens = host.bao.token_count();
+    let o = host.arm();
+    assert!(o.status.success(), "arm: {}{}\n{}", stdout(&o), stderr(&o), host.daemon.log_text());
+    assert!(stdout(&o).contains("all 5 key(s) armed"), "{}", stdout(&o));
+    assert_eq!(host.bao.token_count(), tokens + 1);
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert_eq!(host.daemon.listed(&user.as_user()).len(), 5);
+    assert!(host.daemon.listed(&outsider.as_user()).is_empty());
+
+    let sshd = Sshd::start_with(&host.dir, "PubkeyAcceptedAlgorithms +ssh-rsa");
+    let remote = TestUser::create("br", &[]);
+    let pubs: Vec<std::path::PathBuf> = keys.iter().map(|(n, _)| host.pub_path(n)).collect();
+    sshd.authorize(&remote.name, &pubs.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    for (name, _) in keys {
+        let o = login(&sshd, &user.as_user(), &host, &remote.name, name, &[]);
+        assert!(o.status.success(), "{name}: {}\n{}\n{}", stderr(&o), sshd.log_text(), host.daemon.log_text());
+        assert_eq!(stdout(&o).trim(), remote.name);
+        // Not a member: no login.
+        let o = login(&sshd, &outsider.as_user(), &host, &remote.name, name, &[]);
+        assert!(!o.status.success());
+    }
+    // RSA with each signature algorithm the client may ask for (flags 2, 0).
+    for alg in ["rsa-sha2-256", "ssh-rsa", "rsa-sha2-512"] {
+        let opt = format!("PubkeyAcceptedAlgorithms={alg}");
+        let o = login(&sshd, &user.as_user(), &host, &remote.name, "rsa", &["-o", &opt]);
+        assert!(o.status.success(), "{alg}: {}\n{}", stderr(&o), sshd.log_text());
+    }
+    let log = host.daemon.log_text();
+    assert!(log.contains("decision=granted"), "{log}");
+
+    // The cluster's audit log names the host's approle, never root.
+    let audit = host.bao.audit_text();
+    let signs: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"type\":\"response\"") && l.contains("transit/sign/"))
+        .collect();
+    assert!(signs.len() >= 5);
+    for l in &signs {
+        assert!(l.contains("\"role_name\":\"host1\""), "{l}");
+        assert!(!l.contains("\"policies\":[\"root\"]"), "{l}");
+    }
+
+    // disarm: the token is revoked at the cluster; nothing listed or signed.
+    let o = host.keyholder(&["disarm"]);
+    assert!(o.status.success(), "disarm: {}{}", stdout(&o), stderr(&o));
+    assert_eq!(host.bao.token_count(), tokens, "the daemon's token is revoked");
+    assert!(host.daemon.listed(&user.as_user()).is_empty());
+    let o = login(&sshd, &user.as_user(), &host, &remote.name, "ed", &[]);
+    assert!(!o.status.success());
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    // And arming again works.
+    let o = host.arm();
+    assert!(o.status.success(), "re-arm: {}", stdout(&o));
+}
+
+#[test]
+fn sealed_cluster_fails_fast_with_status_critical_and_resumes_without_rearming() {
+    require_root!();
+    let bin = require_bao!();
+    let host = Host::start(&bin, &[("deploy", "ed25519")], "1h", "2h");
+    let user = TestUser::create("bu", &[&host.group]);
+    let o = host.arm();
+    assert!(o.status.success(), "arm: {}", stdout(&o));
+    let sshd = Sshd::start(&host.dir);
+    let remote = TestUser::create("br", &[]);
+    sshd.authorize(&remote.name, &[&host.pub_path("deploy")]);
+    assert!(login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]).status.success());
+
+    host.bao.seal();
+    let start = Instant::now();
+    let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
+    assert!(!o.status.success());
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(stdout(&o).contains("sealed"), "{}", stdout(&o));
+    assert!(host.daemon.log_text().contains("sealed"));
+
+    host.bao.unseal();
+    let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
+    assert!(o.status.success(), "after unseal: {}\n{}", stderr(&o), host.daemon.log_text());
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
