@@ -99,6 +99,11 @@ fn check_blob(line: &str, data: &[u8], blob: &[u8], alg: &str) {
     }
 }
 
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -448,6 +453,11 @@ impl Host {
     fn start(bin: &std::path::Path, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
         let dir = TempDir::new("baoh");
         let bao = Bao::dev(bin, &dir);
+        Self::with(dir, bao, keys, ttl, max_ttl)
+    }
+
+    /// Like [`Host::start`], with a server or cluster already running.
+    fn with(dir: TempDir, bao: Bao, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
         let (role_id, secret) = bao.setup_host(ttl, max_ttl);
         let group = TestGroup::create("bao");
         let mut key_toml = String::new();
@@ -458,13 +468,19 @@ impl Host {
         }
         let secret_file = dir.join("secret");
         write_secret(&secret_file, &secret);
+        let addresses: Vec<String> = bao.addresses().iter().map(|a| format!("\"{a}\"")).collect();
+        let ca = bao
+            .cacert
+            .as_ref()
+            .map(|c| format!("ca_file = \"{}\"\n", c.display()))
+            .unwrap_or_default();
         let config = format!(
             "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"openbao\"\n\
-             socket = \"{}\"\n\n[openbao]\naddresses = [\"{}\"]\nauth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}",
+             socket = \"{}\"\n\n[openbao]\naddresses = [{}]\n{ca}auth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}",
             dir.join("proxy.sock").display(),
             dir.path().display(),
             dir.join("agent.sock").display(),
-            bao.addr,
+            addresses.join(", "),
         );
         let daemon = Daemon::start_with(&dir, &config);
         Self {
@@ -499,7 +515,14 @@ fn write_secret(path: &std::path::Path, secret: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-fn login(sshd: &Sshd, who: &As, host: &Host, account: &str, name: &str, extra: &[&str]) -> std::process::Output {
+fn login(
+    sshd: &Sshd,
+    who: &As,
+    host: &Host,
+    account: &str,
+    name: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let p = host.pub_path(name);
     let mut args = vec!["-i", p.to_str().unwrap(), "-o", "IdentitiesOnly=yes"];
     args.extend_from_slice(extra);
@@ -528,7 +551,13 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
 
     let tokens = host.bao.token_count();
     let o = host.arm();
-    assert!(o.status.success(), "arm: {}{}\n{}", stdout(&o), stderr(&o), host.daemon.log_text());
+    assert!(
+        o.status.success(),
+        "arm: {}{}\n{}",
+        stdout(&o),
+        stderr(&o),
+        host.daemon.log_text()
+    );
     assert!(stdout(&o).contains("all 5 key(s) armed"), "{}", stdout(&o));
     assert_eq!(host.bao.token_count(), tokens + 1);
     let o = host.keyholder(&["status"]);
@@ -539,10 +568,19 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     let sshd = Sshd::start_with(&host.dir, "PubkeyAcceptedAlgorithms +ssh-rsa");
     let remote = TestUser::create("br", &[]);
     let pubs: Vec<std::path::PathBuf> = keys.iter().map(|(n, _)| host.pub_path(n)).collect();
-    sshd.authorize(&remote.name, &pubs.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    sshd.authorize(
+        &remote.name,
+        &pubs.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+    );
     for (name, _) in keys {
         let o = login(&sshd, &user.as_user(), &host, &remote.name, name, &[]);
-        assert!(o.status.success(), "{name}: {}\n{}\n{}", stderr(&o), sshd.log_text(), host.daemon.log_text());
+        assert!(
+            o.status.success(),
+            "{name}: {}\n{}\n{}",
+            stderr(&o),
+            sshd.log_text(),
+            host.daemon.log_text()
+        );
         assert_eq!(stdout(&o).trim(), remote.name);
         // Not a member: no login.
         let o = login(&sshd, &outsider.as_user(), &host, &remote.name, name, &[]);
@@ -551,8 +589,20 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     // RSA with each signature algorithm the client may ask for (flags 2, 0).
     for alg in ["rsa-sha2-256", "ssh-rsa", "rsa-sha2-512"] {
         let opt = format!("PubkeyAcceptedAlgorithms={alg}");
-        let o = login(&sshd, &user.as_user(), &host, &remote.name, "rsa", &["-o", &opt]);
-        assert!(o.status.success(), "{alg}: {}\n{}", stderr(&o), sshd.log_text());
+        let o = login(
+            &sshd,
+            &user.as_user(),
+            &host,
+            &remote.name,
+            "rsa",
+            &["-o", &opt],
+        );
+        assert!(
+            o.status.success(),
+            "{alg}: {}\n{}",
+            stderr(&o),
+            sshd.log_text()
+        );
     }
     let log = host.daemon.log_text();
     assert!(log.contains("decision=granted"), "{log}");
@@ -572,7 +622,11 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     // disarm: the token is revoked at the cluster; nothing listed or signed.
     let o = host.keyholder(&["disarm"]);
     assert!(o.status.success(), "disarm: {}{}", stdout(&o), stderr(&o));
-    assert_eq!(host.bao.token_count(), tokens, "the daemon's token is revoked");
+    assert_eq!(
+        host.bao.token_count(),
+        tokens,
+        "the daemon's token is revoked"
+    );
     assert!(host.daemon.listed(&user.as_user()).is_empty());
     let o = login(&sshd, &user.as_user(), &host, &remote.name, "ed", &[]);
     assert!(!o.status.success());
@@ -594,13 +648,21 @@ fn sealed_cluster_fails_fast_with_status_critical_and_resumes_without_rearming()
     let sshd = Sshd::start(&host.dir);
     let remote = TestUser::create("br", &[]);
     sshd.authorize(&remote.name, &[&host.pub_path("deploy")]);
-    assert!(login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]).status.success());
+    assert!(
+        login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[])
+            .status
+            .success()
+    );
 
     host.bao.seal();
     let start = Instant::now();
     let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
     assert!(!o.status.success());
-    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("sealed"), "{}", stdout(&o));
@@ -608,7 +670,137 @@ fn sealed_cluster_fails_fast_with_status_critical_and_resumes_without_rearming()
 
     host.bao.unseal();
     let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
-    assert!(o.status.success(), "after unseal: {}\n{}", stderr(&o), host.daemon.log_text());
+    assert!(
+        o.status.success(),
+        "after unseal: {}\n{}",
+        stderr(&o),
+        host.daemon.log_text()
+    );
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+/// SIGKILLs the active node of a three-node raft cluster (TLS) while 300
+/// clients sign without pause: every signature succeeds.
+#[test]
+fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    require_root!();
+    let bin = require_bao!();
+    let dir = TempDir::new("baoc");
+    let bao = Bao::cluster(&bin, &dir);
+    let mut host = Host::with(dir, bao, &[("deploy", "ed25519")], "1h", "2h");
+    let o = host.arm();
+    assert!(
+        o.status.success(),
+        "arm: {}{}",
+        stdout(&o),
+        host.daemon.log_text()
+    );
+
+    let blob = pubkey_blob(&host.pub_path("deploy"));
+    let message = Arc::new(sign_request(
+        &blob,
+        &userauth_data(&blob, "deploy", "ssh-ed25519"),
+        0,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let ok_after_kill = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients = 300;
+    let barrier = Arc::new(std::sync::Barrier::new(clients + 1));
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let (socket, message, stop, killed, ok, ok_after_kill, failed, barrier) = (
+            host.daemon.socket.clone(),
+            message.clone(),
+            stop.clone(),
+            killed.clone(),
+            ok.clone(),
+            ok_after_kill.clone(),
+            failed.clone(),
+            barrier.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut raw = Raw::connect(&socket);
+            raw.0
+                .set_read_timeout(Some(Duration::from_secs(90)))
+                .unwrap();
+            barrier.wait();
+            while !stop.load(Ordering::Relaxed) {
+                let was_killed = killed.load(Ordering::Relaxed);
+                match raw.call(&message) {
+                    Some(answer) if answer.first() == Some(&SIGN_RESPONSE) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if was_killed {
+                            ok_after_kill.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    other => {
+                        failed
+                            .lock()
+                            .unwrap()
+                            .push(format!("{:?}", other.map(|a| a.first().copied())));
+                        raw = Raw::connect(&socket);
+                    }
+                }
+            }
+        }));
+    }
+    barrier.wait();
+    std::thread::sleep(Duration::from_secs(3));
+    let leader = host.bao.leader().expect("an active node");
+    let before = ok.load(Ordering::Relaxed);
+    killed.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    host.bao.kill(leader);
+    assert!(
+        wait_for(Duration::from_secs(60), || host.bao.leader().is_some()),
+        "no new active node; daemon log tail:\n{}\nnodes:\n{}",
+        tail(&host.daemon.log_text(), 10),
+        (0..3)
+            .map(|i| tail(
+                &std::fs::read_to_string(host.dir.join(&format!("bao-n{i}.err")))
+                    .unwrap_or_default(),
+                25
+            ))
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    );
+    eprintln!("new active node after {:?}", start.elapsed());
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    let total = ok.load(Ordering::Relaxed);
+    eprintln!(
+        "signatures: {before} before the kill, {total} in all, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        host.daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("failed"))
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        before >= clients,
+        "every client signed before the kill ({before})"
+    );
+    assert!(
+        ok_after_kill.load(Ordering::Relaxed) >= clients,
+        "signing went on after the kill"
+    );
+    assert!(host.daemon.log_text().contains("decision=granted"));
 }

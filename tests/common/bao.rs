@@ -46,13 +46,19 @@ macro_rules! require_bao {
     };
 }
 
-/// A dev-mode server: in memory, unsealed, root token `root`.
+/// A dev-mode server (in memory, unsealed, root token `root`), or a
+/// three-node raft cluster with TLS ([`Bao::cluster`]).
 pub struct Bao {
     pub bin: PathBuf,
+    /// The address the CLI talks to (a live node).
     pub addr: String,
     pub audit: PathBuf,
     pub unseal_key: String,
-    child: Child,
+    pub token: String,
+    /// The cluster's CA (TLS), if any.
+    pub cacert: Option<PathBuf>,
+    /// Every node's address, child process and audit log.
+    pub nodes: Vec<(String, Option<Child>, PathBuf)>,
     log: PathBuf,
 }
 
@@ -85,12 +91,15 @@ impl Bao {
             ))
             .spawn()
             .unwrap();
+        let addr = format!("http://127.0.0.1:{port}");
         let mut bao = Self {
             bin: bin.to_path_buf(),
-            addr: format!("http://127.0.0.1:{port}"),
-            audit,
+            addr: addr.clone(),
+            audit: audit.clone(),
             unseal_key: String::new(),
-            child,
+            token: "root".into(),
+            cacert: None,
+            nodes: vec![(addr, Some(child), audit)],
             log,
         };
         assert!(
@@ -113,12 +122,20 @@ impl Bao {
 
     /// `bao ARGS` as root against this server.
     pub fn try_cli(&self, args: &[&str]) -> Output {
-        run(Command::new(&self.bin)
-            .args(args)
+        run(&mut self.command(args))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
             .env("BAO_ADDR", &self.addr)
-            .env("BAO_TOKEN", "root")
+            .env("BAO_TOKEN", &self.token)
             .env_remove("VAULT_ADDR")
-            .env_remove("VAULT_TOKEN"))
+            .env_remove("VAULT_TOKEN");
+        if let Some(ca) = &self.cacert {
+            c.env("BAO_CACERT", ca);
+        }
+        c
     }
 
     /// `bao ARGS`, which must succeed; its stdout.
@@ -142,10 +159,8 @@ impl Bao {
 
     /// `bao write PATH -` with a JSON body.
     pub fn write_json(&self, path: &str, body: &serde_json::Value) -> String {
-        let mut child = Command::new(&self.bin)
-            .args(["write", path, "-"])
-            .env("BAO_ADDR", &self.addr)
-            .env("BAO_TOKEN", "root")
+        let mut child = self
+            .command(&["write", path, "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -173,10 +188,8 @@ impl Bao {
                       path \"transit/keys/*\" { capabilities = [\"read\"] }\n\
                       path \"ssh/sign/*\" { capabilities = [\"update\"] }\n\
                       path \"ssh/config/ca\" { capabilities = [\"read\"] }\n";
-        let mut child = Command::new(&self.bin)
-            .args(["policy", "write", "keyholder", "-"])
-            .env("BAO_ADDR", &self.addr)
-            .env("BAO_TOKEN", "root")
+        let mut child = self
+            .command(&["policy", "write", "keyholder", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -258,14 +271,267 @@ impl Bao {
         self.cli(&["operator", "unseal", &key]);
     }
 
+    /// The audit log (one file, written by the active node).
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(&self.audit).unwrap_or_default()
+    }
+
+    /// A three-node raft cluster on 127.0.0.1 with TLS (a test CA made
+    /// with openssl), initialised with one key share, unsealed, joined,
+    /// with three voters, `disable_standby_reads = true`, a file audit
+    /// device on each node.
+    pub fn cluster(bin: &Path, dir: &TempDir) -> Self {
+        let ca = dir.join("bao-ca.pem");
+        let ssl = |args: &[&str]| {
+            let o = run(Command::new("openssl").args(args));
+            assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+        };
+        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        ssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("bao-ca.key"),
+            "-out",
+            &p("bao-ca.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kh test CA",
+        ]);
+        ssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("bao-node.key"),
+            "-out",
+            &p("bao-node.csr"),
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.join("bao-ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("bao-node.csr"),
+            "-CA",
+            &p("bao-ca.pem"),
+            "-CAkey",
+            &p("bao-ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("bao-node.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &p("bao-ext.cnf"),
+        ]);
+        // The server reads its key as whoever runs it (root here).
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let data = dir.join(&format!("bao-n{i}"));
+            std::fs::create_dir_all(&data).unwrap();
+            let mut joins = String::new();
+            for (j, port) in ports.iter().enumerate() {
+                if j != i {
+                    joins.push_str(&format!(
+                        "  retry_join {{\n    leader_api_addr = \"https://127.0.0.1:{port}\"\n    \
+                         leader_ca_cert_file = \"{}\"\n  }}\n",
+                        ca.display()
+                    ));
+                }
+            }
+            // One path for every node: the audit table is replicated, and a
+            // node whose declared device differs cannot become active.
+            let audit = dir.join("bao-audit.log");
+            let hcl = format!(
+                "storage \"raft\" {{\n  path = \"{data}\"\n  node_id = \"n{i}\"\n{joins}}}\n\
+                 listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n  \
+                 tls_cert_file = \"{cert}\"\n  tls_key_file = \"{key}\"\n}}\n\
+                 api_addr = \"https://127.0.0.1:{port}\"\ncluster_addr = \"https://127.0.0.1:{cport}\"\n\
+                 disable_mlock = true\ndisable_standby_reads = true\n\
+                 audit \"file\" \"kh\" {{\n  options {{\n    file_path = \"{audit}\"\n  }}\n}}\n",
+                data = data.display(),
+                port = ports[i],
+                cport = cluster_ports[i],
+                cert = p("bao-node.pem"),
+                key = p("bao-node.key"),
+                audit = audit.display(),
+            );
+            let conf = dir.join(&format!("bao-n{i}.hcl"));
+            std::fs::write(&conf, hcl).unwrap();
+            let child = Command::new(bin)
+                .arg("server")
+                .arg(format!("-config={}", conf.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(
+                    std::fs::File::create(dir.join(&format!("bao-n{i}.log"))).unwrap(),
+                ))
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.join(&format!("bao-n{i}.err"))).unwrap(),
+                ))
+                .spawn()
+                .unwrap();
+            nodes.push((
+                format!("https://127.0.0.1:{}", ports[i]),
+                Some(child),
+                audit,
+            ));
+        }
+        let mut bao = Self {
+            bin: bin.to_path_buf(),
+            addr: nodes[0].0.clone(),
+            audit: nodes[0].2.clone(),
+            unseal_key: String::new(),
+            token: String::new(),
+            cacert: Some(ca),
+            nodes,
+            log: dir.join("bao-n0.log"),
+        };
+        assert!(
+            wait_for(Duration::from_secs(60), || {
+                let o = bao.try_cli(&["status"]);
+                // 2: sealed (answers), 0: unsealed.
+                o.status.code() == Some(2) || o.status.success()
+            }),
+            "bao node 0 did not start"
+        );
+        let init: serde_json::Value = serde_json::from_str(&bao.cli(&[
+            "operator",
+            "init",
+            "-format=json",
+            "-key-shares=1",
+            "-key-threshold=1",
+        ]))
+        .unwrap();
+        bao.unseal_key = init["unseal_keys_b64"][0].as_str().unwrap().to_string();
+        bao.token = init["root_token"].as_str().unwrap().to_string();
+        let key = bao.unseal_key.clone();
+        bao.cli(&["operator", "unseal", &key]);
+        assert!(
+            wait_for(Duration::from_secs(60), || bao
+                .try_cli(&[
+                    "operator",
+                    "raft",
+                    "autopilot",
+                    "set-config",
+                    "-server-stabilization-time=2s"
+                ])
+                .status
+                .success()),
+            "node 0 did not become active"
+        );
+        for i in 1..3 {
+            let addr = bao.nodes[i].0.clone();
+            // It joins (retry_join) once node 0 is active; then it unseals.
+            assert!(
+                wait_for(Duration::from_secs(60), || {
+                    let o = bao.at(&addr).try_cli(&["operator", "unseal", &key]);
+                    o.status.success()
+                }),
+                "node {i} did not join and unseal"
+            );
+        }
+        assert!(
+            wait_for(Duration::from_secs(120), || bao.voters() == 3),
+            "the cluster did not reach three voters"
+        );
+        bao
+    }
+
+    /// The same client, talking to another address.
+    pub fn at(&self, addr: &str) -> BaoAt<'_> {
+        BaoAt {
+            bao: self,
+            addr: addr.to_string(),
+        }
+    }
+
+    /// Voters in the raft configuration.
+    pub fn voters(&self) -> usize {
+        let o = self.try_cli(&["operator", "raft", "list-peers", "-format=json"]);
+        if !o.status.success() {
+            return 0;
+        }
+        serde_json::from_str::<serde_json::Value>(&stdout(&o))
+            .ok()
+            .and_then(|v| {
+                v["data"]["config"]["servers"]
+                    .as_array()
+                    .map(|s| s.iter().filter(|x| x["voter"] == true).count())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The index of the active node (sys/health answers 200 there).
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            if self.nodes[i].1.is_none() {
+                return false;
+            }
+            let o = self
+                .at(&self.nodes[i].0)
+                .try_cli(&["status", "-format=json"]);
+            serde_json::from_str::<serde_json::Value>(&stdout(&o))
+                .is_ok_and(|v| v["is_self"] == true && v["sealed"] == false)
+        })
+    }
+
+    /// SIGKILLs node `i`; the CLI moves to a surviving node.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].1.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some((addr, _, _)) = self.nodes.iter().find(|n| n.1.is_some()) {
+            self.addr = addr.clone();
+        }
+    }
+
+    /// Every node's address.
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.0.clone()).collect()
+    }
+}
+
+/// A [`Bao`] client pointed at one address.
+pub struct BaoAt<'a> {
+    bao: &'a Bao,
+    addr: String,
+}
+
+impl BaoAt<'_> {
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        let mut c = self.bao.command(args);
+        c.env("BAO_ADDR", &self.addr);
+        run(&mut c)
     }
 }
 
 impl Drop for Bao {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.1.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
