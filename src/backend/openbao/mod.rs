@@ -898,3 +898,186 @@ impl Backend for OpenBao {
             .store(millis(timeout), Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Bad answers from a cluster: a loopback HTTP server that answers
+    //! every request with canned bodies. (The real server is in
+    //! tests/openbao.rs; only a fake one can send broken answers.)
+
+    use super::*;
+    use openssl::pkey::PKey;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Fake {
+        addr: String,
+        sign_answer: Arc<Mutex<(u16, String)>>,
+    }
+
+    async fn fake(public_b64: String) -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let sign_answer = Arc::new(Mutex::new((200, String::new())));
+        let answer = sign_answer.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let answer = answer.clone();
+                let public_b64 = public_b64.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Read headers and the body (Content-Length).
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let (status, body) = if head.contains("/v1/auth/token/lookup-self") {
+                        (200, r#"{"data":{"ttl":0,"renewable":false}}"#.to_string())
+                    } else if head.contains("/v1/transit/keys/") {
+                        (
+                            200,
+                            format!(
+                                r#"{{"data":{{"type":"ed25519","keys":{{"1":{{"public_key":"{public_b64}"}}}}}}}}"#
+                            ),
+                        )
+                    } else {
+                        lock(&answer).clone()
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        Fake { addr, sign_answer }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_answers_are_clear_failures_never_relayed() {
+        let key = PKey::generate_ed25519().unwrap();
+        let raw = key.raw_public_key().unwrap();
+        let public = keys::transit_public("ed25519", &keys::encode_b64(&raw)).unwrap();
+        let fake = fake(keys::encode_b64(&raw)).await;
+        let backend = OpenBao::new(Settings {
+            addresses: vec![fake.addr.clone()],
+            tls: http::Tls::default(),
+            namespace: None,
+            auth: AuthMethod::Token,
+            transit_mount: "transit".into(),
+            keys: vec![KeySpec {
+                name: "deploy".into(),
+                public: public.clone(),
+                transit_key: "deploy".into(),
+            }],
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        backend.arm(b"a-token").await.unwrap();
+        assert_eq!(backend.report().keys[0].1, KeyState::Pinned(1));
+
+        let good = {
+            let mut s = openssl::sign::Signer::new_without_digest(&key).unwrap();
+            s.sign_oneshot_to_vec(b"data").unwrap()
+        };
+        let b64 = keys::encode_b64;
+        let cases: Vec<(u16, String, &str)> = vec![
+            (
+                200,
+                r#"{"data":{"signature":"vault:v1:AAA"#.into(),
+                "not JSON",
+            ),
+            (200, r#"{"data":{"signature":12}}"#.into(), "no signature"),
+            (200, r#"{"data":[]}"#.into(), "no signature"),
+            (200, r#"[1,2]"#.into(), "no data"),
+            (
+                200,
+                format!(
+                    r#"{{"data":{{"signature":"vault:v1:{}"}}}}"#,
+                    b64(&good[..63])
+                ),
+                "of 63 bytes",
+            ),
+            (
+                200,
+                format!(
+                    r#"{{"data":{{"signature":"vault:v1:{}"}}}}"#,
+                    b64(&[7u8; 64])
+                ),
+                "does not verify",
+            ),
+            (
+                200,
+                format!(r#"{{"data":{{"signature":"vault:v2:{}"}}}}"#, b64(&good)),
+                "not the pinned 1",
+            ),
+            (200, r#"{"errors":["boom"]}"#.into(), "carries errors"),
+            (200, r#"{"data":{"signature":"bao:x"}}"#.into(), "vault:vN"),
+            (200, String::new(), "no data"),
+            (400, r#"{"errors":["bad input"]}"#.into(), "bad input"),
+        ];
+        for (status, body, expect) in cases {
+            *lock(&fake.sign_answer) = (status, body.clone());
+            let result = backend
+                .sign(SignRequest {
+                    credential: PublicCredential::Key(public.clone()),
+                    data: b"data".to_vec(),
+                    flags: 0,
+                })
+                .await;
+            match result {
+                Err(BackendError::Broken(text)) => {
+                    assert!(text.contains(expect), "{body}: {text}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // The good one is relayed.
+        *lock(&fake.sign_answer) = (
+            200,
+            format!(r#"{{"data":{{"signature":"vault:v1:{}"}}}}"#, b64(&good)),
+        );
+        let blob = backend
+            .sign(SignRequest {
+                credential: PublicCredential::Key(public.clone()),
+                data: b"data".to_vec(),
+                flags: 0,
+            })
+            .await
+            .unwrap();
+        assert!(blob.ends_with(&good));
+        // A batch answer with the wrong count fails every signature in it.
+        let body = serde_json::json!({"data": {"batch_results": [{"signature": "x"}]}});
+        let reply = http::Reply {
+            status: 200,
+            body: Ok(body),
+        };
+        assert!(parse_signatures(&reply, 2)
+            .unwrap_err()
+            .contains("1 batch results for 2"));
+    }
+}
