@@ -109,6 +109,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub struct BackendStatus {
     /// The identities it holds now.
     pub identities: Vec<Identity>,
+    /// What keeps a key or the backend from working, one line each (a
+    /// backend that reaches keys elsewhere: "key deploy: transit key
+    /// missing"); empty when there is nothing to say.
+    pub problems: Vec<String>,
 }
 
 /// Why a backend gave no usable answer.

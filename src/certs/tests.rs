@@ -64,6 +64,7 @@ impl Backend for TestCa {
         Box::pin(async {
             Ok(BackendStatus {
                 identities: Vec::new(),
+                problems: Vec::new(),
             })
         })
     }

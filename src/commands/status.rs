@@ -91,6 +91,9 @@ pub struct Json {
     pub keys: Vec<KeyStatus>,
     /// Remarks, such as falling back to the default socket.
     pub notes: Vec<String>,
+    /// What the daemon's backend says keeps a key or itself from working
+    /// (a sealed cluster, a missing transit key…).
+    pub problems: Vec<String>,
 }
 
 /// What was found.
@@ -104,6 +107,7 @@ struct Found {
     /// The daemon's counters, when asked for and reported.
     metrics: Option<Metrics>,
     notes: Vec<String>,
+    problems: Vec<String>,
 }
 
 /// Reports status; returns the monitoring-plugin exit code.
@@ -128,6 +132,7 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
             total: keys.len(),
             keys,
             notes: found.notes.clone(),
+            problems: found.problems.clone(),
         };
         match serde_json::to_string_pretty(&doc) {
             Ok(text) => say!("{text}"),
@@ -147,6 +152,9 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
         }
         if found.state != State::Ok && !keys.is_empty() && keys.iter().any(|k| !k.armed) {
             say!("to arm: run `keyholder arm` as root");
+        }
+        for problem in &found.problems {
+            say!("problem: {problem}");
         }
         for note in &found.notes {
             say!("note: {note}");
@@ -180,6 +188,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         report: None,
         metrics: None,
         notes: Vec::new(),
+        problems: Vec::new(),
     };
     let config = match ClientConfig::load(config_path) {
         Ok(c) => c,
@@ -208,7 +217,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         details: if metrics {
             status::metrics_request()
         } else {
-            Vec::new()
+            status::problems_request()
         }
         .into(),
     });
@@ -234,8 +243,13 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
     };
     found.daemon_reachable = true;
     let report = match report {
-        Ok(Answer { report, metrics }) => {
+        Ok(Answer {
+            report,
+            metrics,
+            problems,
+        }) => {
             found.metrics = metrics;
+            found.problems = problems.unwrap_or_default();
             report
         }
         Err(e) => {
@@ -252,12 +266,17 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         .filter(|k| !k.armed)
         .map(|k| k.name.as_str())
         .collect();
+    let first_problem = found
+        .problems
+        .first()
+        .map(|p| format!(": {p}"))
+        .unwrap_or_default();
     (found.state, found.message) = if !report.upstream_reachable {
         (
             State::Critical,
             format!(
-                "CRITICAL: upstream agent unreachable (the daemon at {socket} cannot reach it); \
-                 {armed}/{total} keys armed"
+                "CRITICAL: upstream agent unreachable (the daemon at {socket} cannot reach it\
+                 {first_problem}); {armed}/{total} keys armed"
             ),
         )
     } else if total == 0 {
@@ -271,7 +290,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         (
             State::Warning,
             format!(
-                "WARNING: {armed}/{total} keys armed (unarmed: {})",
+                "WARNING: {armed}/{total} keys armed (unarmed: {}){first_problem}",
                 unarmed.join(", ")
             ),
         )
@@ -279,7 +298,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         (
             State::Critical,
             format!(
-                "CRITICAL: 0/{total} keys armed (unarmed: {})",
+                "CRITICAL: 0/{total} keys armed (unarmed: {}){first_problem}",
                 unarmed.join(", ")
             ),
         )

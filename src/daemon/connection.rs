@@ -196,6 +196,7 @@ async fn handle(
     };
     shared.metrics.decided(&decision, &request);
     let metrics_wanted = status::wants_metrics(&request);
+    let problems_wanted = status::wants_problems(&request);
     // What the connection is bound to, for the audit line.
     let binding = audit::Binding::of(bindings);
     // A refusal's outcome is known now; a sign's only once the backend
@@ -288,12 +289,20 @@ async fn handle(
             if let Err(e) = &status {
                 note_upstream_error(shared, e);
             }
+            let problems = match &status {
+                Ok(s) => s.problems.clone(),
+                Err(e) => vec![e.to_string()],
+            };
             let ids = status.ok().map(|s| s.identities);
             let report = policy::status_report(&rt.policy, ids.as_deref());
             let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
             Ok(extension_response(
                 status::NAME,
-                &status::Answer { report, metrics },
+                &status::Answer {
+                    report,
+                    metrics,
+                    problems: problems_wanted.then_some(problems),
+                },
             ))
         }
         // Refusals, and decisions that do not match their request (which

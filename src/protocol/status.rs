@@ -42,6 +42,22 @@ pub const NAME: &str = "status@keyholder";
 pub const VERSION: u32 = 1;
 /// The payload format version with counters ([`Metrics`]).
 pub const VERSION_METRICS: u32 = 2;
+/// The payload format version with the backend's problems: format 1, then
+/// `uint32` count and that many `string` lines, each naming what keeps a
+/// key or the backend from working ("the cluster is sealed", "key deploy:
+/// transit key missing"). Asked for with contents `uint32 3` (what
+/// `keyholder status` sends); an older daemon answers format 1.
+pub const VERSION_PROBLEMS: u32 = 3;
+
+/// The request contents that ask for format 3.
+pub fn problems_request() -> Vec<u8> {
+    VERSION_PROBLEMS.to_be_bytes().to_vec()
+}
+
+/// Whether a `status@keyholder` request asks for the problems (format 3).
+pub fn wants_problems(request: &Request) -> bool {
+    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_PROBLEMS.to_be_bytes())
+}
 
 /// The request contents that ask for format 2.
 pub fn metrics_request() -> Vec<u8> {
@@ -176,6 +192,9 @@ pub struct Answer {
     pub report: StatusReport,
     /// The counters (format 2), or `None` (format 1).
     pub metrics: Option<Metrics>,
+    /// The backend's problems (format 3, when there are no counters), or
+    /// `None`.
+    pub problems: Option<Vec<String>>,
 }
 
 fn len_u32(n: usize) -> ssh_encoding::Result<u32> {
@@ -261,19 +280,35 @@ impl Decode for Metrics {
 
 impl Encode for Answer {
     fn encoded_len(&self) -> ssh_encoding::Result<usize> {
-        match &self.metrics {
-            None => self.report.encoded_len(),
-            Some(m) => [self.report.encoded_len()?, m.encoded_len()?].checked_sum(),
+        match (&self.metrics, &self.problems) {
+            (None, None) => self.report.encoded_len(),
+            (Some(m), _) => [self.report.encoded_len()?, m.encoded_len()?].checked_sum(),
+            (None, Some(p)) => {
+                let mut sizes = vec![self.report.encoded_len()?, 4];
+                for line in p {
+                    sizes.push(line.encoded_len()?);
+                }
+                sizes.checked_sum()
+            }
         }
     }
 
     fn encode(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
-        match &self.metrics {
-            None => self.report.encode(w),
-            Some(m) => {
+        match (&self.metrics, &self.problems) {
+            (None, None) => self.report.encode(w),
+            (Some(m), _) => {
                 VERSION_METRICS.encode(w)?;
                 self.report.encode_body(w)?;
                 m.encode(w)
+            }
+            (None, Some(p)) => {
+                VERSION_PROBLEMS.encode(w)?;
+                self.report.encode_body(w)?;
+                len_u32(p.len())?.encode(w)?;
+                for line in p {
+                    line.encode(w)?;
+                }
+                Ok(())
             }
         }
     }
@@ -288,11 +323,25 @@ impl Decode for Answer {
             VERSION => Ok(Self {
                 report: StatusReport::decode_body(r)?,
                 metrics: None,
+                problems: None,
             }),
             VERSION_METRICS => Ok(Self {
                 report: StatusReport::decode_body(r)?,
                 metrics: Some(Metrics::decode(r)?),
+                problems: None,
             }),
+            VERSION_PROBLEMS => {
+                let report = StatusReport::decode_body(r)?;
+                let mut problems = Vec::new();
+                for _ in 0..u32::decode(r)? {
+                    problems.push(String::decode(r)?);
+                }
+                Ok(Self {
+                    report,
+                    metrics: None,
+                    problems: Some(problems),
+                })
+            }
             _ => Err(ssh_encoding::Error::Length),
         }
     }
@@ -342,6 +391,7 @@ mod tests {
         let answer = Answer {
             report: report(),
             metrics: None,
+            problems: None,
         };
         let bytes = encoded(&answer);
         assert_eq!(bytes, encoded(&report()));
@@ -366,12 +416,31 @@ mod tests {
                     }],
                 }],
             }),
+            problems: None,
         };
         let bytes = encoded(&answer);
         assert_eq!(&bytes[..4], &[0, 0, 0, 2]);
         assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
         // An older client refuses it (it never asks for it).
         assert!(StatusReport::decode(&mut &bytes[..]).is_err());
+        for cut in 0..bytes.len() {
+            assert!(Answer::decode(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn an_answer_with_problems_round_trips() {
+        let answer = Answer {
+            report: report(),
+            metrics: None,
+            problems: Some(vec![
+                "the cluster is sealed".into(),
+                "key x: missing".into(),
+            ]),
+        };
+        let bytes = encoded(&answer);
+        assert_eq!(&bytes[..4], &[0, 0, 0, 3]);
+        assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
         for cut in 0..bytes.len() {
             assert!(Answer::decode(&mut &bytes[..cut]).is_err(), "cut at {cut}");
         }

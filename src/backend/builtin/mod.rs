@@ -329,7 +329,12 @@ impl Backend for Builtin {
 
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
         let identities = Builtin::identities(self);
-        Box::pin(async move { Ok(BackendStatus { identities }) })
+        Box::pin(async move {
+            Ok(BackendStatus {
+                identities,
+                problems: Vec::new(),
+            })
+        })
     }
 
     fn set_timeout(&self, timeout: Duration) {

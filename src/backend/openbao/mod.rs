@@ -175,6 +175,20 @@ fn login_error(state: LoginState) -> BackendError {
     }
 }
 
+/// Whether an error says the cluster as a whole cannot sign now (sealed,
+/// unreachable, no answer in time), not one key or the login.
+fn cluster_down(e: &BackendError) -> bool {
+    match e {
+        BackendError::Timeout => true,
+        BackendError::Broken(text) => {
+            text.contains("sealed")
+                || text.contains("no cluster address answered")
+                || text.contains("no usable answer from the cluster")
+        }
+        _ => false,
+    }
+}
+
 fn call_error(e: CallError) -> BackendError {
     match e {
         CallError::Timeout(_) => BackendError::Timeout,
@@ -868,26 +882,40 @@ impl Backend for OpenBao {
 
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
         Box::pin(async move {
-            if self.inner.session.token().is_some()
-                || self.inner.session.state() == LoginState::LoggedIn
-            {
+            let mut problems = Vec::new();
+            let mut reachable = true;
+            if self.inner.session.token().is_some() {
                 for index in 0..self.inner.keys.len() {
                     if let Err(e) = self.resolve(index).await {
-                        if let BackendError::Broken(text) = &e {
-                            if text.contains("sealed") || text.contains("no cluster address") {
-                                return Err(e);
-                            }
-                        }
-                        if matches!(e, BackendError::Timeout) {
-                            return Err(e);
+                        if cluster_down(&e) {
+                            problems.push(match e {
+                                BackendError::Timeout => {
+                                    "openbao: no answer from the cluster within \
+                                     upstream_timeout_secs"
+                                        .to_string()
+                                }
+                                BackendError::Broken(text) => text,
+                                other => other.to_string(),
+                            });
+                            reachable = false;
+                            break;
                         }
                     }
                 }
-            } else if let LoginState::Unavailable(e) = self.inner.session.state() {
-                return Err(failed(e));
             }
+            for p in self.report().problems() {
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+            let identities = if reachable {
+                self.identities().await?
+            } else {
+                Vec::new()
+            };
             Ok(BackendStatus {
-                identities: self.identities().await?,
+                identities,
+                problems,
             })
         })
     }

@@ -607,7 +607,10 @@ impl Backend for UpstreamBackend {
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
         Box::pin(async move {
             let identities = self.identities().await?;
-            Ok(BackendStatus { identities })
+            Ok(BackendStatus {
+                identities,
+                problems: Vec::new(),
+            })
         })
     }
 
