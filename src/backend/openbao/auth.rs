@@ -228,6 +228,7 @@ impl Session {
                 };
                 self.adopt_token(cluster, token, deadline).await
             }
+            Method_::Agent { .. } => self.read_agent_token(cluster, deadline).await,
             _ => self.login_with(cluster, Some(&secret), deadline).await,
         };
         match result {
