@@ -809,3 +809,130 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
     );
     assert!(host.daemon.log_text().contains("decision=granted"));
 }
+
+/// TLS client certificate login: the backend logs in by itself (no secret,
+/// no human), signs; after disarm it stays out until armed again.
+#[test]
+fn certificate_login_needs_no_human() {
+    let bin = require_bao!();
+    let dir = TempDir::new("baot");
+    let bao = Bao::dev_tls(&bin, &dir);
+    bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    // The host's certificate, from a CA of its own.
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let ssl = |args: &[&str]| {
+        let o = run(std::process::Command::new("openssl").args(args));
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("hostca.key"),
+        "-out",
+        &p("hostca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=hosts CA",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("host.key"),
+        "-out",
+        &p("host.csr"),
+        "-subj",
+        "/CN=deploy1.example",
+    ]);
+    std::fs::write(dir.join("host.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("host.csr"),
+        "-CA",
+        &p("hostca.pem"),
+        "-CAkey",
+        &p("hostca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("host.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("host.ext"),
+    ]);
+    bao.cli(&["auth", "enable", "cert"]);
+    bao.cli(&[
+        "write",
+        "auth/cert/certs/deploy1",
+        &format!("certificate=@{}", p("hostca.pem")),
+        "token_policies=keyholder",
+        "token_ttl=1h",
+    ]);
+    let b = Arc::new(
+        OpenBao::new(Settings {
+            addresses: vec![bao.addr.clone()],
+            tls: keyholder::backend::openbao::http::Tls {
+                ca_pem: Some(std::fs::read(bao.cacert.as_ref().unwrap()).unwrap()),
+                client_cert_pem: Some(std::fs::read(dir.join("host.pem")).unwrap()),
+                client_key_pem: Some(zeroize::Zeroizing::new(
+                    std::fs::read(dir.join("host.key")).unwrap(),
+                )),
+            },
+            namespace: None,
+            auth: AuthMethod::Cert {
+                mount: "cert".into(),
+            },
+            transit_mount: "transit".into(),
+            keys: vec![KeySpec {
+                name: "deploy".into(),
+                public: key_data(&line),
+                transit_key: "deploy".into(),
+            }],
+            timeout: Duration::from_secs(30),
+        })
+        .unwrap(),
+    );
+    runtime().block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let upkeep = {
+            let b = b.clone();
+            tokio::spawn(async move { b.run(rx).await })
+        };
+        let start = Instant::now();
+        while b.identities().await.unwrap().is_empty() && start.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(b.identities().await.unwrap().len(), 1, "{:?}", b.report());
+        let blob = sign(&b, &line, payload(0), 0).await.unwrap();
+        check_blob(&line, &payload(0), &blob, "ssh-ed25519");
+        // Disarmed: revoked, and no login by itself.
+        b.remove_all().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(b.identities().await.unwrap().is_empty());
+        // Armed again with nothing.
+        b.arm(b"").await.unwrap();
+        sign(&b, &line, payload(1), 0).await.unwrap();
+        tx.send(true).unwrap();
+        upkeep.await.unwrap();
+    });
+    let audit = bao.audit_text();
+    assert!(
+        audit.contains("deploy1.example") || audit.contains("\"cert_name\":\"deploy1\""),
+        "the audit log names the host's certificate"
+    );
+}

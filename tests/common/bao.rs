@@ -72,6 +72,16 @@ pub struct Bao {
 
 impl Bao {
     pub fn dev(bin: &Path, dir: &TempDir) -> Self {
+        Self::dev_with(bin, dir, false)
+    }
+
+    /// A dev-mode server with TLS (`-dev-tls`: a generated CA and
+    /// certificate for 127.0.0.1).
+    pub fn dev_tls(bin: &Path, dir: &TempDir) -> Self {
+        Self::dev_with(bin, dir, true)
+    }
+
+    fn dev_with(bin: &Path, dir: &TempDir, tls: bool) -> Self {
         let port = free_port();
         let audit = dir.join("bao-audit.log");
         let hcl = dir.join("bao.hcl");
@@ -84,14 +94,23 @@ impl Bao {
         )
         .unwrap();
         let log = dir.join("bao-server.log");
-        let child = Command::new(bin)
-            .args([
-                "server",
-                "-dev",
-                "-dev-root-token-id=root",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-                &format!("-config={}", hcl.display()),
-            ])
+        let tls_dir = dir.join("bao-tls");
+        let mut command = Command::new(bin);
+        command.args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+            &format!("-config={}", hcl.display()),
+        ]);
+        if tls {
+            std::fs::create_dir_all(&tls_dir).unwrap();
+            command.args([
+                "-dev-tls",
+                &format!("-dev-tls-cert-dir={}", tls_dir.display()),
+            ]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::from(
@@ -99,14 +118,14 @@ impl Bao {
             ))
             .spawn()
             .unwrap();
-        let addr = format!("http://127.0.0.1:{port}");
+        let addr = format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" });
         let mut bao = Self {
             bin: bin.to_path_buf(),
             addr: addr.clone(),
             audit: audit.clone(),
             unseal_key: String::new(),
             token: "root".into(),
-            cacert: None,
+            cacert: tls.then(|| tls_dir.join("vault-ca.pem")),
             nodes: vec![(addr, Some(child), audit)],
             log,
         };
