@@ -34,6 +34,7 @@ fn backend(bao: &Bao, role_id: &str, keys: &[(&str, &str)]) -> OpenBao {
             role_id: role_id.into(),
         },
         transit_mount: "transit".into(),
+        ssh_mount: "ssh".into(),
         keys: keys
             .iter()
             .map(|(name, line)| KeySpec {
@@ -463,6 +464,20 @@ impl Host {
 
     /// Like [`Host::start`], with a server or cluster already running.
     fn with(dir: TempDir, bao: Bao, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
+        Self::with_extra(dir, bao, keys, ttl, max_ttl, &[], "")
+    }
+
+    /// Like [`Host::with`], with TOML lines added to some keys' tables
+    /// (name, lines) and to the end of the configuration.
+    fn with_extra(
+        dir: TempDir,
+        bao: Bao,
+        keys: &[(&str, &str)],
+        ttl: &str,
+        max_ttl: &str,
+        key_extra: &[(&str, &str)],
+        extra: &str,
+    ) -> Self {
         let (role_id, secret) = bao.setup_host(ttl, max_ttl);
         let group = TestGroup::create("bao");
         let mut key_toml = String::new();
@@ -470,6 +485,12 @@ impl Host {
             let line = bao.transit_key(name, kind);
             std::fs::write(dir.join(&format!("{name}.pub")), format!("{line} {name}\n")).unwrap();
             key_toml.push_str(&format!("[keys.{name}]\ngroups = [\"{}\"]\n", group.name));
+            for (n, lines) in key_extra {
+                if n == name {
+                    key_toml.push_str(lines);
+                    key_toml.push('\n');
+                }
+            }
         }
         let secret_file = dir.join("secret");
         write_secret(&secret_file, &secret);
@@ -481,7 +502,7 @@ impl Host {
             .unwrap_or_default();
         let config = format!(
             "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"openbao\"\n\
-             socket = \"{}\"\n\n[openbao]\naddresses = [{}]\n{ca}auth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}",
+             socket = \"{}\"\n\n[openbao]\naddresses = [{}]\n{ca}auth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}\n{extra}",
             dir.join("proxy.sock").display(),
             dir.path().display(),
             dir.join("agent.sock").display(),
@@ -897,6 +918,7 @@ fn certificate_login_needs_no_human() {
                 mount: "cert".into(),
             },
             transit_mount: "transit".into(),
+            ssh_mount: "ssh".into(),
             keys: vec![KeySpec {
                 name: "deploy".into(),
                 public: key_data(&line),
@@ -935,4 +957,114 @@ fn certificate_login_needs_no_human() {
         audit.contains("deploy1.example") || audit.contains("\"cert_name\":\"deploy1\""),
         "the audit log names the host's certificate"
     );
+}
+
+/// `[certificates] ca = "openbao:ROLE"`: the cluster's SSH engine signs
+/// each caller's certificate; it logs in to an sshd that trusts only the
+/// engine's CA, whose log names the caller; a principal the role forbids
+/// gets no certificate and one log line.
+#[test]
+fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
+    require_root!();
+    let bin = require_bao!();
+    let dir = TempDir::new("baoca");
+    let bao = Bao::dev(&bin, &dir);
+    let remote = TestUser::create("bcr", &[]);
+    bao.cli(&["secrets", "enable", "ssh"]);
+    bao.cli(&["write", "ssh/config/ca", "generate_signing_key=true"]);
+    bao.write_json(
+        "ssh/roles/deploy",
+        &serde_json::json!({
+            "key_type": "ca",
+            "allow_user_certificates": true,
+            "allow_user_key_ids": true,
+            "allowed_users": remote.name,
+            "default_extensions": {"permit-pty": ""},
+            "allowed_extensions": "permit-pty",
+            "ttl": "5m",
+            "max_ttl": "30m",
+        }),
+    );
+    let ca_line = bao.cli(&["read", "-field=public_key", "ssh/config/ca"]);
+    std::fs::write(dir.join("openbao-ca.pub"), format!("{}\n", ca_line.trim())).unwrap();
+    let deploy_extra = format!("certificate = \"only\"\nprincipals = [\"{}\"]", remote.name);
+    let host = Host::with_extra(
+        dir,
+        bao,
+        &[("deploy", "ed25519"), ("rootish", "ed25519")],
+        "1h",
+        "2h",
+        &[
+            ("deploy", deploy_extra.as_str()),
+            ("rootish", "certificate = \"only\"\nprincipals = [\"root\"]"),
+        ],
+        "[certificates]\nca = \"openbao:deploy\"\nvalidity_secs = 300\n",
+    );
+    let user = TestUser::create("bcu", &[&host.group]);
+    let o = host.arm();
+    assert!(
+        o.status.success(),
+        "arm: {}\n{}",
+        stdout(&o),
+        host.daemon.log_text()
+    );
+    let o = host.keyholder(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+
+    // The user sees deploy's certificate and its plain key (which OpenSSH
+    // needs to pair them), nothing for rootish.
+    let listed = host.daemon.listed(&user.as_user());
+    assert_eq!(listed.len(), 2, "{listed:?}\n{}", host.daemon.log_text());
+    assert!(
+        listed
+            .iter()
+            .any(|l| l.starts_with("ssh-ed25519-cert-v01@openssh.com ")),
+        "{listed:?}"
+    );
+    let log = host.daemon.log_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no certificate for key=rootish"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(refused[0].contains("role deploy"), "{}", refused[0]);
+    assert!(
+        log.contains("key=deploy") && log.contains("serial="),
+        "{log}"
+    );
+
+    // An sshd that trusts only the engine's CA: the login works, its log
+    // names the caller.
+    let sshd = Sshd::start_with(
+        &host.dir,
+        &format!(
+            "TrustedUserCAKeys {}",
+            host.dir.join("openbao-ca.pub").display()
+        ),
+    );
+    let o = sshd.ssh(
+        &user.as_user(),
+        &host.daemon.socket,
+        &remote.name,
+        &[],
+        "id -un",
+    );
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        stderr(&o),
+        sshd.log_text(),
+        host.daemon.log_text()
+    );
+    assert_eq!(stdout(&o).trim(), remote.name);
+    let sshd_log = sshd.log_text();
+    assert!(
+        sshd_log.contains(&format!("keyholder:{}@", user.name)),
+        "{sshd_log}"
+    );
+    // The cluster's audit log has the issuance under the host's role.
+    let audit = host.bao.audit_text();
+    assert!(audit
+        .lines()
+        .any(|l| l.contains("ssh/sign/deploy") && l.contains("\"role_name\":\"host1\"")));
 }

@@ -544,11 +544,11 @@ pub fn phase(rounds: usize) -> Result<String> {
     );
     out += &format!(
         "Failover: the active node SIGKILLed under 16 signing clients: {} failures, longest sign \
-         {:.0} ms (the failover window as a client sees it); a new active node was seen {} after {:.1} s \
+         {:.0} ms (the failover window as a client sees it); a new active node was {} after {:.1} s \
          (polled with the CLI). {} transit requests in the audit log carried `batch_input`.\n\n",
         failures.load(Ordering::Relaxed),
         window_ms,
-        if elected { "" } else { "NOT" },
+        if elected { "seen" } else { "NOT seen" },
         election.as_secs_f64(),
         audit_batches
     );

@@ -66,6 +66,8 @@ pub fn run(path: &Path) -> Result<u8> {
         match (config.agent.backend, config.agent.spawn) {
             (crate::config::BackendKind::Builtin, _) =>
                 "backend = \"builtin\": served by the daemon, which holds the keys itself",
+            (crate::config::BackendKind::OpenBao, _) =>
+                "backend = \"openbao\": served by the daemon; the keys are transit keys of the cluster",
             (_, true) => "spawned by the daemon",
             (_, false) => "run by someone else",
         },
@@ -115,6 +117,19 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             );
         }
+        if config.agent.backend == crate::config::BackendKind::OpenBao {
+            let mount = config
+                .openbao
+                .as_deref()
+                .map_or("transit", |o| o.transit_mount.as_str());
+            say!(
+                "  transit key: {mount}/keys/{} (its version equal to the public key is pinned \
+                 when the daemon logs in; `keyholder status` names a mismatch)",
+                key.transit_key.as_deref().unwrap_or(&key.name)
+            );
+            found.flush();
+            continue;
+        }
         let state = check_key(
             &config,
             key,
@@ -143,11 +158,17 @@ pub fn run(path: &Path) -> Result<u8> {
                 p.display()
             );
         }
-        let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
-        say!(
-            "  private key: {} ({state}; armed by `keyholder arm` with the keys)",
-            c.ca.private_key_path.display()
-        );
+        if let Some(role) = &c.openbao_role {
+            say!(
+                "  signed by the cluster's SSH engine, role {role} (its CA key pinned in the file above)"
+            );
+        } else {
+            let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
+            say!(
+                "  private key: {} ({state}; armed by `keyholder arm` with the keys)",
+                c.ca.private_key_path.display()
+            );
+        }
         if !config.keys.iter().any(|k| k.cert.mode != CertMode::Off) {
             found.note(
                 "[certificates] is set, but no key has certificate = \"also\" or \"only\""

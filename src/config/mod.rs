@@ -187,6 +187,9 @@ pub struct CertificatesConfig {
     pub backdate_secs: u64,
     /// The key ID template (`{user}`, `{uid}`, `{host}`, `{key}`, `{serial}`).
     pub key_id: String,
+    /// `ca = "openbao:ROLE"`: the role of the cluster's SSH engine that
+    /// signs (the CA's public key is pinned in `key_dir/openbao-ca.pub`).
+    pub openbao_role: Option<String>,
 }
 
 /// Default `[certificates] validity_secs`.
@@ -478,6 +481,24 @@ impl Config {
                 }
             }
         }
+        if let Some(role) = certificates.as_ref().and_then(|c| c.openbao_role.as_ref()) {
+            match openbao.as_deref() {
+                None => {
+                    return Err(Error::msg(format!(
+                        "{file}: certificates.ca = \"openbao:{role}\" needs an [openbao] section"
+                    )))
+                }
+                Some(o) if backend != BackendKind::OpenBao && o.auth.needs_secret() => {
+                    return Err(Error::msg(format!(
+                        "{file}: certificates.ca = \"openbao:{role}\" with agent.backend = \"{}\" \
+                         needs openbao.auth = \"cert\" or \"agent\" (the daemon logs in by itself; \
+                         `keyholder arm` hands a secret only to the openbao backend)",
+                        backend.name()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         if backend == BackendKind::Builtin {
             for (field, set) in [
                 ("spawn", raw.agent.spawn.is_some()),
@@ -529,7 +550,13 @@ impl Config {
     /// that it is armed and checked like the others).
     pub fn key_files(&self) -> Vec<KeyConfig> {
         let mut all = self.keys.clone();
-        all.extend(self.certificates.iter().map(|c| c.ca.clone()));
+        // A CA in the cluster has no key file here.
+        all.extend(
+            self.certificates
+                .iter()
+                .filter(|c| c.openbao_role.is_none())
+                .map(|c| c.ca.clone()),
+        );
         all
     }
 }
@@ -785,7 +812,16 @@ fn load_certificates(
 ) -> Result<CertificatesConfig> {
     let file = path.display();
     let name = raw.ca;
-    if !valid_key_name(&name) {
+    // "openbao:ROLE": the cluster's SSH engine signs; its CA public key is
+    // pinned in key_dir/openbao-ca.pub.
+    let openbao_role = match name.strip_prefix("openbao:") {
+        Some(role) => {
+            openbao::check_role(&file.to_string(), role)?;
+            Some(role.to_owned())
+        }
+        None => None,
+    };
+    if openbao_role.is_none() && !valid_key_name(&name) {
         return Err(Error::msg(format!(
             "{file}: certificates.ca: {name:?} is not a valid key name (a file name in key_dir)"
         )));
@@ -796,7 +832,10 @@ fn load_certificates(
              certificates only and may not be a key callers use"
         )));
     }
-    let pub_path = key_dir.join(format!("{name}.pub"));
+    let pub_path = match openbao_role {
+        Some(_) => key_dir.join(openbao::ENGINE_CA_PUB),
+        None => key_dir.join(format!("{name}.pub")),
+    };
     let text = crate::trust::read_text(&pub_path).map_err(|e| {
         Error::msg(format!(
             "{file}: certificates.ca: the CA public key {}: {e}",
@@ -859,6 +898,7 @@ fn load_certificates(
         validity_secs,
         backdate_secs,
         key_id,
+        openbao_role,
     })
 }
 

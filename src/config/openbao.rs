@@ -243,6 +243,25 @@ pub(super) fn load(path: &Path, raw: RawOpenBao) -> Result<OpenBaoConfig> {
     })
 }
 
+/// The file in `key_dir` that pins the SSH engine's CA public key
+/// (`[certificates] ca = "openbao:ROLE"`).
+pub const ENGINE_CA_PUB: &str = "openbao-ca.pub";
+
+/// Checks the ROLE of `ca = "openbao:ROLE"`.
+pub(super) fn check_role(file: &str, role: &str) -> Result<()> {
+    if role.is_empty()
+        || role.len() > 128
+        || !role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(Error::msg(format!(
+            "{file}: certificates.ca: \"openbao:{role}\": {role:?} is not an SSH role name"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a key's `transit_key` (a transit key name).
 pub(super) fn check_transit_key(file: &str, key: &str, name: &str) -> Result<()> {
     if name.is_empty()

@@ -20,6 +20,7 @@
 //! use a key (the policy does), and never blocks an async thread.
 
 pub mod auth;
+pub mod ca;
 pub mod http;
 pub mod keys;
 
@@ -71,6 +72,8 @@ pub struct Settings {
     pub auth: AuthMethod,
     /// The transit mount.
     pub transit_mount: String,
+    /// The SSH secrets engine's mount (`[certificates] ca = "openbao:ROLE"`).
+    pub ssh_mount: String,
     /// The configured keys.
     pub keys: Vec<KeySpec>,
     /// Deadline of each call (`upstream_timeout_secs`).
@@ -140,6 +143,7 @@ struct Inner {
     cluster: Cluster,
     session: Session,
     transit: String,
+    ssh: String,
     keys: Vec<Entry>,
     timeout_ms: AtomicU64,
     batches: AtomicU64,
@@ -223,6 +227,7 @@ impl OpenBao {
                 cluster,
                 session: Session::new(settings.auth),
                 transit: settings.transit_mount.trim_matches('/').to_string(),
+                ssh: settings.ssh_mount.trim_matches('/').to_string(),
                 keys,
                 timeout_ms: AtomicU64::new(millis(settings.timeout)),
                 batches: AtomicU64::new(0),
@@ -598,6 +603,121 @@ impl OpenBao {
         Ok(results)
     }
 
+    /// A call with the session's token, logging in again once when the
+    /// cluster answers "permission denied".
+    async fn authed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<bytes::Bytes>,
+    ) -> Result<http::Reply, BackendError> {
+        let inner = &self.inner;
+        let deadline = self.deadline();
+        let token = inner
+            .session
+            .ensure(&inner.cluster, deadline)
+            .await
+            .map_err(login_error)?;
+        let reply = inner
+            .cluster
+            .call(
+                method.clone(),
+                path,
+                Some(token.value()),
+                body.clone(),
+                deadline,
+            )
+            .await
+            .map_err(call_error)?;
+        if reply.status != 403 {
+            return Ok(reply);
+        }
+        let token = inner
+            .session
+            .relogin_after(&inner.cluster, token.generation, deadline)
+            .await
+            .map_err(login_error)?;
+        inner
+            .cluster
+            .call(method, path, Some(token.value()), body, deadline)
+            .await
+            .map_err(call_error)
+    }
+
+    /// The SSH engine's CA public key (`{ssh_mount}/config/ca`).
+    pub async fn engine_ca(&self) -> Result<KeyData, BackendError> {
+        let path = format!("{}/config/ca", self.inner.ssh);
+        let reply = self.authed(Method::GET, &path, None).await?;
+        if !reply.ok() {
+            return Err(failed(format!("reading {path}: {}", reply.errors())));
+        }
+        let line = reply
+            .body
+            .as_ref()
+            .ok()
+            .and_then(|b| b.get("data"))
+            .and_then(|d| d.get("public_key"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| failed(format!("{path}: the answer has no public_key")))?;
+        ssh_key::PublicKey::from_openssh(line.trim())
+            .map(|k| k.key_data().clone())
+            .map_err(|e| failed(format!("{path}: {e}")))
+    }
+
+    /// A user certificate from the SSH engine (`{ssh_mount}/sign/ROLE`).
+    pub async fn issue_certificate(
+        &self,
+        request: &super::IssueRequest,
+    ) -> Result<String, BackendError> {
+        let path = format!("{}/sign/{}", self.inner.ssh, request.role);
+        let public = ssh_key::PublicKey::from(request.key.clone())
+            .to_openssh()
+            .map_err(|e| failed(format!("encoding the public key: {e}")))?;
+        let extensions: Map<String, Value> = request
+            .extensions
+            .iter()
+            .map(|e| (e.clone(), Value::String(String::new())))
+            .collect();
+        let options: Map<String, Value> = request
+            .critical_options
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let body = json!({
+            "public_key": public,
+            "cert_type": "user",
+            "valid_principals": request.principals.join(","),
+            "key_id": request.key_id,
+            "ttl": format!("{}s", request.ttl_secs),
+            "extensions": extensions,
+            "critical_options": options,
+        });
+        let reply = self
+            .authed(Method::POST, &path, Some(http::json_body(&body)))
+            .await?;
+        if !reply.ok() {
+            return Err(failed(format!(
+                "the SSH engine refused a certificate (role {}): {}",
+                request.role,
+                reply.errors()
+            )));
+        }
+        reply
+            .body
+            .as_ref()
+            .ok()
+            .and_then(|b| b.get("data"))
+            .and_then(|d| d.get("signed_key"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| failed(format!("{path}: the answer has no signed_key")))
+    }
+
+    /// Whether the session holds a token now.
+    pub fn logged_in(&self) -> bool {
+        self.inner.session.token().is_some()
+    }
+
     fn index_of(&self, key: &KeyData) -> Option<usize> {
         self.inner.keys.iter().position(|e| e.spec.public == *key)
     }
@@ -606,18 +726,19 @@ impl OpenBao {
 /// Opens the backend: reads the TLS files through the trust check, serves
 /// `agent.socket` (for `keyholder arm/disarm`), and keeps the login alive
 /// until shutdown, when a token the daemon obtained itself is revoked.
-pub(super) async fn open(
+/// The backend for `config`'s `[openbao]` and keys (TLS files read through
+/// the trust check), and whether a token it obtains is its own to revoke
+/// at exit (AppRole, certificate; not a token given to it or an agent's).
+pub(super) fn engine_client(
     config: &crate::config::Config,
-    context: super::OpenContext,
-) -> crate::error::Result<super::Opened> {
+) -> crate::error::Result<(OpenBao, bool)> {
     use crate::config::openbao::AuthKind;
     use crate::error::Error;
     let file = config.path.display();
-    let o = config.openbao.as_deref().ok_or_else(|| {
-        Error::msg(format!(
-            "{file}: agent.backend = \"openbao\" needs an [openbao] section"
-        ))
-    })?;
+    let o = config
+        .openbao
+        .as_deref()
+        .ok_or_else(|| Error::msg(format!("{file}: no [openbao] section")))?;
     let text = |field: &str, path: &std::path::Path| {
         crate::trust::read_text(path)
             .map(String::into_bytes)
@@ -664,6 +785,7 @@ pub(super) async fn open(
         namespace: o.namespace.clone(),
         auth,
         transit_mount: o.transit_mount.clone(),
+        ssh_mount: o.ssh_mount.clone(),
         keys: config
             .keys
             .iter()
@@ -677,6 +799,21 @@ pub(super) async fn open(
     };
     let backend =
         OpenBao::new(settings).map_err(|e| Error::msg(format!("{file}: openbao: {e}")))?;
+    Ok((backend, revoke_at_exit))
+}
+
+pub(super) async fn open(
+    config: &crate::config::Config,
+    context: super::OpenContext,
+) -> crate::error::Result<super::Opened> {
+    use crate::error::Error;
+    let file = config.path.display();
+    let o = config.openbao.as_deref().ok_or_else(|| {
+        Error::msg(format!(
+            "{file}: agent.backend = \"openbao\" needs an [openbao] section"
+        ))
+    })?;
+    let (backend, revoke_at_exit) = engine_client(config)?;
     let listener = super::admin::bind(&config.agent.socket)?;
     tracing::info!(
         "openbao backend: {} (auth {}), serving agent.socket {} (root only)",
@@ -684,7 +821,17 @@ pub(super) async fn open(
         o.auth.name(),
         config.agent.socket.display()
     );
-    let shared: Arc<dyn Backend> = Arc::new(backend.clone());
+    let mut shared: Arc<dyn Backend> = Arc::new(backend.clone());
+    if let Some(c) = config.certificates.as_deref() {
+        if let Some(role) = &c.openbao_role {
+            shared = Arc::new(ca::EngineCa::new(
+                Arc::clone(&shared),
+                backend.clone(),
+                c.ca.public_key.clone(),
+                role.clone(),
+            ));
+        }
+    }
     let server = tokio::spawn(super::admin::serve(
         listener,
         config.agent.socket.clone(),
@@ -855,6 +1002,10 @@ impl Backend for OpenBao {
         Box::pin(async { Err(BackendError::Refused) })
     }
 
+    fn issue(&self, request: super::IssueRequest) -> BackendFuture<'_, String> {
+        Box::pin(async move { self.issue_certificate(&request).await })
+    }
+
     fn unlock(&self, secret: Zeroizing<Vec<u8>>) -> BackendFuture<'_, ()> {
         Box::pin(async move {
             match self.arm(&secret).await {
@@ -1017,6 +1168,7 @@ mod tests {
             namespace: None,
             auth: AuthMethod::Token,
             transit_mount: "transit".into(),
+            ssh_mount: "ssh".into(),
             keys: vec![KeySpec {
                 name: "deploy".into(),
                 public: public.clone(),
