@@ -75,6 +75,10 @@ pub enum Command {
         /// Read the passphrase from this file (first line) instead of the terminal.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// With agent.backend = "pkcs11": read the token's user PIN from this file (first line)
+        /// instead of $CREDENTIALS_DIRECTORY/keyholder-pin or the terminal.
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
         /// backend = "openbao": read the AppRole secret id (or the token, with auth = "token")
         /// from this file (first line) instead of $CREDENTIALS_DIRECTORY/keyholder-openbao-secret
         /// or the terminal; the daemon logs in with it and keeps it in locked memory.
@@ -137,6 +141,64 @@ pub enum Command {
     Cert {
         /// The key's name (its table in the configuration).
         name: String,
+    },
+    /// Ask for a grant to use KEY for a while (keys with [keys.NAME.grants]).
+    ///
+    /// For members of the key's groups. Prints the request's id; the key's approvers (shown
+    /// by `keyholder grants`) approve it with `keyholder approve ID`. DURATION is 90s, 30m, 2h
+    /// or plain seconds, at most the key's max_secs. With --wait, waits until the request is
+    /// decided. Exit 0 when granted or pending, 1 when refused, denied, withdrawn or lapsed.
+    /// Reference: docs/grants.md.
+    Request {
+        /// The key's name.
+        key: String,
+        /// How long the grant lasts once approved (90s, 30m, 2h, seconds).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        /// Why (at most 256 bytes, no control characters; logged and shown to approvers).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Wait until the request is decided (exit 0 granted, 1 denied or lapsed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Approve grant request ID (members of the key's approver groups, not the requester).
+    ///
+    /// Each person counts once; the grant starts when the last approval needed arrives.
+    Approve {
+        /// The request's id (from `keyholder grants`).
+        id: String,
+        /// Only if the request is for this key.
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+    },
+    /// Deny grant request ID (members of the key's approver groups, not the requester).
+    Deny {
+        /// The request's id.
+        id: String,
+        /// What to tell the requester (logged).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Only if the request is for this key.
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+    },
+    /// List pending grant requests and active grants, and who may approve each.
+    Grants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End grant ID at once, or withdraw a pending request (the grantee, an approver, root).
+    ///
+    /// A certificate handed out under the grant stays valid at targets until its own end
+    /// (at most [certificates] validity_secs).
+    Revoke {
+        /// The grant's id.
+        id: String,
+        /// Only if the grant is for this key.
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
     },
 }
 

@@ -40,6 +40,7 @@ impl KnownHosts {
             let at = |why: &str| format!("line {}: {why}", n + 1);
             let mut fields = line.split_ascii_whitespace();
             let mut first = fields.next().unwrap_or_default();
+            let first_is_revoked = first == "@revoked";
             let list = match first {
                 "@cert-authority" => &mut out.cas,
                 "@revoked" => &mut out.revoked,
@@ -60,6 +61,14 @@ impl KnownHosts {
                 ));
             };
             let key = parse_key(kind, base64).map_err(|e| at(&e))?;
+            // A revoked key is never admitted: whatever its type, nothing
+            // about it needs verifying. A host key or CA keyholder cannot
+            // verify is refused here, not at the login that would fail.
+            if first_is_revoked {
+                out.revoked.push(key);
+                continue;
+            }
+            verifiable(&key).map_err(|e| at(&e))?;
             list.push(key);
         }
         Ok(out)
@@ -68,6 +77,25 @@ impl KnownHosts {
     /// How many keys of each kind: (host keys, CAs, revoked).
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.host_keys.len(), self.cas.len(), self.revoked.len())
+    }
+}
+
+/// Host key algorithms whose signatures keyholder verifies (see
+/// `crate::verify`), for host keys and host certificate CAs alike.
+pub const VERIFIABLE: &str = "ssh-ed25519, ecdsa-sha2-nistp256/384/521, ssh-rsa (rsa-sha2-256/512)";
+
+/// Whether keyholder can verify a binding by `key` (or a certificate `key`
+/// signed). Anything else, OpenSSH 10.5's ML-DSA-44+Ed25519 hybrid
+/// `ssh-mldsa44-ed25519@openssh.com` among them, is an error naming the
+/// algorithm.
+fn verifiable(key: &KeyData) -> Result<(), String> {
+    match key {
+        KeyData::Ed25519(_) | KeyData::Ecdsa(_) | KeyData::Rsa(_) => Ok(()),
+        other => Err(format!(
+            "host key algorithm {} is not supported by keyholder (a binding to such a host \
+             cannot be verified; supported: {VERIFIABLE})",
+            other.algorithm()
+        )),
     }
 }
 
@@ -122,5 +150,38 @@ mod tests {
         assert!(e.starts_with("line 1: no host names"), "{e}");
         // A key without host names is two fields, not three.
         assert!(KnownHosts::parse(&format!("{ED}\n")).is_err());
+    }
+
+    /// An OpenSSH public key line of algorithm `alg` with `key` as its one
+    /// key field.
+    fn line(alg: &str, key: &[u8]) -> String {
+        let mut blob = Vec::new();
+        for field in [alg.as_bytes(), key] {
+            blob.extend((field.len() as u32).to_be_bytes());
+            blob.extend(field);
+        }
+        format!("{alg} {}", openssl::base64::encode_block(&blob))
+    }
+
+    #[test]
+    fn host_keys_keyholder_cannot_verify_are_refused_naming_line_and_algorithm() {
+        // OpenSSH 10.5's hybrid: a 1312-byte ML-DSA-44 key then an Ed25519 key.
+        let mldsa = line("ssh-mldsa44-ed25519@openssh.com", &[7; 1344]);
+        for text in [
+            format!("web1 {ED}\nweb2 {mldsa}\n"),
+            format!("web1 {ED}\n@cert-authority * {mldsa}\n"),
+        ] {
+            let e = KnownHosts::parse(&text).unwrap_err();
+            assert!(
+                e.starts_with(
+                    "line 2: host key algorithm ssh-mldsa44-ed25519@openssh.com \
+                               is not supported"
+                ),
+                "{e}"
+            );
+        }
+        // Revoked: never admitted, so nothing to verify.
+        let k = KnownHosts::parse(&format!("web1 {ED}\n@revoked * {mldsa}\n")).unwrap();
+        assert_eq!(k.counts(), (1, 0, 1));
     }
 }

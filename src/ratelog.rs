@@ -1,6 +1,8 @@
 //! Rate-limited logging of lines a flood could repeat: refused requests,
 //! connections refused by a limit or closed on a bad message, the spawned
-//! agent's stderr.
+//! agent's stderr, and errors that recur while a fault lasts (backend
+//! errors, user database errors and timeouts, accept errors, a full
+//! signing queue). The one mechanism for every such line.
 //!
 //! For each kind of line and each uid (a [`Who`]), the first
 //! [`Kind::burst`] lines of a burst are written in full; later ones in the
@@ -8,7 +10,10 @@
 //! the next line) writes one summary line with the count, naming the kind
 //! and the uid; while the flood goes on that is one line per window per uid.
 //! A window in which nothing was suppressed ends the burst, and the next
-//! line is written in full again.
+//! line is written in full again. A line counted with a detail (for refused
+//! requests: the reason and the key) is counted per detail too, and the
+//! summary says how many of each (at most [`MAX_DETAILS`] distinct ones per
+//! bucket; the rest are counted together as "other").
 //!
 //! Memory is bounded: at most [`MAX_TRACKED`] (kind, uid) pairs are tracked;
 //! lines of further uids share one bucket per kind ([`Who::Others`]), and
@@ -29,6 +34,9 @@ use tracing::Level;
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 /// (kind, uid) pairs tracked at once; beyond, uids share a bucket per kind.
 pub const MAX_TRACKED: usize = 128;
+/// Distinct details counted per bucket and window; further ones are
+/// counted together.
+pub const MAX_DETAILS: usize = 8;
 /// Test-only override of the window, in milliseconds (not a contract
 /// setting: the tests shorten the window to see summaries quickly).
 pub const WINDOW_ENV: &str = "KEYHOLDER_LOG_WINDOW_MS";
@@ -78,7 +86,31 @@ struct Bucket {
     allowance: u32,
     /// Lines counted but not written in the current window.
     suppressed: u64,
+    /// Of those, how many per detail, in order of first appearance.
+    details: Vec<(String, u64)>,
 }
+
+impl Bucket {
+    /// Counts one more suppressed line, with its detail if any.
+    fn suppress(&mut self, detail: Option<String>) {
+        self.suppressed += 1;
+        let Some(detail) = detail else { return };
+        if let Some(d) = self.details.iter_mut().find(|(d, _)| *d == detail) {
+            d.1 += 1;
+        } else if self.details.len() < MAX_DETAILS {
+            self.details.push((detail, 1));
+        } else if let Some(d) = self.details.iter_mut().find(|(d, _)| d == OTHER) {
+            d.1 += 1;
+        } else if let Some(last) = self.details.last_mut() {
+            // The last slot becomes "other", keeping its count.
+            last.0 = OTHER.to_owned();
+            last.1 += 1;
+        }
+    }
+}
+
+/// The detail under which details beyond [`MAX_DETAILS`] are counted.
+const OTHER: &str = "other";
 
 /// A summary due at the end of a window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +121,8 @@ pub struct Summary {
     pub who: Who,
     /// How many were not written.
     pub suppressed: u64,
+    /// Of those, how many per detail (empty when counted without one).
+    pub details: Vec<(String, u64)>,
 }
 
 /// The bookkeeping, without clock or log (unit-tested on its own).
@@ -109,7 +143,19 @@ impl Tracker {
     }
 
     /// Records a line at `now`: `(write it?, a new window started?)`.
+    #[cfg(test)]
     fn hit(&mut self, kind: &'static Kind, who: Who, now: Instant) -> (bool, bool) {
+        self.hit_with(kind, who, now, || None)
+    }
+
+    /// [`Tracker::hit`], counting a suppressed line under `detail()`.
+    fn hit_with(
+        &mut self,
+        kind: &'static Kind,
+        who: Who,
+        now: Instant,
+        detail: impl FnOnce() -> Option<String>,
+    ) -> (bool, bool) {
         let tracked = self.buckets.len();
         let who = if tracked >= self.cap && !self.buckets.contains_key(&(kind.name, who)) {
             Who::Others
@@ -122,17 +168,21 @@ impl Tracker {
                 (true, false)
             }
             Some(b) => {
-                b.suppressed += 1;
+                b.suppress(detail());
                 (false, false)
             }
             None => {
                 let write = kind.burst > 0;
-                let bucket = Bucket {
+                let mut bucket = Bucket {
                     kind,
                     ends: now + self.window,
                     allowance: kind.burst.saturating_sub(1),
-                    suppressed: u64::from(!write),
+                    suppressed: 0,
+                    details: Vec::new(),
                 };
+                if !write {
+                    bucket.suppress(detail());
+                }
                 self.buckets.insert((kind.name, who), bucket);
                 (write, true)
             }
@@ -156,6 +206,7 @@ impl Tracker {
                 kind: b.kind,
                 who,
                 suppressed: std::mem::take(&mut b.suppressed),
+                details: std::mem::take(&mut b.details),
             });
             b.allowance = 0;
             b.ends = now + window;
@@ -175,6 +226,7 @@ impl Tracker {
                 kind: b.kind,
                 who,
                 suppressed: b.suppressed,
+                details: b.details,
             })
             .collect();
         due.sort_by_key(|s| (s.kind.name, summary_uid(s.who)));
@@ -227,7 +279,18 @@ impl RateLog {
 
     /// Counts a line of `kind` for `who`; `true`: write it now.
     pub fn allow(&self, kind: &'static Kind, who: Who) -> bool {
-        let (write, new_window) = self.lock().hit(kind, who, Instant::now());
+        self.allow_with(kind, who, || None)
+    }
+
+    /// [`RateLog::allow`]; a line not written is counted under `detail()`
+    /// (called only then), which the summary breaks its count down by.
+    pub fn allow_with(
+        &self,
+        kind: &'static Kind,
+        who: Who,
+        detail: impl FnOnce() -> Option<String>,
+    ) -> bool {
+        let (write, new_window) = self.lock().hit_with(kind, who, Instant::now(), detail);
         if new_window {
             self.wake.notify_one();
         }
@@ -268,10 +331,17 @@ impl RateLog {
     }
 }
 
-/// The text of a summary line.
+/// The text of a summary line; with details,
+/// `… COUNT more in the last 10 s (DETAIL: N; DETAIL: N), not logged one by one`.
 pub fn summary_line(s: &Summary, window: Duration) -> String {
+    let details = if s.details.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = s.details.iter().map(|(d, n)| format!("{d}: {n}")).collect();
+        format!(" ({})", each.join("; "))
+    };
     format!(
-        "{}{}: {} more in the last {}, not logged one by one",
+        "{}{}: {} more in the last {}{details}, not logged one by one",
         s.kind.name,
         s.who,
         s.suppressed,
@@ -336,7 +406,8 @@ mod tests {
             [Summary {
                 kind: &A,
                 who: Who::Uid(7),
-                suppressed: 997
+                suppressed: 997,
+                details: vec![]
             }]
         );
         // The flood goes on: nothing in full, one summary per window.
@@ -406,7 +477,8 @@ mod tests {
             [Summary {
                 kind: &B,
                 who: Who::Unattributed,
-                suppressed: 9
+                suppressed: 9,
+                details: vec![]
             }]
         );
         assert!(t.buckets.is_empty());
@@ -451,6 +523,7 @@ mod tests {
             kind: &L,
             who: Who::Uid(1001),
             suppressed: 483,
+            details: vec![],
         };
         assert_eq!(
             summary_line(&s, W),
@@ -463,5 +536,45 @@ mod tests {
         };
         assert!(summary_line(&s, Duration::from_millis(1500))
             .contains("reached: 483 more in the last 1500 ms"));
+        let s = Summary {
+            details: vec![("reason=a key=k".to_owned(), 480), ("other".to_owned(), 3)],
+            ..s
+        };
+        assert!(
+            summary_line(&s, W).ends_with(
+                ": 483 more in the last 10 s (reason=a key=k: 480; other: 3), not logged one by one"
+            ),
+            "{}",
+            summary_line(&s, W)
+        );
+    }
+
+    #[test]
+    fn suppressed_lines_are_counted_per_detail_within_a_bound() {
+        let mut t = Tracker::new(W, 16);
+        let t0 = Instant::now();
+        let hit = |t: &mut Tracker, d: &str| t.hit_with(&A, Who::Uid(1), t0, || Some(d.into())).0;
+        // Written in full: the detail is not even asked for.
+        for _ in 0..3 {
+            assert!(t.hit_with(&A, Who::Uid(1), t0, || panic!("asked")).0);
+        }
+        for _ in 0..5 {
+            assert!(!hit(&mut t, "x"));
+        }
+        assert!(!hit(&mut t, "y"));
+        for i in 0..20 {
+            assert!(!hit(&mut t, &format!("z{i}")));
+        }
+        let s = t.expire(t0 + W);
+        assert_eq!(s[0].suppressed, 26);
+        assert_eq!(s[0].details.len(), MAX_DETAILS);
+        assert_eq!(s[0].details[0], ("x".to_owned(), 5));
+        assert_eq!(s[0].details[1], ("y".to_owned(), 1));
+        let other = s[0].details.last().unwrap();
+        assert_eq!(other.0, "other");
+        assert_eq!(s[0].details.iter().map(|d| d.1).sum::<u64>(), 26);
+        // The next window starts with no details.
+        assert!(!hit(&mut t, "y"));
+        assert_eq!(t.expire(t0 + 2 * W)[0].details, [("y".to_owned(), 1)]);
     }
 }

@@ -14,12 +14,11 @@
 
 use rsa::traits::PublicKeyParts;
 use signature::Verifier;
-use ssh_encoding::Encode;
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg, Signature};
 
 use crate::policy::destinations::{Binding, HostCert};
-use crate::protocol::session_bind::{HostKey, SessionBind};
+use crate::protocol::session_bind::{HostKey, SessionBind, CERT_TYPE_HOST};
 
 /// Largest RSA modulus verified, in bits.
 pub const MAX_RSA_BITS: usize = 16384;
@@ -37,25 +36,13 @@ pub fn binding(bind: &SessionBind) -> Result<Binding, &'static str> {
     let cert = match &bind.host_key {
         HostKey::Plain(_) => None,
         HostKey::Cert(cert) => {
-            // What the CA signed: the certificate's encoding without its
-            // final field, the signature.
-            let mut whole = Vec::new();
-            cert.encode(&mut whole)
-                .map_err(|_| "malformed host certificate")?;
-            let sig_len = cert
-                .signature()
-                .encoded_len_prefixed()
-                .map_err(|_| "malformed host certificate")?;
-            let signed = whole
-                .get(..whole.len().saturating_sub(sig_len))
-                .ok_or("malformed host certificate")?;
-            signed_by(cert.signature_key(), signed, cert.signature())
+            signed_by(&cert.signature_key, &cert.signed, &cert.signature)
                 .map_err(|why| why.unwrap_or("bad CA signature on the host certificate"))?;
             Some(HostCert {
-                ca: cert.signature_key().clone(),
-                host: cert.cert_type().is_host(),
-                valid_after: cert.valid_after(),
-                valid_before: cert.valid_before(),
+                ca: cert.signature_key.clone(),
+                host: cert.cert_type == CERT_TYPE_HOST,
+                valid_after: cert.valid_after,
+                valid_before: cert.valid_before,
             })
         }
     };
@@ -137,7 +124,8 @@ fn rsa_public(
 mod tests {
     use super::*;
     use crate::protocol::session_bind::parse;
-    use crate::protocol::session_bind::tests::{contents, enc, host_cert, signed};
+    use crate::protocol::session_bind::tests::{contents, enc, forever, host_cert, signed};
+    use ssh_encoding::Encode;
     use ssh_key::certificate::CertType;
     use ssh_key::PrivateKey;
 
@@ -221,6 +209,17 @@ mod tests {
         // Signed by the CA but the session signed by another key.
         let b = bind_with(&ed(5), &blob, &[1; 32], 0);
         assert!(binding(&b).is_err());
+        // Valid forever (`ssh-keygen -h` without `-V`).
+        let blob = forever(&cert, &ca);
+        let b = binding(&bind_with(&host, &blob, &[1; 32], 0)).unwrap();
+        assert_eq!(
+            b.cert.map(|c| (c.valid_after, c.valid_before)),
+            Some((10, u64::MAX))
+        );
+        // A user certificate is read as one (the policy refuses it).
+        let user = host_cert(&host, &ca, CertType::User, (10, 20));
+        let b = binding(&bind_with(&host, &enc(&user), &[1; 32], 0)).unwrap();
+        assert!(!b.cert.unwrap().host);
     }
 
     /// An RSA public key blob with modulus `n` (big-endian) and exponent `e`.

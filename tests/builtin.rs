@@ -548,7 +548,7 @@ fn a_full_work_queue_yields_failure_and_the_daemon_keeps_serving() {
         // "signing queue full for 1 s" (no slot in time) or "no signature
         // within 1 s" (a slot, but too late), with the pool's size.
         b.daemon
-            .wait_log("(upstream_timeout_secs): answering FAILURE (1 workers, queue of 1;"),
+            .wait_log("(upstream_timeout_secs): answering FAILURE (1 workers, queue of 1)"),
         "{}",
         b.daemon.log_text()
     );

@@ -1,4 +1,4 @@
-//! Bursts (issue 18): hundreds of clients connecting at once, as a deploy
+//! Bursts: hundreds of clients connecting at once, as a deploy
 //! tool does, and a neighbour with no keys, against a real OpenSSH
 //! `ssh-agent` run in debug mode (`-d`), whose own log counts what reached
 //! it: connections (`new_socket: type = CONNECTION`) and requests
@@ -333,7 +333,7 @@ fn one_client(
         let good = match ask.as_str() {
             "s" => body.first() == Some(&SIGN_RESPONSE),
             "t" => status_reachable(&body),
-            "b" => body == [SUCCESS] || body == [FAILURE],
+            "b" => body == [SUCCESS] || body == [EXTENSION_FAILURE],
             list => {
                 let want: u32 = list[1..].parse().unwrap();
                 body.first() == Some(&IDENTITIES_ANSWER)

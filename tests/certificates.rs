@@ -264,7 +264,7 @@ fn each_user_is_named_by_key_id_in_the_target_log_and_only_mode_holds() {
     );
         assert!(
             klog.contains(&format!("sign user={} ", s.alice.name))
-                && klog.contains(&format!("serial={a} decision=granted")),
+                && klog.contains(&format!("serial={a} grant=- decision=granted")),
             "{klog}"
         );
 
@@ -643,6 +643,90 @@ fn expiry_reload_and_restart_give_fresh_certificates() {
     let mut unique = serials.to_vec();
     unique.dedup();
     assert_eq!(unique.len(), 4, "{serials:?}");
+}
+
+#[test]
+fn a_reload_that_tightens_the_terms_retires_certificates_minted_before() {
+    require_root!();
+    let s = Site::new(Backend::Upstream, "ed25519", "ed25519", "only", "", false);
+    s.agent.add(&s.dir.join("ca"));
+    let before = s.agent.keys();
+    let plain = pubkey_blob(&s.deploy_pub());
+    let cert_alg = "ssh-ed25519-cert-v01@openssh.com";
+    let acct = s.target.name.clone();
+    let sign_with = |cert: &[u8]| sign_request(&plain, &userauth_data(cert, &acct, cert_alg), 0);
+    // Minted by a listing, and usable.
+    let old_line = stdout(&s.cert(&s.alice));
+    let old = cert_of(&old_line);
+    let old_blob = cert_blob(&old_line);
+    assert!(old.critical_options().is_empty());
+    let a = raw_as(
+        &s.alice.as_user(),
+        &s.daemon.socket,
+        &[sign_with(&old_blob)],
+    );
+    assert!(is_signature(&a[0]), "{a:?}");
+
+    // Tighter terms: a forced command and a source address. Reloaded.
+    let config = std::fs::read_to_string(&s.daemon.config).unwrap().replace(
+        &format!("principals = [\"{acct}\"]"),
+        &format!(
+            "principals = [\"{acct}\"]\nforce_command = \"/bin/echo forced\"\n\
+             source_address = [\"127.0.0.1/32\"]"
+        ),
+    );
+    std::fs::write(&s.daemon.config, config).unwrap();
+    s.daemon.signal(Signal::SIGHUP);
+    assert!(
+        s.daemon.wait_log("configuration reloaded"),
+        "{}",
+        s.daemon.log_text()
+    );
+
+    // The old certificate (still within its validity at the target): refused.
+    let a = raw_as(
+        &s.alice.as_user(),
+        &s.daemon.socket,
+        &[sign_with(&old_blob)],
+    );
+    assert!(is_failure(&a[0]), "{a:?}");
+    assert!(
+        s.daemon.wait_log(&format!(
+            "serial={} grant=- decision=refused reason=certificate-stale",
+            old.serial()
+        )),
+        "{}",
+        s.daemon.log_text()
+    );
+    assert_eq!(s.agent.keys(), before);
+
+    // The next listing mints one under the new terms; it signs, and a real
+    // login with it runs the forced command.
+    let new_line = stdout(&s.cert(&s.alice));
+    let new = cert_of(&new_line);
+    assert_ne!(new.serial(), old.serial());
+    let options: Vec<(String, String)> = new
+        .critical_options()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(
+        options,
+        [
+            ("force-command".to_owned(), "/bin/echo forced".to_owned()),
+            ("source-address".to_owned(), "127.0.0.1/32".to_owned())
+        ]
+    );
+    let a = raw_as(
+        &s.alice.as_user(),
+        &s.daemon.socket,
+        &[sign_with(&cert_blob(&new_line))],
+    );
+    assert!(is_signature(&a[0]), "{a:?}");
+    let o = s.login(&s.alice, &acct, &[]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), s.sshd.log_text());
+    assert_eq!(stdout(&o).trim(), "forced");
+    assert_eq!(s.agent.keys(), before);
 }
 
 #[test]

@@ -423,11 +423,19 @@ fn query_and_status_extensions_are_answered_by_the_daemon() {
         let before = h.agent.keys();
         let mut raw = Raw::connect(&h.daemon.socket);
         let answer = raw.call(&[vec![27u8], string(b"query")].concat()).unwrap();
-        assert_eq!(answer[0], EXTENSION_RESPONSE);
-        let text = String::from_utf8_lossy(&answer);
-        for ext in ["query", "session-bind@openssh.com", "status@keyholder"] {
-            assert!(text.contains(ext), "{text}");
-        }
+        assert_eq!(
+            query_names(&answer),
+            Ok(vec![
+                "query".to_owned(),
+                "session-bind@openssh.com".to_owned(),
+                "status@keyholder".to_owned(),
+                "grant-request@keyholder".to_owned(),
+                "grant-approve@keyholder".to_owned(),
+                "grant-deny@keyholder".to_owned(),
+                "grant-list@keyholder".to_owned(),
+                "grant-revoke@keyholder".to_owned(),
+            ])
+        );
         let answer = raw
             .call(&[vec![27u8], string(b"status@keyholder")].concat())
             .unwrap();
@@ -449,10 +457,43 @@ fn query_and_status_extensions_are_answered_by_the_daemon() {
             vec![0u8],
         ]
         .concat();
-        assert_eq!(raw.call(&bind), Some(vec![FAILURE]));
+        // A supported extension that failed: EXTENSION_FAILURE (28), as
+        // OpenSSH's agent answers; FAILURE (5) would read "not supported".
+        assert_eq!(raw.call(&bind), Some(vec![EXTENSION_FAILURE]));
+        // Malformed (truncated): refused the same way.
+        assert_eq!(
+            raw.call(&bind[..bind.len() - 1]),
+            Some(vec![EXTENSION_FAILURE])
+        );
         assert_eq!(raw.call(&[11]).unwrap()[0], IDENTITIES_ANSWER);
         assert_eq!(h.agent.keys(), before);
     });
+}
+
+/// The extension names of an answer to `query`, read as OpenSSH's
+/// `ssh_agent_query_extensions` (authfd.c) reads them: the type byte must be
+/// EXTENSION_RESPONSE, then `string` "query", then `string`s back to back
+/// until the message ends; anything else is "invalid format".
+fn query_names(answer: &[u8]) -> Result<Vec<String>, &'static str> {
+    let (&kind, mut rest) = answer.split_first().ok_or("empty")?;
+    if kind == FAILURE || kind == EXTENSION_FAILURE {
+        return Err("agent failure");
+    }
+    if kind != EXTENSION_RESPONSE {
+        return Err("invalid format");
+    }
+    let (name, tail) = take_string(rest).ok_or("invalid format")?;
+    if name != b"query" {
+        return Err("invalid format");
+    }
+    rest = tail;
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let (ext, tail) = take_string(rest).ok_or("invalid format")?;
+        names.push(String::from_utf8(ext.to_vec()).map_err(|_| "invalid format")?);
+        rest = tail;
+    }
+    Ok(names)
 }
 
 /// The `string signature` of a SIGN_RESPONSE, and the algorithm name in it.

@@ -1,4 +1,4 @@
-//! End-to-end tests of the destination rules (issue 13): real `sshd`
+//! End-to-end tests of the destination rules (`docs/destinations.md`): real `sshd`
 //! instances on 127.0.0.1 with their own host keys (and host certificates),
 //! real `ssh` (with `-A` for forwarding), a real upstream `ssh-agent`, real
 //! users and groups; raw clients for what `ssh` never sends (no binding,
@@ -9,6 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -318,6 +319,56 @@ fn a_cert_authority_line_admits_a_host_that_ca_certified() {
 }
 
 #[test]
+fn a_host_certificate_valid_forever_admits_the_host() {
+    require_root!();
+    let env = Env::new();
+    let ca = keygen(env.dir.path(), "host-ca", "ed25519", "");
+    // `ssh-keygen -s CA -h` without `-V`: valid_before = 2^64 - 1.
+    let host = Sshd::start_validity(&env.dir, "sshd-forever", "ed25519", Some(&ca), None, "");
+    host.authorize(&env.account.name, &[&env.pub_file("deploy")]);
+    let cert_file = host.host_pub().with_file_name("host_ed25519-cert.pub");
+    let o = run(Command::new("ssh-keygen").arg("-Lf").arg(&cert_file));
+    assert!(stdout(&o).contains("Valid: forever"), "{}", stdout(&o));
+    let known = env.dir.join("client_known_hosts");
+    std::fs::write(
+        &known,
+        format!("@cert-authority * {}", read(&ca.with_extension("pub"))),
+    )
+    .unwrap();
+    let known_opt = format!("GlobalKnownHostsFile={}", known.display());
+    let opts = [
+        "-o",
+        known_opt.as_str(),
+        "-o",
+        "HostKeyAlgorithms=ssh-ed25519-cert-v01@openssh.com",
+    ];
+    env.targets(&[], &[&ca.with_extension("pub")]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let o = env.ssh(&d, &host, &env.account.name, &opts, "id -un");
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        stderr(&o),
+        d.log_text(),
+        host.log_text()
+    );
+    assert_eq!(stdout(&o).trim(), env.account.name);
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains("decision=granted")
+            && line.contains(&format!("dest={}", fingerprint(&host.host_pub()))),
+        "{line}"
+    );
+    assert!(
+        !d.log_text().contains("malformed host key"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(env.agent.keys(), before);
+}
+
+#[test]
 fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
     require_root!();
     let env = Env::new();
@@ -347,7 +398,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         let lines = sign_lines(&d);
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(
-            lines[0].contains("forwarded=no serial=- decision=granted"),
+            lines[0].contains("forwarded=no serial=- grant=- decision=granted"),
             "{}",
             lines[0]
         );
@@ -384,7 +435,7 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
         assert!(d.wait_log("reason=forwarded-use"), "{}", d.log_text());
         assert!(d
             .log_text()
-            .contains("forwarded=yes serial=- decision=refused reason=forwarded-use"));
+            .contains("forwarded=yes serial=- grant=- decision=refused reason=forwarded-use"));
         assert_eq!(env.agent.keys(), before);
     }
     // Same with allow_forwarding = true: the onward login works.
@@ -400,13 +451,13 @@ fn forwarded_use_is_refused_by_default_and_works_with_allow_forwarding() {
     let lines = sign_lines(&d);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
-        lines[0].contains("forwarded=no serial=- decision=granted"),
+        lines[0].contains("forwarded=no serial=- grant=- decision=granted"),
         "{}",
         lines[0]
     );
     assert!(
         lines[1].contains(&format!(
-            "dest={} forwarded=yes serial=- decision=granted",
+            "dest={} forwarded=yes serial=- grant=- decision=granted",
             fingerprint(&target.host_pub())
         )),
         "{}",
@@ -446,7 +497,7 @@ fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
     assert!(d.wait_log("key=deploy"), "{}", d.log_text());
     assert!(
         d.log_text()
-            .contains("forwarded=no serial=- decision=refused reason=no-session-bind"),
+            .contains("forwarded=no serial=- grant=- decision=refused reason=no-session-bind"),
         "{}",
         d.log_text()
     );
@@ -455,7 +506,7 @@ fn a_client_that_sends_no_binding_is_refused_for_a_restricted_key_only() {
 }
 
 #[test]
-fn forged_bindings_get_failure_and_nothing_signs_after_them() {
+fn forged_bindings_get_extension_failure_and_nothing_signs_after_them() {
     require_root!();
     let env = Env::new();
     let host = env.sshd("sshd-a", "ed25519", None);
@@ -486,7 +537,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     );
     assert_eq!(
         answer_types(&a),
-        [Some(FAILURE), Some(FAILURE), Some(FAILURE)]
+        [Some(EXTENSION_FAILURE), Some(FAILURE), Some(FAILURE)]
     );
     // Signed by another key than the one it names.
     let other = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[9; 32]));
@@ -496,7 +547,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
         &d.socket,
         &[bind_raw(&blob, &x, &enc(&sig), 0), sign(&x)],
     );
-    assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+    assert_eq!(answer_types(&a), [Some(EXTENSION_FAILURE), Some(FAILURE)]);
 
     // A good binding, then a sign request for another session: refused.
     let a = raw_as(
@@ -520,7 +571,12 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     );
     assert_eq!(
         answer_types(&a),
-        [Some(SUCCESS), Some(FAILURE), Some(FAILURE), Some(FAILURE)]
+        [
+            Some(SUCCESS),
+            Some(EXTENSION_FAILURE),
+            Some(FAILURE),
+            Some(FAILURE)
+        ]
     );
 
     // Malformed: truncated, trailing bytes, a flag of 2.
@@ -531,7 +587,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     *flag.last_mut().unwrap() = 2;
     for bad in [good[..good.len() - 1].to_vec(), trailing, flag] {
         let a = raw_as(&member, &d.socket, &[bad, sign(&x)]);
-        assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+        assert_eq!(answer_types(&a), [Some(EXTENSION_FAILURE), Some(FAILURE)]);
     }
 
     // At most 16 bindings (forwarding ones chain).
@@ -542,7 +598,7 @@ fn forged_bindings_get_failure_and_nothing_signs_after_them() {
     let a = raw_as(&member, &d.socket, &steps);
     let types = answer_types(&a);
     assert!(types[..16].iter().all(|t| *t == Some(SUCCESS)), "{types:?}");
-    assert_eq!(types[16], Some(FAILURE));
+    assert_eq!(types[16], Some(EXTENSION_FAILURE));
 
     assert!(
         d.log_text().contains("reason=bad-session-bind"),
@@ -594,7 +650,7 @@ fn remote_users_admit_the_listed_account_and_refuse_others() {
     );
     assert_eq!(answer_types(&a), [Some(SIGN_RESPONSE), Some(FAILURE)]);
     assert!(d.log_text().contains(
-        "remote_user=root dest=- forwarded=no serial=- decision=refused reason=remote-user-not-allowed"
+        "remote_user=root dest=- forwarded=no serial=- grant=- decision=refused reason=remote-user-not-allowed"
     ));
     assert_eq!(env.agent.keys(), before);
 }
@@ -625,7 +681,9 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
             .map(|i| bind_raw(&rsa_blob(2048), &[round * 10 + i + 1; 32], &sig, 0))
             .collect();
         let a = raw_as(&env.outsider.as_user(), &d.socket, &flood);
-        assert!(answer_types(&a).iter().all(|t| *t == Some(FAILURE)));
+        assert!(answer_types(&a)
+            .iter()
+            .all(|t| *t == Some(EXTENSION_FAILURE)));
     }
     assert_eq!(
         d.log_count(&format!(
@@ -648,7 +706,10 @@ fn a_huge_rsa_bind_flood_from_a_user_with_no_key_is_never_verified() {
         bind_raw(&rsa_blob(2048), &[2; 32], &sig, 0),
     ];
     let a = raw_as(&env.member.as_user(), &d.socket, &big);
-    assert_eq!(answer_types(&a), [Some(FAILURE), Some(FAILURE)]);
+    assert_eq!(
+        answer_types(&a),
+        [Some(EXTENSION_FAILURE), Some(EXTENSION_FAILURE)]
+    );
     assert!(
         d.log_text().contains("RSA modulus larger than 16384 bits"),
         "{}",
@@ -758,4 +819,196 @@ fn check_config_reports_host_keys_and_cas_and_names_a_bad_line() {
     assert_eq!(o.status.code(), Some(1));
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert!(all.contains("writable by group or others"), "{all}");
+}
+
+/// A public key line of OpenSSH 10.5's `ssh-mldsa44-ed25519@openssh.com`
+/// (a 1312-byte ML-DSA-44 key then a 32-byte Ed25519 key), as its
+/// `ssh-keygen -t mldsa44-ed25519` writes it.
+fn mldsa44_ed25519_line() -> String {
+    let alg = b"ssh-mldsa44-ed25519@openssh.com";
+    let blob = [string(alg), string(&[0x5a; 1312 + 32])].concat();
+    format!(
+        "ssh-mldsa44-ed25519@openssh.com {} host",
+        openssl::base64::encode_block(&blob)
+    )
+}
+
+#[test]
+fn an_mldsa44_ed25519_host_key_is_refused_at_load_naming_file_line_and_algorithm() {
+    require_root!();
+    let env = Env::new();
+    let host = env.sshd("sshd-a", "ed25519", None);
+    env.targets(&[&host.host_pub()], &[]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let targets = env.dir.join("targets");
+    let good = read(&targets);
+    let mut text = good.clone();
+    text.push_str(&format!("pq1 {}\n", mldsa44_ed25519_line()));
+    std::fs::write(&targets, &text).unwrap();
+    let line = format!("line {}", text.lines().count());
+
+    // check-config: exit 1, naming the key, the file, the line and the
+    // algorithm.
+    let o = keyholder(
+        &As::Root,
+        &["check-config", "--config", d.config.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    for part in [
+        "keys.deploy.destinations",
+        targets.to_str().unwrap(),
+        &line,
+        "ssh-mldsa44-ed25519@openssh.com is not supported",
+    ] {
+        assert!(all.contains(part), "{part}: {all}");
+    }
+
+    // The daemon: the reload is refused with the same words; the last good
+    // configuration stays in force (the listed host still works).
+    d.signal(Signal::SIGHUP);
+    assert!(d.wait_log("reload failed"), "{}", d.log_text());
+    assert!(
+        d.log_text()
+            .contains("ssh-mldsa44-ed25519@openssh.com is not supported"),
+        "{}",
+        d.log_text()
+    );
+    let o = env.ssh(&d, &host, &env.account.name, &[], "id -un");
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
+
+    // A `@cert-authority` of that algorithm: the same.
+    let text = format!("{good}@cert-authority * {}\n", mldsa44_ed25519_line());
+    std::fs::write(&targets, &text).unwrap();
+    let o = keyholder(
+        &As::Root,
+        &["check-config", "--config", d.config.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        all.contains(&format!("line {}", text.lines().count()))
+            && all.contains("ssh-mldsa44-ed25519@openssh.com is not supported"),
+        "{all}"
+    );
+    assert_eq!(env.agent.keys(), before);
+}
+
+/// An agent socket in front of the proxy that, on every connection, first
+/// replays `bind` (a binding captured elsewhere) and then relays both ways:
+/// what a hostile forwarding hop could do. Serves until the test ends.
+fn replaying_socket(path: &Path, proxy: &Path, bind: Vec<u8>) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let proxy = proxy.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let mut upstream = UnixStream::connect(&proxy).unwrap();
+            let mut framed = (bind.len() as u32).to_be_bytes().to_vec();
+            framed.extend(&bind);
+            upstream.write_all(&framed).unwrap();
+            let mut answer = [0u8; 5];
+            upstream.read_exact(&mut answer).unwrap();
+            assert_eq!(answer, [0, 0, 0, 1, SUCCESS]);
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client, &mut upstream);
+                let _ = upstream.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+}
+
+#[test]
+fn dest_names_only_the_binding_the_signed_data_belongs_to() {
+    require_root!();
+    let env = Env::new();
+    let host_a = env.sshd("sshd-a", "ed25519", None);
+    let host_b = env.sshd("sshd-b", "ecdsa", None);
+    host_b.authorize(&env.account.name, &[&env.pub_file("open")]);
+    env.targets(&[&host_a.host_pub()], &[]);
+    let d = env.daemon("destinations = \"targets\"");
+    let before = env.agent.keys();
+    let key_a = host_private(&host_a);
+    let blob_a = enc(key_a.public_key().key_data());
+    let blob_b = pubkey_blob(&host_b.host_pub());
+    let open = pubkey_blob(&env.pub_file("open"));
+    let (x, y) = ([1u8; 32], [2u8; 32]);
+    let member = env.member.as_user();
+
+    // A binding captured from host A (a real signature by A's host key over
+    // A's session), replayed before a real login to host B with `open` (a
+    // key without destinations): B accepts; the audit line names no host.
+    let replay = env.dir.join("replay.sock");
+    replaying_socket(&replay, &d.socket, bind_signed(&key_a, &x, &x, 0));
+    let open_pub = env.pub_file("open");
+    let o = host_b.ssh(
+        &member,
+        &replay,
+        &env.account.name,
+        &["-i", open_pub.to_str().unwrap(), "-o", "IdentitiesOnly=yes"],
+        "id -un",
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains("key=open") && line.contains(" dest=- ") && line.contains("decision=granted"),
+        "{line}"
+    );
+    assert!(!line.contains(&fingerprint(&host_a.host_pub())), "{line}");
+
+    // Raw: bound to A for session x; a hostbound request for session x that
+    // names B's host key: `open` signs, dest=-; `deploy` refuses.
+    let a = raw_as(
+        &member,
+        &d.socket,
+        &[
+            bind_signed(&key_a, &x, &x, 0),
+            sign_request(&open, &userauth(&open, &x, "x", Some(&blob_b)), 0),
+            sign_request(&open, &userauth(&open, &y, "x", None), 0),
+            sign_request(&open, &userauth(&open, &x, "x", Some(&blob_a)), 0),
+        ],
+    );
+    assert_eq!(
+        answer_types(&a),
+        [
+            Some(SUCCESS),
+            Some(SIGN_RESPONSE),
+            Some(SIGN_RESPONSE),
+            Some(SIGN_RESPONSE)
+        ]
+    );
+    let lines = sign_lines(&d);
+    let last3: Vec<&String> = lines.iter().rev().take(3).rev().collect();
+    let fp_a = fingerprint(&host_a.host_pub());
+    // Hostbound mismatch, and another session: dest=-.
+    assert!(last3[0].contains(" dest=- "), "{}", last3[0]);
+    assert!(last3[1].contains(" dest=- "), "{}", last3[1]);
+    // The data's session and host key are the binding's: dest names A.
+    assert!(last3[2].contains(&format!(" dest={fp_a} ")), "{}", last3[2]);
+
+    let deploy = pubkey_blob(&env.pub_file("deploy"));
+    let a = raw_as(
+        &member,
+        &d.socket,
+        &[
+            bind_signed(&key_a, &x, &x, 0),
+            sign_request(&deploy, &userauth(&deploy, &x, "x", Some(&blob_b)), 0),
+        ],
+    );
+    assert_eq!(answer_types(&a), [Some(SUCCESS), Some(FAILURE)]);
+    let line = sign_lines(&d).pop().unwrap();
+    assert!(
+        line.contains(" dest=- ") && line.contains("reason=destination-not-allowed"),
+        "{line}"
+    );
+    assert_eq!(env.agent.keys(), before);
 }

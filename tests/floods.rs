@@ -255,23 +255,27 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
     assert_eq!(field(&signed, "n"), SIGNS as u64);
     assert_eq!(agent.keys(), before);
 
-    // After the window, the summaries account for every refusal.
+    // After the window, the summaries account for every refusal: admin and
+    // sign refusals each have their own allowance and summaries.
+    const ADMIN: &str = "audit: refused admin requests";
+    const SIGN: &str = "audit: refused sign requests";
     let (fuid, muid) = (flooder.uid(), member.uid());
     let written = |log: &str| {
         log.lines()
             .filter(|l| names_uid(l, fuid) && l.contains("decision=refused"))
             .count() as u64
     };
+    let summarised = |log: &str| {
+        let mut all = summary_counts(log, ADMIN, fuid);
+        all.extend(summary_counts(log, SIGN, fuid));
+        all
+    };
     let accounted = wait_for(Duration::from_secs(20), || {
         let log = d.log_text();
-        written(&log)
-            + summary_counts(&log, "audit: refused requests", fuid)
-                .iter()
-                .sum::<u64>()
-            == total
+        written(&log) + summarised(&log).iter().sum::<u64>() == total
     });
     let log = d.log_text();
-    let summaries = summary_counts(&log, "audit: refused requests", fuid);
+    let summaries = summarised(&log);
     let flooder_lines = log.lines().filter(|l| names_uid(l, fuid)).count();
     eprintln!(
         "{total} refusals in {elapsed:?}: {} written, summaries {summaries:?}; {} log lines in all",
@@ -282,22 +286,101 @@ fn a_refused_request_flood_leaves_a_bounded_log_and_every_grant_is_logged() {
         accounted,
         "refusals not accounted for: {summaries:?}\n{log}"
     );
-    // The first lines of the burst in full, then one summary per window.
-    assert_eq!(written(&log), 10, "{log}");
+    // The first lines of each kind's burst in full, then one summary per
+    // window and kind.
+    assert_eq!(written(&log), 20, "{log}");
     let windows = elapsed.as_millis() as usize / WINDOW_MS as usize + 2;
     assert!(
-        !summaries.is_empty() && summaries.len() <= windows,
+        !summaries.is_empty() && summaries.len() <= 2 * windows,
         "{} summaries for {elapsed:?}",
         summaries.len()
     );
-    assert_eq!(flooder_lines, 10 + summaries.len(), "{log}");
+    assert_eq!(flooder_lines, 20 + summaries.len(), "{log}");
+    // Summaries count per reason and key.
+    assert!(
+        log.contains("(reason=admin-request:remove-all-identities key=-: "),
+        "{log}"
+    );
+    assert!(
+        log.contains("reason=not-in-allowed-group key=deploy: ")
+            && log.contains("reason=key-not-configured key=-: "),
+        "{log}"
+    );
     // Every grant of the member is in the log, none summarised.
     let granted = log
         .lines()
         .filter(|l| names_uid(l, muid) && l.contains("decision=granted"))
         .count();
     assert_eq!(granted, SIGNS, "{log}");
-    assert!(summary_counts(&log, "audit: refused requests", muid).is_empty());
+    assert!(summary_counts(&log, ADMIN, muid).is_empty());
+    assert!(summary_counts(&log, SIGN, muid).is_empty());
+}
+
+#[test]
+fn a_burst_of_admin_refusals_never_hides_a_refused_sign() {
+    require_root!();
+    let dir = TempDir::new("kinds");
+    let agent = Agent::start(&dir);
+    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
+    let group = TestGroup::create("kdg");
+    let d = daemon(
+        &dir,
+        &agent,
+        &format!("[keys.deploy]\ngroups = [\"{}\"]\n", group.name),
+    );
+    let before = agent.keys();
+    let user = TestUser::create("kdu", &[]);
+    let deploy = pubkey_blob(&dir.join("deploy.pub"));
+    // Twelve refused REMOVE_ALL (past the admin allowance of 10), then a
+    // sign with a key the user's groups may not use, on one connection.
+    let mut messages = vec![vec![19u8]; 12];
+    messages.push(sign_request(
+        &deploy,
+        &userauth_data(&deploy, "deploy", "ssh-ed25519"),
+        0,
+    ));
+    let answers = raw_as(&user.as_user(), &d.socket, &messages);
+    assert!(answers.iter().all(|a| a.as_deref() == Some(&[FAILURE][..])));
+    let fp = {
+        let text = std::fs::read_to_string(dir.join("deploy.pub")).unwrap();
+        ssh_key::PublicKey::from_openssh(text.trim())
+            .unwrap()
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string()
+    };
+    let full = format!("sign user={} uid={} pid=", user.name, user.uid());
+    assert!(d.wait_log(&full), "{}", d.log_text());
+    let line = d
+        .log_text()
+        .lines()
+        .find(|l| l.contains(&full))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains(&format!(
+            " key=deploy fingerprint={fp} remote_user=deploy dest=- forwarded=no serial=- \
+             decision=refused reason=not-in-allowed-group"
+        )),
+        "{line}"
+    );
+    // The admin refusals: ten in full, two counted in one summary.
+    assert!(
+        d.wait_log(&format!(
+            "audit: refused admin requests for uid={}: 2 more in the last 1 s \
+             (reason=admin-request:remove-all-identities key=-: 2), not logged one by one",
+            user.uid()
+        )),
+        "{}",
+        d.log_text()
+    );
+    let admin_lines = d
+        .log_text()
+        .lines()
+        .filter(|l| names_uid(l, user.uid()) && l.contains("reason=admin-request:"))
+        .filter(|l| !l.contains("more in the last"))
+        .count();
+    assert_eq!(admin_lines, 10, "{}", d.log_text());
+    assert_eq!(agent.keys(), before);
 }
 
 #[test]
@@ -317,7 +400,7 @@ fn uids_without_a_passwd_entry_share_one_log_bucket() {
         let answers = raw_as(&As::Ids { uid, gid: uid }, &d.socket, &refusals);
         assert!(answers.iter().all(|a| a.as_deref() == Some(&[FAILURE][..])));
     }
-    let subject = "audit: refused requests for uids without a passwd entry: ";
+    let subject = "audit: refused admin requests for uids without a passwd entry: ";
     assert!(d.wait_log(subject), "{}", d.log_text());
     let log = d.log_text();
     let written = log

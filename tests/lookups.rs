@@ -178,3 +178,157 @@ fn waiting_for_a_lookup_counts_against_the_idle_timeout() {
     let mut raw = Raw::connect(&daemon.socket);
     assert_eq!(raw.call(&[11]).map(|a| a[0]), Some(IDENTITIES_ANSWER));
 }
+
+/// Whether glibc's nss-systemd module (which reads userdb drop-in records
+/// from /run/userdb) is installed.
+fn nss_systemd_installed() -> bool {
+    ["/lib", "/usr/lib"].iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                std::path::Path::new(&e.path())
+                    .join("libnss_systemd.so.2")
+                    .exists()
+            })
+        })
+    })
+}
+
+/// A uid the user database knows beyond /etc/passwd: a systemd userdb
+/// record (`/run/userdb/NAME.user`, read by nss-systemd), standing in for an
+/// LDAP/sssd user. The daemon runs in a mount namespace with that record on
+/// a private /run and `passwd: files systemd`.
+#[test]
+fn a_directory_user_is_looked_up_before_the_shared_bucket_refuses_it() {
+    require_root!();
+    if !nss_systemd_installed() {
+        eprintln!("\n*** SKIPPED: libnss-systemd not installed (.ci/run installs it) ***\n");
+        return;
+    }
+    let dir = TempDir::new("udb");
+    let agent = Agent::start(&dir);
+    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
+    let before = agent.keys();
+    let deployers = TestGroup::create("ud");
+    // The directory user: not in /etc/passwd, primary group `deployers`.
+    let dir_uid = 3_900_000_000 + std::process::id() % 100_000 * 8;
+    let dir_name = unique("khtdir");
+    // Two more uids nobody knows (a user's subordinate uids, say).
+    let (nobody1, nobody2, nobody3) = (dir_uid + 1, dir_uid + 2, dir_uid + 3);
+    for uid in [dir_uid, nobody1, nobody2, nobody3] {
+        assert!(nix::unistd::User::from_uid(uid.into()).unwrap().is_none());
+    }
+    let records = dir.join("userdb");
+    std::fs::create_dir_all(&records).unwrap();
+    std::fs::write(
+        records.join(format!("{dir_name}.user")),
+        format!(
+            "{{\"userName\":\"{dir_name}\",\"uid\":{dir_uid},\"gid\":{},\
+             \"homeDirectory\":\"/nonexistent\",\"shell\":\"/usr/sbin/nologin\"}}\n",
+            deployers.gid()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        format!("{dir_name}.user"),
+        records.join(format!("{dir_uid}.user")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("nsswitch.conf"),
+        "passwd: files systemd\ngroup: files systemd\nshadow: files\nhosts: files\n",
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let script = format!(
+        "set -e\n\
+         mount --bind {d}/nsswitch.conf /etc/nsswitch.conf\n\
+         mount -t tmpfs -o mode=0755 kht-run /run\n\
+         mkdir /run/userdb\n\
+         cp -a {d}/userdb/. /run/userdb/\n\
+         getent passwd {dir_uid} >/dev/null || {{ echo 'userdb record not found' >&2; exit 1; }}\n\
+         exec \"$0\" \"$@\"\n"
+    );
+    // Two connections fill the bucket unlisted uids share.
+    let config = Daemon::config(
+        &dir,
+        &agent.socket,
+        &format!(
+            "[limits]\nmax_connections_per_user = 2\n\n[keys.deploy]\ngroups = [\"{}\"]\n",
+            deployers.name
+        ),
+    );
+    let daemon = Daemon::start_via(&dir, &config, &["unshare", "-m", "--", "sh", "-c", &script]);
+    let query = [vec![27u8], string(b"query")].concat();
+    let release = std::env::temp_dir().join(unique("udb-release"));
+    let holders: Vec<_> = [nobody1, nobody2]
+        .into_iter()
+        .map(|uid| {
+            let held = std::env::temp_dir().join(unique("udb-held"));
+            let script = [
+                Step::Send(query.clone()),
+                Step::Mark(held.clone()),
+                Step::Wait(release.clone()),
+            ];
+            let socket = daemon.socket.clone();
+            let who = As::Ids { uid, gid: uid };
+            let t = std::thread::spawn(move || raw_script_as(&who, &socket, &script));
+            assert!(wait_for(Duration::from_secs(30), || held.exists()));
+            let _ = std::fs::remove_file(&held);
+            t
+        })
+        .collect();
+
+    // A third unknown uid: refused by the full shared bucket.
+    let answers = raw_as(
+        &As::Ids {
+            uid: nobody3,
+            gid: nobody3,
+        },
+        &daemon.socket,
+        std::slice::from_ref(&query),
+    );
+    assert_eq!(answers, [None], "{}", daemon.log_text());
+    assert!(daemon.wait_log(
+        "connection limit max_connections_per_user (shared by uids without a passwd entry) \
+         reached: closing new connection of uid="
+    ));
+
+    // The directory user: looked up, given a bucket of its own, served.
+    let blob = pubkey_blob(&dir.join("deploy.pub"));
+    let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
+    let me = As::Ids {
+        uid: dir_uid,
+        gid: deployers.gid(),
+    };
+    let answers = raw_as(&me, &daemon.socket, &[vec![11], sign.clone()]);
+    assert_eq!(
+        listed_blobs(answers[0].as_ref().expect("closed")),
+        Some(vec![blob.clone()]),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(answers[1].as_ref().map(|a| a[0]), Some(SIGN_RESPONSE));
+    assert!(
+        daemon.wait_log(&format!("sign user={dir_name} uid={dir_uid} pid=")),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        !daemon
+            .log_text()
+            .contains(&format!("closing new connection of uid={dir_uid} ")),
+        "{}",
+        daemon.log_text()
+    );
+    // Its next connections go straight to its own bucket.
+    let answers = raw_as(&me, &daemon.socket, &[sign]);
+    assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(SIGN_RESPONSE));
+
+    std::fs::write(&release, "").unwrap();
+    for t in holders {
+        let answers = t.join().unwrap();
+        assert_eq!(answers[0].as_ref().map(|a| a[0]), Some(EXTENSION_RESPONSE));
+    }
+    let _ = std::fs::remove_file(&release);
+    assert_eq!(agent.keys(), before);
+}

@@ -385,11 +385,7 @@ fn sealed_fails_fast_and_unsealing_resumes_without_rearming() {
         );
         let status = b.status().await.unwrap();
         assert!(status.identities.is_empty());
-        assert!(
-            status.problems.join("\n").contains("sealed"),
-            "{:?}",
-            status.problems
-        );
+        assert!(b.notes().join("\n").contains("sealed"), "{:?}", b.notes());
         bao.unseal();
         sign(&b, &line, payload(2), 0).await.unwrap();
         assert_eq!(b.counters().0, 1, "no new login was needed");

@@ -72,7 +72,8 @@ fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
             == 2
     }));
 
-    // One line per request, in order, each with every field of the contract.
+    // One line per request, in order, each with every field of
+    // `docs/reference.md`, "Audit log".
     let log = daemon.log_text();
     let lines = audit_lines(&log);
     assert_eq!(lines.len(), 4, "{log}");
@@ -103,6 +104,7 @@ fn an_allowed_sign_that_fails_upstream_is_logged_failed_never_granted() {
                 "dest",
                 "forwarded",
                 "serial",
+                "grant",
                 "decision",
                 "reason"
             ],

@@ -25,6 +25,8 @@ fn rule(name: &str, k: &KeyData, groups: &[&str], allow_any_data: bool) -> KeyRu
         allow_any_data,
         certificate: Default::default(),
         rules: Default::default(),
+        grants: None,
+        cert_terms: 0,
     }
 }
 
@@ -35,6 +37,7 @@ fn ctx() -> policy::Context<'static> {
         bindings: NONE.get_or_init(Default::default),
         now: 0,
         minted: &policy::certificates::NoneMinted,
+        grants: &policy::grants::NO_GRANTS,
     }
 }
 
@@ -120,8 +123,12 @@ fn classify_and_decide(body: &[u8]) -> Request {
     for c in callers() {
         let d = policy::decide(&policy, &c, ctx(), &request);
         let ok = match (&request, &d) {
-            (Request::RequestIdentities, Decision::List) => policy.any_key_for(&c),
-            (Request::RequestIdentities, Decision::EmptyList) => !policy.any_key_for(&c),
+            (Request::RequestIdentities, Decision::List) => {
+                policy.any_key_for(&c, &policy::grants::NO_GRANTS, 0)
+            }
+            (Request::RequestIdentities, Decision::EmptyList) => {
+                !policy.any_key_for(&c, &policy::grants::NO_GRANTS, 0)
+            }
             (Request::Sign(s), Decision::Sign { key, .. }) => {
                 c.may_use(key)
                     && policy.key(s.credential.key_data()) == Some(*key)

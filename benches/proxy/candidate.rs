@@ -9,8 +9,8 @@
 //! swapped every round, as everywhere in this bench). The report gives
 //! candidate/this per scenario, per round, pooled, and each daemon's CPU per
 //! operation, the steadier figure. Even so, a side carries a bias of its own
-//! of up to about 2 % (the fifth session swapped two builds between the
-//! sides to see it), so a difference smaller than that is not a finding.
+//! of up to about 2 % (swap the two builds between the sides to see it), so
+//! a difference smaller than that is not a finding.
 //!
 //! It only measures: it never changes the shipped daemon's configuration.
 

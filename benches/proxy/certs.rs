@@ -1,10 +1,10 @@
 //! The certificate mode (`KH_BENCH_ONLY=…,certs`): a second daemon in front
 //! of the same agent with `[certificates]` on (CA `benchca`, key `bench` in
 //! mode `also`), and
-//! - `connect` at 16 connections against both daemons, back to back, the
-//!   interleaved in one window per round (see `load::RunSpec`): the certified side lists user a's cached
-//!   certificate and signs user-auth data carrying it (as `ssh` does), the
-//!   plain side the plain key;
+//! - `connect` at 16 connections against both daemons, interleaved in one
+//!   window per round (see `load::RunSpec`): the certified side lists user
+//!   a's cached certificate and signs user-auth data carrying it (as `ssh`
+//!   does), the plain side the plain key;
 //! - the cost of one mint: [`keyholder::certs::mint`] called in this process
 //!   through the same upstream backend the daemon uses (build, one CA
 //!   signature by the agent, verification), sequentially, p50/p99.
@@ -160,7 +160,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
             b.user_a.id()?,
             Some(&b.user_a.name),
             i as u64 + 1,
-            keyholder::certs::unix_now(),
+            (keyholder::certs::unix_now(), None),
         ))
         .map_err(|e| format!("mint: {e}"))?;
         times.push(started.elapsed().as_nanos() as u64);

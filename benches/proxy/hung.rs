@@ -1,6 +1,6 @@
-//! One user's lookups hanging (`KH_BENCH_ONLY=…,hung`): issue 15's "with one
-//! user's lookups hanging, a second user's logins through the proxy still
-//! succeed at full speed", measured.
+//! One user's lookups hanging (`KH_BENCH_ONLY=…,hung`): measures that while
+//! one user's lookups hang, a second user's logins through the proxy still
+//! succeed at full speed.
 //!
 //! A third daemon, in front of the same agent, runs in a mount namespace of
 //! its own (`unshare -m`) whose user database is `files` then LDAP through

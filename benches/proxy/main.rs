@@ -45,23 +45,29 @@
 //! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
 //! one and interleaves the two daemons in each scenario (`candidate.rs`).
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,hung,openbao,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,pkcs11,openbao,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
 //! their cost; the default is the daemon's default, INFO). The `certs` part
 //! (see `certs.rs`) compares `connect` with certificates on and off and
-//! times one mint. The `openbao` part (see `openbao.rs`) runs the openbao
-//! backend against a three-node OpenBao cluster on this machine.
+//! times one mint. The `grants` part (see `grants.rs`) compares `sign` and
+//! `connect` without grants and under an active grant.
+//! times one mint. The `pkcs11` part (see `pkcs11.rs`) measures the PKCS#11
+//! backend on a SoftHSM2 token against a direct PKCS#11 client.
+//! The `openbao` part (see `openbao.rs`) runs the openbao backend against a
+//! three-node OpenBao cluster on this machine.
 
 mod baoshim;
 mod candidate;
 mod certs;
+mod grants;
 mod hung;
 mod load;
 #[path = "../../tests/common/nslcd.rs"]
 mod nslcd;
 mod openbao;
+mod pkcs11;
 mod relay;
 mod setup;
 
@@ -217,8 +223,8 @@ struct Scenario {
     label: &'static str,
     op: Op,
     conns: usize,
-    /// Minimum proxy/direct throughput ratio, with the upstream backend
-    /// (issue 15's targets).
+    /// Minimum proxy/direct throughput ratio with the upstream backend (see
+    /// BENCHMARKS.md, "Targets").
     target: f64,
 }
 
@@ -515,6 +521,11 @@ impl Bench {
             log,
             sign,
         })
+    }
+
+    /// The bench users' group (the keys' `groups`).
+    fn group_name(&self) -> &str {
+        &self._group.name
     }
 
     fn socket(&self, side: Side) -> &Path {
@@ -817,8 +828,9 @@ impl Choice {
         }
     }
 
-    /// The builtin backend's targets (issue 14: against the OpenSSH agent
-    /// used directly, same key); None: the proxy-overhead target applies.
+    /// The builtin backend's targets (against the OpenSSH agent used
+    /// directly, same key; see BENCHMARKS.md, "Targets"); None: the
+    /// proxy-overhead target applies.
     fn target(&self, scenario: &str) -> Option<f64> {
         if !self.builtin {
             return None;
@@ -1015,6 +1027,17 @@ fn bench() -> Result<String> {
         None
     };
 
+    let granted = if settings.wants("grants") {
+        Some(grants::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
+    let token = if settings.wants("pkcs11") {
+        Some(pkcs11::phase(&mut b, settings.rounds, settings.timing)?)
+    } else {
+        None
+    };
+
     let hanging = if settings.wants("hung") {
         Some(hung::phase(&mut b, settings.rounds, settings.timing)?)
     } else {
@@ -1173,6 +1196,12 @@ fn bench() -> Result<String> {
     }
     if let Some(c) = &certificates {
         out += c;
+    }
+    if let Some(g) = &granted {
+        out += g;
+    }
+    if let Some(t) = &token {
+        out += t;
     }
     if let Some(h) = &hanging {
         out += h;

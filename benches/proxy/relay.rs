@@ -6,8 +6,8 @@
 //! reads and two writes per request: less work than any real proxy can do.
 //!
 //! It runs as bench user a (the agent's owner) in the agent's directory, a
-//! worker of this binary (`relay` mode), and is measured as a third side of
-//! the same interleaved windows. It is a yardstick, never a product: it must
+//! worker of this binary (`relay` mode), and is measured against the agent
+//! direct in interleaved windows of its own. It is a yardstick, never a product: it must
 //! not grow anything a proxy would need.
 
 use std::io::{self, Read, Write};

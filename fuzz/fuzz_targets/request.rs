@@ -4,11 +4,11 @@
 //! its verification, and the policy decision (destination rules included),
 //! against a small fixed policy, three callers and four connection states
 //! (no binding, bound to the listed host, forwarded, a failed binding).
-//! Beyond "no panic" it checks the invariants the contract rests on (see
-//! `check`).
+//! Beyond "no panic" it checks the invariants the request rules rest on
+//! (`docs/reference.md`, "What each request gets"; see `check`).
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request fuzz/seeds/request`
-//! (from the repository root; see notes/README-hardening.md).
+//! (from the repository root; see docs/hardening.md, "Fuzzing").
 
 #![no_main]
 
@@ -41,6 +41,8 @@ fn rule(name: &str, seed: u8, groups: &[&str], allow_any_data: bool, rules: Rule
         allow_any_data,
         rules,
         certificate: Default::default(),
+        cert_terms: 0,
+        grants: None,
     }
 }
 
@@ -190,14 +192,15 @@ fn check(body: &[u8]) {
             bindings,
             now: 1000,
             minted: &keyholder::policy::certificates::NoneMinted,
+            grants: &keyholder::policy::grants::NO_GRANTS,
         };
         let decision = policy::decide(&f.policy, caller, ctx, &request);
         match (&request, &decision) {
             (Request::RequestIdentities, Decision::List) => {
-                assert!(f.policy.any_key_for(caller))
+                assert!(f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::RequestIdentities, Decision::EmptyList) => {
-                assert!(!f.policy.any_key_for(caller))
+                assert!(!f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::Sign(sign), Decision::Sign { key, remote_user, .. }) => {
                 let wanted = sign.credential.key_data();
@@ -259,7 +262,7 @@ fn check(body: &[u8]) {
                 }
             }
             (Request::SessionBind(_), Decision::VerifyBind) => {
-                assert!(f.policy.any_key_for(caller))
+                assert!(f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::SessionBind(_), Decision::RefuseBind { .. }) => {}
             (Request::BadSessionBind(m), Decision::RefuseBind { reason, forwarding }) => {
@@ -324,7 +327,7 @@ fn check_bind(body: &[u8], bind: &session_bind::SessionBind) {
         Some(&bind.host_key)
     );
     if let HostKey::Cert(cert) = &bind.host_key {
-        assert_eq!(bind.host_key.key(), cert.public_key());
+        assert_eq!(bind.host_key.key(), &cert.key);
     }
     // The body ends with the forwarding flag.
     assert_eq!(body.last().copied(), Some(u8::from(bind.forwarding)));

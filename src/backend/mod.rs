@@ -15,6 +15,10 @@
 //!   connections.
 //! - [`builtin`]: the in-process backend: keyholder holds the keys and signs
 //!   on a bounded pool of threads.
+//! - [`pkcs11`]: the keys stay on a PKCS#11 token; the daemon logs in with
+//!   the PIN it is given and signs on one token session per thread.
+//! - [`pool`]: the bounded pool of blocking worker threads the in-process
+//!   backends sign on.
 //! - [`admin`]: `agent.socket` served by the daemon for in-process backends.
 //!
 //! A backend must never log key material, never decode or alter a signature
@@ -25,6 +29,8 @@
 pub mod admin;
 pub mod builtin;
 pub mod openbao;
+pub mod pkcs11;
+pub mod pool;
 pub mod upstream;
 
 use std::future::Future;
@@ -107,6 +113,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// reached; otherwise the identities it holds.
     fn status(&self) -> BackendFuture<'_, BackendStatus>;
 
+    /// Lines naming what is wrong now (a token not present or not logged
+    /// in, a key not found or not matching), for `keyholder status`; no
+    /// secrets, no I/O (what the backend already knows).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The deadline of each later call (`limits.upstream_timeout_secs`; a
     /// reload applies to the next call).
     fn set_timeout(&self, timeout: Duration);
@@ -136,10 +149,6 @@ pub struct IssueRequest {
 pub struct BackendStatus {
     /// The identities it holds now.
     pub identities: Vec<Identity>,
-    /// What keeps a key or the backend from working, one line each (a
-    /// backend that reaches keys elsewhere: "key deploy: transit key
-    /// missing"); empty when there is nothing to say.
-    pub problems: Vec<String>,
 }
 
 /// Why a backend gave no usable answer.
@@ -225,6 +234,7 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
             let settings = builtin::Settings {
                 timeout: config.limits.upstream_timeout,
                 memory_locked: context.memory_locked,
+                log: Arc::clone(&context.log),
             };
             let listener = admin::bind(&config.agent.socket)?;
             let (backend, task) = builtin::Builtin::start(&settings, context.shutdown.clone())?;
@@ -243,6 +253,56 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
             Opened {
                 backend,
                 tasks: vec![server, task],
+            }
+        }
+        BackendKind::Pkcs11 => {
+            let Some(settings) = config.pkcs11.as_deref().cloned() else {
+                return Err(crate::error::Error::msg(
+                    "agent.backend = \"pkcs11\" needs a [pkcs11] section",
+                ));
+            };
+            let listener = admin::bind(&config.agent.socket)?;
+            // Loading and initialising a module may block (a network HSM).
+            let started = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    pkcs11::Pkcs11Backend::start(&config, &settings)
+                })
+                .await
+                .map_err(|e| crate::error::Error::msg(format!("pkcs11 backend: {e}")))?
+            };
+            let backend = match started {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    drop(listener);
+                    crate::sockets::remove(&config.agent.socket);
+                    return Err(crate::error::Error::msg(e));
+                }
+            };
+            tracing::info!(
+                "pkcs11 backend: serving agent.socket {} (root only): `keyholder arm` or \
+                 `ssh-add -s {}` logs in",
+                config.agent.socket.display(),
+                backend.module().display()
+            );
+            let server = tokio::spawn(admin::serve(
+                listener,
+                config.agent.socket.clone(),
+                Arc::clone(&backend) as Arc<dyn Backend>,
+                context.shutdown.clone(),
+            ));
+            let stopper = tokio::spawn({
+                let backend = Arc::clone(&backend);
+                let mut shutdown = context.shutdown;
+                async move {
+                    crate::shutdown::stopped(&mut shutdown).await;
+                    let _ = tokio::task::spawn_blocking(move || backend.stop()).await;
+                }
+            });
+            // agent.socket closes before the token is logged out.
+            Opened {
+                backend,
+                tasks: vec![server, stopper],
             }
         }
     };

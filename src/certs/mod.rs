@@ -13,7 +13,8 @@
 //! into it are unchanged, never handed out expired; and it remembers, for
 //! every certificate it minted that is still valid, whom it was minted for:
 //! that is how the policy knows a certificate in user-auth data is the
-//! caller's own ([`Minted`]). Both are bounded.
+//! caller's own ([`Minted`]), and under which terms it was minted (the
+//! policy refuses one whose terms a reload changed). Both are bounded.
 //!
 //! This module never decides who may use a key (that is
 //! [`crate::policy`]), never signs anything but a certificate with the CA,
@@ -32,7 +33,7 @@ use ssh_key::{Algorithm, Certificate, HashAlg, Signature};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::{CertMode, Config, KeyCertConfig};
-use crate::policy::certificates::{Issued, Minted};
+use crate::policy::certificates::{self, Issued, Minted};
 
 /// SSH_AGENT_RSA_SHA2_512: an RSA CA signs with SHA-512.
 pub const RSA_SHA2_512: u32 = 4;
@@ -71,6 +72,9 @@ pub struct KeySettings {
     pub key: KeyData,
     /// Its certificate fields.
     pub cert: KeyCertConfig,
+    /// What its certificates say ([`certificates::terms`]), remembered with
+    /// each one minted.
+    pub terms: u64,
 }
 
 impl Settings {
@@ -93,6 +97,7 @@ impl Settings {
                         KeySettings {
                             key: k.public_key.clone(),
                             cert: k.cert.clone(),
+                            terms: certificates::terms(Some(c), &k.cert),
                         },
                     )
                 })
@@ -201,19 +206,27 @@ struct Slot {
 }
 
 impl Slot {
-    /// The current certificate when it may be handed out at `now`.
+    /// The current certificate when it may be handed out at `now`, valid
+    /// no later than `cap` (a grant's end). One that already ends at the
+    /// cap is reused to its end: a new one could not last longer.
     fn reusable(
         &self,
         settings: &Settings,
         key: &KeySettings,
         user: Option<&str>,
         now: u64,
+        cap: Option<u64>,
     ) -> Option<Arc<Certificate>> {
         let current = lock(&self.current);
         let c = current.as_ref()?;
-        let remaining = c.cert.valid_before().saturating_sub(now);
+        let before = c.cert.valid_before();
+        let remaining = before.saturating_sub(now);
+        let within_cap = cap.is_none_or(|cap| before <= cap);
+        let at_cap = cap.is_some_and(|cap| before == cap);
         (c.profile.matches(settings, key, user)
-            && remaining.saturating_mul(2) > settings.validity_secs)
+            && within_cap
+            && remaining > 0
+            && (at_cap || remaining.saturating_mul(2) > settings.validity_secs))
             .then(|| Arc::clone(&c.cert))
     }
 
@@ -227,6 +240,8 @@ impl Slot {
 #[derive(Debug)]
 struct Remembered {
     uid: u32,
+    /// The terms it was minted under.
+    terms: u64,
     /// Its wire encoding (the comment, which is not part of it, aside).
     blob: Vec<u8>,
     valid_before: u64,
@@ -306,7 +321,8 @@ impl Authority {
 
     /// The caller's current certificate for key `name`: the cached one when
     /// more than half its validity remains and nothing that went into it
-    /// changed, else a new one minted through `backend`.
+    /// changed, else a new one minted through `backend`. `cap`: the end of
+    /// the grant the key is used under; the certificate is valid no later.
     pub async fn certificate(
         &self,
         backend: &dyn Backend,
@@ -314,16 +330,17 @@ impl Authority {
         name: &str,
         uid: u32,
         user: Option<&str>,
+        cap: Option<u64>,
     ) -> Result<Handed, MintError> {
         let key = settings.keys.get(name).ok_or(MintError::NotConfigured)?;
         let slot = self.slot(uid, name);
-        if let Some(cert) = slot.reusable(settings, key, user, unix_now()) {
+        if let Some(cert) = slot.reusable(settings, key, user, unix_now(), cap) {
             return Ok(Handed { cert, fresh: false });
         }
         let _minting = slot.minting.lock().await;
         // Someone else may have minted while this waited.
         let now = unix_now();
-        if let Some(cert) = slot.reusable(settings, key, user, now) {
+        if let Some(cert) = slot.reusable(settings, key, user, now, cap) {
             return Ok(Handed { cert, fresh: false });
         }
         let cert = Arc::new(
@@ -336,11 +353,11 @@ impl Authority {
                 uid,
                 user,
                 self.serials.next(),
-                now,
+                (now, cap),
             )
             .await?,
         );
-        self.remember(uid, &cert, now);
+        self.remember(uid, key.terms, &cert, now);
         *lock(&slot.current) = Some(Arc::new(Current {
             profile: Profile::new(settings, key, user),
             cert: Arc::clone(&cert),
@@ -390,7 +407,7 @@ impl Authority {
 
     /// Remembers who `cert` was minted for, until it expires (bounded:
     /// expired ones go first, then the oldest).
-    fn remember(&self, uid: u32, cert: &Certificate, now: u64) {
+    fn remember(&self, uid: u32, terms: u64, cert: &Certificate, now: u64) {
         let Some(blob) = encoded(cert) else {
             return;
         };
@@ -407,6 +424,7 @@ impl Authority {
             cert.serial(),
             Remembered {
                 uid,
+                terms,
                 blob,
                 valid_before: cert.valid_before(),
             },
@@ -421,6 +439,7 @@ impl Minted for Authority {
         let r = map.get(&cert.serial())?;
         (r.blob == blob).then_some(Issued {
             uid: r.uid,
+            terms: r.terms,
             serial: cert.serial(),
         })
     }
@@ -497,6 +516,8 @@ pub fn key_id(
 /// Mints one certificate: the to-be-signed bytes are captured in a first
 /// pass of ssh-key's builder, signed by the backend with the CA, and the
 /// backend's signature replayed in a second pass; the result is verified.
+/// `(now, cap)`: issued at `now`, valid until `now + validity_secs` but no
+/// later than `cap` (the end of the grant it is minted under).
 #[allow(clippy::too_many_arguments)]
 pub async fn mint(
     backend: &dyn Backend,
@@ -507,7 +528,7 @@ pub async fn mint(
     uid: u32,
     user: Option<&str>,
     serial: u64,
-    now: u64,
+    (now, cap): (u64, Option<u64>),
 ) -> Result<Certificate, MintError> {
     let key_id = key_id(&settings.key_id, user, uid, &settings.host, name, serial)?;
     if let Some(role) = &settings.openbao_role {
@@ -517,7 +538,9 @@ pub async fn mint(
     getrandom::getrandom(&mut nonce)
         .map_err(|e| MintError::Build(format!("no random nonce: {e}")))?;
     let valid_after = now.saturating_sub(settings.backdate_secs);
-    let valid_before = now.saturating_add(settings.validity_secs);
+    let valid_before = now
+        .saturating_add(settings.validity_secs)
+        .min(cap.unwrap_or(u64::MAX));
     let build = || -> Result<Builder, MintError> {
         let bad = |e: ssh_key::Error| MintError::Build(e.to_string());
         let mut b =

@@ -64,7 +64,6 @@ impl Backend for TestCa {
         Box::pin(async {
             Ok(BackendStatus {
                 identities: Vec::new(),
-                problems: Vec::new(),
             })
         })
     }
@@ -93,6 +92,7 @@ fn settings(ca: &TestCa) -> Settings {
                     force_command: Some("/usr/bin/deploy".into()),
                     source_address: vec!["192.0.2.0/24".into(), "::1".into()],
                 },
+                terms: 41,
             },
         )]
         .into(),
@@ -114,7 +114,7 @@ fn a_minted_certificate_says_what_the_settings_say() {
     let s = settings(&ca);
     let before = unix_now();
     let authority = Authority::new();
-    let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     assert!(got.fresh);
     let c = &got.cert;
     assert_eq!(c.key_id(), "keyholder:alice@deploy1:deploy");
@@ -147,7 +147,8 @@ fn a_minted_certificate_says_what_the_settings_say() {
         authority.issued(c),
         Some(Issued {
             uid: 1000,
-            serial: c.serial()
+            serial: c.serial(),
+            terms: 41
         })
     );
 }
@@ -157,22 +158,22 @@ fn certificates_are_reused_per_uid_and_key_until_the_settings_change() {
     let ca = TestCa::new(9);
     let mut s = settings(&ca);
     let authority = Authority::new();
-    let a1 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
-    let a2 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let a1 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
+    let a2 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     assert!(!a2.fresh);
     assert_eq!(a1.cert, a2.cert);
-    let b = run(authority.certificate(&ca, &s, "deploy", 1001, Some("bob"))).unwrap();
+    let b = run(authority.certificate(&ca, &s, "deploy", 1001, Some("bob"), None)).unwrap();
     assert!(b.fresh);
     assert_ne!(b.cert.serial(), a1.cert.serial());
     assert_eq!(b.cert.key_id(), "keyholder:bob@deploy1:deploy");
     assert_eq!(ca.signs.load(Ordering::SeqCst), 2);
     // A reload that changes what goes into it: a new one.
     s.keys.get_mut("deploy").unwrap().cert.principals = vec!["deploy".into()];
-    let a3 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let a3 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     assert!(a3.fresh);
     assert_eq!(a3.cert.valid_principals(), ["deploy"]);
     // A renamed user: a new one.
-    let a4 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice2"))).unwrap();
+    let a4 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice2"), None)).unwrap();
     assert!(a4.fresh);
     // The old ones are still remembered as alice's (a CertificateFile
     // written earlier keeps working until it expires).
@@ -186,7 +187,7 @@ fn a_certificate_past_half_its_validity_is_replaced() {
     s.validity_secs = 10;
     s.backdate_secs = 0;
     let authority = Authority::new();
-    let a1 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let a1 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     // Pretend it was minted long ago: the cached one is expired.
     {
         let slot = authority.slot(1000, "deploy");
@@ -202,14 +203,14 @@ fn a_certificate_past_half_its_validity_is_replaced() {
             1000,
             Some("alice"),
             1,
-            unix_now() - 6,
+            (unix_now() - 6, None),
         );
         *c = Arc::new(Current {
             profile: c.profile.clone(),
             cert: Arc::new(run(old).unwrap()),
         });
     }
-    let a2 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let a2 = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     assert!(a2.fresh);
     assert_ne!(a2.cert.serial(), a1.cert.serial());
     assert!(a2.cert.valid_before() > unix_now());
@@ -220,7 +221,7 @@ fn forged_or_foreign_certificates_are_not_remembered() {
     let ca = TestCa::new(9);
     let s = settings(&ca);
     let authority = Authority::new();
-    let mine = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let mine = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     // Same serial and contents, another CA.
     let other = TestCa::new(10);
     let mut s2 = settings(&other);
@@ -234,7 +235,7 @@ fn forged_or_foreign_certificates_are_not_remembered() {
         1000,
         Some("alice"),
         mine.cert.serial(),
-        unix_now(),
+        (unix_now(), None),
     ))
     .unwrap();
     assert_eq!(forged.serial(), mine.cert.serial());
@@ -256,23 +257,23 @@ fn names_that_would_break_the_key_id_are_refused() {
         "a\nb",
         "",
     ] {
-        let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some(bad)));
+        let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some(bad), None));
         assert!(matches!(got, Err(MintError::BadName(_))), "{bad:?}");
     }
     assert!(matches!(
-        run(authority.certificate(&ca, &s, "deploy", 1000, None)),
+        run(authority.certificate(&ca, &s, "deploy", 1000, None, None)),
         Err(MintError::BadName(_))
     ));
     assert_eq!(ca.signs.load(Ordering::SeqCst), 0);
     let mut bad_host = s.clone();
     bad_host.host = Ok("host name".into());
     assert!(matches!(
-        run(authority.certificate(&ca, &bad_host, "deploy", 1000, Some("alice"))),
+        run(authority.certificate(&ca, &bad_host, "deploy", 1000, Some("alice"), None)),
         Err(MintError::BadName(_))
     ));
     // A key without certificate settings.
     assert!(matches!(
-        run(authority.certificate(&ca, &s, "other", 1000, Some("alice"))),
+        run(authority.certificate(&ca, &s, "other", 1000, Some("alice"), None)),
         Err(MintError::NotConfigured)
     ));
 }
@@ -334,7 +335,7 @@ fn a_certificate_from_the_wire_is_recognised_without_its_comment() {
     let ca = TestCa::new(9);
     let s = settings(&ca);
     let authority = Authority::new();
-    let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"))).unwrap();
+    let got = run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None)).unwrap();
     let mut blob = Vec::new();
     ssh_encoding::Encode::encode(&*got.cert, &mut blob).unwrap();
     let wire = Certificate::decode(&mut &blob[..]).unwrap();
@@ -352,7 +353,8 @@ fn concurrent_listings_by_one_caller_mint_once() {
         .build()
         .unwrap();
     let got = rt.block_on(async {
-        let calls = (0..16).map(|_| authority.certificate(&ca, &s, "deploy", 1000, Some("alice")));
+        let calls =
+            (0..16).map(|_| authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), None));
         futures_join_all(calls).await
     });
     assert_eq!(ca.signs.load(Ordering::SeqCst), 1);
@@ -388,4 +390,28 @@ async fn futures_join_all<F: std::future::Future>(
     })
     .await;
     out.into_iter().map(|o| o.unwrap()).collect()
+}
+
+#[test]
+fn a_certificate_under_a_grant_ends_with_the_grant() {
+    let ca = TestCa::new(9);
+    let s = settings(&ca);
+    let authority = Authority::new();
+    let end = unix_now() + 100;
+    let got =
+        run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), Some(end))).unwrap();
+    assert!(got.fresh);
+    assert_eq!(got.cert.valid_before(), end);
+    // Reused to its end: a new one could not last longer.
+    let again =
+        run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), Some(end))).unwrap();
+    assert!(!again.fresh);
+    // A grant ending sooner gets a certificate ending sooner.
+    let sooner =
+        run(authority.certificate(&ca, &s, "deploy", 1000, Some("alice"), Some(end - 50))).unwrap();
+    assert!(sooner.fresh);
+    assert_eq!(sooner.cert.valid_before(), end - 50);
+    // Without a grant: the full validity.
+    let free = run(authority.certificate(&ca, &s, "deploy", 1001, Some("bob"), None)).unwrap();
+    assert_eq!(free.cert.valid_before() - free.cert.valid_after(), 360);
 }

@@ -58,11 +58,15 @@ enum State {
 pub fn run(
     config_path: &Path,
     passphrase_file: Option<&Path>,
+    pin_file: Option<&Path>,
     secret_file: Option<&Path>,
 ) -> Result<u8> {
     crate::require_root("arm")?;
     crate::hardening::apply()?;
     let mut config = Config::load(config_path)?;
+    if config.agent.backend == crate::config::BackendKind::Pkcs11 {
+        return super::token::arm(&config, pin_file);
+    }
     if let Some(openbao) = config.openbao.as_deref() {
         if config.agent.backend == crate::config::BackendKind::OpenBao {
             let needs = openbao.auth.needs_secret();
@@ -155,7 +159,7 @@ pub fn run(
 /// when it cannot. The agent must run as root (`SO_PEERCRED` of the
 /// connection): decrypted keys are never sent to a socket someone else
 /// listens on.
-fn connect(config: &Config) -> Result<AgentClient> {
+pub(super) fn connect(config: &Config) -> Result<AgentClient> {
     let socket = config.agent.socket.display();
     let client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)
         .map_err(|e| {

@@ -68,6 +68,8 @@ pub fn run(path: &Path) -> Result<u8> {
                 "backend = \"builtin\": served by the daemon, which holds the keys itself",
             (crate::config::BackendKind::OpenBao, _) =>
                 "backend = \"openbao\": served by the daemon; the keys are transit keys of the cluster",
+            (crate::config::BackendKind::Pkcs11, _) =>
+                "backend = \"pkcs11\": served by the daemon; the keys stay on the token",
             (_, true) => "spawned by the daemon",
             (_, false) => "run by someone else",
         },
@@ -117,6 +119,37 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             );
         }
+        if let Some(g) = &key.grants {
+            say!(
+                "  grants: approvals={}{} approvers={} max_secs={} pending_secs={}{}",
+                g.approvals,
+                if g.approvals == 0 {
+                    " (break-glass)"
+                } else {
+                    ""
+                },
+                if g.approvers.is_empty() {
+                    "(root only)".to_owned()
+                } else {
+                    g.approvers.join(",")
+                },
+                g.max_secs,
+                g.pending_secs,
+                g.notify
+                    .as_ref()
+                    .map_or_else(String::new, |n| format!(" notify={}", n.display()))
+            );
+            if let (Some(c), true) = (&config.certificates, key.cert.mode != CertMode::Off) {
+                if c.validity_secs > 600 {
+                    found.warning(format!(
+                        "keys.{}: has grants and certificates valid for {} s: a certificate \
+                         handed out before a revoke stays valid at targets that long (keep \
+                         [certificates] validity_secs short, e.g. 300)",
+                        key.name, c.validity_secs
+                    ));
+                }
+            }
+        }
         if config.agent.backend == crate::config::BackendKind::OpenBao {
             let mount = config
                 .openbao
@@ -126,6 +159,14 @@ pub fn run(path: &Path) -> Result<u8> {
                 "  transit key: {mount}/keys/{} (its version equal to the public key is pinned \
                  when the daemon logs in; `keyholder status` names a mismatch)",
                 key.transit_key.as_deref().unwrap_or(&key.name)
+            );
+            found.flush();
+            continue;
+        }
+        if let Some(p) = config.pkcs11.as_deref() {
+            say!(
+                "  on the token: {}",
+                super::token::describe_object(&p.object(&key.name))
             );
             found.flush();
             continue;
@@ -141,6 +182,14 @@ pub fn run(path: &Path) -> Result<u8> {
             "  private key: {} ({state})",
             key.private_key_path.display()
         );
+        found.flush();
+    }
+    if let Some(p) = config.pkcs11.as_deref() {
+        super::token::check(&config, p, root, &mut |kind, message| match kind {
+            super::token::Finding::Error => found.error(message),
+            super::token::Finding::Warning => found.warning(message),
+            super::token::Finding::Note => found.note(message),
+        });
         found.flush();
     }
     if let Some(c) = &config.certificates {

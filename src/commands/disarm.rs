@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 pub fn run(config_path: &Path) -> Result<u8> {
     crate::require_root("disarm")?;
     let config = Config::load(config_path)?;
+    if config.agent.backend == crate::config::BackendKind::Pkcs11 {
+        return super::token::disarm(&config);
+    }
     let socket = config.agent.socket.display();
     let mut client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)
         .map_err(|e| {

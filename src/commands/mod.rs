@@ -1,5 +1,6 @@
 //! The admin and monitoring commands: `arm`, `disarm`, `status`, `list`,
-//! `check-config`, `ca`, `cert`. Each returns its exit code, or an error printed as one
+//! `check-config`, `ca`, `cert`, and the grant commands ([`grants`]:
+//! `request`, `approve`, `deny`, `grants`, `revoke`). Each returns its exit code, or an error printed as one
 //! line (exit 1).
 //!
 //! Helpers shared by them: [`client`] (a blocking agent-protocol client
@@ -21,11 +22,13 @@ pub mod certificates;
 pub mod check_config;
 pub mod client;
 pub mod disarm;
+pub mod grants;
 pub mod keyfile;
 pub mod list;
 pub mod passphrase;
 pub mod prometheus;
 pub mod status;
+pub mod token;
 pub mod unlock;
 
 use std::path::{Path, PathBuf};

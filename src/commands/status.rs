@@ -91,9 +91,6 @@ pub struct Json {
     pub keys: Vec<KeyStatus>,
     /// Remarks, such as falling back to the default socket.
     pub notes: Vec<String>,
-    /// What the daemon's backend says keeps a key or itself from working
-    /// (a sealed cluster, a missing transit key…).
-    pub problems: Vec<String>,
 }
 
 /// What was found.
@@ -107,7 +104,8 @@ struct Found {
     /// The daemon's counters, when asked for and reported.
     metrics: Option<Metrics>,
     notes: Vec<String>,
-    problems: Vec<String>,
+    /// What the backend says is wrong (a token missing, a key not found).
+    backend_notes: Vec<String>,
 }
 
 /// Reports status; returns the monitoring-plugin exit code.
@@ -131,8 +129,12 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
             armed,
             total: keys.len(),
             keys,
-            notes: found.notes.clone(),
-            problems: found.problems.clone(),
+            notes: found
+                .backend_notes
+                .iter()
+                .chain(&found.notes)
+                .cloned()
+                .collect(),
         };
         match serde_json::to_string_pretty(&doc) {
             Ok(text) => say!("{text}"),
@@ -153,10 +155,7 @@ pub fn run(config_path: &Path, json: bool) -> u8 {
         if found.state != State::Ok && !keys.is_empty() && keys.iter().any(|k| !k.armed) {
             say!("to arm: run `keyholder arm` as root");
         }
-        for problem in &found.problems {
-            say!("problem: {problem}");
-        }
-        for note in &found.notes {
+        for note in found.backend_notes.iter().chain(&found.notes) {
             say!("note: {note}");
         }
     }
@@ -188,7 +187,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         report: None,
         metrics: None,
         notes: Vec::new(),
-        problems: Vec::new(),
+        backend_notes: Vec::new(),
     };
     let config = match ClientConfig::load(config_path) {
         Ok(c) => c,
@@ -217,7 +216,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         details: if metrics {
             status::metrics_request()
         } else {
-            status::problems_request()
+            status::notes_request()
         }
         .into(),
     });
@@ -246,10 +245,10 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         Ok(Answer {
             report,
             metrics,
-            problems,
+            notes,
         }) => {
             found.metrics = metrics;
-            found.problems = problems.unwrap_or_default();
+            found.backend_notes = notes.unwrap_or_default();
             report
         }
         Err(e) => {
@@ -266,17 +265,12 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         .filter(|k| !k.armed)
         .map(|k| k.name.as_str())
         .collect();
-    let first_problem = found
-        .problems
-        .first()
-        .map(|p| format!(": {p}"))
-        .unwrap_or_default();
     (found.state, found.message) = if !report.upstream_reachable {
         (
             State::Critical,
             format!(
-                "CRITICAL: upstream agent unreachable (the daemon at {socket} cannot reach it\
-                 {first_problem}); {armed}/{total} keys armed"
+                "CRITICAL: upstream agent unreachable (the daemon at {socket} cannot reach it); \
+                 {armed}/{total} keys armed"
             ),
         )
     } else if total == 0 {
@@ -290,7 +284,7 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         (
             State::Warning,
             format!(
-                "WARNING: {armed}/{total} keys armed (unarmed: {}){first_problem}",
+                "WARNING: {armed}/{total} keys armed (unarmed: {})",
                 unarmed.join(", ")
             ),
         )
@@ -298,11 +292,16 @@ fn evaluate(config_path: &Path, metrics: bool) -> Found {
         (
             State::Critical,
             format!(
-                "CRITICAL: 0/{total} keys armed (unarmed: {}){first_problem}",
+                "CRITICAL: 0/{total} keys armed (unarmed: {})",
                 unarmed.join(", ")
             ),
         )
     };
+    if found.state != State::Ok {
+        if let Some(first) = found.backend_notes.first() {
+            found.message = format!("{}: {first}", found.message);
+        }
+    }
     found.report = Some(report);
     found
 }

@@ -22,6 +22,10 @@ use crate::known_hosts::KnownHosts;
 use crate::trust::TrustError;
 pub use openbao::OpenBaoConfig;
 
+pub mod grants;
+pub use grants::GrantsConfig;
+pub mod pkcs11;
+
 /// Where the configuration is read from when neither `--config` nor
 /// `$KEYHOLDER_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/keyholder/keyholder.toml";
@@ -51,6 +55,7 @@ struct RawConfig {
     key_dir: Option<PathBuf>,
     log: Option<LogTarget>,
     require_encrypted: Option<bool>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     agent: RawAgent,
     #[serde(default)]
@@ -59,6 +64,7 @@ struct RawConfig {
     keys: BTreeMap<String, RawKey>,
     certificates: Option<RawCertificates>,
     openbao: Option<openbao::RawOpenBao>,
+    pkcs11: Option<pkcs11::RawPkcs11>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +97,8 @@ pub enum BackendKind {
     /// The keys are transit keys of an OpenBao / Vault cluster (`[openbao]`).
     #[serde(rename = "openbao")]
     OpenBao,
+    /// The keys stay on a PKCS#11 token (`[pkcs11]`).
+    Pkcs11,
 }
 
 impl BackendKind {
@@ -100,6 +108,7 @@ impl BackendKind {
             Self::Upstream => "upstream",
             Self::Builtin => "builtin",
             Self::OpenBao => "openbao",
+            Self::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -132,6 +141,9 @@ struct RawKey {
     #[serde(default)]
     allow_forwarding: bool,
     transit_key: Option<String>,
+    grants: Option<grants::RawGrants>,
+    pkcs11_label: Option<String>,
+    pkcs11_id: Option<String>,
 }
 
 /// Whether a key is listed with a certificate minted for each caller
@@ -287,6 +299,8 @@ pub struct KeyConfig {
     pub allow_forwarding: bool,
     /// The transit key holding it (`backend = "openbao"`; default: the name).
     pub transit_key: Option<String>,
+    /// Members need a grant (`[keys.NAME.grants]`).
+    pub grants: Option<GrantsConfig>,
 }
 
 /// A key's `destinations` file, read and parsed.
@@ -323,6 +337,10 @@ pub struct Config {
     pub certificates: Option<Box<CertificatesConfig>>,
     /// `[openbao]`, when present.
     pub openbao: Option<Box<OpenBaoConfig>>,
+    /// Where the daemon keeps state (grants).
+    pub state_dir: PathBuf,
+    /// `[pkcs11]` (with `backend = "pkcs11"` only).
+    pub pkcs11: Option<Box<pkcs11::Pkcs11Config>>,
 }
 
 impl Config {
@@ -419,7 +437,13 @@ impl Config {
         };
 
         let mut keys = Vec::with_capacity(raw.keys.len());
-        for (name, key) in raw.keys {
+        let mut objects = BTreeMap::new();
+        for (name, mut key) in raw.keys {
+            if let Some(object) =
+                pkcs11::key_object(&file, &name, key.pkcs11_label.take(), key.pkcs11_id.take())?
+            {
+                objects.insert(name.clone(), object);
+            }
             keys.push(load_key(path, &key_dir, name, key)?);
         }
         let certificates = match raw.certificates {
@@ -468,19 +492,6 @@ impl Config {
                 )));
             }
         }
-        if backend == BackendKind::OpenBao {
-            for (field, set) in [
-                ("spawn", raw.agent.spawn == Some(true)),
-                ("program", raw.agent.program.is_some()),
-            ] {
-                if set {
-                    return Err(Error::msg(format!(
-                        "{file}: agent.{field}: does not apply with agent.backend = \"openbao\" \
-                         (the keys are in the cluster, no ssh-agent is started); remove it"
-                    )));
-                }
-            }
-        }
         if let Some(role) = certificates.as_ref().and_then(|c| c.openbao_role.as_ref()) {
             match openbao.as_deref() {
                 None => {
@@ -499,16 +510,18 @@ impl Config {
                 Some(_) => {}
             }
         }
-        if backend == BackendKind::Builtin {
+        let pkcs11 = pkcs11::load(&file, raw.pkcs11, backend == BackendKind::Pkcs11, objects)?;
+        if backend != BackendKind::Upstream {
             for (field, set) in [
                 ("spawn", raw.agent.spawn.is_some()),
                 ("program", raw.agent.program.is_some()),
             ] {
                 if set {
                     return Err(Error::msg(format!(
-                        "{file}: agent.{field}: does not apply with agent.backend = \"builtin\" \
+                        "{file}: agent.{field}: does not apply with agent.backend = \"{}\" \
                          (keyholder serves agent.socket itself, no ssh-agent is started); \
-                         remove it"
+                         remove it",
+                        backend.name()
                     )));
                 }
             }
@@ -537,6 +550,11 @@ impl Config {
             keys,
             certificates,
             openbao,
+            state_dir: resolve(
+                raw.state_dir
+                    .unwrap_or_else(|| grants::DEFAULT_STATE_DIR.into()),
+            ),
+            pkcs11: pkcs11.map(Box::new),
         })
     }
 
@@ -683,6 +701,10 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         openbao::check_transit_key(&file.to_string(), &name, t)?;
     }
     let transit_key = raw.transit_key;
+    let grants = match raw.grants {
+        Some(g) => Some(grants::load(path, &name, g)?),
+        None => None,
+    };
     Ok(KeyConfig {
         private_key_path: key_dir.join(&name),
         name,
@@ -696,6 +718,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
         transit_key,
+        grants,
     })
 }
 
@@ -894,6 +917,7 @@ fn load_certificates(
             remote_users: None,
             allow_forwarding: false,
             transit_key: None,
+            grants: None,
         },
         validity_secs,
         backdate_secs,
@@ -1258,5 +1282,23 @@ mod example_tests {
         let example = Config::parse(path, include_str!("../../keyholder.toml.example")).unwrap();
         let empty = Config::parse(path, "").unwrap();
         assert_eq!(example, empty);
+    }
+
+    /// Switching backend in the example is one uncommented line.
+    #[test]
+    fn example_config_switches_backend_with_one_line() {
+        let path = Path::new("/etc/keyholder/keyholder.toml");
+        let text = include_str!("../../keyholder.toml.example");
+        let line = "# backend = \"upstream\"";
+        assert_eq!(
+            text.matches(line).count(),
+            1,
+            "the example has one {line:?} line"
+        );
+        for backend in [BackendKind::Upstream, BackendKind::Builtin] {
+            let switched = text.replace(line, &format!("backend = \"{}\"", backend.name()));
+            let config = Config::parse(path, &switched).unwrap();
+            assert_eq!(config.agent.backend, backend);
+        }
     }
 }

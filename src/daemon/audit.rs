@@ -1,8 +1,9 @@
 //! The audit log: one line per sign request, written when its outcome is
-//! known, and one per refused admin request, with the contract's fields in
-//! order:
-//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= decision= reason=`
-//! (`serial` is that of the keyholder certificate in the user-auth data),
+//! known, and one per refused admin request, with the fields of
+//! `docs/reference.md`, "Audit log", in order:
+//! `user= uid= pid= key= fingerprint= remote_user= dest= forwarded= serial= grant= decision= reason=`
+//! (`serial` is that of the keyholder certificate in the user-auth data,
+//! `grant` the id of the grant a key that needs one was used under),
 //! and one line per certificate issued ([`issued`]).
 //!
 //! A sign the policy allowed is `decision=granted` only once the backend
@@ -21,22 +22,57 @@ use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 use crate::ratelog::Kind;
 
-/// Refused requests that are audited (admin requests, keys not configured or
-/// not allowed, data that is not a user-auth request): rate-limited per uid.
-/// Granted and failed signs never go through a rate limit.
-pub static REFUSED: Kind = Kind {
-    name: "audit: refused requests",
+/// Refused admin requests (add, remove, lock, …): audited, rate-limited per
+/// uid with an allowance of their own, so a flood of them never hides a
+/// refused sign. Granted and failed signs never go through a rate limit.
+pub static REFUSED_ADMIN: Kind = Kind {
+    name: "audit: refused admin requests",
     burst: 10,
     level: tracing::Level::INFO,
 };
 
-/// Refusals that are not audited (unknown types, malformed messages,
-/// unsupported extensions), logged at debug level.
+/// Refused sign requests (key not configured or not allowed, data that is
+/// not a user-auth request, certificate and destination rules): audited,
+/// rate-limited per uid with an allowance of their own.
+pub static REFUSED_SIGN: Kind = Kind {
+    name: "audit: refused sign requests",
+    burst: 10,
+    level: tracing::Level::INFO,
+};
+
+/// Refusals that are not audited (malformed messages, unknown types,
+/// unsupported extensions), logged at debug level with an allowance of
+/// their own.
 pub static REFUSED_UNAUDITED: Kind = Kind {
-    name: "refused requests (not audited)",
+    name: "refused malformed or unknown requests (not audited)",
     burst: 10,
     level: tracing::Level::DEBUG,
 };
+
+/// The rate-limit kind a refusal's line counts under.
+pub fn refusal_kind(decision: &Decision<'_>) -> &'static Kind {
+    match decision {
+        Decision::Refuse {
+            reason: Reason::AdminRequest(_),
+            ..
+        } => &REFUSED_ADMIN,
+        d if d.is_audited() => &REFUSED_SIGN,
+        _ => &REFUSED_UNAUDITED,
+    }
+}
+
+/// What a rate-limit summary counts a refusal under: its reason and key,
+/// `reason=R key=K`; `None` when `decision` is no refusal.
+pub fn refusal_detail(decision: &Decision<'_>) -> Option<String> {
+    let Decision::Refuse { reason, key, .. } = decision else {
+        return None;
+    };
+    Some(format!(
+        "reason={} key={}",
+        Field(Some(&reason.to_string())),
+        Field(key.map(|k| k.name.as_str()))
+    ))
+}
 
 /// The tracing target of audit lines.
 pub const TARGET: &str = "keyholder::audit";
@@ -62,11 +98,13 @@ impl fmt::Display for Field<'_> {
 
 /// What the connection a request came on is bound to: the fields
 /// `dest= forwarded= serial=` ([`Binding::of`] the connection's session
-/// bindings; `serial` comes from the decision: the certificate in the
-/// user-auth data, when keyholder minted it).
+/// bindings gives `forwarded`; `dest` and `serial` come from the decision:
+/// the verified binding the user-auth data belongs to, and the certificate
+/// in the data, when keyholder minted it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Binding {
-    /// Fingerprint of the host key the connection is bound to.
+    /// Fingerprint of the host key of the verified binding the signed data
+    /// belongs to (session id, and host key for a hostbound request).
     pub dest: Option<String>,
     /// Whether the binding is a forwarding one.
     pub forwarded: bool,
@@ -75,13 +113,14 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// The fields for a connection with `bindings`: `dest` is the host key
-    /// it last bound to (the certified key, for a host certificate);
-    /// `forwarded` whether it is (or may be: a failed binding that said so)
-    /// a forwarded agent.
+    /// The fields for a connection with `bindings`: `forwarded` whether it
+    /// is (or may be: a failed binding that said so) a forwarded agent.
+    /// `dest` is never taken from the connection alone (its last binding may
+    /// be to another session): the decision says which binding, if any, the
+    /// signed data belongs to.
     pub fn of(bindings: &Bindings) -> Self {
         Self {
-            dest: bindings.last().map(|b| b.fingerprint.clone()),
+            dest: None,
             forwarded: bindings.maybe_forwarded(),
             serial: None,
         }
@@ -108,6 +147,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
         fingerprint,
         remote_user,
         serial,
+        dest,
     } = decision
     else {
         return None;
@@ -115,7 +155,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
     if !decision.is_audited() {
         return None;
     }
-    let binding = &with_serial(binding, *serial);
+    let binding = &with_decision(binding, *serial, dest.as_deref());
     let kind = if matches!(reason, Reason::AdminRequest(_)) {
         "admin"
     } else {
@@ -128,6 +168,7 @@ pub fn refusal(caller: &Caller, decision: &Decision<'_>, binding: &Binding) -> O
         fingerprint.as_deref(),
         remote_user.as_deref(),
         binding,
+        None,
         "refused",
         &reason.to_string(),
     ))
@@ -145,11 +186,13 @@ pub fn sign(
         key,
         remote_user,
         serial,
+        grant,
+        dest,
     } = decision
     else {
         return None;
     };
-    let binding = &with_serial(binding, *serial);
+    let binding = &with_decision(binding, *serial, dest.as_deref());
     let (verdict, reason) = match outcome {
         Outcome::Signed => {
             let via = if caller.uid == 0 {
@@ -170,16 +213,21 @@ pub fn sign(
         Some(key.fingerprint.as_str()),
         remote_user.as_deref(),
         binding,
+        grant.as_deref(),
         verdict,
         &reason,
     ))
 }
 
-/// `binding` with the serial of the decision's certificate, if any.
-fn with_serial(binding: &Binding, serial: Option<u64>) -> Binding {
+/// `binding` with the serial of the decision's certificate and the host of
+/// the binding the signed data belongs to, if any.
+fn with_decision(binding: &Binding, serial: Option<u64>, dest: Option<&str>) -> Binding {
     let mut b = binding.clone();
     if let Some(s) = serial {
         b.serial = Some(s.to_string());
+    }
+    if let Some(d) = dest {
+        b.dest = Some(d.to_owned());
     }
     b
 }
@@ -192,12 +240,13 @@ fn format_line(
     fingerprint: Option<&str>,
     remote_user: Option<&str>,
     binding: &Binding,
+    grant: Option<&str>,
     verdict: &str,
     reason: &str,
 ) -> String {
     format!(
         "{kind} user={} uid={} pid={} key={} fingerprint={} remote_user={} dest={} \
-         forwarded={} serial={} decision={verdict} reason={}",
+         forwarded={} serial={} grant={} decision={verdict} reason={}",
         Field(caller.user.as_deref()),
         caller.uid,
         caller.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
@@ -207,6 +256,7 @@ fn format_line(
         Field(binding.dest.as_deref()),
         if binding.forwarded { "yes" } else { "no" },
         Field(binding.serial.as_deref()),
+        Field(grant),
         Field(Some(reason)),
     )
 }
@@ -248,6 +298,7 @@ pub fn issued(caller: &Caller, cert: &IssuedLine<'_>) -> String {
 mod tests {
     use super::*;
     use crate::policy::KeyRule;
+    use crate::protocol::AdminOp;
 
     #[test]
     fn hostile_values_are_quoted() {
@@ -271,6 +322,8 @@ mod tests {
             allow_any_data: false,
             rules: Default::default(),
             certificate: Default::default(),
+            grants: None,
+            cert_terms: 0,
         }
     }
 
@@ -290,12 +343,14 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: None,
+            grant: None,
+            dest: None,
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
         assert_eq!(
             line,
             "sign user=alice uid=1000 pid=42 key=deploy fingerprint=SHA256:fp remote_user=deploy \
-             dest=- forwarded=no serial=- decision=granted reason=group:ops"
+             dest=- forwarded=no serial=- grant=- decision=granted reason=group:ops"
         );
         let bound = Binding {
             dest: Some("SHA256:host".to_owned()),
@@ -305,7 +360,7 @@ mod tests {
         let line = sign(&caller(), &decision, &bound, Outcome::UpstreamTimeout).unwrap();
         assert!(
             line.ends_with(
-                "dest=SHA256:host forwarded=yes serial=7 decision=failed reason=upstream-timeout"
+                "dest=SHA256:host forwarded=yes serial=7 grant=- decision=failed reason=upstream-timeout"
             ),
             "{line}"
         );
@@ -324,19 +379,27 @@ mod tests {
             key: &key,
             remote_user: Some("deploy".to_owned()),
             serial: Some(42),
+            grant: Some("0a1b2c".to_owned()),
+            dest: Some("SHA256:bound".to_owned()),
         };
         let line = sign(&caller(), &decision, &Binding::default(), Outcome::Signed).unwrap();
-        assert!(line.contains(" serial=42 decision=granted"), "{line}");
+        assert!(
+            line.contains(
+                " dest=SHA256:bound forwarded=no serial=42 grant=0a1b2c decision=granted"
+            ),
+            "{line}"
+        );
         let decision = Decision::Refuse {
             reason: Reason::CertificateNotYours,
             key: Some(&key),
             fingerprint: Some("SHA256:fp".to_owned()),
             remote_user: None,
             serial: Some(43),
+            dest: None,
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert!(
-            line.ends_with(" serial=43 decision=refused reason=certificate-not-yours"),
+            line.ends_with(" serial=43 grant=- decision=refused reason=certificate-not-yours"),
             "{line}"
         );
         let issued_line = issued(
@@ -365,13 +428,14 @@ mod tests {
             fingerprint: Some("SHA256:x".to_owned()),
             remote_user: None,
             serial: None,
+            dest: None,
         };
         let line = refusal(&caller(), &decision, &Binding::default()).unwrap();
         assert_eq!(
             line,
             format!(
                 "sign user=alice uid=1000 pid=42 key=- fingerprint=SHA256:x remote_user=- \
-                 dest=- forwarded=no serial=- decision=refused reason={}",
+                 dest=- forwarded=no serial=- grant=- decision=refused reason={}",
                 Reason::UnknownKey
             )
         );
@@ -380,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn binding_fields_come_from_the_connections_bindings() {
+    fn forwarded_comes_from_the_connections_bindings_and_dest_never_does() {
         use crate::policy::destinations::Binding as Bound;
         let key = key();
         let bound = |forwarding, sid: u8| Bound {
@@ -396,12 +460,52 @@ mod tests {
         b.record(bound(true, 1)).unwrap();
         b.record(bound(false, 2)).unwrap();
         let f = Binding::of(&b);
-        assert_eq!(f.dest.as_deref(), Some("SHA256:host2"));
+        // Never the last binding merely for being last: the decision names
+        // the binding the signed data belongs to.
+        assert_eq!(f.dest, None);
         assert!(f.forwarded);
         // A failed binding that said "forwarding" counts.
         let mut failed = Bindings::default();
         failed.fail(Some(true));
         assert!(Binding::of(&failed).forwarded);
         assert_eq!(Binding::of(&failed).dest, None);
+    }
+
+    #[test]
+    fn each_kind_of_refusal_has_its_own_allowance_and_a_detail() {
+        let key = key();
+        let refuse = |reason, key| Decision::Refuse {
+            reason,
+            key,
+            fingerprint: Some("SHA256:x".to_owned()),
+            remote_user: None,
+            serial: None,
+            dest: None,
+        };
+        let admin = refuse(Reason::AdminRequest(AdminOp::RemoveAllIdentities), None);
+        assert_eq!(refusal_kind(&admin), &REFUSED_ADMIN);
+        assert_eq!(
+            refusal_detail(&admin).as_deref(),
+            Some("reason=admin-request:remove-all-identities key=-")
+        );
+        let sign = refuse(Reason::CertificateNotYours, Some(&key));
+        assert_eq!(refusal_kind(&sign), &REFUSED_SIGN);
+        assert_eq!(
+            refusal_detail(&sign).as_deref(),
+            Some("reason=certificate-not-yours key=deploy")
+        );
+        let bad = refuse(Reason::Malformed("trailing bytes"), None);
+        assert_eq!(refusal_kind(&bad), &REFUSED_UNAUDITED);
+        assert_eq!(
+            refusal_detail(&bad).as_deref(),
+            Some("reason=\"malformed (trailing bytes)\" key=-")
+        );
+        assert_eq!(refusal_detail(&Decision::List), None);
+        let names = [
+            REFUSED_ADMIN.name,
+            REFUSED_SIGN.name,
+            REFUSED_UNAUDITED.name,
+        ];
+        assert!(names[0] != names[1] && names[1] != names[2] && names[0] != names[2]);
     }
 }

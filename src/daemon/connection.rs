@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use ssh_agent_lib::proto::extension::QueryResponse;
 use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, Response};
 use ssh_encoding::Encode;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -41,6 +40,21 @@ pub static MINT_FAILED: Kind = Kind {
     name: "certificates not minted",
     burst: 3,
     level: tracing::Level::WARN,
+};
+
+/// Backend failures (unreachable, timed out, broken): the first of a burst,
+/// then a count per window.
+pub static UPSTREAM_FAILED: Kind = Kind {
+    name: "backend errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
+
+/// User database errors: the first of a burst, then a count per window.
+pub static LOOKUP_FAILED: Kind = Kind {
+    name: "user database errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
 };
 
 /// The idle timeout passed while a connection waited for its next request.
@@ -147,11 +161,10 @@ pub async fn serve(
             // Who the caller is is unknown: refuse what depends on it
             // rather than guess; the next request asks again.
             Ok(Who::Failed(caller, e)) => {
-                if let Some(n) = shared.lookup_errors.hit() {
+                if shared.log.allow(&LOOKUP_FAILED, ratelog::Who::Unattributed) {
                     tracing::error!(
                         "cannot look up uid={uid} in the user database: {e}; refusing its \
-                         requests that need its groups (user-lookup-error) ({n} similar errors \
-                         not logged)"
+                         requests that need its groups (user-lookup-error)"
                     );
                 }
                 (caller, Some(Reason::LookupError))
@@ -185,35 +198,44 @@ async fn handle(
     request: Request,
 ) -> Vec<u8> {
     let backend = &shared.backend;
+    // The grants in force: a snapshot, no lock held and no file read.
+    let grants = shared.grants.current();
+    let now = unix_now();
     let ctx = Context {
         bindings,
-        now: unix_now(),
+        now,
         minted: &shared.authority,
+        grants: &grants,
     };
-    let decision = match unresolved {
+    let decision = match &unresolved {
         None => policy::decide(&rt.policy, caller, ctx, &request),
-        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why),
+        Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why.clone()),
     };
     shared.metrics.decided(&decision, &request);
     let metrics_wanted = status::wants_metrics(&request);
-    let problems_wanted = status::wants_problems(&request);
+    let notes_wanted = status::wants_notes(&request);
     // What the connection is bound to, for the audit line.
     let binding = audit::Binding::of(bindings);
     // A refusal's outcome is known now; a sign's only once the backend
     // answered (logged below). Refusals are rate-limited per uid; granted
     // and failed signs never are.
+    // Each kind (admin, sign, malformed) has its own allowance per uid; a
+    // summary counts what it suppressed per reason and key.
+    let detail = || audit::refusal_detail(&decision);
     if let Some(line) = audit::refusal(caller, &decision, &binding) {
+        let kind = audit::refusal_kind(&decision);
         if shared
             .log
-            .allow(&audit::REFUSED, log_bucket(shared, caller.uid))
+            .allow_with(kind, log_bucket(shared, caller.uid), detail)
         {
             tracing::info!(target: audit::TARGET, "{line}");
         }
     } else if let Decision::Refuse { reason, .. } = &decision {
-        if shared
-            .log
-            .allow(&audit::REFUSED_UNAUDITED, log_bucket(shared, caller.uid))
-        {
+        if shared.log.allow_with(
+            &audit::REFUSED_UNAUDITED,
+            log_bucket(shared, caller.uid),
+            detail,
+        ) {
             tracing::debug!("refused uid={}: {reason}", caller.uid);
         }
     }
@@ -221,7 +243,7 @@ async fn handle(
         (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
         (Decision::List, _) => match backend.identities().await {
             Ok(ids) => Ok(Response::IdentitiesAnswer(
-                list(rt, shared, caller, bindings, ids).await,
+                list(rt, shared, caller, (bindings, &grants, now), ids).await,
             )),
             Err(e) => Err(e),
         },
@@ -275,33 +297,59 @@ async fn handle(
                 }
                 Err(why) => {
                     bad_bind(caller, bindings, why, Some(forwarding));
-                    Ok(Response::Failure)
+                    Ok(Response::ExtensionFailure)
                 }
             }
         }
+        // A supported extension that failed: EXTENSION_FAILURE, as OpenSSH's
+        // agent answers (FAILURE would read "not supported").
         (Decision::RefuseBind { reason, forwarding }, _) => {
             bad_bind(caller, bindings, reason, *forwarding);
-            Ok(Response::Failure)
+            Ok(Response::ExtensionFailure)
         }
         (Decision::Query, _) => Ok(query_response()),
+        (Decision::Grant, Request::Extension(ext)) => {
+            let answer = match protocol::grants::parse(&ext.name, ext.details.as_ref()) {
+                Ok(op) => {
+                    shared
+                        .grants
+                        .handle(&rt.policy, caller, unresolved.as_ref(), op)
+                        .await
+                }
+                Err(why) => protocol::grants::Answer {
+                    ok: false,
+                    text: format!("malformed {}: {why}", ext.name),
+                },
+            };
+            Ok(extension_response(&ext.name, &answer))
+        }
+        (
+            Decision::Refuse {
+                reason: Reason::NoGrant,
+                ..
+            },
+            _,
+        ) if unresolved.is_none() => {
+            // A grantee who left its key's groups (or whose key is gone):
+            // the grant ends.
+            shared.grants.end_orphans(&rt.policy, caller).await;
+            Ok(Response::Failure)
+        }
         (Decision::Status, _) => {
             let status = backend.status().await;
             if let Err(e) = &status {
                 note_upstream_error(shared, e);
             }
-            let problems = match &status {
-                Ok(s) => s.problems.clone(),
-                Err(e) => vec![e.to_string()],
-            };
             let ids = status.ok().map(|s| s.identities);
             let report = policy::status_report(&rt.policy, ids.as_deref());
             let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
+            let notes = notes_wanted.then(|| backend.notes());
             Ok(extension_response(
                 status::NAME,
                 &status::Answer {
                     report,
                     metrics,
-                    problems: problems_wanted.then_some(problems),
+                    notes,
                 },
             ))
         }
@@ -325,10 +373,16 @@ async fn list(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,
-    bindings: &Bindings,
+    (bindings, grants, now): (&Bindings, &policy::grants::Grants, u64),
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
-    let plan = policy::plan_identities(&rt.policy, caller, bindings, identities);
+    let ctx = Context {
+        bindings,
+        now,
+        minted: &shared.authority,
+        grants,
+    };
+    let plan = policy::plan_identities(&rt.policy, caller, ctx, identities);
     let ca_armed = plan.ca_armed;
     if let Some(ca) = &rt.policy.ca {
         if rt
@@ -354,6 +408,7 @@ async fn list(
         identity,
         key,
         listing,
+        grant_until,
     } in plan.items
     {
         let fallback_plain = match listing {
@@ -374,6 +429,7 @@ async fn list(
                         &key.name,
                         caller.uid,
                         caller.user.as_deref(),
+                        grant_until,
                     )
                     .await
             }
@@ -467,19 +523,37 @@ fn note_upstream_error(shared: &Shared, e: &BackendError) {
     if matches!(e, BackendError::Refused) {
         return;
     }
-    if let Some(suppressed) = shared.upstream_errors.hit() {
-        tracing::error!("{e} (answering FAILURE; {suppressed} similar errors not logged)");
+    if shared
+        .log
+        .allow(&UPSTREAM_FAILED, ratelog::Who::Unattributed)
+    {
+        tracing::error!("{e} (answering FAILURE)");
     }
 }
 
 fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
     let keys = rt.policy.keys.iter().map(|k| k.name.as_str());
-    shared.metrics.report(keys, shared.lookups.stats())
+    shared.metrics.report(
+        keys,
+        shared.lookups.stats(),
+        &shared.grants.report(&rt.policy),
+    )
 }
 
+/// The answer to `query`: `string "query"`, then each supported name as a
+/// plain `string`, back to back to the end of the message (RFC 9987; what
+/// OpenSSH's `ssh_agent_query_extensions` reads). No count, no outer length.
 fn query_response() -> Response {
-    let names = SUPPORTED_EXTENSIONS.iter().map(|s| s.to_string()).collect();
-    extension_response(policy::QUERY, &QueryResponse { extensions: names })
+    let mut details = Vec::new();
+    for name in SUPPORTED_EXTENSIONS {
+        if name.encode(&mut details).is_err() {
+            return Response::Failure;
+        }
+    }
+    Response::ExtensionResponse(Extension {
+        name: policy::QUERY.to_owned(),
+        details: details.into(),
+    })
 }
 
 fn extension_response(name: &str, body: &impl Encode) -> Response {

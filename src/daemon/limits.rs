@@ -3,11 +3,14 @@
 //!
 //! `max_connections_per_user` is a bucket per uid known to have a passwd
 //! entry, and one bucket shared by all the other uids (subordinate uids of a
-//! user namespace, say): extra uids do not multiply anyone's share.
+//! user namespace, say): extra uids do not multiply anyone's share. When
+//! that shared bucket is full, a connection waits (outside the accept loop,
+//! holding one of [`MAX_PENDING_LOOKUPS`] places) for a lookup of its uid: a
+//! uid the user database knows beyond `/etc/passwd` (LDAP, sssd, userdb)
+//! then gets a bucket of its own instead of being refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -47,10 +50,17 @@ pub enum LimitHit {
     Unlisted,
 }
 
+/// Connections at once held (not yet admitted) while their uid is looked
+/// up because the shared bucket was full; beyond, such a connection is
+/// refused at once (and its uid looked up in the background).
+pub const MAX_PENDING_LOOKUPS: usize = 32;
+
 /// Admits connections within the limits.
 #[derive(Debug)]
 pub struct Limiter {
     total: Arc<Semaphore>,
+    /// Places of connections waiting for their uid's lookup.
+    pending: Arc<Semaphore>,
     /// Open connections per bucket: `Some(uid)`, or `None` for the bucket
     /// shared by uids without a known passwd entry.
     per_user: Mutex<HashMap<Option<u32>, u32>>,
@@ -70,6 +80,7 @@ impl Limiter {
     pub fn new(max_total: u32, max_per_user: u32) -> Arc<Self> {
         Arc::new(Self {
             total: Arc::new(Semaphore::new(max_total as usize)),
+            pending: Arc::new(Semaphore::new(MAX_PENDING_LOOKUPS)),
             per_user: Mutex::new(HashMap::new()),
             max_per_user: max_per_user.into(),
         })
@@ -105,6 +116,12 @@ impl Limiter {
             bucket,
             _total: total,
         })
+    }
+
+    /// A place for a connection refused by the shared bucket to wait for
+    /// its uid's lookup, while fewer than [`MAX_PENDING_LOOKUPS`] do.
+    pub fn pending_lookup(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.pending).try_acquire_owned().ok()
     }
 
     /// Connections open now in `uid`'s own bucket.
@@ -171,9 +188,10 @@ impl Drop for Admission {
 
 /// Descriptors kept free beyond the two per connection (client and
 /// upstream): the listener, the log, the runtime's own, a spawned agent's
-/// pipes, and user-database lookups running at once (at most
+/// pipes, user-database lookups running at once (at most
 /// `lookups::LISTED_LOOKUPS + lookups::UNLISTED_LOOKUPS`, each may open
-/// files or sockets). Those lookups must not run out: glibc reports a
+/// files or sockets), and connections waiting for their uid's lookup (at
+/// most [`MAX_PENDING_LOOKUPS`]). Those lookups must not run out: glibc reports a
 /// database it could not open as "no such user" (see `caller::lookup`).
 pub const SPARE_DESCRIPTORS: u64 = 256;
 
@@ -208,61 +226,6 @@ pub fn fit_descriptors(max_connections: u32) -> u32 {
     fit
 }
 
-/// Says when an event of a recurring kind should be logged: the first of a
-/// burst at once, then at most once per `window`, with how many were not
-/// logged in between.
-#[derive(Debug)]
-pub struct BurstLog {
-    window: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl BurstLog {
-    /// A burst log with the given quiet window.
-    pub const fn new(window: Duration) -> Self {
-        Self {
-            window,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Records an event at `now`. `Some(n)`: log it, mentioning `n` earlier
-    /// events that were not logged; `None`: stay quiet.
-    pub fn hit(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.window => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
-/// A [`BurstLog`] shared between tasks.
-#[derive(Debug)]
-pub struct SharedBurstLog(Mutex<BurstLog>);
-
-impl SharedBurstLog {
-    /// A shared burst log with the given window.
-    pub const fn new(window: Duration) -> Self {
-        Self(Mutex::new(BurstLog::new(window)))
-    }
-
-    /// See [`BurstLog::hit`].
-    pub fn hit(&self) -> Option<u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .hit(Instant::now())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +255,17 @@ mod tests {
         drop(a);
         assert_eq!(l.open_by(5), 0);
         assert!(l.per_user.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pending_lookups_are_bounded() {
+        let l = Limiter::new(10, 1);
+        let held: Vec<_> = (0..MAX_PENDING_LOOKUPS)
+            .map(|_| l.pending_lookup().unwrap())
+            .collect();
+        assert!(l.pending_lookup().is_none());
+        drop(held);
+        assert!(l.pending_lookup().is_some());
     }
 
     #[test]
@@ -336,17 +310,5 @@ mod tests {
         assert_eq!(connections_that_fit(4096, 1024), 384);
         assert_eq!(connections_that_fit(4096, 100), 1);
         assert_eq!(connections_that_fit(10, u64::MAX), 10);
-    }
-
-    #[test]
-    fn burst_is_logged_once_per_window() {
-        let mut b = BurstLog::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(b.hit(t0), Some(0));
-        for i in 1..=99 {
-            assert_eq!(b.hit(t0 + Duration::from_millis(i)), None);
-        }
-        assert_eq!(b.hit(t0 + Duration::from_secs(11)), Some(99));
-        assert_eq!(b.hit(t0 + Duration::from_secs(12)), None);
     }
 }

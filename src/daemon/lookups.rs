@@ -35,9 +35,9 @@ use nix::errno::Errno;
 use tokio::sync::{watch, Semaphore};
 
 use super::caller::{self, Entry};
-use super::limits::SharedBurstLog;
 use super::userdb_watch::{Seen, UserDbWatch};
 use crate::policy::Caller;
+use crate::ratelog::{Kind, RateLog, Who as LogWho};
 
 /// The local user database read by the accept loop (its changes, and
 /// /etc/group's, drop the cache: see [`super::userdb_watch`]).
@@ -59,8 +59,12 @@ const PRUNE_AT: usize = 1024;
 /// Answers cached at most (beyond, new answers are not kept: a flood of
 /// distinct uids costs lookups, not memory).
 const MAX_CACHED: usize = 8192;
-/// Quiet window of the lookup-timeout warning.
-const WARN_WINDOW: Duration = Duration::from_secs(10);
+/// Lookup timeouts: the first of a burst, then a count per window.
+pub static LOOKUP_TIMED_OUT: Kind = Kind {
+    name: "user lookup timeouts",
+    burst: 1,
+    level: tracing::Level::WARN,
+};
 
 /// The result of resolving a caller for one request.
 #[derive(Debug)]
@@ -213,7 +217,7 @@ pub struct Lookups {
     listed_slots: Arc<Semaphore>,
     unlisted_slots: Arc<Semaphore>,
     prefetching: AtomicUsize,
-    timeout_log: SharedBurstLog,
+    log: Arc<RateLog>,
     run: AtomicU64,
     reused: AtomicU64,
     timed_out: AtomicU64,
@@ -224,13 +228,13 @@ struct Overdue;
 
 impl Lookups {
     /// Lookups with an empty cache.
-    pub fn new() -> Arc<Self> {
+    pub fn new(log: Arc<RateLog>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             listed_slots: Arc::new(Semaphore::new(LISTED_LOOKUPS)),
             unlisted_slots: Arc::new(Semaphore::new(UNLISTED_LOOKUPS)),
             prefetching: AtomicUsize::new(0),
-            timeout_log: SharedBurstLog::new(WARN_WINDOW),
+            log,
             run: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
@@ -352,7 +356,7 @@ impl Lookups {
 
     fn note_timeout(&self, uid: u32, timeout: Duration, overdue: bool) {
         self.timed_out.fetch_add(1, Ordering::Relaxed);
-        if let Some(n) = self.timeout_log.hit() {
+        if self.log.allow(&LOOKUP_TIMED_OUT, LogWho::Unattributed) {
             let why = if overdue {
                 "earlier lookups are still running past"
             } else {
@@ -361,7 +365,7 @@ impl Lookups {
             tracing::warn!(
                 "user lookup of uid={uid} timed out ({why} lookup_timeout_secs={}): \
                  refusing its requests that need its groups (user-lookup-timeout); other \
-                 callers are served ({n} more timeouts since the last report)",
+                 callers are served",
                 timeout.as_secs()
             );
         }
@@ -521,7 +525,8 @@ mod tests {
     #[test]
     fn root_is_listed_and_resolved_then_reused_from_the_cache() {
         rt().block_on(async {
-            let l = Lookups::new();
+            let (_stop, stopped) = tokio::sync::watch::channel(false);
+            let l = Lookups::new(RateLog::start(crate::ratelog::DEFAULT_WINDOW, stopped));
             assert!(l.listed(0));
             assert!(!l.listed(3_999_999_998));
             let groups: Arc<[String]> = vec!["root".to_owned()].into();
@@ -556,7 +561,8 @@ mod tests {
     #[test]
     fn a_uid_without_passwd_entry_is_remembered_as_such() {
         rt().block_on(async {
-            let l = Lookups::new();
+            let (_stop, stopped) = tokio::sync::watch::channel(false);
+            let l = Lookups::new(RateLog::start(crate::ratelog::DEFAULT_WINDOW, stopped));
             let uid = 3_999_999_997;
             let groups: Arc<[String]> = vec!["root".to_owned()].into();
             let five = Duration::from_secs(5);

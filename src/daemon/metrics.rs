@@ -272,6 +272,7 @@ impl Metrics {
         &self,
         configured: impl IntoIterator<Item = &'a str>,
         lookups: LookupStats,
+        grants: &crate::grants::Report,
     ) -> Report {
         let mut b = Builder {
             left: BUDGET,
@@ -422,6 +423,31 @@ impl Metrics {
         b.sample(&[], lookups.timed_out);
 
         b.family(
+            "keyholder_grants_pending",
+            "gauge",
+            "Grant requests waiting for approval, per key.",
+        );
+        for (key, (pending, _)) in &grants.per_key {
+            b.keyed(&[("key", key)], *pending);
+        }
+        b.family(
+            "keyholder_grants_active",
+            "gauge",
+            "Grants in force, per key.",
+        );
+        for (key, (_, active)) in &grants.per_key {
+            b.keyed(&[("key", key)], *active);
+        }
+        b.family(
+            "keyholder_grant_events_total",
+            "counter",
+            "Grant events by kind: requested, approved, denied, active, expired, revoked, lapsed.",
+        );
+        for (event, n) in &grants.events {
+            b.sample(&[("event", event)], *n);
+        }
+
+        b.family(
             "keyholder_config_reloads_total",
             "counter",
             "Configuration reloads (SIGHUP), by result.",
@@ -533,7 +559,7 @@ mod tests {
         }
         m.signed::<()>("deploy", 1002, &Err(BackendError::Timeout));
         m.signed::<()>("deploy", 1002, &Err(BackendError::Refused));
-        let r = m.report(p, LookupStats::default());
+        let r = m.report(p, LookupStats::default(), &Default::default());
         let sig = "keyholder_signatures_total";
         assert_eq!(
             value(&r, sig, &[("key", "deploy"), ("decision", "granted")]),
@@ -616,10 +642,11 @@ mod tests {
                 bindings: &Bindings::default(),
                 now: 0,
                 minted: &NoneMinted,
+                grants: &crate::policy::grants::NO_GRANTS,
             };
             m.decided(&decide(&p, &nobody, ctx, &request), &request);
         }
-        let r = m.report([], LookupStats::default());
+        let r = m.report([], LookupStats::default(), &Default::default());
         assert_eq!(
             value(
                 &r,
@@ -661,7 +688,7 @@ mod tests {
         m.upstream_error(&BackendError::Timeout);
         m.upstream_restarts.add_one();
         m.reloaded(false);
-        let r = m.report([], LookupStats::default());
+        let r = m.report([], LookupStats::default(), &Default::default());
         assert_eq!(
             value(&r, "keyholder_connections_accepted_total", &[]),
             Some(2)
@@ -696,7 +723,7 @@ mod tests {
             Some(0)
         );
         drop(open);
-        let r = m.report([], LookupStats::default());
+        let r = m.report([], LookupStats::default(), &Default::default());
         assert_eq!(value(&r, "keyholder_connections_open", &[]), Some(0));
     }
 
@@ -714,7 +741,7 @@ mod tests {
             }
         }
         assert_eq!(m.keys.lock().unwrap().len(), MAX_KEYS);
-        let r = m.report(["deploy"], LookupStats::default());
+        let r = m.report(["deploy"], LookupStats::default(), &Default::default());
         assert_eq!(
             value(&r, "keyholder_signing_users", &[("key", "deploy")]),
             Some(MAX_USERS_PER_KEY as u64)

@@ -32,14 +32,18 @@ use crate::backend::Backend;
 use crate::config::{Config, Limits, LogTarget};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
-use crate::ratelog::{RateLog, Who};
+use crate::ratelog::{self, RateLog, Who};
 use crate::sockets::{self, Probe};
-use limits::{LimitHit, Limiter, SharedBurstLog};
+use limits::{LimitHit, Limiter};
 
 /// How long open connections get to finish on shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Quiet window of once-per-burst log lines.
-const BURST_WINDOW: Duration = Duration::from_secs(10);
+/// Accept errors (EMFILE…): the first of a burst, then a count per window.
+pub static ACCEPT_FAILED: ratelog::Kind = ratelog::Kind {
+    name: "accept errors",
+    burst: 1,
+    level: tracing::Level::ERROR,
+};
 /// Accept-error backoff bounds.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -80,10 +84,6 @@ pub struct Shared {
     pub runtime: watch::Receiver<Arc<Runtime>>,
     /// Holds or reaches the keys; which one, the daemon never needs to know.
     pub backend: Arc<dyn Backend>,
-    /// Once-per-burst logging of upstream failures.
-    pub upstream_errors: SharedBurstLog,
-    /// Once-per-burst logging of user database errors.
-    pub lookup_errors: SharedBurstLog,
     /// Certificates minted, cached and remembered.
     pub authority: crate::certs::Authority,
     /// Caller lookups and their cache.
@@ -94,6 +94,8 @@ pub struct Shared {
     pub log: Arc<RateLog>,
     /// Counters since start (`keyholder status --prometheus`).
     pub metrics: metrics::Metrics,
+    /// Grants: requests read a snapshot of them; grant extensions change them.
+    pub grants: Arc<crate::grants::Store>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -165,20 +167,33 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
     let backend = Arc::clone(&opened.backend);
     let limiter = Limiter::new(max_connections, config.limits.max_connections_per_user);
     let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::from(&config)));
+    let grants = {
+        let (dir, policy, log) = (
+            config.state_dir.clone(),
+            runtime_rx.borrow().policy.clone(),
+            Arc::clone(&log),
+        );
+        tokio::task::spawn_blocking(move || crate::grants::Store::open(&dir, &policy, log))
+            .await
+            .map_err(|e| Error::msg(format!("cannot open the grant store: {e}")))?
+    };
+    tokio::spawn(Arc::clone(&grants).run(
+        runtime_rx.clone(),
+        |rt: &Runtime| &rt.policy,
+        stop_rx.clone(),
+    ));
     let shared = Arc::new(Shared {
         runtime: runtime_rx,
         backend,
-        upstream_errors: SharedBurstLog::new(BURST_WINDOW),
-        lookup_errors: SharedBurstLog::new(BURST_WINDOW),
         authority: crate::certs::Authority::new(),
-        lookups: lookups::Lookups::new(),
+        lookups: lookups::Lookups::new(Arc::clone(&log)),
         verifier: verifier::Verifier::default(),
         log,
         metrics,
+        grants,
     });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::spawn(timer_floor(stop_rx.clone()));
-    let accept_error_log = SharedBurstLog::new(BURST_WINDOW);
 
     crate::notify::notify("READY=1");
     tracing::info!(
@@ -271,8 +286,8 @@ async fn serve(mut config: Config, memory_locked: bool) -> Result<()> {
                     admit(stream, &limiter, &shared, &stop_rx, &done_tx);
                 }
                 Err(e) => {
-                    if let Some(n) = accept_error_log.hit() {
-                        tracing::error!("accept failed: {e}; retrying ({n} similar errors not logged)");
+                    if shared.log.allow(&ACCEPT_FAILED, Who::Unattributed) {
+                        tracing::error!("accept failed: {e}; retrying");
                     }
                     paused_until = Some(tokio::time::Instant::now() + backoff);
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
@@ -319,7 +334,10 @@ async fn timer_floor(mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Admits (or refuses) one accepted connection and spawns its task.
+/// Admits (or refuses) one accepted connection and spawns its task. Never
+/// waits for the user database: a connection the shared bucket of unlisted
+/// uids refuses waits for its uid's lookup in a task of its own
+/// ([`admit_after_lookup`]).
 fn admit(
     stream: UnixStream,
     limiter: &Arc<Limiter>,
@@ -338,36 +356,32 @@ fn admit(
     let listed = shared.lookups.listed(uid);
     let admission = match limiter.admit(uid, listed) {
         Ok(a) => a,
-        Err(hit) => {
-            shared.metrics.closed(hit);
-            // Once per burst per uid (uids without a passwd entry share one
-            // bucket, as they share one connection limit); the count follows
-            // when the window ends.
-            let kind = match hit {
-                LimitHit::Total => &limits::TOTAL_REACHED,
-                LimitHit::PerUser => &limits::PER_USER_REACHED,
-                LimitHit::Unlisted => &limits::UNLISTED_REACHED,
+        Err(LimitHit::Unlisted) => {
+            // Maybe a directory user not seen yet (LDAP, sssd, userdb):
+            // looked up before the shared bucket refuses it.
+            if let Some(place) = limiter.pending_lookup() {
+                let (limiter, shared) = (Arc::clone(limiter), Arc::clone(shared));
+                let (stop, done) = (stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    admit_after_lookup(stream, uid, pid, &limiter, shared, stop).await;
+                    drop((place, done));
+                });
+                return;
+            }
+            refuse_connection(shared, uid, pid, LimitHit::Unlisted, false);
+            // Looked up in the background, so that its next connection
+            // gets its own bucket if it has a passwd entry.
+            let (groups, limits) = {
+                let rt = shared.runtime.borrow();
+                (Arc::clone(&rt.groups), rt.limits)
             };
-            let who = if listed { Who::Uid(uid) } else { Who::Unlisted };
-            if shared.log.allow(kind, who) {
-                tracing::warn!(
-                    "{}: closing new connection of uid={uid} pid={}",
-                    kind.name,
-                    pid.unwrap_or(0)
-                );
-            }
-            if hit == LimitHit::Unlisted {
-                // A directory user not seen yet lands here too: look it up
-                // in the background, so its next connection gets its own
-                // bucket if it has a passwd entry.
-                let (groups, limits) = {
-                    let rt = shared.runtime.borrow();
-                    (Arc::clone(&rt.groups), rt.limits)
-                };
-                shared
-                    .lookups
-                    .prefetch(uid, &groups, limits.lookup_cache, limits.lookup_timeout);
-            }
+            shared
+                .lookups
+                .prefetch(uid, &groups, limits.lookup_cache, limits.lookup_timeout);
+            return;
+        }
+        Err(hit) => {
+            refuse_connection(shared, uid, pid, hit, listed);
             return;
         }
     };
@@ -379,6 +393,70 @@ fn admit(
         connection::serve(stream, uid, pid, admission, Arc::clone(&shared), stop).await;
         drop(done);
     });
+}
+
+/// A connection of `uid` the shared bucket of unlisted uids refused: looks
+/// the uid up (within `lookup_timeout_secs`; the answer is cached for the
+/// connection's first request) and, when the user database knows it,
+/// admits it in a bucket of its own and serves it; else refuses it as
+/// before.
+async fn admit_after_lookup(
+    stream: UnixStream,
+    uid: u32,
+    pid: Option<i32>,
+    limiter: &Arc<Limiter>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (groups, limits) = {
+        let rt = shared.runtime.borrow();
+        (Arc::clone(&rt.groups), rt.limits)
+    };
+    let lookup = shared.lookups.caller(
+        uid,
+        pid,
+        &groups,
+        limits.lookup_cache,
+        limits.lookup_timeout,
+    );
+    let who = tokio::select! {
+        w = lookup => w,
+        () = stopped(&mut stop) => return,
+    };
+    let known = matches!(&who, lookups::Who::Known(c) if c.user.is_some());
+    let admitted = if known {
+        limiter.admit(uid, true)
+    } else {
+        Err(LimitHit::Unlisted)
+    };
+    match admitted {
+        Ok(admission) => {
+            let _open = shared.metrics.open();
+            connection::serve(stream, uid, pid, admission, Arc::clone(&shared), stop).await;
+        }
+        Err(hit) => refuse_connection(&shared, uid, pid, hit, known),
+    }
+}
+
+/// Counts and logs a connection a limit refused (once per burst per uid:
+/// uids without a passwd entry share one bucket, as they share one
+/// connection limit; the count follows when the window ends); dropping the
+/// stream closes it.
+fn refuse_connection(shared: &Shared, uid: u32, pid: Option<i32>, hit: LimitHit, listed: bool) {
+    shared.metrics.closed(hit);
+    let kind = match hit {
+        LimitHit::Total => &limits::TOTAL_REACHED,
+        LimitHit::PerUser => &limits::PER_USER_REACHED,
+        LimitHit::Unlisted => &limits::UNLISTED_REACHED,
+    };
+    let who = if listed { Who::Uid(uid) } else { Who::Unlisted };
+    if shared.log.allow(kind, who) {
+        tracing::warn!(
+            "{}: closing new connection of uid={uid} pid={}",
+            kind.name,
+            pid.unwrap_or(0)
+        );
+    }
 }
 
 /// Loads the configuration at `path` again, on a blocking thread.
@@ -403,6 +481,7 @@ fn apply_reload(
             "limits.max_connections",
             current.limits.max_connections != new.limits.max_connections,
         ),
+        ("state_dir", current.state_dir != new.state_dir),
     ];
     for (field, changed) in restart_only {
         if changed {
@@ -422,6 +501,7 @@ fn apply_reload(
     kept.agent = current.agent.clone();
     kept.log = current.log;
     kept.limits.max_connections = current.limits.max_connections;
+    kept.state_dir = current.state_dir.clone();
     kept
 }
 

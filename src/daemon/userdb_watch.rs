@@ -9,7 +9,7 @@
 //!   inotify descriptor, where comparing the files costs two `stat`s.
 //! - Where that is not possible (no inotify, a file that is a symlink, a
 //!   watch lost, an error), every look compares the device, inode, size,
-//!   mtime and ctime of both files instead, as keyholder did before.
+//!   mtime and ctime of both files instead.
 //!
 //! Never: reads the files' contents, blocks, or decides what a change means
 //! (that is [`super::lookups`]).

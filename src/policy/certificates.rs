@@ -6,7 +6,7 @@
 //! and answers with a decision and its reason. It never mints, never looks
 //! anything up itself and never reads a clock.
 //!
-//! The rules (contract, "Certificates"):
+//! The rules (`docs/reference.md`, "Certificates"):
 //! - what counts is the key blob inside the user-auth data, because that is
 //!   what the target sees;
 //! - a certificate there must be one keyholder minted for this caller's uid
@@ -14,22 +14,60 @@
 //!   user's name. That holds in every mode for anything signed by
 //!   keyholder's CA; a certificate of some other CA (one the admin armed in
 //!   the upstream agent with the key) counts as its key in mode `off`, as
-//!   it always did, and is refused in modes `also` and `only`;
+//!   for a key without certificates, and is refused in modes `also` and
+//!   `only`;
 //! - mode `only`: user-auth data carrying the plain key is refused
-//!   (`certificate-required`), so the key cannot be used anonymously.
+//!   (`certificate-required`), so the key cannot be used anonymously;
+//! - a certificate minted under terms a reload changed (CA, principals,
+//!   extensions, `force_command`, `source_address`, validity, key ID
+//!   template: [`terms`]) is refused (`certificate-stale`); the next listing
+//!   mints one under the terms in force.
+
+use std::hash::{Hash, Hasher};
 
 use ssh_key::Certificate;
 
 use super::Reason;
-use crate::config::CertMode;
+use crate::config::{CertMode, CertificatesConfig, KeyCertConfig};
 
-/// A certificate keyholder minted: for whom, and its serial.
+/// A certificate keyholder minted: for whom, its serial, and the terms it
+/// was minted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Issued {
     /// The caller it was minted for.
     pub uid: u32,
     /// Its serial.
     pub serial: u64,
+    /// [`terms`] of the configuration it was minted under.
+    pub terms: u64,
+}
+
+/// A digest of everything a configuration makes a key's certificates say:
+/// the CA (by fingerprint), validity and backdating, the key ID template,
+/// principals, extensions, `force_command` and `source_address`. The mode
+/// (`also`/`only`) is not part of it: it changes which identities are
+/// listed, not what a certificate says. Compared only within one run of the
+/// daemon (certificates are not remembered across restarts).
+pub fn terms(certificates: Option<&CertificatesConfig>, key: &KeyCertConfig) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    certificates
+        .map(|c| {
+            (
+                &c.ca.fingerprint,
+                c.validity_secs,
+                c.backdate_secs,
+                &c.key_id,
+            )
+        })
+        .hash(&mut h);
+    (
+        &key.principals,
+        &key.extensions,
+        &key.force_command,
+        &key.source_address,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 /// What keyholder remembers of the certificates it minted (the daemon's
@@ -68,14 +106,24 @@ pub enum DataKey {
 }
 
 /// Whether a sign request whose user-auth data carries `data_key` may go
-/// ahead for caller `uid` with a key in `mode`; the certificate's serial
-/// when one was used. `data_key` is `None` when the data is not user-auth
-/// data (a key with `allow_any_data`): no certificate rule applies.
-pub fn check(mode: CertMode, data_key: Option<DataKey>, uid: u32) -> Result<Option<u64>, Reason> {
+/// ahead for caller `uid` with a key in `mode` whose certificates' terms
+/// are now `terms_now`; the certificate's serial when one was used.
+/// `data_key` is `None` when the data is not user-auth data (a key with
+/// `allow_any_data`): no certificate rule applies.
+pub fn check(
+    mode: CertMode,
+    data_key: Option<DataKey>,
+    uid: u32,
+    terms_now: u64,
+) -> Result<Option<u64>, Reason> {
     match data_key {
         None => Ok(None),
         Some(DataKey::Plain) if mode == CertMode::Only => Err(Reason::CertificateRequired),
         Some(DataKey::Plain) => Ok(None),
+        Some(DataKey::Certificate {
+            issued: Some(issued),
+            ..
+        }) if issued.uid == uid && issued.terms != terms_now => Err(Reason::CertificateStale),
         Some(DataKey::Certificate {
             issued: Some(issued),
             ..
@@ -126,13 +174,17 @@ pub fn listing(mode: CertMode, ca_armed: bool) -> Listing {
 mod tests {
     use super::*;
 
+    /// The terms in force.
+    const NOW: u64 = 0x5eed;
     const MINE: Issued = Issued {
         uid: 1000,
         serial: 7,
+        terms: NOW,
     };
     const THEIRS: Issued = Issued {
         uid: 1001,
         serial: 8,
+        terms: NOW,
     };
 
     #[test]
@@ -148,41 +200,111 @@ mod tests {
             keyholder_ca: false,
         });
         // Another CA's certificate: its key in mode off, refused otherwise.
-        assert_eq!(check(CertMode::Off, foreign, 1000), Ok(None));
-        assert_eq!(check(CertMode::Off, foreign, 0), Ok(None));
+        assert_eq!(check(CertMode::Off, foreign, 1000, NOW), Ok(None));
+        assert_eq!(check(CertMode::Off, foreign, 0, NOW), Ok(None));
         for mode in [CertMode::Also, CertMode::Only] {
-            assert_eq!(check(mode, foreign, 1000), Err(Reason::CertificateNotYours));
+            assert_eq!(
+                check(mode, foreign, 1000, NOW),
+                Err(Reason::CertificateNotYours)
+            );
         }
         for mode in [CertMode::Off, CertMode::Also, CertMode::Only] {
             // Not user-auth data (allow_any_data): no certificate rule.
-            assert_eq!(check(mode, None, 1000), Ok(None));
+            assert_eq!(check(mode, None, 1000, NOW), Ok(None));
             // Our certificate for this caller: granted with its serial.
-            assert_eq!(check(mode, cert(Some(MINE)), 1000), Ok(Some(7)));
+            assert_eq!(check(mode, cert(Some(MINE)), 1000, NOW), Ok(Some(7)));
             // Another caller's, or one keyholder did not mint: refused.
             assert_eq!(
-                check(mode, cert(Some(THEIRS)), 1000),
+                check(mode, cert(Some(THEIRS)), 1000, NOW),
                 Err(Reason::CertificateNotYours)
             );
             assert_eq!(
-                check(mode, cert(None), 1000),
+                check(mode, cert(None), 1000, NOW),
                 Err(Reason::CertificateNotYours)
             );
             // root is no exception: the target would log someone else.
             assert_eq!(
-                check(mode, cert(Some(MINE)), 0),
+                check(mode, cert(Some(MINE)), 0, NOW),
                 Err(Reason::CertificateNotYours)
             );
         }
-        assert_eq!(check(CertMode::Off, Some(DataKey::Plain), 1000), Ok(None));
-        assert_eq!(check(CertMode::Also, Some(DataKey::Plain), 1000), Ok(None));
         assert_eq!(
-            check(CertMode::Only, Some(DataKey::Plain), 1000),
+            check(CertMode::Off, Some(DataKey::Plain), 1000, NOW),
+            Ok(None)
+        );
+        assert_eq!(
+            check(CertMode::Also, Some(DataKey::Plain), 1000, NOW),
+            Ok(None)
+        );
+        assert_eq!(
+            check(CertMode::Only, Some(DataKey::Plain), 1000, NOW),
             Err(Reason::CertificateRequired)
         );
         assert_eq!(
-            check(CertMode::Only, Some(DataKey::Plain), 0),
+            check(CertMode::Only, Some(DataKey::Plain), 0, NOW),
             Err(Reason::CertificateRequired)
         );
+    }
+
+    #[test]
+    fn a_certificate_minted_under_other_terms_is_stale() {
+        let old = Issued { terms: 1, ..MINE };
+        let cert = |i| {
+            Some(DataKey::Certificate {
+                issued: Some(i),
+                keyholder_ca: true,
+            })
+        };
+        for mode in [CertMode::Off, CertMode::Also, CertMode::Only] {
+            assert_eq!(
+                check(mode, cert(old), 1000, NOW),
+                Err(Reason::CertificateStale)
+            );
+            // Someone else's stale certificate: not theirs comes first.
+            assert_eq!(
+                check(mode, cert(Issued { uid: 1001, ..old }), 1000, NOW),
+                Err(Reason::CertificateNotYours)
+            );
+        }
+    }
+
+    #[test]
+    fn terms_change_with_what_certificates_say_and_not_with_the_mode() {
+        let key = KeyCertConfig {
+            mode: CertMode::Also,
+            principals: vec!["deploy".into()],
+            extensions: vec!["permit-pty".into()],
+            force_command: None,
+            source_address: vec![],
+        };
+        let base = terms(None, &key);
+        assert_eq!(base, terms(None, &key.clone()));
+        let only = KeyCertConfig {
+            mode: CertMode::Only,
+            ..key.clone()
+        };
+        assert_eq!(terms(None, &only), base);
+        let changed = [
+            KeyCertConfig {
+                principals: vec!["deploy".into(), "root".into()],
+                ..key.clone()
+            },
+            KeyCertConfig {
+                extensions: vec![],
+                ..key.clone()
+            },
+            KeyCertConfig {
+                force_command: Some("/bin/true".into()),
+                ..key.clone()
+            },
+            KeyCertConfig {
+                source_address: vec!["192.0.2.0/24".into()],
+                ..key.clone()
+            },
+        ];
+        for c in &changed {
+            assert_ne!(terms(None, c), base, "{c:?}");
+        }
     }
 
     #[test]

@@ -218,6 +218,17 @@ fn bound_destination_ok(
     admits(hosts, last, now)
 }
 
+/// The verified binding a user-auth request belongs to: the one whose
+/// session id is the one in the data and, for a hostbound request, whose
+/// host key is the one in the data. At most one binding per session id is
+/// ever recorded ([`Bindings::check`]).
+pub fn binding_for<'b>(bindings: &'b Bindings, auth: &UserAuth) -> Option<&'b Binding> {
+    bindings.list().iter().find(|b| {
+        b.session_id == auth.session_id
+            && auth.host_key.as_ref().is_none_or(|h| *h == b.host_key_blob)
+    })
+}
+
 /// Whether the destinations file admits the host a binding is to: its
 /// plain key is listed, or its host certificate is valid now and signed by
 /// a listed CA; never when the key or the CA is `@revoked`.

@@ -3,9 +3,9 @@
 //! Pure functions from (policy, caller, request) to a [`Decision`]: no I/O, no
 //! clock, no global state. The daemon carries a decision out; it never decides.
 //!
-//! The rules (from the contract):
+//! The rules (`docs/reference.md`, "What each request gets"):
 //! - REQUEST_IDENTITIES: forwarded; the answer is filtered to the keys the
-//!   caller may use ([`filter_identities`]). A certificate counts as the key it
+//!   caller may use ([`plan_identities`]). A certificate counts as the key it
 //!   certifies. A caller who may use no configured key gets an empty list
 //!   without the backend being asked: such a caller cannot load it.
 //! - SIGN_REQUEST: forwarded unchanged iff the key is configured, the caller may
@@ -33,11 +33,13 @@ use ssh_key::public::KeyData;
 
 pub mod certificates;
 pub mod destinations;
+pub mod grants;
 
 use certificates::{DataKey, Listing, Minted};
 use destinations::{Bindings, Proposed, Rules};
 
 use crate::config::{CertMode, Config};
+use crate::protocol::grants as grant_ext;
 use crate::protocol::request::Request;
 use crate::protocol::session_bind::SessionBind;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
@@ -47,7 +49,16 @@ pub use crate::protocol::request::SESSION_BIND;
 /// The extension that lists supported extensions.
 pub const QUERY: &str = "query";
 /// Extensions the proxy supports, as answered to `query`.
-pub const SUPPORTED_EXTENSIONS: [&str; 3] = [QUERY, SESSION_BIND, status::NAME];
+pub const SUPPORTED_EXTENSIONS: [&str; 8] = [
+    QUERY,
+    SESSION_BIND,
+    status::NAME,
+    grant_ext::REQUEST,
+    grant_ext::APPROVE,
+    grant_ext::DENY,
+    grant_ext::LIST,
+    grant_ext::REVOKE,
+];
 
 /// One key the proxy may let callers use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +77,11 @@ pub struct KeyRule {
     pub rules: Rules,
     /// Certificates for this key (`certificate`).
     pub certificate: CertMode,
+    /// Members need a grant to use it (`[keys.NAME.grants]`).
+    pub grants: Option<grants::GrantRule>,
+    /// What its certificates say now ([`certificates::terms`]): one minted
+    /// under other terms is stale.
+    pub cert_terms: u64,
 }
 
 /// The certificate CA: only its name and public key (status, listing).
@@ -111,6 +127,14 @@ impl From<&Config> for Policy {
                         allow_forwarding: k.allow_forwarding,
                     },
                     certificate: k.cert.mode,
+                    grants: k.grants.as_ref().map(|g| grants::GrantRule {
+                        approvers: g.approvers.clone(),
+                        approvals: g.approvals,
+                        max_secs: g.max_secs,
+                        pending_secs: g.pending_secs,
+                        notify: g.notify.clone(),
+                    }),
+                    cert_terms: certificates::terms(config.certificates.as_deref(), &k.cert),
                 })
                 .collect(),
             ca: config.certificates.as_ref().map(|c| CaRule {
@@ -123,13 +147,19 @@ impl From<&Config> for Policy {
 }
 
 impl Policy {
-    /// Every group named by some key, sorted, without duplicates: the only
-    /// groups a caller's membership is looked up for.
+    /// Every group named by some key (its `groups` and its grant
+    /// `approvers`), sorted, without duplicates: the only groups a caller's
+    /// membership is looked up for.
     pub fn group_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .keys
             .iter()
-            .flat_map(|k| k.groups.iter().cloned())
+            .flat_map(|k| {
+                k.groups
+                    .iter()
+                    .chain(k.grants.iter().flat_map(|g| g.approvers.iter()))
+                    .cloned()
+            })
             .collect();
         names.sort();
         names.dedup();
@@ -141,10 +171,26 @@ impl Policy {
         self.keys.iter().find(|k| &k.key == key)
     }
 
-    /// Whether `caller` may use some configured key.
-    pub fn any_key_for(&self, caller: &Caller) -> bool {
-        self.keys.iter().any(|k| caller.may_use(k))
+    /// Whether `caller` may use some configured key (by its groups; a key
+    /// that needs a grant counts only while the caller holds one at `now`).
+    pub fn any_key_for(&self, caller: &Caller, grants: &grants::Grants, now: u64) -> bool {
+        self.keys.iter().any(|k| usable(k, caller, grants, now))
     }
+
+    /// Whether some key needs a grant.
+    pub fn has_grants(&self) -> bool {
+        self.keys.iter().any(|k| k.grants.is_some())
+    }
+}
+
+/// Whether `caller` may use `key` at `now`: by its groups, and under a
+/// grant in force when the key needs one.
+pub fn usable(key: &KeyRule, caller: &Caller, grants: &grants::Grants, now: u64) -> bool {
+    caller.may_use(key)
+        && !matches!(
+            grants::check_use(key, caller, grants, now),
+            grants::Use::Refused(_)
+        )
 }
 
 /// What a decision needs to know about the connection beyond the caller.
@@ -156,6 +202,8 @@ pub struct Context<'a> {
     pub now: u64,
     /// The certificates keyholder minted, and for whom.
     pub minted: &'a dyn Minted,
+    /// The grants in force (and recently ended).
+    pub grants: &'a grants::Grants,
 }
 
 /// Who is asking, as resolved by the daemon from `SO_PEERCRED` and the user
@@ -221,6 +269,13 @@ pub enum Reason {
     CertificateNotYours,
     /// Mode `only`: the user-auth data carries the plain key.
     CertificateRequired,
+    /// The key needs a grant; the caller holds none.
+    NoGrant,
+    /// The key needs a grant; the caller's ended.
+    GrantExpired,
+    /// The user-auth data carries a certificate keyholder minted for this
+    /// caller under certificate settings a reload has since changed.
+    CertificateStale,
 }
 
 impl std::fmt::Display for Reason {
@@ -242,6 +297,9 @@ impl std::fmt::Display for Reason {
             Self::LookupError => f.write_str("user-lookup-error"),
             Self::CertificateNotYours => f.write_str("certificate-not-yours"),
             Self::CertificateRequired => f.write_str("certificate-required"),
+            Self::NoGrant => f.write_str("no-grant"),
+            Self::GrantExpired => f.write_str("grant-expired"),
+            Self::CertificateStale => f.write_str("certificate-stale"),
         }
     }
 }
@@ -249,7 +307,8 @@ impl std::fmt::Display for Reason {
 /// What the daemon must do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'p> {
-    /// Forward REQUEST_IDENTITIES; answer with [`filter_identities`] of the reply.
+    /// Forward REQUEST_IDENTITIES; answer with what [`plan_identities`] makes
+    /// of the reply.
     List,
     /// Answer an empty identity list without asking the backend: the caller
     /// may use no configured key.
@@ -263,11 +322,17 @@ pub enum Decision<'p> {
         remote_user: Option<String>,
         /// The serial of the certificate in the user-auth data, if any.
         serial: Option<u64>,
+        /// The id of the grant it is used under, when the key needs one.
+        grant: Option<String>,
+        /// The fingerprint of the host key of the verified binding the
+        /// user-auth data belongs to ([`destinations::binding_for`]), if any.
+        dest: Option<String>,
     },
     /// Verify the session binding (off the async threads) and, if it
-    /// verifies, record it with [`Bindings::record`]; SUCCESS or FAILURE.
+    /// verifies, record it with [`Bindings::record`]; SUCCESS or
+    /// EXTENSION_FAILURE.
     VerifyBind,
-    /// Answer FAILURE to a session binding and remember it failed
+    /// Answer EXTENSION_FAILURE to a session binding and remember it failed
     /// ([`Bindings::fail`] with `forwarding`).
     RefuseBind {
         /// Why.
@@ -279,6 +344,9 @@ pub enum Decision<'p> {
     Query,
     /// Answer `status@keyholder` with [`status_report`].
     Status,
+    /// A `grant-…@keyholder` extension: the grant store checks it (with
+    /// [`grants`]) and answers.
+    Grant,
     /// Answer FAILURE.
     Refuse {
         /// Why.
@@ -292,6 +360,8 @@ pub enum Decision<'p> {
         /// For sign requests: the serial of a keyholder certificate in the
         /// user-auth data, whoever it was minted for.
         serial: Option<u64>,
+        /// For sign requests: as for [`Decision::Sign`].
+        dest: Option<String>,
     },
 }
 
@@ -316,7 +386,10 @@ impl Decision<'_> {
                 | Reason::RemoteUserNotAllowed
                 | Reason::BadSessionBind
                 | Reason::CertificateNotYours
-                | Reason::CertificateRequired => true,
+                | Reason::CertificateRequired
+                | Reason::NoGrant
+                | Reason::GrantExpired
+                | Reason::CertificateStale => true,
                 // A sign request (which names a key); a refused listing is not.
                 Reason::LookupTimeout | Reason::LookupError => fingerprint.is_some(),
                 _ => false,
@@ -333,6 +406,7 @@ fn refuse<'p>(reason: Reason) -> Decision<'p> {
         fingerprint: None,
         remote_user: None,
         serial: None,
+        dest: None,
     }
 }
 
@@ -345,10 +419,12 @@ pub fn decide<'p>(
     request: &Request,
 ) -> Decision<'p> {
     match request {
-        Request::RequestIdentities if policy.any_key_for(caller) => Decision::List,
+        Request::RequestIdentities if policy.any_key_for(caller, ctx.grants, ctx.now) => {
+            Decision::List
+        }
         Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, ctx, sign),
-        Request::SessionBind(bind) => decide_bind(policy, caller, ctx.bindings, bind),
+        Request::SessionBind(bind) => decide_bind(policy, caller, ctx, bind),
         Request::BadSessionBind(m) => Decision::RefuseBind {
             reason: m.reason,
             forwarding: m.forwarding,
@@ -387,11 +463,12 @@ pub fn decide_unresolved<'p>(
         (Decision::List | Decision::EmptyList, _) => refuse(why),
         (
             Decision::Refuse {
-                reason: Reason::NotInGroup,
+                reason: Reason::NotInGroup | Reason::NoGrant,
                 key,
                 fingerprint,
                 remote_user,
                 serial,
+                dest,
             },
             _,
         ) => Decision::Refuse {
@@ -400,6 +477,7 @@ pub fn decide_unresolved<'p>(
             fingerprint,
             serial,
             remote_user,
+            dest,
         },
         (other, _) => other,
     }
@@ -431,31 +509,52 @@ fn decide_sign<'p>(
         }) => Some(i.serial),
         _ => None,
     };
+    // The host this signature is for, for the audit line: only a verified
+    // binding of the session named in the data, never merely the last one.
+    let dest = auth
+        .as_ref()
+        .ok()
+        .and_then(|a| destinations::binding_for(ctx.bindings, a))
+        .map(|b| b.fingerprint.clone());
     let refusal = |reason, key| Decision::Refuse {
         reason,
         key,
         fingerprint: Some(wanted.fingerprint(ssh_key::HashAlg::Sha256).to_string()),
         remote_user: remote_user.clone(),
         serial: seen_serial,
+        dest: dest.clone(),
     };
     let Some(key) = policy.key(wanted) else {
         return refusal(Reason::UnknownKey, None);
     };
     if !caller.may_use(key) {
+        // A grantee who left the key's groups: its grant is of no use
+        // (and the daemon ends it, see `grants::orphaned`).
+        if grants::holds_unusable(key, caller, ctx.grants, ctx.now) {
+            return refusal(Reason::NoGrant, Some(key));
+        }
         return refusal(Reason::NotInGroup, Some(key));
     }
+    let grant = match grants::check_use(key, caller, ctx.grants, ctx.now) {
+        grants::Use::Free => None,
+        grants::Use::Granted(g) => Some(g.id.clone()),
+        grants::Use::Refused(reason) => return refusal(reason, Some(key)),
+    };
     match &auth {
         Err(why) if !key.allow_any_data => refusal(Reason::NotUserAuth(why), Some(key)),
         _ => {
-            let serial = match certificates::check(key.certificate, data_key, caller.uid) {
-                Ok(serial) => serial,
-                Err(reason) => return refusal(reason, Some(key)),
-            };
+            let serial =
+                match certificates::check(key.certificate, data_key, caller.uid, key.cert_terms) {
+                    Ok(serial) => serial,
+                    Err(reason) => return refusal(reason, Some(key)),
+                };
             match destinations::check_sign(&key.rules, ctx.bindings, auth.as_ref().ok(), ctx.now) {
                 Ok(()) => Decision::Sign {
                     key,
                     remote_user: remote_user.clone(),
                     serial,
+                    grant,
+                    dest,
                 },
                 Err(reason) => refusal(reason, Some(key)),
             }
@@ -469,10 +568,11 @@ fn decide_sign<'p>(
 fn decide_bind<'p>(
     policy: &Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     bind: &SessionBind,
 ) -> Decision<'p> {
-    if !policy.any_key_for(caller) {
+    let bindings = ctx.bindings;
+    if !policy.any_key_for(caller, ctx.grants, ctx.now) {
         return Decision::RefuseBind {
             reason: "the caller may use no key",
             forwarding: Some(bind.forwarding),
@@ -504,6 +604,7 @@ fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
         },
         QUERY => Decision::Query,
         status::NAME => Decision::Status,
+        name if grant_ext::is_grant(name) => Decision::Grant,
         _ => refuse(Reason::UnknownExtension),
     }
 }
@@ -517,6 +618,9 @@ pub struct Planned<'p> {
     pub key: &'p KeyRule,
     /// With a certificate before it, or not at all.
     pub listing: Listing,
+    /// The end of the grant it is used under, when it needs one: a
+    /// certificate minted for it is valid no longer.
+    pub grant_until: Option<u64>,
 }
 
 /// What REQUEST_IDENTITIES answers, before certificates are minted.
@@ -528,16 +632,18 @@ pub struct ListPlan<'p> {
     pub ca_armed: bool,
 }
 
-/// The backend's identities that `caller` may use on a connection with
-/// `bindings` (as [`filter_identities`]), in the backend's order, each with
-/// how it is listed given whether the CA is among them. The CA itself is
-/// never planned (it is not a configured key), for root neither.
+/// The backend's identities that `caller` may use on a connection
+/// described by `ctx` (its bindings, the grants in force, the clock), in
+/// the backend's order, each with how it is listed given whether the CA is
+/// among them. The CA itself is never planned (it is not a configured
+/// key), for root neither.
 pub fn plan_identities<'p>(
     policy: &'p Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     identities: Vec<Identity>,
 ) -> ListPlan<'p> {
+    let bindings = ctx.bindings;
     let ca_armed = policy.ca.as_ref().is_some_and(|ca| {
         identities
             .iter()
@@ -547,9 +653,14 @@ pub fn plan_identities<'p>(
         .into_iter()
         .filter_map(|identity| {
             let key = policy.key(identity.credential.key_data())?;
-            if !(caller.may_use(key) && destinations::listed(&key.rules, bindings)) {
+            if !caller.may_use(key) || !destinations::listed(&key.rules, bindings) {
                 return None;
             }
+            let grant_until = match grants::check_use(key, caller, ctx.grants, ctx.now) {
+                grants::Use::Free => None,
+                grants::Use::Granted(g) => g.until(),
+                grants::Use::Refused(_) => return None,
+            };
             // Only a plain key identity gets a certificate put before it.
             let listing = match &identity.credential {
                 PublicCredential::Key(_) => certificates::listing(key.certificate, ca_armed),
@@ -559,26 +670,30 @@ pub fn plan_identities<'p>(
                 identity,
                 key,
                 listing,
+                grant_until,
             })
         })
         .collect();
     ListPlan { items, ca_armed }
 }
 
-/// The upstream agent's identities that `caller` may use on a connection
-/// with `bindings`, in upstream order.
+/// The identities `caller` may use on a connection described by `ctx`, in
+/// the backend's order: the same filter as [`plan_identities`], without the
+/// listing plan. The daemon uses [`plan_identities`]; the tests use this to
+/// check the filter alone.
 pub fn filter_identities(
     policy: &Policy,
     caller: &Caller,
-    bindings: &Bindings,
+    ctx: Context<'_>,
     identities: Vec<Identity>,
 ) -> Vec<Identity> {
     identities
         .into_iter()
         .filter(|id| {
-            policy
-                .key(id.credential.key_data())
-                .is_some_and(|k| caller.may_use(k) && destinations::listed(&k.rules, bindings))
+            policy.key(id.credential.key_data()).is_some_and(|k| {
+                usable(k, caller, ctx.grants, ctx.now)
+                    && destinations::listed(&k.rules, ctx.bindings)
+            })
         })
         .collect()
 }

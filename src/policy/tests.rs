@@ -1,5 +1,5 @@
-//! Every row of the contract's request table, for root, members, non-members
-//! and callers with no passwd entry.
+//! Every row of the request table (`docs/reference.md`, "What each request
+//! gets"), for root, members, non-members and callers with no passwd entry.
 
 use super::*;
 use crate::protocol::classify;
@@ -14,6 +14,7 @@ fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
             bindings: &Bindings::default(),
             now: 0,
             minted: &NoneMinted,
+            grants: &grants::NO_GRANTS,
         },
         r,
     )
@@ -28,6 +29,7 @@ fn decide_unresolved<'p>(p: &'p Policy, c: &Caller, r: &Request, why: Reason) ->
             bindings: &Bindings::default(),
             now: 0,
             minted: &NoneMinted,
+            grants: &grants::NO_GRANTS,
         },
         r,
         why,
@@ -43,6 +45,7 @@ fn decide_with<'p>(p: &'p Policy, c: &Caller, minted: &dyn Minted, r: &Request) 
             bindings: &Bindings::default(),
             now: 0,
             minted,
+            grants: &grants::NO_GRANTS,
         },
         r,
     )
@@ -50,12 +53,34 @@ fn decide_with<'p>(p: &'p Policy, c: &Caller, minted: &dyn Minted, r: &Request) 
 
 /// `plan_identities` on a connection with no session bindings.
 fn plan_identities<'p>(p: &'p Policy, c: &Caller, ids: Vec<Identity>) -> ListPlan<'p> {
-    super::plan_identities(p, c, &Bindings::default(), ids)
+    let none = Bindings::default();
+    super::plan_identities(
+        p,
+        c,
+        Context {
+            bindings: &none,
+            now: 0,
+            minted: &NoneMinted,
+            grants: &grants::NO_GRANTS,
+        },
+        ids,
+    )
 }
 
 /// `filter_identities` on a connection with no session bindings.
 fn filter_identities(p: &Policy, c: &Caller, ids: Vec<Identity>) -> Vec<Identity> {
-    super::filter_identities(p, c, &Bindings::default(), ids)
+    let none = Bindings::default();
+    super::filter_identities(
+        p,
+        c,
+        Context {
+            bindings: &none,
+            now: 0,
+            minted: &NoneMinted,
+            grants: &grants::NO_GRANTS,
+        },
+        ids,
+    )
 }
 use crate::protocol::userauth::tests::{build, key};
 use crate::protocol::userauth::{PUBLICKEY, PUBLICKEY_HOSTBOUND};
@@ -74,6 +99,8 @@ fn rule(name: &str, seed: u8, groups: &[&str], any: bool) -> KeyRule {
         allow_any_data: any,
         certificate: CertMode::Off,
         rules: Rules::default(),
+        grants: None,
+        cert_terms: 0,
     }
 }
 
@@ -463,6 +490,7 @@ impl certificates::Minted for MintedFor {
         (cert == &self.0).then_some(certificates::Issued {
             uid: 1000,
             serial: 77,
+            terms: 0,
         })
     }
 }
@@ -669,6 +697,7 @@ fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_
         bindings: &none,
         now: 0,
         minted: &NoneMinted,
+        grants: &grants::NO_GRANTS,
     };
     assert_eq!(
         super::decide(&p, &caller(1000, &["ops"]), ctx, &req),
@@ -697,6 +726,7 @@ fn session_binds_are_checked_before_verifying_and_not_verified_for_callers_with_
         bindings: &after,
         now: 0,
         minted: &NoneMinted,
+        grants: &grants::NO_GRANTS,
     };
     assert!(matches!(
         super::decide(&p, &caller(1000, &["ops"]), ctx, &req),

@@ -12,11 +12,13 @@
 //!   host certificate, session id, signature, forwarding flag).
 //! - [`response`]: encoding answers to the client.
 //! - [`status`]: the `status@keyholder` vendor extension's payload.
+//! - [`grants`]: the `grant-…@keyholder` vendor extensions.
 //!
 //! Message types and bodies are ssh-agent-lib's; this module adds the parts
 //! its codec lacks (the length cap, strict trailing-byte checks).
 
 pub mod frame;
+pub mod grants;
 pub mod request;
 pub mod response;
 pub mod session_bind;

@@ -145,8 +145,9 @@ pub fn classify(message: &[u8]) -> Request {
 /// length-prefixed field is consumed whole, so a key blob whose inner lengths
 /// disagree with its own decodes "successfully" (and the bytes left in it
 /// are then read as the next field). The daemon forwards what it decoded;
-/// only a canonical request is thus forwarded unchanged, as the contract
-/// says, and the upstream agent sees exactly what the policy judged.
+/// only a canonical request is thus forwarded unchanged (`docs/reference.md`,
+/// "What each request gets"), and the upstream agent sees exactly what the
+/// policy judged.
 fn decode_all<T: Decode + Encode>(body: &mut &[u8]) -> Result<T, &'static str> {
     let whole = *body;
     let value = T::decode(body).map_err(|_| "malformed body")?;

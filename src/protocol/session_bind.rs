@@ -13,12 +13,16 @@
 //! [`MAX_SESSION_ID_LEN`] bytes, a host key of at most [`MAX_HOST_KEY_LEN`],
 //! a forwarding flag of 0 or 1. ssh-agent-lib's
 //! `SessionBind` decodes a host certificate as a plain key, so the host key
-//! is parsed here. This module only parses: it never verifies a signature
+//! is parsed here. A host certificate is read field by field (OpenSSH's
+//! PROTOCOL.certkeys), keeping only what a check needs: ssh-key 0.6's
+//! `Certificate` refuses a `valid_before` above `i64::MAX`, and
+//! `ssh-keygen -h` without `-V` writes `u64::MAX` ("forever"), the usual
+//! host certificate. This module only parses: it never verifies a signature
 //! (that is `crate::verify`) and never decides (that is `crate::policy`).
 
-use ssh_encoding::{Decode, Reader};
-use ssh_key::public::KeyData;
-use ssh_key::{Certificate, Signature};
+use ssh_encoding::{Decode, Encode, Reader};
+use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, KeyData, RsaPublicKey};
+use ssh_key::{Algorithm, Signature};
 
 use super::request::encodes_to;
 
@@ -36,7 +40,7 @@ pub enum HostKey {
     /// A plain public key.
     Plain(KeyData),
     /// A host certificate (its key signed by a CA).
-    Cert(Box<Certificate>),
+    Cert(Box<HostCertificate>),
 }
 
 impl HostKey {
@@ -44,10 +48,34 @@ impl HostKey {
     pub fn key(&self) -> &KeyData {
         match self {
             Self::Plain(k) => k,
-            Self::Cert(c) => c.public_key(),
+            Self::Cert(c) => &c.key,
         }
     }
 }
+
+/// What keyholder needs of an OpenSSH certificate (the certified key, its
+/// type, its validity, and the CA's signature with what it covers); nonce,
+/// serial, key ID, principals, options and extensions are read past.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCertificate {
+    /// The certified key.
+    pub key: KeyData,
+    /// Certificate type: 1 user, 2 host.
+    pub cert_type: u32,
+    /// Valid from (Unix seconds, inclusive).
+    pub valid_after: u64,
+    /// Valid until (Unix seconds, exclusive); `u64::MAX` is "forever".
+    pub valid_before: u64,
+    /// The CA key that signed it.
+    pub signature_key: KeyData,
+    /// The CA's signature.
+    pub signature: Signature,
+    /// What the CA signed: the certificate's bytes up to its signature.
+    pub signed: Vec<u8>,
+}
+
+/// OpenSSH's SSH2_CERT_TYPE_HOST.
+pub const CERT_TYPE_HOST: u32 = 2;
 
 /// A well-formed binding (not yet verified).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,12 +154,84 @@ pub fn parse(contents: &[u8]) -> Result<SessionBind, Malformed> {
 pub fn parse_host_key(blob: &[u8]) -> Option<HostKey> {
     let name = String::decode(&mut &blob[..]).ok()?;
     if name.ends_with("-cert-v01@openssh.com") {
-        let cert = Certificate::decode(&mut &blob[..]).ok()?;
-        encodes_to(&cert, blob).then(|| HostKey::Cert(Box::new(cert)))
+        parse_certificate(blob).map(|c| HostKey::Cert(Box::new(c)))
     } else {
         let key = KeyData::decode(&mut &blob[..]).ok()?;
         encodes_to(&key, blob).then_some(HostKey::Plain(key))
     }
+}
+
+/// Decodes one `T` from `r`, which must be in canonical form (the bytes it
+/// took encode back from it exactly).
+fn take<T: Decode + Encode>(r: &mut &[u8]) -> Option<T> {
+    let before = *r;
+    let value = T::decode(r).ok()?;
+    let used = before.get(..before.len() - r.len())?;
+    encodes_to(&value, used).then_some(value)
+}
+
+/// An OpenSSH certificate of an Ed25519, ECDSA or RSA key (PROTOCOL.certkeys):
+///
+/// ```text
+/// string  "<key type>-cert-v01@openssh.com"
+/// string  nonce
+/// ...     the key's public fields, as in its plain blob after the name
+/// uint64  serial
+/// uint32  type
+/// string  key id
+/// string  valid principals
+/// uint64  valid after
+/// uint64  valid before
+/// string  critical options
+/// string  extensions
+/// string  reserved
+/// string  signature key
+/// string  signature
+/// ```
+///
+/// Every field canonical, nothing after the signature.
+fn parse_certificate(blob: &[u8]) -> Option<HostCertificate> {
+    let r = &mut &blob[..];
+    let name: String = take(r)?;
+    let algorithm = Algorithm::new_certificate(&name).ok()?;
+    let _nonce: Vec<u8> = take(r)?;
+    let key = match algorithm {
+        Algorithm::Ed25519 => KeyData::Ed25519(take::<Ed25519PublicKey>(r)?),
+        Algorithm::Ecdsa { .. } => KeyData::Ecdsa(take::<EcdsaPublicKey>(r)?),
+        Algorithm::Rsa { .. } => KeyData::Rsa(take::<RsaPublicKey>(r)?),
+        _ => return None,
+    };
+    // An ECDSA certificate's curve must be the one its name says.
+    if key.algorithm() != algorithm {
+        return None;
+    }
+    let _serial: u64 = take(r)?;
+    let cert_type: u32 = take(r)?;
+    let _key_id: Vec<u8> = take(r)?;
+    let _principals: Vec<u8> = take(r)?;
+    let valid_after: u64 = take(r)?;
+    let valid_before: u64 = take(r)?;
+    let _critical_options: Vec<u8> = take(r)?;
+    let _extensions: Vec<u8> = take(r)?;
+    let _reserved: Vec<u8> = take(r)?;
+    let ca_blob: Vec<u8> = take(r)?;
+    let signed = blob.get(..blob.len() - r.len())?.to_vec();
+    let signature_blob: Vec<u8> = take(r)?;
+    if !r.is_empty() {
+        return None;
+    }
+    let signature_key: KeyData = take(&mut &ca_blob[..]).filter(|k| encodes_to(k, &ca_blob))?;
+    let signature: Signature =
+        take(&mut &signature_blob[..]).filter(|s| encodes_to(s, &signature_blob))?;
+    Some(HostCertificate {
+        key,
+        cert_type,
+        valid_after,
+        valid_before,
+        signature_key,
+        signature,
+        signed,
+    })
 }
 
 #[cfg(test)]
@@ -246,7 +346,7 @@ pub(crate) mod tests {
         ca: &PrivateKey,
         cert_type: ssh_key::certificate::CertType,
         valid: (u64, u64),
-    ) -> Certificate {
+    ) -> ssh_key::Certificate {
         let mut b = ssh_key::certificate::Builder::new(
             [7u8; 16],
             host.public_key().key_data().clone(),
@@ -276,7 +376,15 @@ pub(crate) mod tests {
         let HostKey::Cert(got) = &b.host_key else {
             panic!("{:?}", b.host_key)
         };
-        assert_eq!(got.public_key(), host.public_key().key_data());
+        assert_eq!(&got.key, host.public_key().key_data());
+        assert_eq!(got.cert_type, CERT_TYPE_HOST);
+        assert_eq!((got.valid_after, got.valid_before), (0, 1 << 40));
+        assert_eq!(&got.signature_key, ca.public_key().key_data());
+        assert_eq!(&got.signature, cert.signature());
+        assert_eq!(
+            got.signed,
+            blob[..blob.len() - enc(cert.signature()).len() - 4]
+        );
         assert_eq!(b.host_key.key(), host.public_key().key_data());
         assert_eq!(b.host_key_blob, blob);
         // A truncated certificate is malformed.
@@ -284,5 +392,55 @@ pub(crate) mod tests {
             let c = contents(&blob[..cut], &[9; 32], &enc(&sig), 0);
             assert!(parse(&c).is_err(), "{cut}");
         }
+    }
+
+    /// `cert` with its `valid_before` replaced by `u64::MAX` ("forever", what
+    /// `ssh-keygen -h` without `-V` writes) and signed again by `ca`: ssh-key
+    /// cannot build one, so the bytes are edited and re-signed here.
+    pub(crate) fn forever(cert: &ssh_key::Certificate, ca: &PrivateKey) -> Vec<u8> {
+        let blob = enc(cert);
+        let sig_len = enc(cert.signature()).len() + 4;
+        let mut signed = blob[..blob.len() - sig_len].to_vec();
+        // valid_before sits right after valid_after, before the three
+        // trailing strings (options, extensions, reserved) and the CA key.
+        let tail = enc(cert.critical_options()).len()
+            + enc(cert.extensions()).len()
+            + 4 // reserved, empty
+            + 4 + enc(cert.signature_key()).len();
+        let at = signed.len() - tail - 8;
+        assert_eq!(signed[at..at + 8], cert.valid_before().to_be_bytes());
+        signed[at..at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+        let sig: Signature = signature::Signer::sign(ca, &signed);
+        signed.extend(enc(&enc(&sig)));
+        signed
+    }
+
+    #[test]
+    fn a_host_certificate_valid_forever_is_parsed() {
+        let host = PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[3; 32]));
+        let ca = PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[4; 32]));
+        let cert = host_cert(
+            &host,
+            &ca,
+            ssh_key::certificate::CertType::Host,
+            (0, 1 << 40),
+        );
+        let blob = forever(&cert, &ca);
+        // ssh-key itself refuses it.
+        assert!(ssh_key::Certificate::decode(&mut &blob[..]).is_err());
+        let sig: Signature = signature::Signer::sign(&host, &[9; 32]);
+        let b = parse(&contents(&blob, &[9; 32], &enc(&sig), 0)).unwrap();
+        let HostKey::Cert(got) = &b.host_key else {
+            panic!("{:?}", b.host_key)
+        };
+        assert_eq!((got.valid_after, got.valid_before), (0, u64::MAX));
+        assert_eq!(&got.key, host.public_key().key_data());
+        // Trailing bytes, and a name that is no certificate algorithm.
+        let mut bad = blob.clone();
+        bad.push(0);
+        assert!(parse_host_key(&bad).is_none());
+        let mut renamed = blob.clone();
+        renamed.splice(4..4 + 32, *b"ecdsa-sha2-nistp256-cert-v01@ope");
+        assert!(parse_host_key(&renamed).is_none());
     }
 }

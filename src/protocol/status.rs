@@ -18,6 +18,10 @@
 //!   string  key name
 //!   string  SHA256 fingerprint
 //!   boolean armed
+//! -- format 3 only (asked with `uint32 3`, sent by `keyholder status`):
+//! uint32  number of notes, then for each:
+//!   string  one line from the backend naming what is wrong (a token not
+//!           present, not logged in, a key not found or not matching)
 //! -- format 2 only:
 //! string  the daemon's version
 //! uint32  number of metric families, then for each:
@@ -42,21 +46,18 @@ pub const NAME: &str = "status@keyholder";
 pub const VERSION: u32 = 1;
 /// The payload format version with counters ([`Metrics`]).
 pub const VERSION_METRICS: u32 = 2;
-/// The payload format version with the backend's problems: format 1, then
-/// `uint32` count and that many `string` lines, each naming what keeps a
-/// key or the backend from working ("the cluster is sealed", "key deploy:
-/// transit key missing"). Asked for with contents `uint32 3` (what
-/// `keyholder status` sends); an older daemon answers format 1.
-pub const VERSION_PROBLEMS: u32 = 3;
+/// The payload format version with the backend's notes.
+pub const VERSION_NOTES: u32 = 3;
 
 /// The request contents that ask for format 3.
-pub fn problems_request() -> Vec<u8> {
-    VERSION_PROBLEMS.to_be_bytes().to_vec()
+pub fn notes_request() -> Vec<u8> {
+    VERSION_NOTES.to_be_bytes().to_vec()
 }
 
-/// Whether a `status@keyholder` request asks for the problems (format 3).
-pub fn wants_problems(request: &Request) -> bool {
-    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_PROBLEMS.to_be_bytes())
+/// Whether a `status@keyholder` request asks for the backend's notes
+/// (format 3).
+pub fn wants_notes(request: &Request) -> bool {
+    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_NOTES.to_be_bytes())
 }
 
 /// The request contents that ask for format 2.
@@ -192,9 +193,8 @@ pub struct Answer {
     pub report: StatusReport,
     /// The counters (format 2), or `None` (format 1).
     pub metrics: Option<Metrics>,
-    /// The backend's problems (format 3, when there are no counters), or
-    /// `None`.
-    pub problems: Option<Vec<String>>,
+    /// The backend's notes (format 3, never with counters), or `None`.
+    pub notes: Option<Vec<String>>,
 }
 
 fn len_u32(n: usize) -> ssh_encoding::Result<u32> {
@@ -280,36 +280,36 @@ impl Decode for Metrics {
 
 impl Encode for Answer {
     fn encoded_len(&self) -> ssh_encoding::Result<usize> {
-        match (&self.metrics, &self.problems) {
-            (None, None) => self.report.encoded_len(),
+        match (&self.metrics, &self.notes) {
             (Some(m), _) => [self.report.encoded_len()?, m.encoded_len()?].checked_sum(),
-            (None, Some(p)) => {
+            (None, Some(notes)) => {
                 let mut sizes = vec![self.report.encoded_len()?, 4];
-                for line in p {
-                    sizes.push(line.encoded_len()?);
+                for n in notes {
+                    sizes.push(n.encoded_len()?);
                 }
                 sizes.checked_sum()
             }
+            (None, None) => self.report.encoded_len(),
         }
     }
 
     fn encode(&self, w: &mut impl Writer) -> ssh_encoding::Result<()> {
-        match (&self.metrics, &self.problems) {
-            (None, None) => self.report.encode(w),
+        match (&self.metrics, &self.notes) {
             (Some(m), _) => {
                 VERSION_METRICS.encode(w)?;
                 self.report.encode_body(w)?;
                 m.encode(w)
             }
-            (None, Some(p)) => {
-                VERSION_PROBLEMS.encode(w)?;
+            (None, Some(notes)) => {
+                VERSION_NOTES.encode(w)?;
                 self.report.encode_body(w)?;
-                len_u32(p.len())?.encode(w)?;
-                for line in p {
-                    line.encode(w)?;
+                len_u32(notes.len())?.encode(w)?;
+                for n in notes {
+                    n.encode(w)?;
                 }
                 Ok(())
             }
+            (None, None) => self.report.encode(w),
         }
     }
 }
@@ -317,29 +317,29 @@ impl Encode for Answer {
 impl Decode for Answer {
     type Error = ssh_encoding::Error;
 
-    /// Format 1 or 2.
+    /// Format 1, 2 or 3.
     fn decode(r: &mut impl Reader) -> ssh_encoding::Result<Self> {
         match u32::decode(r)? {
             VERSION => Ok(Self {
                 report: StatusReport::decode_body(r)?,
                 metrics: None,
-                problems: None,
+                notes: None,
             }),
             VERSION_METRICS => Ok(Self {
                 report: StatusReport::decode_body(r)?,
                 metrics: Some(Metrics::decode(r)?),
-                problems: None,
+                notes: None,
             }),
-            VERSION_PROBLEMS => {
+            VERSION_NOTES => {
                 let report = StatusReport::decode_body(r)?;
-                let mut problems = Vec::new();
+                let mut notes = Vec::new();
                 for _ in 0..u32::decode(r)? {
-                    problems.push(String::decode(r)?);
+                    notes.push(String::decode(r)?);
                 }
                 Ok(Self {
                     report,
                     metrics: None,
-                    problems: Some(problems),
+                    notes: Some(notes),
                 })
             }
             _ => Err(ssh_encoding::Error::Length),
@@ -391,7 +391,7 @@ mod tests {
         let answer = Answer {
             report: report(),
             metrics: None,
-            problems: None,
+            notes: None,
         };
         let bytes = encoded(&answer);
         assert_eq!(bytes, encoded(&report()));
@@ -416,7 +416,7 @@ mod tests {
                     }],
                 }],
             }),
-            problems: None,
+            notes: None,
         };
         let bytes = encoded(&answer);
         assert_eq!(&bytes[..4], &[0, 0, 0, 2]);
@@ -429,20 +429,22 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_with_problems_round_trips() {
-        let answer = Answer {
-            report: report(),
-            metrics: None,
-            problems: Some(vec![
-                "the cluster is sealed".into(),
-                "key x: missing".into(),
-            ]),
-        };
-        let bytes = encoded(&answer);
-        assert_eq!(&bytes[..4], &[0, 0, 0, 3]);
-        assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
-        for cut in 0..bytes.len() {
-            assert!(Answer::decode(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+    fn an_answer_with_notes_round_trips() {
+        for notes in [
+            vec![],
+            vec!["token \"kh\" is not present".to_owned(), "b: x".into()],
+        ] {
+            let answer = Answer {
+                report: report(),
+                metrics: None,
+                notes: Some(notes),
+            };
+            let bytes = encoded(&answer);
+            assert_eq!(&bytes[..4], &[0, 0, 0, 3]);
+            assert_eq!(Answer::decode(&mut &bytes[..]).unwrap(), answer);
+            for cut in 0..bytes.len() {
+                assert!(Answer::decode(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+            }
         }
     }
 
@@ -460,5 +462,8 @@ mod tests {
         assert!(!wants_metrics(&ext(vec![0, 0, 0, 1])));
         assert!(!wants_metrics(&ext(vec![0, 0, 0, 2, 0])));
         assert!(!wants_metrics(&Request::RequestIdentities));
+        assert!(wants_notes(&ext(notes_request())));
+        assert!(!wants_notes(&ext(metrics_request())));
+        assert!(!wants_notes(&ext(vec![0, 0, 0, 3, 0])));
     }
 }

@@ -691,6 +691,19 @@ impl Sshd {
         ca: Option<&Path>,
         extra: &str,
     ) -> Self {
+        Self::start_validity(dir, name, kind, ca, Some("-5m:+1h"), extra)
+    }
+
+    /// [`Sshd::start_full`] with the host certificate's `-V` validity, or
+    /// none (valid forever, `ssh-keygen`'s default).
+    pub fn start_validity(
+        dir: &TempDir,
+        name: &str,
+        kind: &str,
+        ca: Option<&Path>,
+        validity: Option<&str>,
+        extra: &str,
+    ) -> Self {
         let root = dir.join(name);
         std::fs::create_dir_all(root.join("authorized_keys")).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -707,7 +720,8 @@ impl Sshd {
             let o = run(Command::new("ssh-keygen")
                 .args(["-q", "-s"])
                 .arg(ca)
-                .args(["-h", "-I", "test-host", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+                .args(["-h", "-I", "test-host", "-n", "127.0.0.1"])
+                .args(validity.map(|v| ["-V", v]).into_iter().flatten())
                 .arg(root.join(format!("{host_key}.pub"))));
             assert!(o.status.success(), "ssh-keygen -s: {}", stderr(&o));
             cert_line = format!(
@@ -834,6 +848,7 @@ pub const FAILURE: u8 = 5;
 pub const SUCCESS: u8 = 6;
 pub const IDENTITIES_ANSWER: u8 = 12;
 pub const SIGN_RESPONSE: u8 = 14;
+pub const EXTENSION_FAILURE: u8 = 28;
 pub const EXTENSION_RESPONSE: u8 = 29;
 
 pub struct Raw(pub UnixStream);

@@ -269,14 +269,14 @@ pub fn rsa_alg(flags: u32) -> (&'static str, MessageDigest) {
     }
 }
 
-fn ssh_string(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn ssh_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(bytes);
 }
 
 /// An SSH mpint of a non-negative big-endian number (as OpenSSH writes it:
 /// no leading zero bytes, one 0x00 before a set high bit).
-fn ssh_mpint(out: &mut Vec<u8>, magnitude: &[u8]) {
+pub(crate) fn ssh_mpint(out: &mut Vec<u8>, magnitude: &[u8]) {
     let start = magnitude
         .iter()
         .position(|&b| b != 0)

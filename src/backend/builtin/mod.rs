@@ -17,9 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Mutex;
-use std::time::Instant;
-
 use ssh_agent_lib::proto::{
     AddIdentityConstrained, Identity, KeyConstraint, PrivateCredential, PublicCredential,
     SignRequest,
@@ -30,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
 use crate::error::{Error, Result};
+use crate::ratelog::{Kind, RateLog, Who};
 use key::HeldKey;
 use pool::{Pool, PoolError};
 use store::{Added, KeyStore};
@@ -43,8 +41,13 @@ pub const QUEUE_ENV: &str = "KEYHOLDER_BUILTIN_QUEUE";
 pub const QUEUE_PER_WORKER: usize = 64;
 /// How often expired keys are looked for.
 const REAP_EVERY: Duration = Duration::from_millis(500);
-/// At most one "queue full" line per this long (with the count since).
-const BUSY_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Signs refused because the work queue stayed full: the first of a burst,
+/// then a count per window.
+pub static SIGNERS_BUSY: Kind = Kind {
+    name: "signs refused with the work queue full",
+    burst: 1,
+    level: tracing::Level::WARN,
+};
 
 /// Why the builtin backend gave no signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +88,8 @@ pub struct Inner {
     pool: Pool,
     timeout_ms: AtomicU64,
     memory_locked: bool,
-    /// When a "queue full" line was last written, and how many since.
-    busy_log: Mutex<(Option<Instant>, u64)>,
+    /// Rate-limited logging of full-queue lines.
+    log: Arc<RateLog>,
 }
 
 impl Inner {
@@ -133,26 +136,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Logs a sign that waited for the full queue, at most once per window.
+    /// Logs a sign that waited for the full queue: the first of a burst,
+    /// then a count per window.
     fn note_busy(&self, e: &SignError) {
-        let mut log = self.busy_log.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if log
-            .0
-            .is_some_and(|t| now.duration_since(t) < BUSY_LOG_EVERY)
-        {
-            log.1 += 1;
-            return;
+        if self.log.allow(&SIGNERS_BUSY, Who::Unattributed) {
+            tracing::warn!(
+                "{e}: answering FAILURE ({} workers, queue of {})",
+                self.pool.workers(),
+                self.pool.capacity()
+            );
         }
-        let suppressed = std::mem::take(&mut log.1);
-        log.0 = Some(now);
-        drop(log);
-        tracing::warn!(
-            "{e}: answering FAILURE ({} workers, queue of {}; {suppressed} more since the \
-             last report)",
-            self.pool.workers(),
-            self.pool.capacity()
-        );
     }
 
     fn timeout(&self) -> Duration {
@@ -208,6 +201,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// Whether mlockall succeeded (an error is logged per added key if not).
     pub memory_locked: bool,
+    /// Rate-limited logging (signs refused because the queue stayed full).
+    pub log: Arc<RateLog>,
 }
 
 impl Builtin {
@@ -238,7 +233,7 @@ impl Builtin {
             pool,
             timeout_ms: AtomicU64::new(millis(settings.timeout)),
             memory_locked: settings.memory_locked,
-            busy_log: Mutex::new((None, 0)),
+            log: Arc::clone(&settings.log),
         });
         let reaper = tokio::spawn(reap(Arc::clone(&inner), shutdown));
         let task = tokio::spawn({
@@ -329,12 +324,7 @@ impl Backend for Builtin {
 
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
         let identities = Builtin::identities(self);
-        Box::pin(async move {
-            Ok(BackendStatus {
-                identities,
-                problems: Vec::new(),
-            })
-        })
+        Box::pin(async move { Ok(BackendStatus { identities }) })
     }
 
     fn set_timeout(&self, timeout: Duration) {

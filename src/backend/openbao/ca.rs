@@ -28,6 +28,8 @@ pub struct EngineCa {
     role: String,
     /// The engine answered with the pinned CA key the last time it was asked.
     confirmed: AtomicBool,
+    /// What the last status found wrong with the engine CA.
+    problem: std::sync::Mutex<Option<String>>,
 }
 
 impl EngineCa {
@@ -39,6 +41,7 @@ impl EngineCa {
             ca,
             role,
             confirmed: AtomicBool::new(false),
+            problem: std::sync::Mutex::new(None),
         }
     }
 
@@ -138,16 +141,30 @@ impl Backend for EngineCa {
                     self.engine.report().login
                 ))
             };
-            match problem {
-                None => status.identities.push(self.ca_identity()),
-                Some(p) => {
-                    if !status.problems.contains(&p) {
-                        status.problems.push(p);
-                    }
-                }
+            if problem.is_none() {
+                status.identities.push(self.ca_identity());
             }
+            *self
+                .problem
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
             Ok(status)
         })
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = self.inner.notes();
+        if let Some(p) = self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            if !notes.contains(&p) {
+                notes.push(p);
+            }
+        }
+        notes
     }
 
     fn set_timeout(&self, timeout: Duration) {

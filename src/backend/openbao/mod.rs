@@ -146,6 +146,8 @@ struct Inner {
     ssh: String,
     keys: Vec<Entry>,
     timeout_ms: AtomicU64,
+    /// What the last status found wrong with the cluster as a whole.
+    cluster_problem: Mutex<Option<String>>,
     batches: AtomicU64,
     batched: AtomicU64,
 }
@@ -230,6 +232,7 @@ impl OpenBao {
                 ssh: settings.ssh_mount.trim_matches('/').to_string(),
                 keys,
                 timeout_ms: AtomicU64::new(millis(settings.timeout)),
+                cluster_problem: Mutex::new(None),
                 batches: AtomicU64::new(0),
                 batched: AtomicU64::new(0),
             }),
@@ -1054,21 +1057,24 @@ impl Backend for OpenBao {
                     }
                 }
             }
-            for p in self.report().problems() {
-                if !problems.contains(&p) {
-                    problems.push(p);
-                }
-            }
+            *lock(&self.inner.cluster_problem) = problems.first().cloned();
             let identities = if reachable {
                 self.identities().await?
             } else {
                 Vec::new()
             };
-            Ok(BackendStatus {
-                identities,
-                problems,
-            })
+            Ok(BackendStatus { identities })
         })
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes: Vec<String> = lock(&self.inner.cluster_problem).iter().cloned().collect();
+        for p in self.report().problems() {
+            if !notes.contains(&p) {
+                notes.push(p);
+            }
+        }
+        notes
     }
 
     fn set_timeout(&self, timeout: Duration) {

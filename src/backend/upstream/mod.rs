@@ -43,33 +43,32 @@
 //! what its methods are asked), never log key material, and never reuse a
 //! connection whose last answer was not read whole.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::sys::socket::{recv, MsgFlags};
 use ssh_agent_lib::proto::{
     AddIdentityConstrained, Identity, PublicCredential, RemoveIdentity, Request, Response,
     SignRequest,
 };
 use ssh_encoding::{Decode, Encode};
 use tokio::io::BufReader;
-use tokio::net::UnixStream;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, BackendFuture, BackendStatus};
-use crate::protocol::{read_frame, FrameError, MAX_MESSAGE_LEN};
+use crate::protocol::MAX_MESSAGE_LEN;
 use stream::Stream;
 
+mod flights;
+mod pool;
 pub mod stream;
 pub mod supervisor;
+
+use flights::Lists;
+use pool::{Conn, Trip, UPSTREAM_READ_BUFFER};
 
 /// Upstream connections open at most (in use and idle together). The agent
 /// is single-threaded: more connections than this add poll work for it and
@@ -124,70 +123,6 @@ pub struct UpstreamBackend {
     lists_changed: Notify,
     /// [`LIST_FRESH`] (tests set others).
     list_fresh: Duration,
-}
-
-/// The listing flights (see [`UpstreamBackend::list`]).
-#[derive(Debug, Default)]
-struct Lists {
-    /// Flights started so far; the n-th is numbered n.
-    started: u64,
-    /// The newest flight's number and where its answer appears.
-    newest: Option<(u64, watch::Receiver<Option<ListAnswer>>)>,
-    /// Flights not yet ended.
-    in_flight: usize,
-    /// The answer of the newest flight (by start) that answered with a
-    /// list, and when that flight started.
-    fresh: Option<(Instant, Vec<Identity>)>,
-    /// Flights numbered up to this one started before the last add or
-    /// remove this backend sent: their answers are never kept as fresh.
-    stale_through: u64,
-}
-
-/// A listing flight in flight: ended (counted out, waiters woken) when
-/// dropped.
-struct FlightGuard<'a>(&'a UpstreamBackend);
-
-impl Drop for FlightGuard<'_> {
-    fn drop(&mut self) {
-        let mut lists = self.0.lock_lists();
-        lists.in_flight = lists.in_flight.saturating_sub(1);
-        drop(lists);
-        self.0.lists_changed.notify_waiters();
-    }
-}
-
-/// What a list request does next.
-enum ListStep {
-    Join(watch::Receiver<Option<ListAnswer>>),
-    /// Lead the flight with this number.
-    Lead(u64, watch::Sender<Option<ListAnswer>>),
-    Wait,
-}
-
-/// The answer of one listing flight.
-type ListAnswer = Result<Vec<Identity>, BackendError>;
-
-/// Read buffer of an upstream connection: a sign answer (and a short
-/// listing) arrives whole in one read, header and body together.
-const UPSTREAM_READ_BUFFER: usize = 2048;
-
-/// One upstream connection and its message buffer. Reads go through a
-/// buffer, so an answer costs one `recv`, not one for its header and one for
-/// its body; bytes left in it after an answer mean the connection is out of
-/// step (it is then never reused, see [`Conn::is_open`]).
-#[derive(Debug)]
-struct Conn {
-    stream: BufReader<Stream>,
-    buf: Vec<u8>,
-}
-
-/// How one round trip failed.
-enum Trip {
-    /// Nothing of an answer arrived: the peer had closed the connection.
-    /// On a reused connection the request is worth one more try.
-    ClosedBeforeAnswer(String),
-    /// Anything else: the connection is dropped.
-    Failed(String),
 }
 
 impl UpstreamBackend {
@@ -271,222 +206,6 @@ impl UpstreamBackend {
             }
         }
     }
-
-    /// REQUEST_IDENTITIES: the kept answer if its flight was sent at most
-    /// [`LIST_FRESH`] before this call began, else the answer of a flight
-    /// that started after it began: the newest one if it did, else one of
-    /// its own if fewer than [`LIST_FLIGHTS`] are in flight, else the next
-    /// one to start.
-    async fn list(&self) -> Result<Vec<Identity>, BackendError> {
-        let now = Instant::now();
-        let deadline = now + self.timeout();
-        let arrived = {
-            let lists = self.lock_lists();
-            if let Some((started, ids)) = &lists.fresh {
-                if now.saturating_duration_since(*started) <= self.list_fresh {
-                    return Ok(ids.clone());
-                }
-            }
-            lists.started
-        };
-        loop {
-            let changed = self.lists_changed.notified();
-            tokio::pin!(changed);
-            let mut step = self.list_step(arrived);
-            if matches!(step, ListStep::Wait) {
-                // Registered for the next change, then looked at again: a
-                // change between the two looks is not missed. (Joining or
-                // leading at once, the common case, never touches the
-                // waiter list.)
-                changed.as_mut().enable();
-                step = self.list_step(arrived);
-            }
-            match step {
-                ListStep::Join(mut answer) => {
-                    let got = timeout_at(deadline, answer.wait_for(Option::is_some))
-                        .await
-                        .map_err(|_| BackendError::Timeout)?;
-                    match got {
-                        Ok(answer) => {
-                            if let Some(answer) = &*answer {
-                                return duplicate(answer);
-                            }
-                        }
-                        // Its leader was cancelled before the answer:
-                        // look again (a flight of our own, or a newer one).
-                        Err(_) => continue,
-                    }
-                }
-                ListStep::Lead(number, tx) => {
-                    // Counted out however this ends, cancellation included.
-                    let _flight = FlightGuard(self);
-                    self.lists_changed.notify_waiters();
-                    let started = Instant::now();
-                    let answer = self
-                        .call_until(deadline, &Request::RequestIdentities, parse_identities)
-                        .await;
-                    if let Ok(ids) = &answer {
-                        self.keep_fresh(number, started, ids);
-                    }
-                    let shared = duplicate(&answer);
-                    let _ = tx.send(Some(answer));
-                    return shared;
-                }
-                ListStep::Wait => {
-                    timeout_at(deadline, changed)
-                        .await
-                        .map_err(|_| BackendError::Timeout)?;
-                }
-            }
-        }
-    }
-
-    /// What a list call that arrived after flight `arrived` started does
-    /// now: join the newest flight if it started later, else lead one if
-    /// fewer than [`LIST_FLIGHTS`] are in flight (counted in), else wait.
-    fn list_step(&self, arrived: u64) -> ListStep {
-        let mut lists = self.lock_lists();
-        match &lists.newest {
-            Some((n, answer)) if *n > arrived => ListStep::Join(answer.clone()),
-            _ if lists.in_flight < LIST_FLIGHTS => {
-                lists.started += 1;
-                lists.in_flight += 1;
-                let (tx, rx) = watch::channel(None);
-                lists.newest = Some((lists.started, rx));
-                ListStep::Lead(lists.started, tx)
-            }
-            _ => ListStep::Wait,
-        }
-    }
-
-    /// Keeps flight `number`'s answer as the fresh one, unless a newer
-    /// flight's is kept already or an add or remove was sent since it
-    /// started.
-    fn keep_fresh(&self, number: u64, started: Instant, ids: &[Identity]) {
-        let mut lists = self.lock_lists();
-        if number <= lists.stale_through {
-            return;
-        }
-        if matches!(&lists.fresh, Some((kept, _)) if *kept >= started) {
-            return;
-        }
-        lists.fresh = Some((started, ids.to_vec()));
-    }
-
-    /// An add or remove, answered SUCCESS or not: then no listing sent
-    /// before it finished is kept (see [`Self::forget_fresh`]).
-    async fn change(&self, request: &Request) -> Result<(), BackendError> {
-        let done = self.call(request, parse_success).await;
-        self.forget_fresh();
-        done
-    }
-
-    /// Forgets the kept answer, and keeps none of the flights sent so far:
-    /// an add or remove was just sent, the agent's keys may have changed.
-    fn forget_fresh(&self) {
-        let mut lists = self.lock_lists();
-        lists.fresh = None;
-        lists.stale_through = lists.started;
-    }
-
-    fn lock_lists(&self) -> std::sync::MutexGuard<'_, Lists> {
-        self.lists.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// An idle connection the agent has not closed, if there is one.
-    fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(conn) = idle.pop() {
-            if conn.is_open() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, mut conn: Conn) {
-        if conn.buf.capacity() > 16 * 1024 {
-            conn.buf = Vec::new();
-        }
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(conn);
-    }
-
-    /// Connects, retrying while the agent's listen backlog is full (EAGAIN),
-    /// until `deadline`. Any other error fails at once.
-    async fn connect(&self, deadline: Instant) -> Result<UnixStream, BackendError> {
-        let _permit = timeout_at(deadline, self.connects.acquire())
-            .await
-            .map_err(|_| BackendError::Timeout)?
-            .map_err(|_| BackendError::Broken("connection pool closed".into()))?;
-        let mut delay = CONNECT_RETRY_MIN;
-        loop {
-            match timeout_at(deadline, UnixStream::connect(&self.socket)).await {
-                Err(_) => return Err(BackendError::Timeout),
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EAGAIN as i32) => {
-                    self.connect_retries.fetch_add(1, Ordering::Relaxed);
-                    let pause = jittered(delay);
-                    if Instant::now() + pause >= deadline {
-                        return Err(BackendError::Timeout);
-                    }
-                    tokio::time::sleep(pause).await;
-                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
-                }
-                Ok(Err(e)) => return Err(BackendError::Unreachable(e)),
-            }
-        }
-    }
-}
-
-impl Conn {
-    /// Whether this idle connection is still in step: nothing left in its
-    /// buffer, and nothing (an answer nobody asked for, or end of file)
-    /// readable on it. The kernel is asked only when the runtime has seen
-    /// the socket become readable since it was last drained: an idle
-    /// connection normally has not, and one the agent closed without the
-    /// runtime noticing yet fails its request with "closed before the
-    /// answer", which is retried on a fresh connection.
-    fn is_open(&self) -> bool {
-        if !self.stream.buffer().is_empty() {
-            return false;
-        }
-        if !self.stream.get_ref().seen_readable() {
-            return true;
-        }
-        let mut byte = [0u8; 1];
-        matches!(
-            recv(
-                self.stream.get_ref().as_raw_fd(),
-                &mut byte,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-            ),
-            Err(Errno::EAGAIN)
-        )
-    }
-
-    async fn round_trip(&mut self, frame: &[u8]) -> Result<(), Trip> {
-        self.stream.get_ref().write_all(frame).await.map_err(|e| {
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ) {
-                Trip::ClosedBeforeAnswer(e.to_string())
-            } else {
-                Trip::Failed(e.to_string())
-            }
-        })?;
-        match read_frame(&mut self.stream, &mut self.buf).await {
-            Ok(()) => Ok(()),
-            Err(FrameError::Closed) => Err(Trip::ClosedBeforeAnswer("connection closed".into())),
-            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                Err(Trip::ClosedBeforeAnswer(e.to_string()))
-            }
-            Err(e) => Err(Trip::Failed(e.to_string())),
-        }
-    }
 }
 
 /// Frames a request (`uint32 length`, then the message) in a buffer that is
@@ -502,24 +221,6 @@ fn encode(request: &Request) -> Result<Zeroizing<Vec<u8>>, BackendError> {
     header.encode(&mut *out).map_err(broken)?;
     request.encode(&mut *out).map_err(broken)?;
     Ok(out)
-}
-
-/// A copy of a listing flight's answer for one of the callers it serves.
-fn duplicate(answer: &ListAnswer) -> ListAnswer {
-    match answer {
-        Ok(ids) => Ok(ids.clone()),
-        Err(BackendError::Unreachable(e)) => {
-            Err(BackendError::Unreachable(e.raw_os_error().map_or_else(
-                || std::io::Error::new(e.kind(), e.to_string()),
-                std::io::Error::from_raw_os_error,
-            )))
-        }
-        Err(BackendError::Timeout) => Err(BackendError::Timeout),
-        Err(BackendError::Busy) => Err(BackendError::Busy),
-        Err(BackendError::Refused) => Err(BackendError::Refused),
-        Err(BackendError::Unsupported) => Err(BackendError::Unsupported),
-        Err(BackendError::Broken(e)) => Err(BackendError::Broken(e.clone())),
-    }
 }
 
 /// FAILURE (in step: the connection stays usable), or an answer of a kind
@@ -607,10 +308,7 @@ impl Backend for UpstreamBackend {
     fn status(&self) -> BackendFuture<'_, BackendStatus> {
         Box::pin(async move {
             let identities = self.identities().await?;
-            Ok(BackendStatus {
-                identities,
-                problems: Vec::new(),
-            })
+            Ok(BackendStatus { identities })
         })
     }
 
@@ -621,14 +319,6 @@ impl Backend for UpstreamBackend {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// `base` give or take half, so that connects retried after one burst do
-/// not all come back at the same instant.
-fn jittered(base: Duration) -> Duration {
-    let random = RandomState::new().build_hasher().finish();
-    let nanos = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX).max(2);
-    Duration::from_nanos(nanos / 2 + random % nanos)
 }
 
 /// Opens the upstream backend: with `agent.spawn`, starts the agent (in a
@@ -669,7 +359,10 @@ pub(super) async fn open(
 
 #[cfg(test)]
 mod tests {
+    use super::pool::jittered;
     use super::*;
+    use nix::errno::Errno;
+    use std::os::fd::AsRawFd;
     use std::sync::Arc;
 
     #[test]

@@ -4,11 +4,10 @@
 //! A socket registered for writing too gets an event each time its peer
 //! reads what was sent (the buffer has room again), and a daemon thread
 //! asleep in `epoll_wait` is woken for nothing: once per request on an
-//! upstream connection (measured with `perf trace` on `sign` 1: an extra
-//! wake-up 10 to 60 µs after every request was sent, 3.1 `epoll_wait` per
-//! signature instead of 2.2). (Client connections keep tokio's own
-//! streams: there the same change measured no gain, since taking a stream
-//! over costs two `epoll_ctl` per connection.)
+//! upstream connection, 10 to 60 µs after the request was sent (about one
+//! `epoll_wait` more per signature). Client connections keep tokio's own
+//! streams: there, taking a stream over costs two `epoll_ctl` per
+//! connection and gains nothing measurable.
 //! Requests and answers are small and socket buffers large, so a send
 //! normally completes at once; when it cannot (the peer is not reading), the
 //! writer waits for room through a second, temporary registration of a

@@ -535,3 +535,20 @@ fn forwarded_connections_list_only_keys_that_allow_forwarding() {
     assert!(!listed(&plain, &failed_fwd));
     assert!(listed(&allowed, &failed_fwd));
 }
+
+#[test]
+fn the_binding_a_request_belongs_to_is_the_one_of_its_session_and_host_key() {
+    let b = bindings(&[bound(1, 1, true), bound(2, 2, false)]);
+    let fp = |a: &UserAuth| binding_for(&b, a).map(|x| x.fingerprint.clone());
+    // Session 1, bound to host 1 (not the last binding).
+    assert_eq!(fp(&auth("u", 1, None)).as_deref(), Some("SHA256:host1"));
+    assert_eq!(
+        fp(&auth("u", 1, Some(blob(1, false)))).as_deref(),
+        Some("SHA256:host1")
+    );
+    // Hostbound to another host key than the session's binding: none.
+    assert_eq!(fp(&auth("u", 1, Some(blob(2, false)))), None);
+    // A session no binding names (a replayed binding of another): none.
+    assert_eq!(fp(&auth("u", 3, None)), None);
+    assert_eq!(binding_for(&Bindings::default(), &auth("u", 1, None)), None);
+}
