@@ -628,6 +628,14 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     }
     let log = host.daemon.log_text();
     assert!(log.contains("decision=granted"), "{log}");
+    // The backend's counters reach `keyholder status --prometheus`.
+    let o = host.keyholder(&["status", "--prometheus"]);
+    let text = stdout(&o);
+    assert!(text.contains("keyholder_openbao_logins_total 1"), "{text}");
+    assert!(
+        text.contains("# TYPE keyholder_openbao_failovers_total counter"),
+        "{text}"
+    );
 
     // The cluster's audit log names the host's approle, never root.
     let audit = host.bao.audit_text();

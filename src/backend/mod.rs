@@ -120,6 +120,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
+    /// The backend's own counters, as metric families named `keyholder_…`
+    /// (`keyholder status --prometheus`); no secrets, no I/O.
+    fn metrics(&self) -> Vec<crate::protocol::status::Family> {
+        Vec::new()
+    }
+
     /// The deadline of each later call (`limits.upstream_timeout_secs`; a
     /// reload applies to the next call).
     fn set_timeout(&self, timeout: Duration);

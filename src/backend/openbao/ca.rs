@@ -152,6 +152,10 @@ impl Backend for EngineCa {
         })
     }
 
+    fn metrics(&self) -> Vec<crate::protocol::status::Family> {
+        self.inner.metrics()
+    }
+
     fn notes(&self) -> Vec<String> {
         let mut notes = self.inner.notes();
         if let Some(p) = self

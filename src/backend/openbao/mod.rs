@@ -1067,6 +1067,48 @@ impl Backend for OpenBao {
         })
     }
 
+    fn metrics(&self) -> Vec<crate::protocol::status::Family> {
+        use crate::protocol::status::{Family, Sample};
+        let (logins, renewals, failovers, batches, batched) = self.counters();
+        let family = |name: &str, help: &str, value: u64| Family {
+            name: name.to_owned(),
+            kind: "counter".to_owned(),
+            help: help.to_owned(),
+            samples: vec![Sample {
+                labels: Vec::new(),
+                value,
+            }],
+        };
+        vec![
+            family(
+                "keyholder_openbao_logins_total",
+                "Logins at the OpenBao/Vault cluster that got a token.",
+                logins,
+            ),
+            family(
+                "keyholder_openbao_token_renewals_total",
+                "Renewals of the daemon's token.",
+                renewals,
+            ),
+            family(
+                "keyholder_openbao_failovers_total",
+                "Calls answered by another cluster address than the call before.",
+                failovers,
+            ),
+            family(
+                "keyholder_openbao_batch_requests_total",
+                "Transit sign requests that carried more than one signature (batch_input).",
+                batches,
+            ),
+            family(
+                "keyholder_openbao_batched_signatures_total",
+                "Signatures made in batch requests (divided by the batch requests: signatures \
+                 per batch).",
+                batched,
+            ),
+        ]
+    }
+
     fn notes(&self) -> Vec<String> {
         let mut notes: Vec<String> = lock(&self.inner.cluster_problem).iter().cloned().collect();
         for p in self.report().problems() {
