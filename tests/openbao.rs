@@ -1072,3 +1072,49 @@ fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
         .lines()
         .any(|l| l.contains("ssh/sign/deploy") && l.contains("\"role_name\":\"host1\"")));
 }
+
+/// `keyholder arm` names each key it could not arm and why: a `.pub` that
+/// matches no version of its transit key, a transit key that is gone;
+/// `status` is WARNING and names them too.
+#[test]
+fn arm_names_a_mismatched_and_a_missing_transit_key() {
+    require_root!();
+    let bin = require_bao!();
+    let host = Host::start(
+        &bin,
+        &[
+            ("deploy", "ed25519"),
+            ("stranger", "ecdsa-p256"),
+            ("gone", "ed25519"),
+        ],
+        "1h",
+        "2h",
+    );
+    // The cluster's keys change under the configured .pub files.
+    for name in ["stranger", "gone"] {
+        host.bao.cli(&[
+            "write",
+            &format!("transit/keys/{name}/config"),
+            "deletion_allowed=true",
+        ]);
+        host.bao.cli(&["delete", &format!("transit/keys/{name}")]);
+    }
+    host.bao
+        .cli(&["write", "-f", "transit/keys/stranger", "type=ecdsa-p256"]);
+    let o = host.arm();
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("deploy: armed"), "{out}");
+    assert!(
+        out.contains("stranger: FAILED: public key mismatch"),
+        "{out}"
+    );
+    assert!(out.contains("gone: FAILED: transit key missing"), "{out}");
+    let o = host.keyholder(&["status"]);
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("stranger") && text.contains("mismatch"),
+        "{text}"
+    );
+}

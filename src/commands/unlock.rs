@@ -80,10 +80,14 @@ pub fn run(config: &Config, secret_file: Option<&Path>, ask: &Ask<'_>) -> Result
     match answer {
         Ok(Response::Success) => {}
         Ok(Response::Failure) => {
+            let notes = super::token::daemon_notes(config);
             say!(
-                "FAILED: the daemon could not log in with this {} (the reason is in its log; \
-                 `keyholder status` names it)",
-                ask.what
+                "FAILED: the daemon could not log in with this {}{}",
+                ask.what,
+                notes.first().map_or_else(
+                    || " (the reason is in its log)".to_owned(),
+                    |n| format!(": {n}")
+                )
             );
             return Ok(1);
         }
@@ -109,15 +113,18 @@ pub fn run(config: &Config, secret_file: Option<&Path>, ask: &Ask<'_>) -> Result
         Err(e) => return Err(Error::msg(format!("{socket}: {e}"))),
     };
     let mut failed = Vec::new();
+    let mut notes: Option<Vec<String>> = None;
     for key in &config.keys {
         if listed.contains(&key.public_key) {
             say!("{}: armed ({})", key.name, key.fingerprint);
         } else {
-            say!(
-                "{}: FAILED: not armed (its transit key is missing or has no version equal to \
-                 its public key; `keyholder status` names which)",
-                key.name
-            );
+            let notes = notes.get_or_insert_with(|| super::token::daemon_notes(config));
+            let prefix = format!("key {}: ", key.name);
+            let why = notes
+                .iter()
+                .find_map(|n| n.split_once(&prefix).map(|(_, why)| why.to_owned()))
+                .unwrap_or_else(|| "not armed (`keyholder status` says why)".to_owned());
+            say!("{}: FAILED: {why}", key.name);
             failed.push(key.name.as_str());
         }
     }
