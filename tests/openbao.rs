@@ -662,9 +662,16 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     assert!(!o.status.success());
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
-    // And arming again works.
-    let o = host.arm();
-    assert!(o.status.success(), "re-arm: {}", stdout(&o));
+    // And arming again works, here from a systemd credential.
+    let creds = host.dir.join("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::copy(&host.secret_file, creds.join("keyholder-openbao-secret")).unwrap();
+    let o = run(std::process::Command::new(KEYHOLDER)
+        .args(["arm", "--config"])
+        .arg(&host.daemon.config)
+        .env("CREDENTIALS_DIRECTORY", &creds));
+    assert!(o.status.success(), "re-arm: {}{}", stdout(&o), stderr(&o));
+    assert_eq!(host.bao.token_count(), tokens + 1);
 }
 
 #[test]

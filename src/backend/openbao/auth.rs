@@ -336,10 +336,10 @@ impl Session {
             .map_err(LoginState::Unavailable)?;
         if !reply.ok() && reply.status < 500 && Instant::now() < deadline {
             // A standby's stale copy may refuse a fresh secret id: ask again,
-            // once (the next call may well reach another node).
+            // once, starting at another address.
             tokio::time::sleep(Duration::from_millis(200)).await;
             reply = cluster
-                .call(Method::POST, &path, None, body.clone(), deadline)
+                .call_elsewhere(Method::POST, &path, None, body.clone(), deadline)
                 .await
                 .map_err(LoginState::Unavailable)?;
         }

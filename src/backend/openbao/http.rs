@@ -207,9 +207,35 @@ impl Cluster {
         body: Option<Bytes>,
         deadline: Instant,
     ) -> Result<Reply, CallError> {
+        self.call_from(0, method, path, token, body, deadline).await
+    }
+
+    /// Like [`Cluster::call`], starting at the address after the one that
+    /// answered last (a login a standby's stale copy refused is asked
+    /// again elsewhere).
+    pub async fn call_elsewhere(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Bytes>,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
+        self.call_from(1, method, path, token, body, deadline).await
+    }
+
+    async fn call_from(
+        &self,
+        offset: usize,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Bytes>,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
         let body = body.unwrap_or_default();
         let n = self.addresses.len();
-        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let first = (self.preferred.load(Ordering::Relaxed) + offset) % n;
         let mut dead_since: Option<Instant> = None;
         let mut round = 0u32;
         let mut last = String::from("not tried");
