@@ -1124,4 +1124,10 @@ fn arm_names_a_mismatched_and_a_missing_transit_key() {
         text.contains("stranger") && text.contains("mismatch"),
         "{text}"
     );
+    // check-config knows there are no private key files to look for.
+    let o = host.keyholder(&["check-config"]);
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("transit key: transit/keys/deploy"), "{text}");
+    assert!(text.contains("openbao: http://127.0.0.1:"), "{text}");
 }

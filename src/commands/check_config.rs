@@ -192,6 +192,47 @@ pub fn run(path: &Path) -> Result<u8> {
         });
         found.flush();
     }
+    if let Some(o) = config.openbao.as_deref() {
+        say!(
+            "openbao: {} auth={} transit_mount={} ssh_mount={}{}",
+            o.addresses.join(", "),
+            o.auth.name(),
+            o.transit_mount,
+            o.ssh_mount,
+            o.namespace
+                .as_ref()
+                .map_or_else(String::new, |n| format!(" namespace={n}"))
+        );
+        // The files the daemon reads through the trust check at start.
+        let files = [
+            ("ca_file", o.ca_file.as_deref(), false),
+            ("client_cert", o.client_cert.as_deref(), false),
+            ("client_key", o.client_key.as_deref(), true),
+            ("token_file", o.token_file.as_deref(), true),
+        ];
+        for (field, path, secret) in files {
+            let Some(path) = path else { continue };
+            let checked = if secret {
+                crate::trust::read_secret(path).map(|_| ())
+            } else {
+                crate::trust::read_text(path).map(|_| ())
+            };
+            match checked {
+                Ok(()) => say!("  {field}: {} (ok)", path.display()),
+                Err(e) if e.is_permission_denied() && !root => found.note(format!(
+                    "openbao.{field} {}: not checked (only root may read it)",
+                    path.display()
+                )),
+                // An agent's sink may not exist before the agent runs.
+                Err(e) if field == "token_file" && e.is_not_found() => found.warning(format!(
+                    "openbao.token_file {}: {e} (the agent has not written it yet?)",
+                    path.display()
+                )),
+                Err(e) => found.error(format!("openbao.{field} {}: {e}", path.display())),
+            }
+        }
+        found.flush();
+    }
     if let Some(c) = &config.certificates {
         say!(
             "certificates: CA {} {} validity_secs={} backdate_secs={} key_id={:?}",
