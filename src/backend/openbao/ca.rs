@@ -19,6 +19,9 @@ use zeroize::Zeroizing;
 use super::OpenBao;
 use crate::backend::{Backend, BackendError, BackendFuture, BackendStatus, IssueRequest};
 
+/// How often an unconfirmed engine CA is asked again.
+const RECHECK: Duration = Duration::from_secs(5);
+
 /// A backend with the SSH engine as its certificate CA.
 #[derive(Debug)]
 pub struct EngineCa {
@@ -43,6 +46,43 @@ impl EngineCa {
             confirmed: AtomicBool::new(false),
             problem: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Wraps `inner` and starts the task that confirms the engine's CA
+    /// (at once, then every [`RECHECK`] while it is not confirmed, and every
+    /// minute once it is) until `shutdown`.
+    pub fn start(
+        inner: Arc<dyn Backend>,
+        engine: OpenBao,
+        ca: KeyData,
+        role: String,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let this = Arc::new(Self::new(inner, engine, ca, role));
+        let checker = Arc::clone(&this);
+        let task = tokio::spawn(async move {
+            loop {
+                let wait = if checker.engine.logged_in() {
+                    let _ = checker.check().await;
+                    if checker.confirmed.load(Ordering::Relaxed) {
+                        Duration::from_secs(60)
+                    } else {
+                        RECHECK
+                    }
+                } else {
+                    checker.confirmed.store(false, Ordering::Relaxed);
+                    Duration::from_secs(1)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+        });
+        (this, task)
     }
 
     fn ca_identity(&self) -> Identity {
@@ -83,9 +123,8 @@ impl Backend for EngineCa {
     fn identities(&self) -> BackendFuture<'_, Vec<Identity>> {
         Box::pin(async move {
             let mut ids = self.inner.identities().await?;
-            if !self.confirmed.load(Ordering::Relaxed) && self.engine.logged_in() {
-                let _ = self.check().await;
-            }
+            // Never asks the cluster here (listings must not wait on it):
+            // the checker task and `status` keep `confirmed` current.
             if self.confirmed.load(Ordering::Relaxed) && self.engine.logged_in() {
                 ids.push(self.ca_identity());
             }
@@ -201,9 +240,11 @@ pub async fn wrap(
         .map(|c| c.ca.public_key.clone())
         .ok_or_else(|| crate::error::Error::msg("no [certificates]"))?;
     let super::super::Opened { backend, mut tasks } = opened;
-    let wrapped: Arc<dyn Backend> =
-        Arc::new(EngineCa::new(backend, engine.clone(), ca, role.clone()));
+    let (wrapped, checker) =
+        EngineCa::start(backend, engine.clone(), ca, role.clone(), shutdown.clone());
+    let wrapped: Arc<dyn Backend> = wrapped;
     tracing::info!("certificates: signed by the cluster's SSH engine (role {role})");
+    tasks.push(checker);
     tasks.push(tokio::spawn(async move {
         engine.run(shutdown).await;
         if revoke_at_exit {

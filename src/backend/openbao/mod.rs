@@ -825,14 +825,18 @@ pub(super) async fn open(
         config.agent.socket.display()
     );
     let mut shared: Arc<dyn Backend> = Arc::new(backend.clone());
+    let mut tasks = Vec::new();
     if let Some(c) = config.certificates.as_deref() {
         if let Some(role) = &c.openbao_role {
-            shared = Arc::new(ca::EngineCa::new(
+            let (wrapped, checker) = ca::EngineCa::start(
                 Arc::clone(&shared),
                 backend.clone(),
                 c.ca.public_key.clone(),
                 role.clone(),
-            ));
+                context.shutdown.clone(),
+            );
+            shared = wrapped;
+            tasks.push(checker);
         }
     }
     let server = tokio::spawn(super::admin::serve(
@@ -847,9 +851,11 @@ pub(super) async fn open(
             backend.revoke_at_exit().await;
         }
     });
+    tasks.push(server);
+    tasks.push(upkeep);
     Ok(super::Opened {
         backend: shared,
-        tasks: vec![server, upkeep],
+        tasks,
     })
 }
 
