@@ -359,7 +359,7 @@ fn a_burst_of_admin_refusals_never_hides_a_refused_sign() {
     assert!(
         line.contains(&format!(
             " key=deploy fingerprint={fp} remote_user=deploy dest=- forwarded=no serial=- \
-             decision=refused reason=not-in-allowed-group"
+             grant=- decision=refused reason=not-in-allowed-group"
         )),
         "{line}"
     );

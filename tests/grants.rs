@@ -215,6 +215,14 @@ fn four_eyes_request_approve_use() {
     assert!(s.log().contains("grant=- decision=refused reason=no-grant"));
     // Root never needs one.
     assert!(s.signs(&As::Root));
+    // `keyholder list` says what to do.
+    let o = s.kh(&alice, &["list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("prod needs a grant: keyholder request prod"),
+        "{}",
+        stderr(&o)
+    );
 
     let id = s.request(&s.alice, "5m");
     s.wait_log(&format!("grant event=requested id={id} key=prod"));
@@ -252,6 +260,10 @@ fn four_eyes_request_approve_use() {
     assert!(s.lists(&alice));
     assert!(s.signs(&alice));
     s.wait_log(&format!("grant={id} decision=granted"));
+    let o = s.kh(&alice, &["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("prod "), "{}", stdout(&o));
+    assert!(!stderr(&o).contains("needs a grant"), "{}", stderr(&o));
     // Bob, also a member, has no grant of his own.
     assert!(!s.lists(&s.bob.as_user()));
     assert!(!s.signs(&s.bob.as_user()));
@@ -330,6 +342,36 @@ fn bad_requests_are_one_line_and_change_nothing() {
         s.request(&s.alice, "1m");
     }
     s.refused(&req(&a, "1m", "r"), "16 pending requests");
+    // Malformed and oversized grant extensions: an answer saying so, on a
+    // connection that stays usable.
+    let ext =
+        |name: &str, contents: Vec<u8>| [vec![27u8], string(name.as_bytes()), contents].concat();
+    let answers = raw_as(
+        &a,
+        &s.daemon.socket,
+        &[
+            ext("grant-approve@keyholder", vec![0, 0, 0]),
+            ext(
+                "grant-request@keyholder",
+                [string(b"prod"), string(b"5m"), string(&[b'x'; 2000])].concat(),
+            ),
+            ext(
+                "grant-revoke@keyholder",
+                [string(&[0xff]), string(b"")].concat(),
+            ),
+            ext("grant-list@keyholder", Vec::new()),
+        ],
+    );
+    for (i, answer) in answers.iter().enumerate() {
+        let answer = answer.as_ref().expect("an answer");
+        assert_eq!(answer[0], EXTENSION_RESPONSE, "{i}");
+        let text = String::from_utf8_lossy(answer);
+        if i < 3 {
+            assert!(text.contains("malformed"), "{i}: {text}");
+        } else {
+            assert!(text.contains("\"grants\""), "{text}");
+        }
+    }
     // Nothing was granted by any of this.
     assert!(!s.signs(&a));
     assert!(!s.log().contains("event=active"));

@@ -930,3 +930,69 @@ fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_a_login() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn a_token_pulled_in_the_middle_of_a_burst_fails_requests_and_never_relays_a_bad_signature() {
+    require_root!();
+    let s = Setup::start(three_key_token(), &[("ed", Some("ed"), "")]);
+    assert!(s.arm(PIN).status.success());
+    let blob = s.blob("ed");
+    let data = userauth_data(&blob, &s.user.name, "ssh-ed25519");
+    let request = sign_request(&blob, &data, 0);
+    let public = s.public("ed");
+    // Clients keep signing (30 requests per connection, connection after
+    // connection) until a second after the token is pulled.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let answers: Vec<Option<Vec<u8>>> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let messages = vec![request.clone(); 30];
+                let who = s.user.as_user();
+                let socket = s.daemon.socket.clone();
+                let stop = &stop;
+                scope.spawn(move || {
+                    let mut all = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        all.extend(raw_as(&who, &socket, &messages));
+                    }
+                    all
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        s.hsm.remove();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let (mut signed, mut failed) = (0, 0);
+    for answer in &answers {
+        let answer = answer.as_ref().expect("the connection stays open");
+        match answer.first() {
+            Some(&SIGN_RESPONSE) => {
+                let (sig, _) = take_string(&answer[1..]).unwrap();
+                let sig = ssh_key::Signature::decode(&mut &sig[..]).unwrap();
+                public.key_data().verify(&data, &sig).unwrap();
+                signed += 1;
+            }
+            Some(&FAILURE) => failed += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("{signed} signed (each verified), {failed} failed");
+    assert!(failed > 0, "the token was pulled: some requests must fail");
+    assert!(
+        signed > 0,
+        "the token was there at first: some requests must be signed"
+    );
+    assert!(!s.daemon.log_text().contains("panicked"));
+    s.hsm.put_back();
+    assert!(
+        wait_for(Duration::from_secs(20), || !s.sign_fails("ed")),
+        "{}",
+        s.daemon.log_text()
+    );
+}

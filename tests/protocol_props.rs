@@ -131,12 +131,18 @@ fn classify_and_decide(body: &[u8]) -> Request {
             }
             (Request::Sign(s), Decision::Sign { key, .. }) => {
                 c.may_use(key)
-                    && policy.key(s.credential.key_data()) == Some(*key)
+                    && policy.key(s.request.credential.key_data()) == Some(*key)
                     && (key.allow_any_data
-                        || userauth::parse(&s.data, s.credential.key_data()).is_ok())
+                        || userauth::parse(&s.request.data, s.request.credential.key_data())
+                            .is_ok())
+                    // Classification parsed the data once, as the policy reads it.
+                    && s.auth == userauth::parse(&s.request.data, s.request.credential.key_data())
             }
             (Request::Sign(_), Decision::Refuse { .. }) => true,
-            (Request::Extension(_), _) => !matches!(d, Decision::List | Decision::Sign { .. }),
+            (
+                Request::Extension(_) | Request::Query | Request::Status(_) | Request::Grant { .. },
+                _,
+            ) => !matches!(d, Decision::List | Decision::Sign { .. }),
             (Request::SessionBind(_), Decision::VerifyBind | Decision::RefuseBind { .. }) => true,
             (Request::BadSessionBind(_), Decision::RefuseBind { .. }) => true,
             (
@@ -169,6 +175,21 @@ fn classify_and_decide(body: &[u8]) -> Request {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Any contents of any grant extension: parsed or refused, never a
+    /// panic; what parses encodes back to the same bytes.
+    #[test]
+    fn grant_extensions_never_panic(
+        which in 0usize..5,
+        contents in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        use keyholder::protocol::grants;
+        let name = [grants::REQUEST, grants::APPROVE, grants::DENY, grants::LIST, grants::REVOKE][which];
+        if let Ok(op) = grants::parse(name, &contents) {
+            prop_assert_eq!(op.name(), name);
+            prop_assert_eq!(grants::parse(name, &op.contents()), Ok(op.clone()));
+        }
+    }
 
     /// Any bytes, as one message or as a stream of frames: no panic, and
     /// every decision fits its request.
@@ -246,11 +267,11 @@ proptest! {
         let Request::Sign(s) = classify_and_decide(&m) else {
             return Err(TestCaseError::fail("not classified as a sign request"));
         };
-        prop_assert_eq!(s.credential.key_data(), &k);
-        prop_assert_eq!(&s.data, &data);
-        prop_assert_eq!(s.flags, flags);
+        prop_assert_eq!(s.request.credential.key_data(), &k);
+        prop_assert_eq!(&s.request.data, &data);
+        prop_assert_eq!(s.request.flags, flags);
         let mut again = vec![13u8];
-        s.encode(&mut again).unwrap();
+        s.request.encode(&mut again).unwrap();
         prop_assert_eq!(again, m.clone());
         let mut trailing = m;
         trailing.extend(junk);

@@ -221,7 +221,7 @@ pub fn phase(b: &mut Bench, rounds: usize, timing: Timing) -> Result<String> {
         format!(
             "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"pkcs11\"\n\
              socket = \"{}\"\n\n[pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"bench\"\n\n\
-             [limits]\nmax_connections_per_user = 2048\n\n[keys.p11bench]\ngroups = [\"{group}\"]\n",
+             [limits]\nmax_connections_per_user = 2048\n\n[keys.p11bench]\ngroups = [\"{group}\"]\npkcs11_label = \"bench\"\n",
             socket.display(),
             b.dir.0.display(),
             agent_socket.display()

@@ -160,8 +160,11 @@ fn check(body: &[u8]) {
         (Some(11), Request::Malformed { .. }) => assert!(body.len() > 1),
         (Some(13), Request::Sign(_) | Request::Malformed { kind: 13, .. }) => {}
         (Some(27), Request::Extension(e)) => {
-            assert!(!e.name.is_empty() && e.name != policy::SESSION_BIND)
+            assert!(!e.name.is_empty() && e.name != policy::SESSION_BIND);
+            assert!(![policy::QUERY, "status@keyholder"].contains(&e.name.as_str()));
+            assert!(!keyholder::protocol::grants::is_grant(&e.name));
         }
+        (Some(27), Request::Query | Request::Status(_) | Request::Grant { .. }) => {}
         (Some(27), Request::SessionBind(_) | Request::BadSessionBind(_)) => {}
         (Some(27), Request::Malformed { kind: 27, .. }) => {}
         (Some(t), Request::Unknown(u)) => assert_eq!(t, *u),
@@ -172,7 +175,7 @@ fn check(body: &[u8]) {
     // give back exactly the bytes the client sent ("forwarded unchanged").
     if let Request::Sign(sign) = &request {
         let mut again = vec![13u8];
-        sign.encode(&mut again)
+        sign.request.encode(&mut again)
             .expect("encode a decoded sign request");
         assert_eq!(again, body, "sign request does not re-encode to its bytes");
     }
@@ -203,10 +206,11 @@ fn check(body: &[u8]) {
                 assert!(!f.policy.any_key_for(caller, &keyholder::policy::grants::NO_GRANTS, 1000))
             }
             (Request::Sign(sign), Decision::Sign { key, remote_user, .. }) => {
-                let wanted = sign.credential.key_data();
+                let wanted = sign.request.credential.key_data();
                 assert_eq!(f.policy.key(wanted), Some(*key));
                 assert!(caller.may_use(key), "{caller:?} may not use {}", key.name);
-                let auth = userauth::parse(&sign.data, wanted);
+                let auth = userauth::parse(&sign.request.data, wanted);
+                assert_eq!(auth, sign.auth, "classification parsed the data otherwise");
                 assert!(key.allow_any_data || auth.is_ok(), "{auth:?}");
                 assert_eq!(
                     destinations::check_sign(&key.rules, bindings, auth.as_ref().ok(), 1000),
@@ -225,7 +229,7 @@ fn check(body: &[u8]) {
                 assert_eq!(remote_user, &auth.ok().map(|a| a.user));
             }
             (Request::Sign(sign), Decision::Refuse { reason, key, .. }) => {
-                let wanted = sign.credential.key_data();
+                let wanted = sign.request.credential.key_data();
                 let configured = f.policy.key(wanted);
                 assert_eq!(*key, configured);
                 match reason {
@@ -235,7 +239,7 @@ fn check(body: &[u8]) {
                     }
                     Reason::NotUserAuth(_) => {
                         assert!(configured.is_some_and(|k| !k.allow_any_data));
-                        assert!(userauth::parse(&sign.data, wanted).is_err());
+                        assert!(userauth::parse(&sign.request.data, wanted).is_err());
                     }
                     Reason::DestinationNotAllowed
                     | Reason::NoSessionBind
@@ -268,18 +272,16 @@ fn check(body: &[u8]) {
             (Request::BadSessionBind(m), Decision::RefuseBind { reason, forwarding }) => {
                 assert_eq!((m.reason, m.forwarding), (*reason, *forwarding))
             }
-            (Request::Extension(e), d) => match (e.name.as_str(), d) {
-                (policy::QUERY, Decision::Query)
-                | ("status@keyholder", Decision::Status) => {}
-                (
-                    name,
-                    Decision::Refuse {
-                        reason: Reason::UnknownExtension,
-                        ..
-                    },
-                ) => assert!(![policy::QUERY, "status@keyholder"].contains(&name)),
-                (name, d) => panic!("extension {name}: {d:?}"),
-            },
+            (Request::Query, Decision::Query)
+            | (Request::Status(_), Decision::Status)
+            | (Request::Grant { .. }, Decision::Grant) => {}
+            (
+                Request::Extension(_),
+                Decision::Refuse {
+                    reason: Reason::UnknownExtension,
+                    ..
+                },
+            ) => {}
             (
                 Request::Admin(op),
                 Decision::Refuse {

@@ -14,7 +14,9 @@
 //! key (the daemon runs another configuration, or this one is unreadable)
 //! is shown as `?` with the agent's comment. A key listed with the caller's
 //! certificate gets a second row for it (key ID, serial, principals). Exit 1, with a message on
-//! stderr, when there is none.
+//! stderr, when there is none. A key with grants that the caller's groups
+//! name but that is not listed gets a line on stderr saying it needs a
+//! grant, and how to ask for one.
 
 use std::path::Path;
 
@@ -45,6 +47,12 @@ pub fn run(config_path: &Path) -> Result<u8> {
     let ids = daemon_identities(&socket_path, timeout)?;
 
     let rows = rows(config.config(), &ids);
+    for name in needs_grant(config.config(), &ids) {
+        eprintln!(
+            "keyholder: {name} needs a grant: keyholder request {name} --for DURATION --reason \
+             TEXT (see keyholder grants)"
+        );
+    }
     if rows.is_empty() {
         let who = nix::unistd::User::from_uid(nix::unistd::getuid())
             .ok()
@@ -69,6 +77,34 @@ pub fn run(config_path: &Path) -> Result<u8> {
         say!("{name:<w0$}  {fingerprint:<w1$}  {algorithm:<w2$}  {path}");
     }
     Ok(0)
+}
+
+/// The keys with grants that the caller's groups name but the daemon did
+/// not list: they need a grant (a hint only; the daemon decides). The
+/// groups are this process's (as a login gets them from the user
+/// database).
+fn needs_grant(config: Option<&crate::config::Config>, ids: &[Identity]) -> Vec<String> {
+    let Some(config) = config else {
+        return Vec::new();
+    };
+    let mine: Vec<String> = nix::unistd::getgroups()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::iter::once(nix::unistd::getgid()))
+        .filter_map(|g| nix::unistd::Group::from_gid(g).ok().flatten())
+        .map(|g| g.name)
+        .collect();
+    config
+        .keys
+        .iter()
+        .filter(|k| k.grants.is_some())
+        .filter(|k| k.groups.iter().any(|g| mine.contains(g)))
+        .filter(|k| {
+            !ids.iter()
+                .any(|id| id.credential.key_data() == &k.public_key)
+        })
+        .map(|k| k.name.clone())
+        .collect()
 }
 
 /// One row per identity: name, fingerprint, algorithm, public key path;

@@ -187,8 +187,22 @@ pub async fn serve(
     }
 }
 
-/// Decides and carries out one request; returns the framed answer.
-/// `unresolved`: why the caller's lookup gave no answer, if it did not.
+/// What one request is answered with: a message to encode, or a sign
+/// response framed as the backend produced it (never decoded).
+enum Reply {
+    Message(Response),
+    Framed(Vec<u8>),
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Self {
+        Self::Message(response)
+    }
+}
+
+/// Decides and carries out one request; returns the framed answer (the one
+/// exit of every request). `unresolved`: why the caller's lookup gave no
+/// answer, if it did not.
 async fn handle(
     rt: &super::Runtime,
     shared: &Shared,
@@ -197,7 +211,6 @@ async fn handle(
     bindings: &mut Bindings,
     request: Request,
 ) -> Vec<u8> {
-    let backend = &shared.backend;
     // The grants in force: a snapshot, no lock held and no file read.
     let grants = shared.grants.current();
     let now = unix_now();
@@ -212,116 +225,25 @@ async fn handle(
         Some(why) => policy::decide_unresolved(&rt.policy, caller, ctx, &request, why.clone()),
     };
     shared.metrics.decided(&decision, &request);
-    let metrics_wanted = status::wants_metrics(&request);
-    let notes_wanted = status::wants_notes(&request);
-    // What the connection is bound to, for the audit line.
-    let binding = audit::Binding::of(bindings);
-    // A refusal's outcome is known now; a sign's only once the backend
-    // answered (logged below). Refusals are rate-limited per uid; granted
-    // and failed signs never are.
-    // Each kind (admin, sign, malformed) has its own allowance per uid; a
-    // summary counts what it suppressed per reason and key.
-    let detail = || audit::refusal_detail(&decision);
-    if let Some(line) = audit::refusal(caller, &decision, &binding) {
-        let kind = audit::refusal_kind(&decision);
-        if shared
-            .log
-            .allow_with(kind, log_bucket(shared, caller.uid), detail)
-        {
-            tracing::info!(target: audit::TARGET, "{line}");
-        }
-    } else if let Decision::Refuse { reason, .. } = &decision {
-        if shared.log.allow_with(
-            &audit::REFUSED_UNAUDITED,
-            log_bucket(shared, caller.uid),
-            detail,
-        ) {
-            tracing::debug!("refused uid={}: {reason}", caller.uid);
-        }
-    }
-    let answer = match (&decision, request) {
-        (Decision::EmptyList, _) => Ok(Response::IdentitiesAnswer(Vec::new())),
-        (Decision::List, _) => match backend.identities().await {
-            Ok(ids) => Ok(Response::IdentitiesAnswer(
-                list(rt, shared, caller, (bindings, &grants, now), ids).await,
-            )),
-            Err(e) => Err(e),
-        },
-        (Decision::Sign { key, .. }, Request::Sign(mut sign)) => {
-            // The backend signs with the plain key, whether the request
-            // named it or a certificate of it; flags unchanged.
-            sign.credential = PublicCredential::Key(key.key.clone());
-            // The signature goes back as the backend produced it; the audit
-            // line is written once that outcome is known. The line of the
-            // usual outcome is formatted while the backend signs (`biased`:
-            // the request is sent first).
-            let (result, granted) = tokio::join!(biased; backend.sign(sign), async {
-                audit::sign(caller, &decision, &binding, audit::Outcome::Signed)
-            });
-            shared.metrics.signed(&key.name, caller.uid, &result);
-            let line = match &result {
-                Ok(_) => granted,
-                Err(BackendError::Timeout | BackendError::Busy) => {
-                    audit::sign(caller, &decision, &binding, audit::Outcome::UpstreamTimeout)
-                }
-                Err(_) => audit::sign(caller, &decision, &binding, audit::Outcome::UpstreamError),
-            };
-            if let Some(line) = line {
-                tracing::info!(target: audit::TARGET, "{line}");
-            }
-            return match result {
-                Ok(signature) => response::sign_response(&signature),
-                // The audit line above says which sign failed and why; the
-                // error itself is logged once per burst, not once per sign.
-                Err(e) => {
-                    note_upstream_error(shared, &e);
-                    response::FAILURE.to_vec()
-                }
-            };
+    audit_refusal(shared, caller, &decision, bindings);
+    let reply = match (&decision, request) {
+        (Decision::EmptyList, _) => Response::IdentitiesAnswer(Vec::new()).into(),
+        (Decision::List, _) => list(rt, shared, caller, (bindings, &grants, now)).await,
+        (Decision::Sign { key, .. }, Request::Sign(sign)) => {
+            sign_with(shared, caller, &decision, key, bindings, sign.request).await
         }
         (Decision::VerifyBind, Request::SessionBind(bind)) => {
-            let forwarding = bind.forwarding;
-            let verified = shared.verifier.verify(caller.uid, bind).await;
-            match verified.and_then(|b| {
-                let fingerprint = b.fingerprint.clone();
-                bindings.record(b).map(|()| fingerprint)
-            }) {
-                Ok(fingerprint) => {
-                    tracing::debug!(
-                        "session bound for uid={} pid={}: host key {fingerprint}, forwarding={}",
-                        caller.uid,
-                        caller.pid.unwrap_or(0),
-                        if forwarding { "yes" } else { "no" }
-                    );
-                    Ok(Response::Success)
-                }
-                Err(why) => {
-                    bad_bind(caller, bindings, why, Some(forwarding));
-                    Ok(Response::ExtensionFailure)
-                }
-            }
+            session_bind(shared, caller, bindings, *bind).await
         }
         // A supported extension that failed: EXTENSION_FAILURE, as OpenSSH's
         // agent answers (FAILURE would read "not supported").
         (Decision::RefuseBind { reason, forwarding }, _) => {
             bad_bind(caller, bindings, reason, *forwarding);
-            Ok(Response::ExtensionFailure)
+            Response::ExtensionFailure.into()
         }
-        (Decision::Query, _) => Ok(query_response()),
-        (Decision::Grant, Request::Extension(ext)) => {
-            let answer = match protocol::grants::parse(&ext.name, ext.details.as_ref()) {
-                Ok(op) => {
-                    shared
-                        .grants
-                        .handle(&rt.policy, caller, unresolved.as_ref(), op)
-                        .await
-                }
-                Err(why) => protocol::grants::Answer {
-                    ok: false,
-                    text: format!("malformed {}: {why}", ext.name),
-                },
-            };
-            Ok(extension_response(&ext.name, &answer))
+        (Decision::Query, _) => query_response().into(),
+        (Decision::Grant, Request::Grant { name, op }) => {
+            grant(rt, shared, caller, unresolved.as_ref(), &name, op).await
         }
         (
             Decision::Refuse {
@@ -333,35 +255,179 @@ async fn handle(
             // A grantee who left its key's groups (or whose key is gone):
             // the grant ends.
             shared.grants.end_orphans(&rt.policy, caller).await;
-            Ok(Response::Failure)
+            Response::Failure.into()
         }
-        (Decision::Status, _) => {
-            let status = backend.status().await;
-            if let Err(e) = &status {
-                note_upstream_error(shared, e);
-            }
-            let ids = status.ok().map(|s| s.identities);
-            let report = policy::status_report(&rt.policy, ids.as_deref());
-            let metrics = metrics_wanted.then(|| metrics_report(rt, shared));
-            let notes = notes_wanted.then(|| backend.notes());
-            Ok(extension_response(
-                status::NAME,
-                &status::Answer {
-                    report,
-                    metrics,
-                    notes,
-                },
-            ))
-        }
+        (Decision::Status, Request::Status(format)) => status(rt, shared, format).await,
         // Refusals, and decisions that do not match their request (which
         // `decide` never produces).
-        _ => Ok(Response::Failure),
+        _ => Response::Failure.into(),
     };
-    match answer {
-        Ok(response) => response::encode(&response),
+    match reply {
+        Reply::Message(response) => response::encode(&response),
+        Reply::Framed(bytes) => bytes,
+    }
+}
+
+/// Writes the audit line of a refusal (its outcome is known now; a sign's
+/// only once the backend answered). Refusals are rate-limited per uid, each
+/// kind (admin, sign, malformed) with its own allowance; a summary counts
+/// what was suppressed per reason and key. Granted and failed signs never
+/// are.
+fn audit_refusal(shared: &Shared, caller: &Caller, decision: &Decision, bindings: &Bindings) {
+    let detail = || audit::refusal_detail(decision);
+    if let Some(line) = audit::refusal(caller, decision, &audit::Binding::of(bindings)) {
+        let kind = audit::refusal_kind(decision);
+        if shared
+            .log
+            .allow_with(kind, log_bucket(shared, caller.uid), detail)
+        {
+            tracing::info!(target: audit::TARGET, "{line}");
+        }
+    } else if let Decision::Refuse { reason, .. } = decision {
+        if shared.log.allow_with(
+            &audit::REFUSED_UNAUDITED,
+            log_bucket(shared, caller.uid),
+            detail,
+        ) {
+            tracing::debug!("refused uid={}: {reason}", caller.uid);
+        }
+    }
+}
+
+/// An allowed sign: the backend signs with the plain key (whether the
+/// request named it or a certificate of it), flags unchanged, and the
+/// signature goes back as the backend produced it. The audit line is
+/// written once that outcome is known; the line of the usual outcome is
+/// formatted while the backend signs (`biased`: the request is sent first).
+async fn sign_with(
+    shared: &Shared,
+    caller: &Caller,
+    decision: &Decision<'_>,
+    key: &policy::KeyRule,
+    bindings: &Bindings,
+    mut sign: ssh_agent_lib::proto::SignRequest,
+) -> Reply {
+    sign.credential = PublicCredential::Key(key.key.clone());
+    let binding = audit::Binding::of(bindings);
+    let (result, granted) = tokio::join!(biased; shared.backend.sign(sign), async {
+        audit::sign(caller, decision, &binding, audit::Outcome::Signed)
+    });
+    shared.metrics.signed(&key.name, caller.uid, &result);
+    let line = match &result {
+        Ok(_) => granted,
+        Err(BackendError::Timeout | BackendError::Busy) => {
+            audit::sign(caller, decision, &binding, audit::Outcome::UpstreamTimeout)
+        }
+        Err(_) => audit::sign(caller, decision, &binding, audit::Outcome::UpstreamError),
+    };
+    if let Some(line) = line {
+        tracing::info!(target: audit::TARGET, "{line}");
+    }
+    match result {
+        Ok(signature) => Reply::Framed(response::sign_response(&signature)),
+        // The audit line above says which sign failed and why; the error
+        // itself is rate-limited, not logged once per sign.
         Err(e) => {
             note_upstream_error(shared, &e);
-            response::FAILURE.to_vec()
+            Response::Failure.into()
+        }
+    }
+}
+
+/// `session-bind@openssh.com`: verified off the async threads, kept on the
+/// connection; a binding that fails verification or order gets
+/// EXTENSION_FAILURE.
+async fn session_bind(
+    shared: &Shared,
+    caller: &Caller,
+    bindings: &mut Bindings,
+    bind: crate::protocol::session_bind::SessionBind,
+) -> Reply {
+    let forwarding = bind.forwarding;
+    let verified = shared.verifier.verify(caller.uid, Box::new(bind)).await;
+    match verified.and_then(|b| {
+        let fingerprint = b.fingerprint.clone();
+        bindings.record(b).map(|()| fingerprint)
+    }) {
+        Ok(fingerprint) => {
+            tracing::debug!(
+                "session bound for uid={} pid={}: host key {fingerprint}, forwarding={}",
+                caller.uid,
+                caller.pid.unwrap_or(0),
+                if forwarding { "yes" } else { "no" }
+            );
+            Response::Success.into()
+        }
+        Err(why) => {
+            bad_bind(caller, bindings, why, Some(forwarding));
+            Response::ExtensionFailure.into()
+        }
+    }
+}
+
+/// A `grant-…@keyholder` extension: handled by the grant store (which asks
+/// the policy); a malformed one is answered with why.
+async fn grant(
+    rt: &super::Runtime,
+    shared: &Shared,
+    caller: &Caller,
+    unresolved: Option<&Reason>,
+    name: &str,
+    op: Result<crate::protocol::grants::GrantOp, &'static str>,
+) -> Reply {
+    let answer = match op {
+        Ok(op) => {
+            shared
+                .grants
+                .handle(&rt.policy, caller, unresolved, op)
+                .await
+        }
+        Err(why) => crate::protocol::grants::Answer {
+            ok: false,
+            text: format!("malformed {name}: {why}"),
+        },
+    };
+    extension_response(name, &answer).into()
+}
+
+/// `status@keyholder`: the configured keys against what the backend holds,
+/// and the counters or the backend's notes when asked for.
+async fn status(rt: &super::Runtime, shared: &Shared, format: status::Format) -> Reply {
+    let backend = &shared.backend;
+    let status = backend.status().await;
+    if let Err(e) = &status {
+        note_upstream_error(shared, e);
+    }
+    let ids = status.ok().map(|s| s.identities);
+    let report = policy::status_report(&rt.policy, ids.as_deref());
+    let metrics = (format == status::Format::Metrics).then(|| metrics_report(rt, shared));
+    let notes = (format == status::Format::Notes).then(|| backend.notes());
+    extension_response(
+        status::NAME,
+        &status::Answer {
+            report,
+            metrics,
+            notes,
+        },
+    )
+    .into()
+}
+
+/// REQUEST_IDENTITIES from a caller who may use some key: the backend's
+/// identities, filtered and with certificates ([`listing`]).
+async fn list(
+    rt: &super::Runtime,
+    shared: &Shared,
+    caller: &Caller,
+    connection: (&Bindings, &policy::grants::Grants, u64),
+) -> Reply {
+    match shared.backend.identities().await {
+        Ok(ids) => {
+            Response::IdentitiesAnswer(listing(rt, shared, caller, connection, ids).await).into()
+        }
+        Err(e) => {
+            note_upstream_error(shared, &e);
+            Response::Failure.into()
         }
     }
 }
@@ -369,7 +435,7 @@ async fn handle(
 /// The answer to REQUEST_IDENTITIES: the identities the caller may use, in
 /// the backend's order, each key with certificates on preceded by the
 /// caller's certificate for it.
-async fn list(
+async fn listing(
     rt: &super::Runtime,
     shared: &Shared,
     caller: &Caller,

@@ -28,7 +28,7 @@
 //! A caller may use a key when its uid is 0, or when one of its groups (from
 //! the user database, resolved by the daemon) is listed in the key's `groups`.
 
-use ssh_agent_lib::proto::{Extension, Identity, PublicCredential, SignRequest};
+use ssh_agent_lib::proto::{Identity, PublicCredential};
 use ssh_key::public::KeyData;
 
 pub mod certificates;
@@ -41,13 +41,12 @@ use destinations::{Bindings, Proposed, Rules};
 use crate::config::{CertMode, Config};
 use crate::protocol::grants as grant_ext;
 use crate::protocol::request::Request;
+use crate::protocol::request::Sign;
 use crate::protocol::session_bind::SessionBind;
 use crate::protocol::status::{self, KeyStatus, StatusReport};
-use crate::protocol::{userauth, AdminOp};
+use crate::protocol::AdminOp;
 
-pub use crate::protocol::request::SESSION_BIND;
-/// The extension that lists supported extensions.
-pub const QUERY: &str = "query";
+pub use crate::protocol::request::{QUERY, SESSION_BIND};
 /// Extensions the proxy supports, as answered to `query`.
 pub const SUPPORTED_EXTENSIONS: [&str; 8] = [
     QUERY,
@@ -424,12 +423,15 @@ pub fn decide<'p>(
         }
         Request::RequestIdentities => Decision::EmptyList,
         Request::Sign(sign) => decide_sign(policy, caller, ctx, sign),
+        Request::Query => Decision::Query,
+        Request::Status(_) => Decision::Status,
+        Request::Grant { .. } => Decision::Grant,
         Request::SessionBind(bind) => decide_bind(policy, caller, ctx, bind),
         Request::BadSessionBind(m) => Decision::RefuseBind {
             reason: m.reason,
             forwarding: m.forwarding,
         },
-        Request::Extension(ext) => decide_extension(ext),
+        Request::Extension(_) => refuse(Reason::UnknownExtension),
         Request::Admin(op) => refuse(Reason::AdminRequest(*op)),
         Request::Unknown(t) => refuse(Reason::UnknownType(*t)),
         Request::Malformed { reason, .. } => refuse(Reason::Malformed(reason)),
@@ -487,10 +489,10 @@ fn decide_sign<'p>(
     policy: &'p Policy,
     caller: &Caller,
     ctx: Context<'_>,
-    sign: &SignRequest,
+    sign: &Sign,
 ) -> Decision<'p> {
-    let wanted = sign.credential.key_data();
-    let auth = userauth::parse(&sign.data, wanted);
+    let wanted = sign.request.credential.key_data();
+    let auth = &sign.auth;
     let remote_user = auth.as_ref().ok().map(|a| a.user.clone());
     // The key blob inside the data is what the target sees.
     let data_key = auth.as_ref().ok().map(|a| match &a.key {
@@ -592,20 +594,6 @@ fn check_order<'p>(bindings: &Bindings, bind: &SessionBind) -> Decision<'p> {
             reason,
             forwarding: Some(bind.forwarding),
         },
-    }
-}
-
-fn decide_extension<'p>(ext: &Extension) -> Decision<'p> {
-    match ext.name.as_str() {
-        // Parsed by `classify` into its own request; never reaches here.
-        SESSION_BIND => Decision::RefuseBind {
-            reason: "not parsed",
-            forwarding: None,
-        },
-        QUERY => Decision::Query,
-        status::NAME => Decision::Status,
-        name if grant_ext::is_grant(name) => Decision::Grant,
-        _ => refuse(Reason::UnknownExtension),
     }
 }
 

@@ -4,6 +4,7 @@
 use super::*;
 use crate::protocol::classify;
 use certificates::NoneMinted;
+use ssh_agent_lib::proto::SignRequest;
 
 /// `decide` on a connection with no session bindings.
 fn decide<'p>(p: &'p Policy, c: &Caller, r: &Request) -> Decision<'p> {
@@ -125,11 +126,11 @@ fn caller(uid: u32, groups: &[&str]) -> Caller {
 }
 
 fn sign(credential: PublicCredential, data: Vec<u8>, flags: u32) -> Request {
-    Request::Sign(SignRequest {
+    Request::Sign(Box::new(Sign::new(SignRequest {
         credential,
         data,
         flags,
-    })
+    })))
 }
 
 fn userauth_sign(seed: u8, user: &str) -> Request {
@@ -423,14 +424,15 @@ fn unknown_types_and_malformed_bodies_are_refused() {
 fn extensions() {
     let p = policy();
     let c = caller(1000, &[]);
+    // As classified from the wire: the extensions keyholder answers are
+    // requests of their own, any other stays an opaque extension.
     let ext = |name: &str| {
-        Request::Extension(Extension {
-            name: name.into(),
-            details: vec![].into(),
-        })
+        let mut m = vec![27u8];
+        m.extend(u32::try_from(name.len()).unwrap().to_be_bytes());
+        m.extend(name.as_bytes());
+        classify(&m)
     };
-    // session-bind is its own request (see `classify`), never an extension
-    // passed through.
+    // session-bind with no contents is a malformed binding, refused as one.
     assert!(matches!(
         decide(&p, &c, &ext(SESSION_BIND)),
         Decision::RefuseBind { .. }
@@ -847,10 +849,7 @@ fn a_timed_out_lookup_refuses_what_depends_on_groups_except_for_root() {
         )),
         Some(Reason::AdminRequest(_))
     ));
-    let query = Request::Extension(Extension {
-        name: QUERY.into(),
-        details: vec![].into(),
-    });
+    let query = Request::Query;
     assert_eq!(
         decide_unresolved(&p, &c, &query, Reason::LookupTimeout),
         Decision::Query

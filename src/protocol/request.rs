@@ -2,17 +2,26 @@
 //! the proxy acts on.
 //!
 //! Only three bodies are ever decoded: REQUEST_IDENTITIES (must be empty),
-//! SIGN_REQUEST and EXTENSION (and, of extensions, the contents of
-//! `session-bind@openssh.com`). Everything else is decided on the type byte
-//! alone, so a private key sent in an add request is never parsed.
+//! SIGN_REQUEST (and the user-authentication data inside it, once, here)
+//! and EXTENSION (and, of extensions, the contents of the ones keyholder
+//! answers: `session-bind@openssh.com`, `status@keyholder`, the
+//! `grant-…@keyholder` ones). Everything else is decided on the type byte
+//! alone, so a private key sent in an add request is never parsed. What
+//! comes out is typed facts: the policy, the audit and the counters read
+//! them and never parse again.
 
 use ssh_agent_lib::proto::{Extension, SignRequest};
 use ssh_encoding::{Decode, Encode, Reader};
 
+use super::grants::{self, GrantOp};
 use super::session_bind::{self, Malformed, SessionBind};
+use super::status::{self, Format};
+use super::userauth::{self, UserAuth};
 
 /// The extension OpenSSH's `ssh` sends to bind a connection to a host key.
 pub const SESSION_BIND: &str = "session-bind@openssh.com";
+/// The extension that asks which extensions an agent supports.
+pub const QUERY: &str = "query";
 
 /// SSH_AGENTC_REQUEST_IDENTITIES
 pub const REQUEST_IDENTITIES: u8 = 11;
@@ -82,14 +91,26 @@ impl AdminOp {
 pub enum Request {
     /// REQUEST_IDENTITIES with an empty body.
     RequestIdentities,
-    /// A well-formed SIGN_REQUEST.
-    Sign(SignRequest),
+    /// A well-formed SIGN_REQUEST, with its data parsed.
+    Sign(Box<Sign>),
     /// A well-formed `session-bind@openssh.com` EXTENSION.
     SessionBind(Box<SessionBind>),
     /// A `session-bind@openssh.com` EXTENSION whose contents are malformed.
     BadSessionBind(Malformed),
-    /// A well-formed EXTENSION (name and opaque contents), other than
-    /// `session-bind@openssh.com`.
+    /// The `query` EXTENSION.
+    Query,
+    /// A `status@keyholder` EXTENSION, and the answer format it asks for.
+    Status(Format),
+    /// A `grant-…@keyholder` EXTENSION: its name, and the operation or why
+    /// its contents are malformed.
+    Grant {
+        /// The extension's name (the answer carries it back).
+        name: String,
+        /// What it asks.
+        op: Result<GrantOp, &'static str>,
+    },
+    /// A well-formed EXTENSION (name and opaque contents) keyholder does
+    /// not answer.
     Extension(Extension),
     /// An administrative request (body not decoded).
     Admin(AdminOp),
@@ -120,23 +141,53 @@ pub fn classify(message: &[u8]) -> Request {
             reason: "trailing bytes",
         },
         SIGN_REQUEST => match decode_all::<SignRequest>(&mut body) {
-            Ok(sign) => Request::Sign(sign),
+            Ok(request) => Request::Sign(Box::new(Sign::new(request))),
             Err(reason) => Request::Malformed { kind, reason },
         },
         EXTENSION => match decode_extension(body) {
-            Ok(ext) if ext.name == SESSION_BIND => {
-                match session_bind::parse(ext.details.as_ref()) {
-                    Ok(bind) => Request::SessionBind(Box::new(bind)),
-                    Err(m) => Request::BadSessionBind(m),
-                }
-            }
-            Ok(ext) => Request::Extension(ext),
+            Ok(ext) => classify_extension(ext),
             Err(reason) => Request::Malformed { kind, reason },
         },
         _ => match AdminOp::from_type(kind) {
             Some(op) => Request::Admin(op),
             None => Request::Unknown(kind),
         },
+    }
+}
+
+/// A sign request and what its data is: an SSH user-authentication request
+/// signed by the requested key (parsed once, at classification), or why
+/// not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sign {
+    /// The request as decoded (key, data, flags).
+    pub request: SignRequest,
+    /// The data, parsed as user-authentication data for the requested key.
+    pub auth: Result<UserAuth, &'static str>,
+}
+
+impl Sign {
+    /// Parses the data of `request`.
+    pub fn new(request: SignRequest) -> Self {
+        let auth = userauth::parse(&request.data, request.credential.key_data());
+        Self { request, auth }
+    }
+}
+
+/// The extensions keyholder answers, parsed; any other stays opaque.
+fn classify_extension(ext: Extension) -> Request {
+    match ext.name.as_str() {
+        SESSION_BIND => match session_bind::parse(ext.details.as_ref()) {
+            Ok(bind) => Request::SessionBind(Box::new(bind)),
+            Err(m) => Request::BadSessionBind(m),
+        },
+        QUERY => Request::Query,
+        status::NAME => Request::Status(Format::of(ext.details.as_ref())),
+        name if grants::is_grant(name) => Request::Grant {
+            op: grants::parse(name, ext.details.as_ref()),
+            name: ext.name,
+        },
+        _ => Request::Extension(ext),
     }
 }
 
@@ -212,8 +263,10 @@ mod tests {
         let Request::Sign(s) = classify(&m) else {
             panic!()
         };
-        assert_eq!(s.data, b"data");
-        assert_eq!(s.flags, 4);
+        assert_eq!(s.request.data, b"data");
+        assert_eq!(s.request.flags, 4);
+        // Not user-authentication data: said once, here.
+        assert!(s.auth.is_err());
     }
 
     #[test]
@@ -264,7 +317,7 @@ mod tests {
         let Request::Sign(s) = classify(&good) else {
             panic!()
         };
-        assert!(encodes_to(&s, &good[1..]));
+        assert!(encodes_to(&s.request, &good[1..]));
     }
 
     #[test]
@@ -292,10 +345,21 @@ mod tests {
         let mut m = vec![EXTENSION];
         m.extend(5u32.to_be_bytes());
         m.extend(b"query");
+        assert_eq!(classify(&m), Request::Query);
+        let mut m = vec![EXTENSION];
+        m.extend(7u32.to_be_bytes());
+        m.extend(b"x@y.org");
+        m.extend(b"opaque");
         let Request::Extension(e) = classify(&m) else {
             panic!()
         };
-        assert_eq!(e.name, "query");
+        assert_eq!(e.name, "x@y.org");
+        let mut m = vec![EXTENSION];
+        m.extend(16u32.to_be_bytes());
+        m.extend(b"status@keyholder");
+        assert_eq!(classify(&m), Request::Status(Format::Plain));
+        m.extend(2u32.to_be_bytes());
+        assert_eq!(classify(&m), Request::Status(Format::Metrics));
         assert!(matches!(
             classify(&[EXTENSION, 0, 0]),
             Request::Malformed { .. }

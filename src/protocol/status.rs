@@ -38,8 +38,6 @@
 
 use ssh_encoding::{CheckedSum, Decode, Encode, Reader, Writer};
 
-use super::Request;
-
 /// The extension's name.
 pub const NAME: &str = "status@keyholder";
 /// The payload format version without counters.
@@ -54,21 +52,34 @@ pub fn notes_request() -> Vec<u8> {
     VERSION_NOTES.to_be_bytes().to_vec()
 }
 
-/// Whether a `status@keyholder` request asks for the backend's notes
-/// (format 3).
-pub fn wants_notes(request: &Request) -> bool {
-    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_NOTES.to_be_bytes())
+/// The answer format a `status@keyholder` request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Format 1: keys, armed or not, the backend reachable or not.
+    Plain,
+    /// Format 2: and the daemon's counters.
+    Metrics,
+    /// Format 3: and the backend's notes on what is wrong.
+    Notes,
+}
+
+impl Format {
+    /// The format the request contents ask for: `uint32 2` the counters,
+    /// `uint32 3` the notes, anything else format 1.
+    pub fn of(contents: &[u8]) -> Self {
+        if contents == VERSION_METRICS.to_be_bytes() {
+            Self::Metrics
+        } else if contents == VERSION_NOTES.to_be_bytes() {
+            Self::Notes
+        } else {
+            Self::Plain
+        }
+    }
 }
 
 /// The request contents that ask for format 2.
 pub fn metrics_request() -> Vec<u8> {
     VERSION_METRICS.to_be_bytes().to_vec()
-}
-
-/// Whether a `status@keyholder` request asks for the counters (format 2).
-/// Any other contents get format 1.
-pub fn wants_metrics(request: &Request) -> bool {
-    matches!(request, Request::Extension(ext) if ext.details.as_ref() == VERSION_METRICS.to_be_bytes())
 }
 
 /// One configured key's state.
@@ -449,21 +460,12 @@ mod tests {
     }
 
     #[test]
-    fn only_the_exact_contents_ask_for_counters() {
-        use ssh_agent_lib::proto::Extension;
-        let ext = |details: Vec<u8>| {
-            Request::Extension(Extension {
-                name: NAME.into(),
-                details: details.into(),
-            })
-        };
-        assert!(wants_metrics(&ext(metrics_request())));
-        assert!(!wants_metrics(&ext(Vec::new())));
-        assert!(!wants_metrics(&ext(vec![0, 0, 0, 1])));
-        assert!(!wants_metrics(&ext(vec![0, 0, 0, 2, 0])));
-        assert!(!wants_metrics(&Request::RequestIdentities));
-        assert!(wants_notes(&ext(notes_request())));
-        assert!(!wants_notes(&ext(metrics_request())));
-        assert!(!wants_notes(&ext(vec![0, 0, 0, 3, 0])));
+    fn only_the_exact_contents_ask_for_counters_or_notes() {
+        assert_eq!(Format::of(&metrics_request()), Format::Metrics);
+        assert_eq!(Format::of(&[]), Format::Plain);
+        assert_eq!(Format::of(&[0, 0, 0, 1]), Format::Plain);
+        assert_eq!(Format::of(&[0, 0, 0, 2, 0]), Format::Plain);
+        assert_eq!(Format::of(&notes_request()), Format::Notes);
+        assert_eq!(Format::of(&[0, 0, 0, 3, 0]), Format::Plain);
     }
 }

@@ -95,11 +95,11 @@ fn active(id: &str) -> Grants {
 }
 
 fn sign_request(seed: u8) -> Request {
-    Request::Sign(SignRequest {
+    Request::Sign(Box::new(crate::protocol::request::Sign::new(SignRequest {
         credential: PublicCredential::Key(key(seed)),
         data: build(&key(seed), "deploy", PUBLICKEY, None),
         flags: 0,
-    })
+    })))
 }
 
 fn decide_at<'p>(p: &'p Policy, c: &Caller, g: &Grants, now: u64, r: &Request) -> Decision<'p> {
