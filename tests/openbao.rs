@@ -1136,3 +1136,72 @@ fn arm_names_a_mismatched_and_a_missing_transit_key() {
     assert!(text.contains("transit key: transit/keys/deploy"), "{text}");
     assert!(text.contains("openbao: http://127.0.0.1:"), "{text}");
 }
+
+/// `auth = "agent"`: the token comes from a file an OpenBao/Vault Agent
+/// keeps fresh; a new token written there is picked up, and a revoked one
+/// is replaced by re-reading the file.
+#[test]
+fn agent_token_file_is_re_read_when_it_changes() {
+    let bin = require_bao!();
+    let dir = TempDir::new("baoag");
+    let bao = Bao::dev(&bin, &dir);
+    bao.setup_host("1h", "2h");
+    let line = bao.transit_key("deploy", "ed25519");
+    let new_token = || {
+        let out = bao.cli(&[
+            "token",
+            "create",
+            "-policy=keyholder",
+            "-ttl=1h",
+            "-format=json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let token_file = dir.join("agent-token");
+    write_secret(&token_file, &new_token());
+    let b = Arc::new(
+        OpenBao::new(Settings {
+            addresses: vec![bao.addr.clone()],
+            tls: Default::default(),
+            namespace: None,
+            auth: AuthMethod::Agent {
+                token_file: token_file.clone(),
+            },
+            transit_mount: "transit".into(),
+            ssh_mount: "ssh".into(),
+            keys: vec![KeySpec {
+                name: "deploy".into(),
+                public: key_data(&line),
+                transit_key: "deploy".into(),
+            }],
+            timeout: Duration::from_secs(30),
+        })
+        .unwrap(),
+    );
+    runtime().block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let upkeep = {
+            let b = b.clone();
+            tokio::spawn(async move { b.run(rx).await })
+        };
+        let start = Instant::now();
+        while b.identities().await.unwrap().is_empty() && start.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sign(&b, &line, payload(0), 0).await.unwrap();
+        let logins = b.counters().0;
+        // The agent writes a new token and the old one is revoked.
+        let old = std::fs::read_to_string(&token_file).unwrap();
+        write_secret(&token_file, &new_token());
+        let o = bao.try_cli(&["token", "revoke", old.trim()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        sign(&b, &line, payload(1), 0).await.unwrap();
+        assert!(b.counters().0 > logins, "the new token was read");
+        tx.send(true).unwrap();
+        upkeep.await.unwrap();
+    });
+}
