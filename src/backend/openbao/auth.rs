@@ -119,6 +119,19 @@ impl Secret {
     }
 }
 
+impl Drop for Secret {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        let capacity = self.0.capacity().max(1);
+        // Wiped before the pages are unlocked (and again by Zeroizing).
+        self.0.zeroize();
+        if let Some(ptr) = std::ptr::NonNull::new(self.0.as_mut_ptr().cast::<std::ffi::c_void>()) {
+            // SAFETY: the buffer is still allocated; munlock only changes paging.
+            let _ = unsafe { nix::sys::mman::munlock(ptr, capacity) };
+        }
+    }
+}
+
 /// The lease of the current token.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
