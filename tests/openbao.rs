@@ -636,6 +636,10 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
         text.contains("# TYPE keyholder_openbao_failovers_total counter"),
         "{text}"
     );
+    assert!(
+        text.contains("keyholder_openbao_requests_total{outcome=\"ok\"}"),
+        "{text}"
+    );
 
     // The cluster's audit log names the host's approle, never root.
     let audit = host.bao.audit_text();

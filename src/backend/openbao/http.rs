@@ -143,7 +143,13 @@ pub struct Cluster {
     namespace: Option<HeaderValue>,
     preferred: AtomicUsize,
     failovers: AtomicU64,
+    /// Calls by outcome, in [`OUTCOMES`] order, and their total time.
+    outcomes: [AtomicU64; 5],
+    micros: AtomicU64,
 }
+
+/// The outcomes calls are counted by.
+pub const OUTCOMES: [&str; 5] = ["ok", "refused", "sealed", "unreachable", "timeout"];
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,7 +194,21 @@ impl Cluster {
             namespace,
             preferred: AtomicUsize::new(0),
             failovers: AtomicU64::new(0),
+            outcomes: Default::default(),
+            micros: AtomicU64::new(0),
         })
+    }
+
+    /// Calls by outcome ([`OUTCOMES`]) and their total time in microseconds.
+    pub fn outcomes(&self) -> (Vec<(&'static str, u64)>, u64) {
+        (
+            OUTCOMES
+                .iter()
+                .zip(&self.outcomes)
+                .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+                .collect(),
+            self.micros.load(Ordering::Relaxed),
+        )
     }
 
     /// How many times a call was answered by another address than the one
@@ -225,6 +245,34 @@ impl Cluster {
     }
 
     async fn call_from(
+        &self,
+        offset: usize,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Bytes>,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
+        let start = Instant::now();
+        let result = self
+            .call_counted(offset, method, path, token, body, deadline)
+            .await;
+        let outcome = match &result {
+            Ok(reply) if reply.ok() => 0,
+            Ok(_) => 1,
+            Err(CallError::Sealed) => 2,
+            Err(CallError::Unreachable(_)) => 3,
+            Err(CallError::Timeout(_)) => 4,
+        };
+        if let Some(n) = self.outcomes.get(outcome) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.micros.fetch_add(micros, Ordering::Relaxed);
+        result
+    }
+
+    async fn call_counted(
         &self,
         offset: usize,
         method: Method,

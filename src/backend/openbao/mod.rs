@@ -1085,7 +1085,29 @@ impl Backend for OpenBao {
                 value,
             }],
         };
+        let (outcomes, micros) = self.inner.cluster.outcomes();
+        let requests = Family {
+            name: "keyholder_openbao_requests_total".to_owned(),
+            kind: "counter".to_owned(),
+            help: "Calls to the cluster (each over as many addresses as it took), by outcome: \
+                   ok, refused (a 4xx answer), sealed, unreachable, timeout."
+                .to_owned(),
+            samples: outcomes
+                .into_iter()
+                .map(|(outcome, value)| Sample {
+                    labels: vec![("outcome".to_owned(), outcome.to_owned())],
+                    value,
+                })
+                .collect(),
+        };
         vec![
+            requests,
+            family(
+                "keyholder_openbao_request_microseconds_total",
+                "Time spent in calls to the cluster, in microseconds (divided by the calls: \
+                 the mean latency).",
+                micros,
+            ),
             family(
                 "keyholder_openbao_logins_total",
                 "Logins at the OpenBao/Vault cluster that got a token.",
