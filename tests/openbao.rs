@@ -640,6 +640,28 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
         text.contains("keyholder_openbao_requests_total{outcome=\"ok\"}"),
         "{text}"
     );
+    // Valid for Prometheus (when promtool is installed; .ci/run installs it).
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let out = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            o.status.success() && out.trim().is_empty(),
+            "promtool: {out}"
+        );
+    }
 
     // The cluster's audit log names the host's approle, never root.
     let audit = host.bao.audit_text();
