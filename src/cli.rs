@@ -79,6 +79,11 @@ pub enum Command {
         /// instead of $CREDENTIALS_DIRECTORY/keyholder-pin or the terminal.
         #[arg(long, value_name = "FILE")]
         pin_file: Option<PathBuf>,
+        /// backend = "openbao": read the AppRole secret id (or the token, with auth = "token")
+        /// from this file (first line) instead of $CREDENTIALS_DIRECTORY/keyholder-openbao-secret
+        /// or the terminal; the daemon logs in with it and keeps it in locked memory.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
     },
     /// Remove every identity from the upstream agent. Root only.
     ///

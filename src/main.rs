@@ -50,10 +50,12 @@ fn main() -> ExitCode {
         Command::Arm {
             passphrase_file,
             pin_file,
+            secret_file,
         } => keyholder::commands::arm::run(
             &cli.config,
             passphrase_file.as_deref(),
             pin_file.as_deref(),
+            secret_file.as_deref(),
         ),
         Command::Disarm => keyholder::commands::disarm::run(&cli.config),
         Command::Status { json, prometheus } => Ok(if prometheus {

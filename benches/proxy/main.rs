@@ -45,7 +45,7 @@
 //! by default against the agent for each scenario, in windows of its own.
 //! `KH_BENCH_CANDIDATE=/path/to/keyholder` also runs that build beside this
 //! one and interleaves the two daemons in each scenario (`candidate.rs`).
-//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,pkcs11,hung,memory`
+//! `KH_BENCH_ONLY=sign1,sign16,connect16,list16,burst,certs,grants,pkcs11,openbao,hung,memory`
 //! selects parts (for profiling: the daemon's pid is printed at start);
 //! `KH_BENCH_EXTRA_GROUPS=N` puts the bench users in N more groups;
 //! `KH_BENCH_LOG_LEVEL=warn` runs the daemon without audit lines (to measure
@@ -55,7 +55,10 @@
 //! `connect` without grants and under an active grant.
 //! times one mint. The `pkcs11` part (see `pkcs11.rs`) measures the PKCS#11
 //! backend on a SoftHSM2 token against a direct PKCS#11 client.
+//! The `openbao` part (see `openbao.rs`) runs the openbao backend against a
+//! three-node OpenBao cluster on this machine.
 
+mod baoshim;
 mod candidate;
 mod certs;
 mod grants;
@@ -63,6 +66,7 @@ mod hung;
 mod load;
 #[path = "../../tests/common/nslcd.rs"]
 mod nslcd;
+mod openbao;
 mod pkcs11;
 #[path = "../../tests/common/process.rs"]
 mod process;
@@ -1042,6 +1046,12 @@ fn bench() -> Result<String> {
         None
     };
 
+    let openbao = if settings.wants("openbao") {
+        Some(openbao::phase(settings.rounds.min(3))?)
+    } else {
+        None
+    };
+
     let memory = if settings.wants("memory") {
         Some(memory_phase(&mut b, settings.idle)?)
     } else {
@@ -1197,6 +1207,9 @@ fn bench() -> Result<String> {
     }
     if let Some(h) = &hanging {
         out += h;
+    }
+    if let Some(o) = &openbao {
+        out += o;
     }
     out += "| daemon memory | VmRSS | open fds |\n|---|---:|---:|\n";
     out += &format!("| started, no client yet | {} | |\n", mib(rss_start));

@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod builtin;
+pub mod openbao;
 pub mod pkcs11;
 pub mod pool;
 pub mod upstream;
@@ -100,6 +101,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Box::pin(async { Err(BackendError::Unsupported) })
     }
 
+    /// `[certificates] ca = "openbao:ROLE"`: a user certificate from a CA
+    /// held elsewhere (the cluster's SSH engine), as an OpenSSH certificate
+    /// line. Backends without such a CA answer [`BackendError::Unsupported`].
+    fn issue(&self, request: IssueRequest) -> BackendFuture<'_, String> {
+        drop(request);
+        Box::pin(async { Err(BackendError::Unsupported) })
+    }
+
     /// What `status@keyholder` needs: an error means the backend cannot be
     /// reached; otherwise the identities it holds.
     fn status(&self) -> BackendFuture<'_, BackendStatus>;
@@ -111,9 +120,34 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
+    /// The backend's own counters, as metric families named `keyholder_…`
+    /// (`keyholder status --prometheus`); no secrets, no I/O.
+    fn metrics(&self) -> Vec<crate::protocol::status::Family> {
+        Vec::new()
+    }
+
     /// The deadline of each later call (`limits.upstream_timeout_secs`; a
     /// reload applies to the next call).
     fn set_timeout(&self, timeout: Duration);
+}
+
+/// A user certificate asked of a CA held elsewhere ([`Backend::issue`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueRequest {
+    /// The signing role (`ca = "openbao:ROLE"`).
+    pub role: String,
+    /// The key certified.
+    pub key: ssh_key::public::KeyData,
+    /// Remote users it is valid for.
+    pub principals: Vec<String>,
+    /// Extensions (empty values).
+    pub extensions: Vec<String>,
+    /// Critical options (name, value).
+    pub critical_options: Vec<(String, String)>,
+    /// Seconds of validity.
+    pub ttl_secs: u64,
+    /// The key ID.
+    pub key_id: String,
 }
 
 /// A backend that answered a status request.
@@ -198,8 +232,10 @@ impl Opened {
 /// running. Fails with one line when something it must start, bind, load or
 /// lock cannot be (what it had started by then is stopped again).
 pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result<Opened> {
-    match config.agent.backend {
-        BackendKind::Upstream => upstream::open(config, context).await,
+    let shutdown = context.shutdown.clone();
+    let opened = match config.agent.backend {
+        BackendKind::Upstream => upstream::open(config, context).await?,
+        BackendKind::OpenBao => return openbao::open(config, context).await,
         BackendKind::Builtin => {
             let settings = builtin::Settings {
                 timeout: config.limits.upstream_timeout,
@@ -220,10 +256,10 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
                 context.shutdown,
             ));
             // agent.socket closes before the keys are dropped.
-            Ok(Opened {
+            Opened {
                 backend,
                 tasks: vec![server, task],
-            })
+            }
         }
         BackendKind::Pkcs11 => {
             let Some(settings) = config.pkcs11.as_deref().cloned() else {
@@ -270,10 +306,12 @@ pub async fn open(config: &Config, context: OpenContext) -> crate::error::Result
                 }
             });
             // agent.socket closes before the token is logged out.
-            Ok(Opened {
+            Opened {
                 backend,
                 tasks: vec![server, stopper],
-            })
+            }
         }
-    }
+    };
+    // `[certificates] ca = "openbao:ROLE"` with another backend.
+    openbao::ca::wrap(config, opened, shutdown).await
 }

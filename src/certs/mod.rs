@@ -60,6 +60,9 @@ pub struct Settings {
     pub host: Result<String, String>,
     /// Keys with certificates on, by name.
     pub keys: BTreeMap<String, KeySettings>,
+    /// `ca = "openbao:ROLE"`: the cluster's SSH engine signs, with this
+    /// role (`ca` is then the engine's pinned CA key).
+    pub openbao_role: Option<String>,
 }
 
 /// One key's certificate settings.
@@ -99,6 +102,7 @@ impl Settings {
                     )
                 })
                 .collect(),
+            openbao_role: c.openbao_role.clone(),
         })
     }
 }
@@ -149,6 +153,7 @@ pub struct Handed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Profile {
     settings_ca: KeyData,
+    openbao_role: Option<String>,
     validity_secs: u64,
     backdate_secs: u64,
     key_id: String,
@@ -161,6 +166,7 @@ impl Profile {
     fn new(settings: &Settings, key: &KeySettings, user: Option<&str>) -> Self {
         Self {
             settings_ca: settings.ca.clone(),
+            openbao_role: settings.openbao_role.clone(),
             validity_secs: settings.validity_secs,
             backdate_secs: settings.backdate_secs,
             key_id: settings.key_id.clone(),
@@ -174,6 +180,7 @@ impl Profile {
     /// in place: the cache hit allocates nothing).
     fn matches(&self, settings: &Settings, key: &KeySettings, user: Option<&str>) -> bool {
         self.settings_ca == settings.ca
+            && self.openbao_role == settings.openbao_role
             && self.validity_secs == settings.validity_secs
             && self.backdate_secs == settings.backdate_secs
             && self.key_id == settings.key_id
@@ -524,6 +531,9 @@ pub async fn mint(
     (now, cap): (u64, Option<u64>),
 ) -> Result<Certificate, MintError> {
     let key_id = key_id(&settings.key_id, user, uid, &settings.host, name, serial)?;
+    if let Some(role) = &settings.openbao_role {
+        return issued_elsewhere(backend, settings, role, key, cert, key_id).await;
+    }
     let mut nonce = [0u8; 32];
     getrandom::getrandom(&mut nonce)
         .map_err(|e| MintError::Build(format!("no random nonce: {e}")))?;
@@ -597,6 +607,68 @@ pub async fn mint(
     cert.verify_signature()
         .map_err(|e| MintError::Build(format!("the CA's signature does not verify: {e}")))?;
     Ok(cert)
+}
+
+/// A certificate from the cluster's SSH engine (`ca = "openbao:ROLE"`),
+/// checked against what was asked: the pinned CA, the key, user type, key
+/// ID, principals, and its signature.
+async fn issued_elsewhere(
+    backend: &dyn Backend,
+    settings: &Settings,
+    role: &str,
+    key: &KeyData,
+    cert: &KeyCertConfig,
+    key_id: String,
+) -> Result<Certificate, MintError> {
+    let mut critical_options = Vec::new();
+    if let Some(command) = &cert.force_command {
+        critical_options.push(("force-command".to_owned(), command.clone()));
+    }
+    if !cert.source_address.is_empty() {
+        critical_options.push(("source-address".to_owned(), cert.source_address.join(",")));
+    }
+    let line = backend
+        .issue(crate::backend::IssueRequest {
+            role: role.to_owned(),
+            key: key.clone(),
+            principals: cert.principals.clone(),
+            extensions: cert.extensions.clone(),
+            critical_options,
+            ttl_secs: settings.validity_secs,
+            key_id: key_id.clone(),
+        })
+        .await
+        .map_err(MintError::Backend)?;
+    let issued = Certificate::from_openssh(line.trim())
+        .map_err(|e| MintError::Build(format!("the engine's certificate cannot be read: {e}")))?;
+    let wrong = |what: &str| {
+        Err(MintError::Build(format!(
+            "the engine's certificate (role {role}) has {what}"
+        )))
+    };
+    if issued.signature_key() != &settings.ca {
+        return wrong("another CA than the pinned openbao-ca.pub");
+    }
+    if issued.public_key() != key {
+        return wrong("another public key");
+    }
+    if !issued.cert_type().is_user() {
+        return wrong("not the user type");
+    }
+    if issued.key_id() != key_id {
+        return wrong("another key ID (the role must set allow_user_key_ids = true)");
+    }
+    let mut asked = cert.principals.clone();
+    asked.sort();
+    let mut got = issued.valid_principals().to_vec();
+    got.sort();
+    if asked != got {
+        return wrong("other principals");
+    }
+    issued
+        .verify_signature()
+        .map_err(|e| MintError::Build(format!("the engine's signature does not verify: {e}")))?;
+    Ok(issued)
 }
 
 fn decode_signature(blob: &[u8]) -> Result<Signature, MintError> {

@@ -96,6 +96,7 @@ fn settings(ca: &TestCa) -> Settings {
             },
         )]
         .into(),
+        openbao_role: None,
     }
 }
 

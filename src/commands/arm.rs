@@ -59,12 +59,37 @@ pub fn run(
     config_path: &Path,
     passphrase_file: Option<&Path>,
     pin_file: Option<&Path>,
+    secret_file: Option<&Path>,
 ) -> Result<u8> {
     crate::require_root("arm")?;
     crate::hardening::apply()?;
     let mut config = Config::load(config_path)?;
     if config.agent.backend == crate::config::BackendKind::Pkcs11 {
         return super::token::arm(&config, pin_file);
+    }
+    if let Some(openbao) = config.openbao.as_deref() {
+        if config.agent.backend == crate::config::BackendKind::OpenBao {
+            let needs = openbao.auth.needs_secret();
+            let prompt = match openbao.auth {
+                crate::config::openbao::AuthKind::Token => "OpenBao token: ",
+                _ => "OpenBao AppRole secret id: ",
+            };
+            let ask = super::unlock::Ask {
+                credential: "keyholder-openbao-secret",
+                prompt: needs.then_some(prompt),
+                what: if openbao.auth == crate::config::openbao::AuthKind::Token {
+                    "token"
+                } else {
+                    "secret id"
+                },
+            };
+            return super::unlock::run(&config, secret_file, &ask);
+        }
+    }
+    if secret_file.is_some() {
+        return Err(Error::msg(
+            "--secret-file applies only with agent.backend = \"openbao\"".to_owned(),
+        ));
     }
     // The certificate CA is armed with the keys, like one of them.
     config.keys = config.key_files();

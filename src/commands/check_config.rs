@@ -66,6 +66,8 @@ pub fn run(path: &Path) -> Result<u8> {
         match (config.agent.backend, config.agent.spawn) {
             (crate::config::BackendKind::Builtin, _) =>
                 "backend = \"builtin\": served by the daemon, which holds the keys itself",
+            (crate::config::BackendKind::OpenBao, _) =>
+                "backend = \"openbao\": served by the daemon; the keys are transit keys of the cluster",
             (crate::config::BackendKind::Pkcs11, _) =>
                 "backend = \"pkcs11\": served by the daemon; the keys stay on the token",
             (_, true) => "spawned by the daemon",
@@ -148,6 +150,19 @@ pub fn run(path: &Path) -> Result<u8> {
                 }
             }
         }
+        if config.agent.backend == crate::config::BackendKind::OpenBao {
+            let mount = config
+                .openbao
+                .as_deref()
+                .map_or("transit", |o| o.transit_mount.as_str());
+            say!(
+                "  transit key: {mount}/keys/{} (its version equal to the public key is pinned \
+                 when the daemon logs in; `keyholder status` names a mismatch)",
+                key.transit_key.as_deref().unwrap_or(&key.name)
+            );
+            found.flush();
+            continue;
+        }
         if let Some(p) = config.pkcs11.as_deref() {
             say!(
                 "  on the token: {}",
@@ -177,6 +192,47 @@ pub fn run(path: &Path) -> Result<u8> {
         });
         found.flush();
     }
+    if let Some(o) = config.openbao.as_deref() {
+        say!(
+            "openbao: {} auth={} transit_mount={} ssh_mount={}{}",
+            o.addresses.join(", "),
+            o.auth.name(),
+            o.transit_mount,
+            o.ssh_mount,
+            o.namespace
+                .as_ref()
+                .map_or_else(String::new, |n| format!(" namespace={n}"))
+        );
+        // The files the daemon reads through the trust check at start.
+        let files = [
+            ("ca_file", o.ca_file.as_deref(), false),
+            ("client_cert", o.client_cert.as_deref(), false),
+            ("client_key", o.client_key.as_deref(), true),
+            ("token_file", o.token_file.as_deref(), true),
+        ];
+        for (field, path, secret) in files {
+            let Some(path) = path else { continue };
+            let checked = if secret {
+                crate::trust::read_secret(path).map(|_| ())
+            } else {
+                crate::trust::read_text(path).map(|_| ())
+            };
+            match checked {
+                Ok(()) => say!("  {field}: {} (ok)", path.display()),
+                Err(e) if e.is_permission_denied() && !root => found.note(format!(
+                    "openbao.{field} {}: not checked (only root may read it)",
+                    path.display()
+                )),
+                // An agent's sink may not exist before the agent runs.
+                Err(e) if field == "token_file" && e.is_not_found() => found.warning(format!(
+                    "openbao.token_file {}: {e} (the agent has not written it yet?)",
+                    path.display()
+                )),
+                Err(e) => found.error(format!("openbao.{field} {}: {e}", path.display())),
+            }
+        }
+        found.flush();
+    }
     if let Some(c) = &config.certificates {
         say!(
             "certificates: CA {} {} validity_secs={} backdate_secs={} key_id={:?}",
@@ -192,11 +248,17 @@ pub fn run(path: &Path) -> Result<u8> {
                 p.display()
             );
         }
-        let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
-        say!(
-            "  private key: {} ({state}; armed by `keyholder arm` with the keys)",
-            c.ca.private_key_path.display()
-        );
+        if let Some(role) = &c.openbao_role {
+            say!(
+                "  signed by the cluster's SSH engine, role {role} (its CA key pinned in the file above)"
+            );
+        } else {
+            let state = check_key(&config, &c.ca, "certificates.ca", root, &mut found);
+            say!(
+                "  private key: {} ({state}; armed by `keyholder arm` with the keys)",
+                c.ca.private_key_path.display()
+            );
+        }
         if !config.keys.iter().any(|k| k.cert.mode != CertMode::Off) {
             found.note(
                 "[certificates] is set, but no key has certificate = \"also\" or \"only\""

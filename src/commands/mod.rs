@@ -29,6 +29,7 @@ pub mod passphrase;
 pub mod prometheus;
 pub mod status;
 pub mod token;
+pub mod unlock;
 
 use std::path::{Path, PathBuf};
 

@@ -75,7 +75,7 @@ fn module_id(config: &Config) -> Result<String> {
 
 /// What the daemon says is wrong (`status@keyholder` format 3 on the proxy
 /// socket, asked as root); empty when it cannot be asked.
-fn daemon_notes(config: &Config) -> Vec<String> {
+pub(super) fn daemon_notes(config: &Config) -> Vec<String> {
     use crate::protocol::status::{self, Answer};
     use ssh_agent_lib::proto::Extension;
     use ssh_encoding::Decode;

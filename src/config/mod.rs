@@ -15,9 +15,12 @@ use serde::Deserialize;
 use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, PublicKey};
 
+pub mod openbao;
+
 use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
 use crate::trust::TrustError;
+pub use openbao::OpenBaoConfig;
 
 pub mod grants;
 pub use grants::GrantsConfig;
@@ -60,6 +63,7 @@ struct RawConfig {
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
     certificates: Option<RawCertificates>,
+    openbao: Option<openbao::RawOpenBao>,
     pkcs11: Option<pkcs11::RawPkcs11>,
 }
 
@@ -90,6 +94,9 @@ pub enum BackendKind {
     Upstream,
     /// keyholder holds the keys itself and serves `agent.socket`.
     Builtin,
+    /// The keys are transit keys of an OpenBao / Vault cluster (`[openbao]`).
+    #[serde(rename = "openbao")]
+    OpenBao,
     /// The keys stay on a PKCS#11 token (`[pkcs11]`).
     Pkcs11,
 }
@@ -100,6 +107,7 @@ impl BackendKind {
         match self {
             Self::Upstream => "upstream",
             Self::Builtin => "builtin",
+            Self::OpenBao => "openbao",
             Self::Pkcs11 => "pkcs11",
         }
     }
@@ -132,6 +140,7 @@ struct RawKey {
     remote_users: Option<Vec<String>>,
     #[serde(default)]
     allow_forwarding: bool,
+    transit_key: Option<String>,
     grants: Option<grants::RawGrants>,
     pkcs11_label: Option<String>,
     pkcs11_id: Option<String>,
@@ -190,6 +199,9 @@ pub struct CertificatesConfig {
     pub backdate_secs: u64,
     /// The key ID template (`{user}`, `{uid}`, `{host}`, `{key}`, `{serial}`).
     pub key_id: String,
+    /// `ca = "openbao:ROLE"`: the role of the cluster's SSH engine that
+    /// signs (the CA's public key is pinned in `key_dir/openbao-ca.pub`).
+    pub openbao_role: Option<String>,
 }
 
 /// Default `[certificates] validity_secs`.
@@ -285,6 +297,8 @@ pub struct KeyConfig {
     pub remote_users: Option<Vec<String>>,
     /// May be used through a forwarded agent.
     pub allow_forwarding: bool,
+    /// The transit key holding it (`backend = "openbao"`; default: the name).
+    pub transit_key: Option<String>,
     /// Members need a grant (`[keys.NAME.grants]`).
     pub grants: Option<GrantsConfig>,
 }
@@ -321,6 +335,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// `[certificates]`, when present.
     pub certificates: Option<Box<CertificatesConfig>>,
+    /// `[openbao]`, when present.
+    pub openbao: Option<Box<OpenBaoConfig>>,
     /// Where the daemon keeps state (grants).
     pub state_dir: PathBuf,
     /// `[pkcs11]` (with `backend = "pkcs11"` only).
@@ -458,6 +474,42 @@ impl Config {
         }
 
         let backend = raw.agent.backend.unwrap_or_default();
+        let openbao = match raw.openbao {
+            Some(o) => Some(Box::new(openbao::load(path, o)?)),
+            None => None,
+        };
+        if backend == BackendKind::OpenBao && openbao.is_none() {
+            return Err(Error::msg(format!(
+                "{file}: agent.backend = \"openbao\" needs an [openbao] section \
+                 (addresses, auth)"
+            )));
+        }
+        if backend != BackendKind::OpenBao {
+            if let Some(k) = keys.iter().find(|k| k.transit_key.is_some()) {
+                return Err(Error::msg(format!(
+                    "{file}: keys.{}.transit_key: applies only with agent.backend = \"openbao\"",
+                    k.name
+                )));
+            }
+        }
+        if let Some(role) = certificates.as_ref().and_then(|c| c.openbao_role.as_ref()) {
+            match openbao.as_deref() {
+                None => {
+                    return Err(Error::msg(format!(
+                        "{file}: certificates.ca = \"openbao:{role}\" needs an [openbao] section"
+                    )))
+                }
+                Some(o) if backend != BackendKind::OpenBao && o.auth.needs_secret() => {
+                    return Err(Error::msg(format!(
+                        "{file}: certificates.ca = \"openbao:{role}\" with agent.backend = \"{}\" \
+                         needs openbao.auth = \"cert\" or \"agent\" (the daemon logs in by itself; \
+                         `keyholder arm` hands a secret only to the openbao backend)",
+                        backend.name()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let pkcs11 = pkcs11::load(&file, raw.pkcs11, backend == BackendKind::Pkcs11, objects)?;
         if backend != BackendKind::Upstream {
             for (field, set) in [
@@ -497,6 +549,7 @@ impl Config {
             limits,
             keys,
             certificates,
+            openbao,
             state_dir: resolve(
                 raw.state_dir
                     .unwrap_or_else(|| grants::DEFAULT_STATE_DIR.into()),
@@ -515,7 +568,13 @@ impl Config {
     /// that it is armed and checked like the others).
     pub fn key_files(&self) -> Vec<KeyConfig> {
         let mut all = self.keys.clone();
-        all.extend(self.certificates.iter().map(|c| c.ca.clone()));
+        // A CA in the cluster has no key file here.
+        all.extend(
+            self.certificates
+                .iter()
+                .filter(|c| c.openbao_role.is_none())
+                .map(|c| c.ca.clone()),
+        );
         all
     }
 }
@@ -638,6 +697,10 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
             )));
         }
     }
+    if let Some(t) = &raw.transit_key {
+        openbao::check_transit_key(&file.to_string(), &name, t)?;
+    }
+    let transit_key = raw.transit_key;
     let grants = match raw.grants {
         Some(g) => Some(grants::load(path, &name, g)?),
         None => None,
@@ -654,6 +717,7 @@ fn load_key(path: &Path, key_dir: &Path, name: String, raw: RawKey) -> Result<Ke
         destinations,
         remote_users: raw.remote_users,
         allow_forwarding: raw.allow_forwarding,
+        transit_key,
         grants,
     })
 }
@@ -771,7 +835,16 @@ fn load_certificates(
 ) -> Result<CertificatesConfig> {
     let file = path.display();
     let name = raw.ca;
-    if !valid_key_name(&name) {
+    // "openbao:ROLE": the cluster's SSH engine signs; its CA public key is
+    // pinned in key_dir/openbao-ca.pub.
+    let openbao_role = match name.strip_prefix("openbao:") {
+        Some(role) => {
+            openbao::check_role(&file.to_string(), role)?;
+            Some(role.to_owned())
+        }
+        None => None,
+    };
+    if openbao_role.is_none() && !valid_key_name(&name) {
         return Err(Error::msg(format!(
             "{file}: certificates.ca: {name:?} is not a valid key name (a file name in key_dir)"
         )));
@@ -782,7 +855,10 @@ fn load_certificates(
              certificates only and may not be a key callers use"
         )));
     }
-    let pub_path = key_dir.join(format!("{name}.pub"));
+    let pub_path = match openbao_role {
+        Some(_) => key_dir.join(openbao::ENGINE_CA_PUB),
+        None => key_dir.join(format!("{name}.pub")),
+    };
     let text = crate::trust::read_text(&pub_path).map_err(|e| {
         Error::msg(format!(
             "{file}: certificates.ca: the CA public key {}: {e}",
@@ -840,11 +916,13 @@ fn load_certificates(
             destinations: None,
             remote_users: None,
             allow_forwarding: false,
+            transit_key: None,
             grants: None,
         },
         validity_secs,
         backdate_secs,
         key_id,
+        openbao_role,
     })
 }
 

@@ -599,11 +599,21 @@ fn note_upstream_error(shared: &Shared, e: &BackendError) {
 
 fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
     let keys = rt.policy.keys.iter().map(|k| k.name.as_str());
-    shared.metrics.report(
+    let mut report = shared.metrics.report(
         keys,
         shared.lookups.stats(),
         &shared.grants.report(&rt.policy),
-    )
+    );
+    // The backend's own families (a cluster's failovers, logins…), under
+    // names no daemon family uses.
+    for family in shared.backend.metrics() {
+        if family.name.starts_with("keyholder_")
+            && !report.families.iter().any(|f| f.name == family.name)
+        {
+            report.families.push(family);
+        }
+    }
+    report
 }
 
 /// The answer to `query`: `string "query"`, then each supported name as a

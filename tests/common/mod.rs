@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod bao;
 pub mod nslcd;
 pub mod process;
 pub mod site;
