@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::protocol::wire::{put_string, take_string};
 use ssh_agent_lib::proto::{
     AddIdentity, AddIdentityConstrained, KeyConstraint, PublicCredential, RemoveIdentity, Request,
     Response,
@@ -425,18 +426,6 @@ fn normalize_ecdsa(body: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     out.extend_from_slice(digits);
     out.extend_from_slice(reader);
     Some(out)
-}
-
-fn take_string<'a>(reader: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let (len, rest) = reader.split_first_chunk::<4>()?;
-    let (value, rest) = rest.split_at_checked(usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
-    *reader = rest;
-    Some(value)
-}
-
-fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
 }
 
 /// The key type name at the start of an add request, for the log.

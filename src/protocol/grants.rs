@@ -18,6 +18,8 @@
 
 use ssh_encoding::{Encode, Writer};
 
+use super::wire::put_string;
+
 /// Ask for a grant.
 pub const REQUEST: &str = "grant-request@keyholder";
 /// Approve a request.
@@ -117,12 +119,6 @@ impl GrantOp {
         }
         out
     }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &[u8]) {
-    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(s.get(..len as usize).unwrap_or(s));
 }
 
 /// Reads one `string` of at most `max` bytes, UTF-8.

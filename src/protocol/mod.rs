@@ -13,6 +13,7 @@
 //! - [`response`]: encoding answers to the client.
 //! - [`status`]: the `status@keyholder` vendor extension's payload.
 //! - [`grants`]: the `grant-…@keyholder` vendor extensions.
+//! - [`wire`]: `string` and `mpint` written and read by hand.
 //!
 //! Message types and bodies are ssh-agent-lib's; this module adds the parts
 //! its codec lacks (the length cap, strict trailing-byte checks).
@@ -24,6 +25,7 @@ pub mod response;
 pub mod session_bind;
 pub mod status;
 pub mod userauth;
+pub mod wire;
 
 pub use frame::{read_frame, FrameError, MAX_MESSAGE_LEN};
 pub use request::{classify, AdminOp, Request};

@@ -28,6 +28,8 @@ use ssh_encoding::Encode;
 use ssh_key::private::{EcdsaKeypair, KeypairData};
 use ssh_key::public::{EcdsaPublicKey, KeyData};
 
+use crate::protocol::wire::{put_mpint, put_string};
+
 /// SSH_AGENT_RSA_SHA2_256
 pub const RSA_SHA2_256: u32 = 2;
 /// SSH_AGENT_RSA_SHA2_512
@@ -246,14 +248,14 @@ impl HeldKey {
                 let der = signer.sign_oneshot_to_vec(data).map_err(fail)?;
                 let sig = EcdsaSig::from_der(&der).map_err(fail)?;
                 let mut inner = Vec::new();
-                ssh_mpint(&mut inner, &sig.r().to_vec());
-                ssh_mpint(&mut inner, &sig.s().to_vec());
+                put_mpint(&mut inner, &sig.r().to_vec());
+                put_mpint(&mut inner, &sig.s().to_vec());
                 (name, inner)
             }
         };
         let mut blob = Vec::with_capacity(8 + alg.len() + sig.len());
-        ssh_string(&mut blob, alg.as_bytes());
-        ssh_string(&mut blob, &sig);
+        put_string(&mut blob, alg.as_bytes());
+        put_string(&mut blob, &sig);
         Ok(blob)
     }
 }
@@ -267,28 +269,6 @@ pub fn rsa_alg(flags: u32) -> (&'static str, MessageDigest) {
     } else {
         ("ssh-rsa", MessageDigest::sha1())
     }
-}
-
-pub(crate) fn ssh_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// An SSH mpint of a non-negative big-endian number (as OpenSSH writes it:
-/// no leading zero bytes, one 0x00 before a set high bit).
-pub(crate) fn ssh_mpint(out: &mut Vec<u8>, magnitude: &[u8]) {
-    let start = magnitude
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(magnitude.len());
-    let digits = magnitude.get(start..).unwrap_or_default();
-    let pad = digits.first().is_some_and(|&b| b & 0x80 != 0);
-    let len = digits.len() + usize::from(pad);
-    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-    if pad {
-        out.push(0);
-    }
-    out.extend_from_slice(digits);
 }
 
 /// A secret bignum, cleared when dropped (`BigNum`'s own drop is a plain

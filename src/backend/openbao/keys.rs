@@ -20,6 +20,8 @@ use openssl::sign::Verifier;
 use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, KeyData, RsaPublicKey};
 use ssh_key::Mpint;
 
+use crate::protocol::wire::{put_mpint, put_string};
+
 /// SIGN_REQUEST flag: RSA with SHA-256.
 pub const RSA_SHA2_256: u32 = 2;
 /// SIGN_REQUEST flag: RSA with SHA-512.
@@ -263,8 +265,8 @@ impl VerifyKey {
                 let r = BigNum::from_slice(r).map_err(bad)?;
                 let s = BigNum::from_slice(s).map_err(bad)?;
                 let mut inner = Vec::with_capacity(2 * half + 10);
-                ssh_mpint(&mut inner, &r.to_vec());
-                ssh_mpint(&mut inner, &s.to_vec());
+                put_mpint(&mut inner, &r.to_vec());
+                put_mpint(&mut inner, &s.to_vec());
                 let der = EcdsaSig::from_private_components(r, s)
                     .and_then(|sig| sig.to_der())
                     .map_err(bad)?;
@@ -282,8 +284,8 @@ impl VerifyKey {
             return Err("the cluster's signature does not verify with the key's public key".into());
         }
         let mut blob = Vec::with_capacity(8 + params.ssh_alg.len() + inner.len());
-        ssh_string(&mut blob, params.ssh_alg.as_bytes());
-        ssh_string(&mut blob, &inner);
+        put_string(&mut blob, params.ssh_alg.as_bytes());
+        put_string(&mut blob, &inner);
         Ok(blob)
     }
 }
@@ -322,28 +324,6 @@ pub fn decode_b64(text: &str) -> Result<Vec<u8>, String> {
 /// Standard base64 (transit's `input`).
 pub fn encode_b64(bytes: &[u8]) -> String {
     Base64::encode_string(bytes)
-}
-
-fn ssh_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// An SSH mpint of a non-negative big-endian number (no leading zero
-/// bytes, one 0x00 before a set high bit).
-fn ssh_mpint(out: &mut Vec<u8>, magnitude: &[u8]) {
-    let start = magnitude
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(magnitude.len());
-    let digits = magnitude.get(start..).unwrap_or_default();
-    let pad = digits.first().is_some_and(|&b| b & 0x80 != 0);
-    let len = digits.len() + usize::from(pad);
-    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-    if pad {
-        out.push(0);
-    }
-    out.extend_from_slice(digits);
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use openssl::sign::Verifier;
 use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, KeyData, RsaPublicKey};
 use ssh_key::{EcdsaCurve, HashAlg, Mpint};
 
-use crate::backend::builtin::key::{rsa_alg, ssh_mpint, ssh_string};
+use crate::backend::builtin::key::rsa_alg;
+use crate::protocol::wire::{put_mpint, put_string};
 
 /// What the token is asked to do for one signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,8 +289,8 @@ impl SigningKey {
                     return Err(BadSignature::Invalid);
                 }
                 let mut inner = Vec::with_capacity(2 * scalar + 10);
-                ssh_mpint(&mut inner, r);
-                ssh_mpint(&mut inner, s);
+                put_mpint(&mut inner, r);
+                put_mpint(&mut inner, s);
                 inner
             }
             Kind::Rsa { size } => {
@@ -308,8 +309,8 @@ impl SigningKey {
             }
         };
         let mut blob = Vec::with_capacity(8 + prepared.alg.len() + sig.len());
-        ssh_string(&mut blob, prepared.alg.as_bytes());
-        ssh_string(&mut blob, &sig);
+        put_string(&mut blob, prepared.alg.as_bytes());
+        put_string(&mut blob, &sig);
         Ok(blob)
     }
 }

@@ -68,9 +68,9 @@ fn ecdsa_keypair(nid: Nid) -> KeypairData {
     // (ssh-key 0.6 reads only that; the admin socket pads OpenSSH's
     // shorter mpints first, see admin.rs).
     let mut wire = Vec::new();
-    ssh_string(&mut wire, name.as_bytes()[11..].as_ref());
-    ssh_string(&mut wire, &public);
-    ssh_string(&mut wire, &private);
+    put_string(&mut wire, name.as_bytes()[11..].as_ref());
+    put_string(&mut wire, &public);
+    put_string(&mut wire, &private);
     let alg = Algorithm::new(name).unwrap();
     KeypairData::decode_as(&mut wire.as_slice(), alg).unwrap()
 }
@@ -217,7 +217,7 @@ fn unusable_key_types_are_refused_with_a_message_naming_them() {
 fn dsa_wire() -> Vec<u8> {
     let mut w = Vec::new();
     for _ in 0..5 {
-        ssh_mpint(&mut w, &[0x11; 20]);
+        put_mpint(&mut w, &[0x11; 20]);
     }
     w
 }
@@ -226,7 +226,7 @@ fn dsa_wire() -> Vec<u8> {
 fn mpint_encoding_matches_openssh() {
     let enc = |b: &[u8]| {
         let mut v = Vec::new();
-        ssh_mpint(&mut v, b);
+        put_mpint(&mut v, b);
         v
     };
     assert_eq!(enc(&[]), [0, 0, 0, 0]);

@@ -59,8 +59,8 @@ fn ed25519_answers_become_verified_blobs() {
     public.verify(DATA, &sig).unwrap();
     // Exactly string "ssh-ed25519", string sig.
     let mut want = Vec::new();
-    ssh_string(&mut want, b"ssh-ed25519");
-    ssh_string(&mut want, &raw);
+    put_string(&mut want, b"ssh-ed25519");
+    put_string(&mut want, &raw);
     assert_eq!(blob, want);
 
     assert_eq!(
@@ -117,8 +117,8 @@ fn ecdsa_answers_become_mpint_pairs_over_the_right_digest() {
             assert_eq!(decoded.algorithm().as_str(), alg);
             public.verify(DATA, &decoded).unwrap();
             let mut inner = Vec::new();
-            ssh_mpint(&mut inner, &raw[..scalar]);
-            ssh_mpint(&mut inner, &raw[scalar..]);
+            put_mpint(&mut inner, &raw[..scalar]);
+            put_mpint(&mut inner, &raw[scalar..]);
             assert_eq!(decoded.as_bytes(), inner);
         }
         let zeros = vec![0u8; 2 * scalar];
@@ -139,10 +139,10 @@ fn ecdsa_answers_become_mpint_pairs_over_the_right_digest() {
 #[test]
 fn mpints_are_encoded_as_openssh_does() {
     let mut out = Vec::new();
-    ssh_mpint(&mut out, &[0x00, 0x00, 0x80, 0x01]);
+    put_mpint(&mut out, &[0x00, 0x00, 0x80, 0x01]);
     assert_eq!(out, [0, 0, 0, 3, 0x00, 0x80, 0x01]);
     out.clear();
-    ssh_mpint(&mut out, &[0x00, 0x7f]);
+    put_mpint(&mut out, &[0x00, 0x7f]);
     assert_eq!(out, [0, 0, 0, 1, 0x7f]);
 }
 
@@ -179,8 +179,8 @@ fn rsa_flags_pick_the_mechanism_and_the_blob_verifies() {
             .unwrap();
         let blob = key.finish(&prepared, DATA, &raw).unwrap();
         let mut want = Vec::new();
-        ssh_string(&mut want, alg.as_bytes());
-        ssh_string(&mut want, &raw);
+        put_string(&mut want, alg.as_bytes());
+        put_string(&mut want, &raw);
         assert_eq!(blob, want, "flags {flags}");
         if flags != 0 {
             public.verify(DATA, &decode(&blob)).unwrap();
