@@ -27,6 +27,27 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::LogTarget;
 use crate::error::{Error, Result};
 
+/// A log field value (audit lines, grant events), printed bare when plain,
+/// quoted and escaped otherwise, so that a value from a client or the user
+/// database can never pose as another field or another line. `None` is `-`.
+pub struct Value<'a>(pub Option<&'a str>);
+
+impl fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("-"),
+            Some(v)
+                if !v.is_empty()
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)) =>
+            {
+                f.write_str(v)
+            }
+            Some(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
 /// Installs the global logger. Call once.
 pub fn init(target: LogTarget) -> Result<()> {
     let level = std::env::var("KEYHOLDER_LOG_LEVEL")

@@ -16,8 +16,6 @@
 //! database are quoted and escaped when they contain anything but plain
 //! characters, so a client cannot forge fields or lines.
 
-use std::fmt;
-
 use crate::policy::destinations::Bindings;
 use crate::policy::{Caller, Decision, Reason};
 use crate::ratelog::Kind;
@@ -77,24 +75,7 @@ pub fn refusal_detail(decision: &Decision<'_>) -> Option<String> {
 /// The tracing target of audit lines.
 pub const TARGET: &str = "keyholder::audit";
 
-/// A log field value, printed bare when plain, quoted and escaped otherwise.
-pub struct Field<'a>(pub Option<&'a str>);
-
-impl fmt::Display for Field<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            None => f.write_str("-"),
-            Some(v)
-                if !v.is_empty()
-                    && v.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)) =>
-            {
-                f.write_str(v)
-            }
-            Some(v) => write!(f, "{v:?}"),
-        }
-    }
-}
+pub use crate::logging::Value as Field;
 
 /// What the connection a request came on is bound to: the fields
 /// `dest= forwarded= serial=` ([`Binding::of`] the connection's session

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::logging::Value as Field;
 use crate::policy::grants::{self as rules, Ask, End, Grant, GrantError, Grants, State};
 use crate::policy::{Caller, Policy, Reason};
 use crate::protocol::grants::{Answer, GrantOp};
@@ -38,26 +39,6 @@ use crate::ratelog::{Kind, RateLog, Who};
 /// The tracing target of grant audit lines (the audit log's).
 pub const TARGET: &str = "keyholder::audit";
 
-/// A log field value, printed bare when plain, quoted and escaped
-/// otherwise (as every audit line's), so that a reason can never pose as
-/// another field or another line.
-struct Field<'a>(Option<&'a str>);
-
-impl std::fmt::Display for Field<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            None => f.write_str("-"),
-            Some(v)
-                if !v.is_empty()
-                    && v.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-@:+/=,".contains(&b)) =>
-            {
-                f.write_str(v)
-            }
-            Some(v) => write!(f, "{v:?}"),
-        }
-    }
-}
 /// The largest listing answered (the rest is left out, and the answer
 /// says so); well below the protocol's message cap.
 pub const MAX_LISTING: usize = 192 * 1024;
