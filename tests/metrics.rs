@@ -50,13 +50,20 @@ fn assert_promtool_passes(text: &str) {
     }
 }
 
-/// Samples by `name{labels}` exactly as printed.
+/// Samples by `name{labels}` exactly as printed: whole numbers, but for a
+/// histogram's sum (seconds, with six decimals), which is checked for its
+/// form and left out.
 fn samples(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
+        .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse().unwrap())
+            if series.split('{').next().unwrap().ends_with("_sum") {
+                let (whole, micros) = value.split_once('.').unwrap();
+                assert!(whole.parse::<u64>().is_ok() && micros.len() == 6, "{l}");
+                return None;
+            }
+            Some((series.to_owned(), value.parse().unwrap()))
         })
         .collect()
 }
@@ -183,6 +190,19 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
     assert_eq!(
         get("keyholder_signatures_total{key=\"phab\",decision=\"granted\"}"),
         0
+    );
+    // The backend's side: the three signatures it made, in the histogram.
+    assert_eq!(
+        get("keyholder_backend_requests_total{backend=\"upstream\",op=\"sign\",outcome=\"ok\"}"),
+        3
+    );
+    assert_eq!(
+        get("keyholder_backend_request_duration_seconds_count{backend=\"upstream\",op=\"sign\"}"),
+        3
+    );
+    assert_eq!(
+        get("keyholder_backend_request_duration_seconds_bucket{backend=\"upstream\",op=\"sign\",le=\"+Inf\"}"),
+        3
     );
     assert_eq!(
         get("keyholder_signatures_total{key=\"deploy\",decision=\"refused\",reason=\"not-in-allowed-group\"}"),

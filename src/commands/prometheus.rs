@@ -176,12 +176,44 @@ fn daemon(out: &mut String, family: &Family) {
             );
             continue;
         }
-        sample(
+        if family.kind == "histogram" {
+            histogram_sample(out, &family.name, s);
+        } else {
+            sample(
+                out,
+                &family.name,
+                s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                s.value,
+            );
+        }
+    }
+}
+
+/// One sample of a histogram family: a sample with an `le` label is a
+/// bucket (`NAME_bucket`); `stat="sum"` is the sum, sent in microseconds
+/// and written in seconds (`NAME_sum`); `stat="count"` the count
+/// (`NAME_count`).
+fn histogram_sample(out: &mut String, name: &str, s: &crate::protocol::status::Sample) {
+    let labels = || {
+        s.labels
+            .iter()
+            .filter(|(k, _)| k != "stat")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    };
+    match s
+        .labels
+        .iter()
+        .find(|(k, _)| k == "stat")
+        .map(|(_, v)| v.as_str())
+    {
+        Some("sum") => sample(
             out,
-            &family.name,
-            s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            s.value,
-        );
+            &format!("{name}_sum"),
+            labels(),
+            crate::protocol::status::seconds(s.value),
+        ),
+        Some("count") => sample(out, &format!("{name}_count"), labels(), s.value),
+        _ => sample(out, &format!("{name}_bucket"), labels(), s.value),
     }
 }
 
@@ -189,7 +221,7 @@ fn sample<'a>(
     out: &mut String,
     name: &str,
     labels: impl Iterator<Item = (&'a str, &'a str)>,
-    value: u64,
+    value: impl std::fmt::Display,
 ) {
     out.push_str(name);
     let mut first = true;
@@ -210,7 +242,7 @@ fn check(family: &Family) -> Result<(), String> {
     if !name.starts_with("keyholder_") || !is_metric_name(name) {
         return Err(format!("a family with an invalid name {name:?}"));
     }
-    if family.kind != "counter" && family.kind != "gauge" {
+    if !["counter", "gauge", "histogram"].contains(&family.kind.as_str()) {
         return Err(format!("{name} (unknown type {:?})", family.kind));
     }
     for s in &family.samples {
@@ -351,7 +383,7 @@ mod tests {
                 family("keyholder_up", "gauge", vec![labelled(&[], 7)]),
                 family("keyholder_signatures_total", "counter", vec![]),
                 family("not_ours", "gauge", vec![]),
-                family("keyholder_x", "histogram", vec![]),
+                family("keyholder_x", "summary", vec![]),
                 family(
                     "keyholder_y",
                     "gauge",
@@ -394,6 +426,41 @@ mod tests {
             );
         }
         assert_eq!(text.matches("# left out:").count(), 7, "{text}");
+    }
+
+    #[test]
+    fn a_histogram_is_written_as_buckets_sum_in_seconds_and_count() {
+        let metrics = Metrics {
+            daemon_version: "9.9.9".into(),
+            families: vec![family(
+                "keyholder_h_seconds",
+                "histogram",
+                vec![
+                    labelled(&[("op", "sign"), ("le", "0.001000")], 1),
+                    labelled(&[("op", "sign"), ("le", "+Inf")], 2),
+                    labelled(&[("op", "sign"), ("stat", "sum")], 1_500_250),
+                    labelled(&[("op", "sign"), ("stat", "count")], 2),
+                ],
+            )],
+        };
+        let text = render(&Input {
+            state: State::Ok,
+            message: "OK",
+            daemon_reachable: true,
+            report: None,
+            metrics: Some(&metrics),
+        });
+        assert!(
+            text.contains("# TYPE keyholder_h_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(text.contains("keyholder_h_seconds_bucket{op=\"sign\",le=\"0.001000\"} 1\n"));
+        assert!(text.contains("keyholder_h_seconds_bucket{op=\"sign\",le=\"+Inf\"} 2\n"));
+        assert!(
+            text.contains("keyholder_h_seconds_sum{op=\"sign\"} 1.500250\n"),
+            "{text}"
+        );
+        assert!(text.contains("keyholder_h_seconds_count{op=\"sign\"} 2\n"));
     }
 
     #[test]

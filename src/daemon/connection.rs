@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::limits::Admission;
 use super::lookups::Who;
-use super::metrics::Closed;
+use super::metrics::{BackendOp, Closed};
 use super::{audit, Shared};
 use crate::backend::BackendError;
 use crate::certs::MintError;
@@ -309,9 +309,13 @@ async fn sign_with(
 ) -> Reply {
     sign.credential = PublicCredential::Key(key.key.clone());
     let binding = audit::Binding::of(bindings);
+    let started = tokio::time::Instant::now();
     let (result, granted) = tokio::join!(biased; shared.backend.sign(sign), async {
         audit::sign(caller, decision, &binding, audit::Outcome::Signed)
     });
+    shared
+        .metrics
+        .backend_call(BackendOp::Sign, started.elapsed(), &result);
     shared.metrics.signed(&key.name, caller.uid, &result);
     let line = match &result {
         Ok(_) => granted,
@@ -394,7 +398,11 @@ async fn grant(
 /// and the counters or the backend's notes when asked for.
 async fn status(rt: &super::Runtime, shared: &Shared, format: status::Format) -> Reply {
     let backend = &shared.backend;
+    let started = tokio::time::Instant::now();
     let status = backend.status().await;
+    shared
+        .metrics
+        .backend_call(BackendOp::Status, started.elapsed(), &status);
     if let Err(e) = &status {
         note_upstream_error(shared, e);
     }
@@ -421,7 +429,12 @@ async fn list(
     caller: &Caller,
     connection: (&Bindings, &policy::grants::Grants, u64),
 ) -> Reply {
-    match shared.backend.identities().await {
+    let started = tokio::time::Instant::now();
+    let identities = shared.backend.identities().await;
+    shared
+        .metrics
+        .backend_call(BackendOp::List, started.elapsed(), &identities);
+    match identities {
         Ok(ids) => {
             Response::IdentitiesAnswer(listing(rt, shared, caller, connection, ids).await).into()
         }
@@ -603,6 +616,7 @@ fn metrics_report(rt: &super::Runtime, shared: &Shared) -> status::Metrics {
         keys,
         shared.lookups.stats(),
         &shared.grants.report(&rt.policy),
+        shared.backend.name(),
     );
     // The backend's own families (a cluster's failovers, logins…), under
     // names no daemon family uses.

@@ -27,14 +27,14 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::limits::LimitHit;
 use super::lookups::LookupStats;
 use crate::backend::BackendError;
 use crate::counter::Counter;
 use crate::policy::{Decision, Reason};
-use crate::protocol::status::{Family, Metrics as Report, Sample};
+use crate::protocol::status::{seconds, Family, Metrics as Report, Sample};
 use crate::protocol::Request;
 
 /// Keys counted at most (configured keys, and keys removed by reloads).
@@ -86,6 +86,47 @@ impl From<LimitHit> for Closed {
 /// The `reason` labels of upstream errors, in [`upstream_index`] order.
 const UPSTREAM_ERRORS: [&str; 4] = ["unreachable", "timeout", "refused", "broken"];
 
+/// The requests the daemon sends the backend for its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendOp {
+    /// The identities (a listing).
+    List,
+    /// A signature.
+    Sign,
+    /// `status@keyholder`.
+    Status,
+}
+
+/// The `op` labels, in [`BackendOp`] order.
+const BACKEND_OPS: [&str; 3] = ["list", "sign", "status"];
+/// The `outcome` labels of backend requests.
+const BACKEND_OUTCOMES: [&str; 5] = ["ok", "refused", "timeout", "unreachable", "broken"];
+/// Upper bounds of the backend latency histogram's buckets, in
+/// microseconds (then `+Inf`).
+const LATENCY_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, 10_000_000,
+];
+
+/// Backend requests by operation: outcomes, and a latency histogram.
+#[derive(Debug, Default)]
+struct BackendCalls {
+    outcomes: [[AtomicU64; 5]; 3],
+    /// Per bucket (not cumulative); beyond the last, only in `count`.
+    buckets: [[AtomicU64; 12]; 3],
+    count: [AtomicU64; 3],
+    sum_us: [AtomicU64; 3],
+}
+
+fn outcome_index<T>(result: &Result<T, BackendError>) -> usize {
+    match result {
+        Ok(_) => 0,
+        Err(BackendError::Refused | BackendError::Unsupported) => 1,
+        Err(BackendError::Timeout | BackendError::Busy) => 2,
+        Err(BackendError::Unreachable(_)) => 3,
+        Err(BackendError::Broken(_)) => 4,
+    }
+}
+
 fn upstream_index(e: &BackendError) -> usize {
     match e {
         BackendError::Unreachable(_) => 0,
@@ -125,6 +166,7 @@ pub struct Metrics {
     keys: Mutex<HashMap<String, KeyCounts>>,
     /// Refusals of requests other than sign requests, by reason code.
     refused: Mutex<HashMap<String, u64>>,
+    backend_calls: BackendCalls,
 }
 
 impl Default for Metrics {
@@ -185,6 +227,34 @@ impl Metrics {
             last_reload_ok: AtomicBool::new(true),
             keys: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            backend_calls: BackendCalls::default(),
+        }
+    }
+
+    /// A request the daemon sent the backend for a client: its outcome and
+    /// how long the answer took.
+    pub fn backend_call<T>(
+        &self,
+        op: BackendOp,
+        elapsed: Duration,
+        result: &Result<T, BackendError>,
+    ) {
+        let calls = &self.backend_calls;
+        let i = op as usize;
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if let Some(row) = calls.outcomes.get(i) {
+            if let Some(n) = row.get(outcome_index(result)) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(b) = LATENCY_BUCKETS_US.iter().position(|&le| us <= le) {
+            if let Some(n) = calls.buckets.get(i).and_then(|row| row.get(b)) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let (Some(c), Some(s)) = (calls.count.get(i), calls.sum_us.get(i)) {
+            c.fetch_add(1, Ordering::Relaxed);
+            s.fetch_add(us, Ordering::Relaxed);
         }
     }
 
@@ -273,6 +343,7 @@ impl Metrics {
         configured: impl IntoIterator<Item = &'a str>,
         lookups: LookupStats,
         grants: &crate::grants::Report,
+        backend: &str,
     ) -> Report {
         let mut b = Builder {
             left: BUDGET,
@@ -395,6 +466,42 @@ impl Metrics {
         );
         for (reason, n) in UPSTREAM_ERRORS.iter().zip(&self.upstream_errors) {
             b.sample(&[("reason", reason)], load(n));
+        }
+        let calls = &self.backend_calls;
+        b.family(
+            "keyholder_backend_requests_total",
+            "counter",
+            "Requests the daemon sent the backend for its clients, by operation and outcome.",
+        );
+        for (i, op) in BACKEND_OPS.iter().enumerate() {
+            for (j, outcome) in BACKEND_OUTCOMES.iter().enumerate() {
+                let n = calls.outcomes.get(i).and_then(|r| r.get(j)).map_or(0, load);
+                b.sample(&[("backend", backend), ("op", op), ("outcome", outcome)], n);
+            }
+        }
+        b.family(
+            "keyholder_backend_request_duration_seconds",
+            "histogram",
+            "How long the backend took to answer the daemon's requests, by operation.",
+        );
+        for (i, op) in BACKEND_OPS.iter().enumerate() {
+            let mut cumulative = 0;
+            for (k, le) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += calls.buckets.get(i).and_then(|r| r.get(k)).map_or(0, load);
+                let le = seconds(*le);
+                b.sample(
+                    &[("backend", backend), ("op", op), ("le", le.as_str())],
+                    cumulative,
+                );
+            }
+            let count = calls.count.get(i).map_or(0, load);
+            b.sample(&[("backend", backend), ("op", op), ("le", "+Inf")], count);
+            let sum = calls.sum_us.get(i).map_or(0, load);
+            b.sample(&[("backend", backend), ("op", op), ("stat", "sum")], sum);
+            b.sample(
+                &[("backend", backend), ("op", op), ("stat", "count")],
+                count,
+            );
         }
         b.family(
             "keyholder_upstream_restarts_total",
@@ -551,6 +658,55 @@ mod tests {
     }
 
     #[test]
+    fn backend_requests_count_by_outcome_in_a_latency_histogram() {
+        let m = Metrics::new();
+        let ms = Duration::from_millis;
+        m.backend_call(BackendOp::Sign, ms(2), &Ok::<(), BackendError>(()));
+        m.backend_call(
+            BackendOp::Sign,
+            ms(40),
+            &Err::<(), _>(BackendError::Timeout),
+        );
+        m.backend_call(
+            BackendOp::Sign,
+            Duration::from_secs(20),
+            &Ok::<(), BackendError>(()),
+        );
+        m.backend_call(BackendOp::List, ms(0), &Err::<(), _>(BackendError::Refused));
+        let r = m.report([], LookupStats::default(), &Default::default(), "builtin");
+        let n = |op: &str, outcome: &str| {
+            value(
+                &r,
+                "keyholder_backend_requests_total",
+                &[("backend", "builtin"), ("op", op), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(n("sign", "ok"), Some(2));
+        assert_eq!(n("sign", "timeout"), Some(1));
+        assert_eq!(n("list", "refused"), Some(1));
+        assert_eq!(n("status", "ok"), Some(0));
+        let h = "keyholder_backend_request_duration_seconds";
+        let bucket = |le: &str| value(&r, h, &[("backend", "builtin"), ("op", "sign"), ("le", le)]);
+        // Cumulative: 2 ms in the 2.5 ms bucket, 40 ms from 50 ms on, 20 s
+        // only in +Inf.
+        assert_eq!(bucket("0.001000"), Some(0));
+        assert_eq!(bucket("0.002500"), Some(1));
+        assert_eq!(bucket("0.025000"), Some(1));
+        assert_eq!(bucket("0.050000"), Some(2));
+        assert_eq!(bucket("10.000000"), Some(2));
+        assert_eq!(bucket("+Inf"), Some(3));
+        let stat = |s: &str| {
+            value(
+                &r,
+                h,
+                &[("backend", "builtin"), ("op", "sign"), ("stat", s)],
+            )
+        };
+        assert_eq!(stat("count"), Some(3));
+        assert_eq!(stat("sum"), Some(20_042_000));
+    }
+
+    #[test]
     fn signs_count_by_key_decision_and_distinct_user() {
         let m = Metrics::new();
         let p = ["deploy", "idle"];
@@ -559,7 +715,7 @@ mod tests {
         }
         m.signed::<()>("deploy", 1002, &Err(BackendError::Timeout));
         m.signed::<()>("deploy", 1002, &Err(BackendError::Refused));
-        let r = m.report(p, LookupStats::default(), &Default::default());
+        let r = m.report(p, LookupStats::default(), &Default::default(), "upstream");
         let sig = "keyholder_signatures_total";
         assert_eq!(
             value(&r, sig, &[("key", "deploy"), ("decision", "granted")]),
@@ -646,7 +802,7 @@ mod tests {
             };
             m.decided(&decide(&p, &nobody, ctx, &request), &request);
         }
-        let r = m.report([], LookupStats::default(), &Default::default());
+        let r = m.report([], LookupStats::default(), &Default::default(), "upstream");
         assert_eq!(
             value(
                 &r,
@@ -688,7 +844,7 @@ mod tests {
         m.upstream_error(&BackendError::Timeout);
         m.upstream_restarts.add_one();
         m.reloaded(false);
-        let r = m.report([], LookupStats::default(), &Default::default());
+        let r = m.report([], LookupStats::default(), &Default::default(), "upstream");
         assert_eq!(
             value(&r, "keyholder_connections_accepted_total", &[]),
             Some(2)
@@ -723,7 +879,7 @@ mod tests {
             Some(0)
         );
         drop(open);
-        let r = m.report([], LookupStats::default(), &Default::default());
+        let r = m.report([], LookupStats::default(), &Default::default(), "upstream");
         assert_eq!(value(&r, "keyholder_connections_open", &[]), Some(0));
     }
 
@@ -741,12 +897,19 @@ mod tests {
             }
         }
         assert_eq!(m.keys.lock().unwrap().len(), MAX_KEYS);
-        let r = m.report(["deploy"], LookupStats::default(), &Default::default());
+        let r = m.report(
+            ["deploy"],
+            LookupStats::default(),
+            &Default::default(),
+            "upstream",
+        );
         assert_eq!(
             value(&r, "keyholder_signing_users", &[("key", "deploy")]),
             Some(MAX_USERS_PER_KEY as u64)
         );
-        assert!(r.encoded_len().unwrap() <= BUDGET + 4096);
+        assert!(r.encoded_len().unwrap() <= BUDGET + 12 * 1024);
+        // (the fixed families, histogram included, are not budgeted: well under
+        // the 256 KiB frame either way)
         assert_eq!(value(&r, "keyholder_metrics_truncated", &[]), Some(1));
         // The daemon-wide counters come before the per-key ones run out.
         assert!(value(&r, "keyholder_start_time_seconds", &[]).is_some());

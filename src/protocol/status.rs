@@ -174,12 +174,20 @@ pub struct Metrics {
     pub families: Vec<Family>,
 }
 
+/// Seconds with six decimals, from microseconds (a histogram's bucket
+/// bounds and sum are sent in microseconds, written in seconds).
+pub fn seconds(us: u64) -> String {
+    format!("{}.{:06}", us / 1_000_000, us % 1_000_000)
+}
+
 /// One metric family: a name, its type, help, and its samples.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Family {
     /// `keyholder_…`
     pub name: String,
-    /// `counter` or `gauge` (kept as sent: a client checks it).
+    /// `counter`, `gauge` or `histogram` (kept as sent: a client checks
+    /// it). A histogram's samples are its buckets (an `le` label), its sum
+    /// in microseconds (`stat="sum"`) and its count (`stat="count"`).
     pub kind: String,
     /// One line of help.
     pub help: String,
