@@ -39,11 +39,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy (and the supervised upstream ssh-agent) in the foreground. Root only.
+    /// Run the proxy (and its backend) in the foreground. Root only.
     ///
-    /// Listens on `socket` (mode 0666), starts `ssh-agent -D -a agent.socket` when
-    /// agent.spawn = true (with agent.backend = "builtin" it holds the keys itself and serves
-    /// agent.socket, root only), and serves until SIGTERM or SIGINT (exit 0, socket removed).
+    /// Listens on `socket` (mode 0666) and opens the backend agent.backend names: "upstream"
+    /// starts `ssh-agent -D -a agent.socket` when agent.spawn = true (or uses an agent someone
+    /// else runs); "builtin" (keys in the daemon), "pkcs11" (keys on a token) and "openbao"
+    /// (transit keys in a cluster) serve agent.socket themselves, root only. Serves until
+    /// SIGTERM or SIGINT (exit 0, socket removed).
     /// SIGHUP reloads the configuration; a configuration that fails to load leaves the
     /// last good one in force. Under systemd it reports readiness with sd_notify.
     ///
@@ -56,10 +58,15 @@ pub enum Command {
         #[arg(long, value_enum, value_name = "TARGET")]
         log: Option<LogTarget>,
     },
-    /// Decrypt every configured key found in key_dir and add it to the upstream agent. Root only.
+    /// Arm the backend: give it what unlocks the configured keys. Root only.
     ///
-    /// The upstream agent is whatever serves agent.socket: an ssh-agent, or the daemon itself
-    /// with agent.backend = "builtin".
+    /// With agent.backend = "upstream" or "builtin": decrypts every configured key found in
+    /// key_dir and adds it to whatever serves agent.socket (an ssh-agent, or the daemon
+    /// itself). With "pkcs11": hands the daemon the token's user PIN (--pin-file,
+    /// $CREDENTIALS_DIRECTORY/keyholder-pin, or the terminal), tried once. With "openbao":
+    /// hands the daemon the AppRole secret id or token (--secret-file,
+    /// $CREDENTIALS_DIRECTORY/keyholder-openbao-secret, or the terminal); with auth = "cert" or
+    /// "agent" nothing is asked. Either way each key not armed is named with why.
     ///
     /// Keys the upstream agent already holds count as armed and need no passphrase, so arm is
     /// idempotent. Each other key is read from key_dir/NAME, which must be a regular file owned
@@ -85,17 +92,20 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
     },
-    /// Remove every identity from the upstream agent. Root only.
+    /// Disarm the backend: remove every identity from the upstream agent. Root only.
     ///
-    /// Talks to agent.socket directly (the proxy refuses removals for everyone). Exit 0 when the
-    /// agent confirmed, 1 otherwise.
+    /// Talks to agent.socket directly (the proxy refuses removals for everyone). With
+    /// agent.backend = "pkcs11" the daemon logs out of the token and forgets the PIN; with
+    /// "openbao" it revokes its token and forgets the secret. Exit 0 when the backend
+    /// confirmed, 1 otherwise.
     Disarm,
     /// Report whether the daemon is reachable and which configured keys are armed.
     ///
     /// Works for any user; asks the daemon over the proxy socket, within 10 s. The first line
     /// is a one-line summary ("OK: 2/2 keys armed"), then one line per key. Exit codes follow
     /// the monitoring-plugin convention: 0 OK (all keys armed), 1 WARNING (some armed),
-    /// 2 CRITICAL (none armed, or daemon or upstream agent unreachable), 3 UNKNOWN
+    /// 2 CRITICAL (none armed, or daemon or backend unreachable; a line names what the
+    /// backend reports wrong: a sealed cluster, a missing token, a key mismatch…), 3 UNKNOWN
     /// (configuration error, no keys configured, an answer that cannot be understood).
     /// When this user may not read the configuration, the default socket is asked.
     Status {
@@ -122,11 +132,15 @@ pub enum Command {
     /// require_encrypted = true. Run as a user who cannot read the private keys, the checks
     /// that need their contents are skipped with a note. A key's destinations file must be a
     /// regular file owned by root, not writable by group or others, every line a host key,
-    /// @cert-authority or @revoked entry; its host key and CA counts are reported.
+    /// @cert-authority or @revoked entry; its host key and CA counts are reported. With
+    /// agent.backend = "pkcs11", as root, it also logs in to the token (the PIN from
+    /// $CREDENTIALS_DIRECTORY/keyholder-pin or the terminal) and warns about a key that is
+    /// extractable or not sensitive; with "openbao", it checks the [openbao] files.
     CheckConfig,
     /// Print the certificate CA's public key line, for targets' TrustedUserCAKeys.
     ///
-    /// Reads `[certificates] ca` from the configuration (key_dir/CA.pub). On each target, put
+    /// Reads `[certificates] ca` from the configuration (key_dir/CA.pub; with
+    /// ca = "openbao:ROLE", the engine's CA key pinned in key_dir/openbao-ca.pub). On each target, put
     /// the line in a file named by sshd's TrustedUserCAKeys: logins with keyholder's
     /// certificates are then accepted without an authorized_keys entry, and sshd logs the key
     /// ID ("ID keyholder:alice@deploy1:deploy (serial …)"). Exit 1 when no CA is configured.
@@ -145,14 +159,14 @@ pub enum Command {
     /// Ask for a grant to use KEY for a while (keys with [keys.NAME.grants]).
     ///
     /// For members of the key's groups. Prints the request's id; the key's approvers (shown
-    /// by `keyholder grants`) approve it with `keyholder approve ID`. DURATION is 90s, 30m, 2h
-    /// or plain seconds, at most the key's max_secs. With --wait, waits until the request is
+    /// by `keyholder grants`) approve it with `keyholder approve ID`. DURATION is 90s, 30m, 2h,
+    /// 1d or plain seconds, at most the key's max_secs. With --wait, waits until the request is
     /// decided. Exit 0 when granted or pending, 1 when refused, denied, withdrawn or lapsed.
     /// Reference: docs/grants.md.
     Request {
         /// The key's name.
         key: String,
-        /// How long the grant lasts once approved (90s, 30m, 2h, seconds).
+        /// How long the grant lasts once approved (90s, 30m, 2h, 1d, seconds).
         #[arg(long = "for", value_name = "DURATION")]
         duration: String,
         /// Why (at most 256 bytes, no control characters; logged and shown to approvers).
