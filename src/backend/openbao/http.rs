@@ -143,9 +143,9 @@ pub struct Cluster {
     namespace: Option<HeaderValue>,
     preferred: AtomicUsize,
     failovers: AtomicU64,
-    /// Calls by outcome, in [`OUTCOMES`] order, and their total time.
+    /// Calls by outcome, in [`OUTCOMES`] order (their latency is in the
+    /// daemon's backend request histogram).
     outcomes: [AtomicU64; 5],
-    micros: AtomicU64,
 }
 
 /// The outcomes calls are counted by.
@@ -195,20 +195,16 @@ impl Cluster {
             preferred: AtomicUsize::new(0),
             failovers: AtomicU64::new(0),
             outcomes: Default::default(),
-            micros: AtomicU64::new(0),
         })
     }
 
-    /// Calls by outcome ([`OUTCOMES`]) and their total time in microseconds.
-    pub fn outcomes(&self) -> (Vec<(&'static str, u64)>, u64) {
-        (
-            OUTCOMES
-                .iter()
-                .zip(&self.outcomes)
-                .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
-                .collect(),
-            self.micros.load(Ordering::Relaxed),
-        )
+    /// Calls by outcome ([`OUTCOMES`]).
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES
+            .iter()
+            .zip(&self.outcomes)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// How many times a call was answered by another address than the one
@@ -253,7 +249,6 @@ impl Cluster {
         body: Option<Bytes>,
         deadline: Instant,
     ) -> Result<Reply, CallError> {
-        let start = Instant::now();
         let result = self
             .call_counted(offset, method, path, token, body, deadline)
             .await;
@@ -267,8 +262,6 @@ impl Cluster {
         if let Some(n) = self.outcomes.get(outcome) {
             n.fetch_add(1, Ordering::Relaxed);
         }
-        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.micros.fetch_add(micros, Ordering::Relaxed);
         result
     }
 

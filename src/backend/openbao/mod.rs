@@ -1085,7 +1085,7 @@ impl Backend for OpenBao {
                 value,
             }],
         };
-        let (outcomes, micros) = self.inner.cluster.outcomes();
+        let outcomes = self.inner.cluster.outcomes();
         let requests = Family {
             name: "keyholder_openbao_requests_total".to_owned(),
             kind: "counter".to_owned(),
@@ -1102,12 +1102,6 @@ impl Backend for OpenBao {
         };
         vec![
             requests,
-            family(
-                "keyholder_openbao_request_microseconds_total",
-                "Time spent in calls to the cluster, in microseconds (divided by the calls: \
-                 the mean latency).",
-                micros,
-            ),
             family(
                 "keyholder_openbao_logins_total",
                 "Logins at the OpenBao/Vault cluster that got a token.",
