@@ -106,6 +106,13 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// Whether the backend looks the configured keys up when it starts (a
+    /// token's objects, a cluster's transit keys): a reload that changes
+    /// them takes effect at the next restart.
+    pub fn looks_keys_up_at_start(self) -> bool {
+        matches!(self, Self::Pkcs11 | Self::OpenBao)
+    }
+
     /// The name used in the configuration file.
     pub fn name(self) -> &'static str {
         match self {

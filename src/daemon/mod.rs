@@ -482,6 +482,14 @@ fn apply_reload(
             current.limits.max_connections != new.limits.max_connections,
         ),
         ("state_dir", current.state_dir != new.state_dir),
+        ("[pkcs11]", current.pkcs11 != new.pkcs11),
+        ("[openbao]", current.openbao != new.openbao),
+        (
+            // A backend that looks its keys up when it starts (a token's
+            // objects, transit keys) serves the keys it started with.
+            "the keys the backend looks up at start",
+            new.agent.backend.looks_keys_up_at_start() && key_set(current) != key_set(&new),
+        ),
     ];
     for (field, changed) in restart_only {
         if changed {
@@ -506,6 +514,15 @@ fn apply_reload(
 }
 
 pub use crate::shutdown::stopped;
+
+/// Each key's name, public key and where the backend finds it.
+fn key_set(config: &Config) -> Vec<(&str, &ssh_key::public::KeyData, Option<&str>)> {
+    config
+        .keys
+        .iter()
+        .map(|k| (k.name.as_str(), &k.public_key, k.transit_key.as_deref()))
+        .collect()
+}
 
 fn key_names(config: &Config) -> String {
     if config.keys.is_empty() {
