@@ -659,9 +659,16 @@ fn sighup_applies_a_good_config_and_keeps_the_last_good_one_on_error() {
 #[test]
 fn spawned_agent_is_supervised_and_everything_is_cleaned_up_on_sigterm() {
     require_root!();
-    let dir = TempDir::new("sp");
-    let (config, agent_sock, key) = spawning_config(&dir);
-    let mut d = Daemon::start_with(&dir, &config);
+    let mut site = Site::builder("sp", Backend::Upstream)
+        .spawned_agent()
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .build();
+    let (agent_sock, key) = (site.agent_socket(), site.key("deploy"));
+    let d = site.daemon_mut();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&agent_sock), 0o600);
     assert_eq!(mode(&d.socket), 0o666);

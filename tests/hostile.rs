@@ -974,9 +974,15 @@ fn upstream_agent_gone_gets_failure_promptly_and_service_resumes_by_itself() {
 #[test]
 fn a_spawned_agent_that_dies_is_restarted_and_service_resumes_on_open_connections() {
     require_root!();
-    let dir = TempDir::new("sp");
-    let (config, agent_sock, key) = spawning_config(&dir);
-    let d = Daemon::start_with(&dir, &config);
+    let site = Site::builder("sp", Backend::Upstream)
+        .spawned_agent()
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .build();
+    let (d, agent_sock, key) = (site.daemon(), site.agent_socket(), site.key("deploy"));
     let arm = || {
         let o = run(Command::new("ssh-add")
             .arg(&key)
@@ -984,7 +990,7 @@ fn a_spawned_agent_that_dies_is_restarted_and_service_resumes_on_open_connection
         assert!(o.status.success(), "{}", stderr(&o));
     };
     arm();
-    let blob = pubkey_blob(&dir.join("deploy.pub"));
+    let blob = site.blob("deploy");
     let sign = sign_request(&blob, &userauth_data(&blob, "u", "ssh-ed25519"), 0);
     let mut conn = connect(&d.socket);
     assert_eq!(call(&mut conn, &sign).unwrap()[0], SIGN_RESPONSE);

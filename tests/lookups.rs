@@ -31,18 +31,32 @@ macro_rules! require_nslcd {
     };
 }
 
-/// Starts the daemon with `config` in a mount namespace whose user
-/// database is `files` then LDAP through nslcd, the LDAP server being
-/// `ldap_port`. `local_users`: users whose group lookups nslcd answers
-/// at once without asking the server (`nss_initgroups_ignoreusers`).
-fn daemon_with_ldap(
-    dir: &TempDir,
-    config: &str,
-    ldap_port: u16,
-    local_users: &[&str],
-) -> (Daemon, Nslcd) {
-    let (nslcd, script) = Nslcd::prepare(dir.path(), ldap_port, local_users).unwrap();
-    let daemon = Daemon::start_via(dir, config, &["unshare", "-m", "--", "sh", "-c", &script]);
+/// A site tagged `tag` whose ssh-agent holds the key `deploy`, usable by
+/// the group `dep`; the users `users` are members of it; `limits` are
+/// its `[limits]` lines. No daemon yet (see [`daemon_with_ldap`]).
+fn ldap_site(tag: &str, users: &[&str], limits: &str) -> Site {
+    let mut site = Site::builder(tag, Backend::Upstream)
+        .group("dep")
+        .key(SiteKey::new("deploy", "ed25519").groups(&["dep"]))
+        .extra(&format!("[limits]\n{limits}"))
+        .no_daemon();
+    for user in users {
+        site = site.user(user, &["dep"]);
+    }
+    site.build()
+}
+
+/// Starts the site's daemon in a mount namespace whose user database is
+/// `files` then LDAP through nslcd, the LDAP server being `ldap_port`.
+/// `local_users`: users whose group lookups nslcd answers at once without
+/// asking the server (`nss_initgroups_ignoreusers`).
+fn daemon_with_ldap(site: &Site, ldap_port: u16, local_users: &[&str]) -> (Daemon, Nslcd) {
+    let (nslcd, script) = Nslcd::prepare(site.dir.path(), ldap_port, local_users).unwrap();
+    let daemon = site.start_daemon_via(
+        &site.config_text(""),
+        &["unshare", "-m", "--", "sh", "-c", &script],
+        &[],
+    );
     assert!(nslcd.pid().is_some(), "nslcd: {}", nslcd.log_text());
     (daemon, nslcd)
 }
@@ -51,27 +65,15 @@ fn daemon_with_ldap(
 fn a_hanging_directory_times_out_one_caller_while_others_sign() {
     require_root!();
     require_nslcd!();
-    let dir = TempDir::new("ldap");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let before = agent.keys();
-    let deployers = TestGroup::create("ld");
-    // Both in /etc/passwd and in `deployers`. nslcd answers `local`'s group
+    // Both in /etc/passwd and in `dep`. nslcd answers `local`'s group
     // lookups at once; `hung`'s go to the LDAP server, which never answers.
-    let hung = TestUser::create("lh", &[&deployers]);
-    let local = TestUser::create("ll", &[&deployers]);
-    let config = Daemon::config(
-        &dir,
-        &agent.socket,
-        &format!(
-            "[limits]\nlookup_timeout_secs = 1\n\n[keys.deploy]\ngroups = [\"{}\"]\n",
-            deployers.name
-        ),
-    );
+    let site = ldap_site("ldap", &["hung", "local"], "lookup_timeout_secs = 1\n");
+    let (agent, hung, local) = (&site.agent, site.user("hung"), site.user("local"));
+    let before = agent.keys();
     let port = nslcd::silent_ldap_server().unwrap();
-    let (daemon, nslcd) = daemon_with_ldap(&dir, &config, port, &["root", &local.name]);
+    let (daemon, nslcd) = daemon_with_ldap(&site, port, &["root", &local.name]);
 
-    let blob = pubkey_blob(&dir.join("deploy.pub"));
+    let blob = site.blob("deploy");
     let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
     let started = std::env::temp_dir().join(unique("hung-started"));
     let script = [
@@ -151,21 +153,14 @@ fn a_hanging_directory_times_out_one_caller_while_others_sign() {
 fn waiting_for_a_lookup_counts_against_the_idle_timeout() {
     require_root!();
     require_nslcd!();
-    let dir = TempDir::new("ldapidle");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
-    let deployers = TestGroup::create("li");
-    let hung = TestUser::create("li", &[&deployers]);
-    let config = Daemon::config(
-        &dir,
-        &agent.socket,
-        &format!(
-            "[limits]\nidle_timeout_secs = 1\nlookup_timeout_secs = 60\n\n             [keys.deploy]\ngroups = [\"{}\"]\n",
-            deployers.name
-        ),
+    let site = ldap_site(
+        "ldapidle",
+        &["hung"],
+        "idle_timeout_secs = 1\nlookup_timeout_secs = 60\n",
     );
+    let hung = site.user("hung");
     let port = nslcd::silent_ldap_server().unwrap();
-    let (daemon, _nslcd) = daemon_with_ldap(&dir, &config, port, &["root"]);
+    let (daemon, _nslcd) = daemon_with_ldap(&site, port, &["root"]);
     // The lookup would be waited for up to 60 s, but the connection has no
     // answer within its idle timeout: it is closed, not kept open by the wait.
     let answers = raw_as(&hung.as_user(), &daemon.socket, &[vec![11]]);
@@ -204,11 +199,9 @@ fn a_directory_user_is_looked_up_before_the_shared_bucket_refuses_it() {
         eprintln!("\n*** SKIPPED: libnss-systemd not installed (.ci/run installs it) ***\n");
         return;
     }
-    let dir = TempDir::new("udb");
-    let agent = Agent::start(&dir);
-    agent.add(&keygen(dir.path(), "deploy", "ed25519", ""));
+    let site = ldap_site("udb", &[], "max_connections_per_user = 2\n");
+    let (dir, agent, deployers) = (&site.dir, &site.agent, site.group("dep"));
     let before = agent.keys();
-    let deployers = TestGroup::create("ud");
     // The directory user: not in /etc/passwd, primary group `deployers`.
     let dir_uid = 3_900_000_000 + std::process::id() % 100_000 * 8;
     let dir_name = unique("khtdir");
@@ -248,16 +241,13 @@ fn a_directory_user_is_looked_up_before_the_shared_bucket_refuses_it() {
          getent passwd {dir_uid} >/dev/null || {{ echo 'userdb record not found' >&2; exit 1; }}\n\
          exec \"$0\" \"$@\"\n"
     );
-    // Two connections fill the bucket unlisted uids share.
-    let config = Daemon::config(
-        &dir,
-        &agent.socket,
-        &format!(
-            "[limits]\nmax_connections_per_user = 2\n\n[keys.deploy]\ngroups = [\"{}\"]\n",
-            deployers.name
-        ),
+    // Two connections fill the bucket unlisted uids share
+    // (`max_connections_per_user = 2`).
+    let daemon = site.start_daemon_via(
+        &site.config_text(""),
+        &["unshare", "-m", "--", "sh", "-c", &script],
+        &[],
     );
-    let daemon = Daemon::start_via(&dir, &config, &["unshare", "-m", "--", "sh", "-c", &script]);
     let query = [vec![27u8], string(b"query")].concat();
     let release = std::env::temp_dir().join(unique("udb-release"));
     let holders: Vec<_> = [nobody1, nobody2]
@@ -294,7 +284,7 @@ fn a_directory_user_is_looked_up_before_the_shared_bucket_refuses_it() {
     ));
 
     // The directory user: looked up, given a bucket of its own, served.
-    let blob = pubkey_blob(&dir.join("deploy.pub"));
+    let blob = site.blob("deploy");
     let sign = sign_request(&blob, &userauth_data(&blob, "deploy", "ssh-ed25519"), 0);
     let me = As::Ids {
         uid: dir_uid,

@@ -305,9 +305,15 @@ fn counters_after_real_signs_refusals_a_limit_and_reloads_pass_promtool() {
 #[test]
 fn the_upstream_restart_is_counted() {
     require_root!();
-    let dir = TempDir::new("mrs");
-    let (config, _agent_socket, _key) = spawning_config(&dir);
-    let daemon = Daemon::start_with(&dir, &config);
+    let site = Site::builder("mrs", Backend::Upstream)
+        .spawned_agent()
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .build();
+    let daemon = site.daemon();
     let pid_line = daemon.log_text();
     let pid: i32 = pid_line
         .split("started (pid ")

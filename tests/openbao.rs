@@ -440,77 +440,91 @@ fn short_token_ttl_over_a_longer_run_fails_nothing() {
 // ---------------------------------------------------------------------------
 // Through the daemon: real users, the proxy socket, a real sshd.
 
-/// A daemon with `backend = "openbao"` in front of a dev server, keys
-/// (name, transit type) created in transit with their `.pub` in key_dir,
-/// usable by `group`; not armed yet.
+/// A [`Site`] whose daemon has `backend = "openbao"` in front of a dev
+/// server or a cluster, keys (name, transit type) created in transit with
+/// their `.pub` in key_dir, usable by the group `bao`; not armed yet.
 struct Host {
-    dir: TempDir,
+    site: Site,
     bao: Bao,
-    daemon: Daemon,
     secret_file: std::path::PathBuf,
-    group: TestGroup,
+}
+
+impl std::ops::Deref for Host {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Site {
+        &mut self.site
+    }
 }
 
 impl Host {
-    fn start(bin: &std::path::Path, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
+    /// A dev server in a new directory, and the site's declaration on it
+    /// (add users, then [`Host::new`]).
+    fn dev(
+        bin: &std::path::Path,
+        keys: &[(&str, &str)],
+        ttl: &str,
+        max_ttl: &str,
+    ) -> (SiteBuilder, Bao) {
         let dir = TempDir::new("baoh");
         let bao = Bao::dev(bin, &dir);
-        Self::with(dir, bao, keys, ttl, max_ttl)
+        (Self::builder(dir, &bao, keys, ttl, max_ttl, &[]), bao)
     }
 
-    /// Like [`Host::start`], with a server or cluster already running.
-    fn with(dir: TempDir, bao: Bao, keys: &[(&str, &str)], ttl: &str, max_ttl: &str) -> Self {
-        Self::with_extra(dir, bao, keys, ttl, max_ttl, &[], "")
-    }
-
-    /// Like [`Host::with`], with TOML lines added to some keys' tables
-    /// (name, lines) and to the end of the configuration.
-    fn with_extra(
+    /// The declaration of the site in `dir` in front of `bao` (a server or
+    /// cluster already running): the host's approle with its secret in
+    /// `dir/secret`, the group `bao`, the keys with TOML lines added to
+    /// some keys' tables (name, lines).
+    fn builder(
         dir: TempDir,
-        bao: Bao,
+        bao: &Bao,
         keys: &[(&str, &str)],
         ttl: &str,
         max_ttl: &str,
         key_extra: &[(&str, &str)],
-        extra: &str,
-    ) -> Self {
+    ) -> SiteBuilder {
         let (role_id, secret) = bao.setup_host(ttl, max_ttl);
-        let group = TestGroup::create("bao");
-        let mut key_toml = String::new();
-        for (name, kind) in keys {
-            let line = bao.transit_key(name, kind);
-            std::fs::write(dir.join(&format!("{name}.pub")), format!("{line} {name}\n")).unwrap();
-            key_toml.push_str(&format!("[keys.{name}]\ngroups = [\"{}\"]\n", group.name));
-            for (n, lines) in key_extra {
-                if n == name {
-                    key_toml.push_str(lines);
-                    key_toml.push('\n');
-                }
-            }
-        }
-        let secret_file = dir.join("secret");
-        write_secret(&secret_file, &secret);
+        write_secret(&dir.join("secret"), &secret);
         let addresses: Vec<String> = bao.addresses().iter().map(|a| format!("\"{a}\"")).collect();
         let ca = bao
             .cacert
             .as_ref()
             .map(|c| format!("ca_file = \"{}\"\n", c.display()))
             .unwrap_or_default();
-        let config = format!(
-            "socket = \"{}\"\nkey_dir = \"{}\"\nlog = \"stderr\"\n\n[agent]\nbackend = \"openbao\"\n\
-             socket = \"{}\"\n\n[openbao]\naddresses = [{}]\n{ca}auth = \"approle\"\nrole_id = \"{role_id}\"\n\n{key_toml}\n{extra}",
-            dir.join("proxy.sock").display(),
-            dir.path().display(),
-            dir.join("agent.sock").display(),
-            addresses.join(", "),
-        );
-        let daemon = Daemon::start_with(&dir, &config);
+        let mut site = Site::builder("baoh", common::Backend::Builtin)
+            .group("bao")
+            .agent_table("[agent]\nbackend = \"openbao\"\nsocket = \"{dir}/agent.sock\"\n")
+            .extra(&format!(
+                "[openbao]\naddresses = [{}]\n{ca}auth = \"approle\"\nrole_id = \"{role_id}\"\n",
+                addresses.join(", ")
+            ));
+        for (name, kind) in keys {
+            let line = bao.transit_key(name, kind);
+            let lines: Vec<&str> = key_extra
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, l)| *l)
+                .collect();
+            site = site.key(
+                SiteKey::public(name, &format!("{line} {name}"))
+                    .groups(&["bao"])
+                    .lines(&lines.join("\n")),
+            );
+        }
+        site.in_dir(dir)
+    }
+
+    fn new(site: Site, bao: Bao) -> Self {
+        let secret_file = site.dir.join("secret");
         Self {
-            dir,
+            site,
             bao,
-            daemon,
             secret_file,
-            group,
         }
     }
 
@@ -518,16 +532,12 @@ impl Host {
         run(std::process::Command::new(KEYHOLDER)
             .args(args)
             .arg("--config")
-            .arg(&self.daemon.config))
+            .arg(self.config()))
     }
 
     fn arm(&self) -> std::process::Output {
         let f = self.secret_file.to_str().unwrap().to_string();
         self.keyholder(&["arm", "--secret-file", &f])
-    }
-
-    fn pub_path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.join(&format!("{name}.pub"))
     }
 }
 
@@ -537,18 +547,13 @@ fn write_secret(path: &std::path::Path, secret: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-fn login(
-    sshd: &Sshd,
-    who: &As,
-    host: &Host,
-    account: &str,
-    name: &str,
-    extra: &[&str],
-) -> std::process::Output {
+/// `ssh` as `who` through the proxy with key `name` to the site's sshd.
+fn login(who: &As, host: &Host, account: &str, name: &str, extra: &[&str]) -> std::process::Output {
     let p = host.pub_path(name);
     let mut args = vec!["-i", p.to_str().unwrap(), "-o", "IdentitiesOnly=yes"];
     args.extend_from_slice(extra);
-    sshd.ssh(who, &host.daemon.socket, account, &args, "id -un")
+    host.sshd()
+        .ssh(who, &host.daemon().socket, account, &args, "id -un")
 }
 
 #[test]
@@ -562,14 +567,17 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
         ("p384", "ecdsa-p384"),
         ("p521", "ecdsa-p521"),
     ];
-    let host = Host::start(&bin, &keys, "1h", "2h");
-    let user = TestUser::create("bu", &[&host.group]);
-    let outsider = TestUser::create("bo", &[]);
+    let (site, bao) = Host::dev(&bin, &keys, "1h", "2h");
+    let site = site
+        .user("user", &["bao"])
+        .user("outsider", &[])
+        .user("remote", &[]);
+    let mut host = Host::new(site.build(), bao);
 
     // Not armed: status CRITICAL, nothing listed.
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
-    assert!(host.daemon.listed(&user.as_user()).is_empty());
+    assert!(host.daemon().listed(&host.as_user("user")).is_empty());
 
     let tokens = host.bao.token_count();
     let o = host.arm();
@@ -578,44 +586,54 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
         "arm: {}{}\n{}",
         stdout(&o),
         stderr(&o),
-        host.daemon.log_text()
+        host.daemon().log_text()
     );
     assert!(stdout(&o).contains("all 5 key(s) armed"), "{}", stdout(&o));
     assert_eq!(host.bao.token_count(), tokens + 1);
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert_eq!(host.daemon.listed(&user.as_user()).len(), 5);
-    assert!(host.daemon.listed(&outsider.as_user()).is_empty());
+    assert_eq!(host.daemon().listed(&host.as_user("user")).len(), 5);
+    assert!(host.daemon().listed(&host.as_user("outsider")).is_empty());
 
-    let sshd = Sshd::start_with(&host.dir, "PubkeyAcceptedAlgorithms +ssh-rsa");
-    let remote = TestUser::create("br", &[]);
+    host.start_sshd("PubkeyAcceptedAlgorithms +ssh-rsa");
     let pubs: Vec<std::path::PathBuf> = keys.iter().map(|(n, _)| host.pub_path(n)).collect();
-    sshd.authorize(
-        &remote.name,
+    host.sshd().authorize(
+        &host.user("remote").name,
         &pubs.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
     );
     for (name, _) in keys {
-        let o = login(&sshd, &user.as_user(), &host, &remote.name, name, &[]);
+        let o = login(
+            &host.as_user("user"),
+            &host,
+            &host.user("remote").name,
+            name,
+            &[],
+        );
         assert!(
             o.status.success(),
             "{name}: {}\n{}\n{}",
             stderr(&o),
-            sshd.log_text(),
-            host.daemon.log_text()
+            host.sshd().log_text(),
+            host.daemon().log_text()
         );
-        assert_eq!(stdout(&o).trim(), remote.name);
+        assert_eq!(stdout(&o).trim(), host.user("remote").name);
         // Not a member: no login.
-        let o = login(&sshd, &outsider.as_user(), &host, &remote.name, name, &[]);
+        let o = login(
+            &host.as_user("outsider"),
+            &host,
+            &host.user("remote").name,
+            name,
+            &[],
+        );
         assert!(!o.status.success());
     }
     // RSA with each signature algorithm the client may ask for (flags 2, 0).
     for alg in ["rsa-sha2-256", "ssh-rsa", "rsa-sha2-512"] {
         let opt = format!("PubkeyAcceptedAlgorithms={alg}");
         let o = login(
-            &sshd,
-            &user.as_user(),
+            &host.as_user("user"),
             &host,
-            &remote.name,
+            &host.user("remote").name,
             "rsa",
             &["-o", &opt],
         );
@@ -623,10 +641,10 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
             o.status.success(),
             "{alg}: {}\n{}",
             stderr(&o),
-            sshd.log_text()
+            host.sshd().log_text()
         );
     }
-    let log = host.daemon.log_text();
+    let log = host.daemon().log_text();
     assert!(log.contains("decision=granted"), "{log}");
     // The backend's counters reach `keyholder status --prometheus`.
     let o = host.keyholder(&["status", "--prometheus"]);
@@ -683,8 +701,14 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
         tokens,
         "the daemon's token is revoked"
     );
-    assert!(host.daemon.listed(&user.as_user()).is_empty());
-    let o = login(&sshd, &user.as_user(), &host, &remote.name, "ed", &[]);
+    assert!(host.daemon().listed(&host.as_user("user")).is_empty());
+    let o = login(
+        &host.as_user("user"),
+        &host,
+        &host.user("remote").name,
+        "ed",
+        &[],
+    );
     assert!(!o.status.success());
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
@@ -694,7 +718,7 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
     std::fs::copy(&host.secret_file, creds.join("keyholder-openbao-secret")).unwrap();
     let o = run(std::process::Command::new(KEYHOLDER)
         .args(["arm", "--config"])
-        .arg(&host.daemon.config)
+        .arg(&host.daemon().config)
         .env("CREDENTIALS_DIRECTORY", &creds));
     assert!(o.status.success(), "re-arm: {}{}", stdout(&o), stderr(&o));
     assert_eq!(host.bao.token_count(), tokens + 1);
@@ -704,22 +728,33 @@ fn logins_with_each_key_type_through_the_proxy_and_disarm_revokes_the_token() {
 fn sealed_cluster_fails_fast_with_status_critical_and_resumes_without_rearming() {
     require_root!();
     let bin = require_bao!();
-    let host = Host::start(&bin, &[("deploy", "ed25519")], "1h", "2h");
-    let user = TestUser::create("bu", &[&host.group]);
+    let (site, bao) = Host::dev(&bin, &[("deploy", "ed25519")], "1h", "2h");
+    let site = site.user("user", &["bao"]).user("remote", &[]);
+    let mut host = Host::new(site.build(), bao);
     let o = host.arm();
     assert!(o.status.success(), "arm: {}", stdout(&o));
-    let sshd = Sshd::start(&host.dir);
-    let remote = TestUser::create("br", &[]);
-    sshd.authorize(&remote.name, &[&host.pub_path("deploy")]);
-    assert!(
-        login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[])
-            .status
-            .success()
-    );
+    host.start_sshd("");
+    host.sshd()
+        .authorize(&host.user("remote").name, &[&host.pub_path("deploy")]);
+    assert!(login(
+        &host.as_user("user"),
+        &host,
+        &host.user("remote").name,
+        "deploy",
+        &[]
+    )
+    .status
+    .success());
 
     host.bao.seal();
     let start = Instant::now();
-    let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
+    let o = login(
+        &host.as_user("user"),
+        &host,
+        &host.user("remote").name,
+        "deploy",
+        &[],
+    );
     assert!(!o.status.success());
     assert!(
         start.elapsed() < Duration::from_secs(20),
@@ -729,15 +764,21 @@ fn sealed_cluster_fails_fast_with_status_critical_and_resumes_without_rearming()
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("sealed"), "{}", stdout(&o));
-    assert!(host.daemon.log_text().contains("sealed"));
+    assert!(host.daemon().log_text().contains("sealed"));
 
     host.bao.unseal();
-    let o = login(&sshd, &user.as_user(), &host, &remote.name, "deploy", &[]);
+    let o = login(
+        &host.as_user("user"),
+        &host,
+        &host.user("remote").name,
+        "deploy",
+        &[],
+    );
     assert!(
         o.status.success(),
         "after unseal: {}\n{}",
         stderr(&o),
-        host.daemon.log_text()
+        host.daemon().log_text()
     );
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
@@ -752,13 +793,14 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
     let bin = require_bao!();
     let dir = TempDir::new("baoc");
     let bao = Bao::cluster(&bin, &dir);
-    let mut host = Host::with(dir, bao, &[("deploy", "ed25519")], "1h", "2h");
+    let site = Host::builder(dir, &bao, &[("deploy", "ed25519")], "1h", "2h", &[]).build();
+    let mut host = Host::new(site, bao);
     let o = host.arm();
     assert!(
         o.status.success(),
         "arm: {}{}",
         stdout(&o),
-        host.daemon.log_text()
+        host.daemon().log_text()
     );
 
     let blob = pubkey_blob(&host.pub_path("deploy"));
@@ -777,7 +819,7 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
     let mut threads = Vec::new();
     for _ in 0..clients {
         let (socket, message, stop, killed, ok, ok_after_kill, failed, barrier) = (
-            host.daemon.socket.clone(),
+            host.daemon().socket.clone(),
             message.clone(),
             stop.clone(),
             killed.clone(),
@@ -822,7 +864,7 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
     assert!(
         wait_for(Duration::from_secs(60), || host.bao.leader().is_some()),
         "no new active node; daemon log tail:\n{}\nnodes:\n{}",
-        tail(&host.daemon.log_text(), 10),
+        tail(&host.daemon().log_text(), 10),
         (0..3)
             .map(|i| tail(
                 &std::fs::read_to_string(host.dir.join(&format!("bao-n{i}.err")))
@@ -849,7 +891,7 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
         "{} failed: {:?}\n{}",
         failed.len(),
         &failed[..failed.len().min(5)],
-        host.daemon
+        host.daemon()
             .log_text()
             .lines()
             .filter(|l| l.contains("failed"))
@@ -865,7 +907,7 @@ fn killing_the_active_node_during_a_burst_of_300_clients_fails_none() {
         ok_after_kill.load(Ordering::Relaxed) >= clients,
         "signing went on after the kill"
     );
-    assert!(host.daemon.log_text().contains("decision=granted"));
+    assert!(host.daemon().log_text().contains("decision=granted"));
 }
 
 /// TLS client certificate login: the backend logs in by itself (no secret,
@@ -1006,62 +1048,70 @@ fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
     let bin = require_bao!();
     let dir = TempDir::new("baoca");
     let bao = Bao::dev(&bin, &dir);
-    let remote = TestUser::create("bcr", &[]);
     bao.cli(&["secrets", "enable", "ssh"]);
     bao.cli(&["write", "ssh/config/ca", "generate_signing_key=true"]);
+    let ca_line = bao.cli(&["read", "-field=public_key", "ssh/config/ca"]);
+    std::fs::write(dir.join("openbao-ca.pub"), format!("{}\n", ca_line.trim())).unwrap();
+    let site = Host::builder(
+        dir,
+        &bao,
+        &[("deploy", "ed25519"), ("rootish", "ed25519")],
+        "1h",
+        "2h",
+        &[
+            (
+                "deploy",
+                "certificate = \"only\"\nprincipals = [\"{user:remote}\"]",
+            ),
+            ("rootish", "certificate = \"only\"\nprincipals = [\"root\"]"),
+        ],
+    )
+    .user("user", &["bao"])
+    .user("remote", &[])
+    .extra("[certificates]\nca = \"openbao:deploy\"\nvalidity_secs = 300\n")
+    .no_daemon()
+    .build();
+    // The engine's role allows the remote account only.
     bao.write_json(
         "ssh/roles/deploy",
         &serde_json::json!({
             "key_type": "ca",
             "allow_user_certificates": true,
             "allow_user_key_ids": true,
-            "allowed_users": remote.name,
+            "allowed_users": site.user("remote").name,
             "default_extensions": {"permit-pty": ""},
             "allowed_extensions": "permit-pty",
             "ttl": "5m",
             "max_ttl": "30m",
         }),
     );
-    let ca_line = bao.cli(&["read", "-field=public_key", "ssh/config/ca"]);
-    std::fs::write(dir.join("openbao-ca.pub"), format!("{}\n", ca_line.trim())).unwrap();
-    let deploy_extra = format!("certificate = \"only\"\nprincipals = [\"{}\"]", remote.name);
-    let host = Host::with_extra(
-        dir,
-        bao,
-        &[("deploy", "ed25519"), ("rootish", "ed25519")],
-        "1h",
-        "2h",
-        &[
-            ("deploy", deploy_extra.as_str()),
-            ("rootish", "certificate = \"only\"\nprincipals = [\"root\"]"),
-        ],
-        "[certificates]\nca = \"openbao:deploy\"\nvalidity_secs = 300\n",
-    );
-    let user = TestUser::create("bcu", &[&host.group]);
+    let mut host = Host::new(site, bao);
+    let daemon = host.start_daemon("");
+    host.daemon = Some(daemon);
     let o = host.arm();
     assert!(
         o.status.success(),
         "arm: {}\n{}",
         stdout(&o),
-        host.daemon.log_text()
+        host.daemon().log_text()
     );
     // The daemon confirms the engine's CA by itself (no `status` needed).
     assert!(wait_for(Duration::from_secs(20), || host
-        .daemon
+        .daemon()
         .log_text()
         .contains("SSH engine CA confirmed")));
 
     // The user sees deploy's certificate and its plain key (which OpenSSH
     // needs to pair them), nothing for rootish.
-    let listed = host.daemon.listed(&user.as_user());
-    assert_eq!(listed.len(), 2, "{listed:?}\n{}", host.daemon.log_text());
+    let listed = host.daemon().listed(&host.as_user("user"));
+    assert_eq!(listed.len(), 2, "{listed:?}\n{}", host.daemon().log_text());
     assert!(
         listed
             .iter()
             .any(|l| l.starts_with("ssh-ed25519-cert-v01@openssh.com ")),
         "{listed:?}"
     );
-    let log = host.daemon.log_text();
+    let log = host.daemon().log_text();
     let refused: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("no certificate for key=rootish"))
@@ -1077,17 +1127,15 @@ fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
     // names the caller.
     let o = host.keyholder(&["status"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    let sshd = Sshd::start_with(
-        &host.dir,
-        &format!(
-            "TrustedUserCAKeys {}",
-            host.dir.join("openbao-ca.pub").display()
-        ),
+    let trusted = format!(
+        "TrustedUserCAKeys {}",
+        host.dir.join("openbao-ca.pub").display()
     );
-    let o = sshd.ssh(
-        &user.as_user(),
-        &host.daemon.socket,
-        &remote.name,
+    host.start_sshd(&trusted);
+    let o = host.sshd().ssh(
+        &host.as_user("user"),
+        &host.daemon().socket,
+        &host.user("remote").name,
         &[],
         "id -un",
     );
@@ -1095,13 +1143,13 @@ fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
         o.status.success(),
         "{}\n{}\n{}",
         stderr(&o),
-        sshd.log_text(),
-        host.daemon.log_text()
+        host.sshd().log_text(),
+        host.daemon().log_text()
     );
-    assert_eq!(stdout(&o).trim(), remote.name);
-    let sshd_log = sshd.log_text();
+    assert_eq!(stdout(&o).trim(), host.user("remote").name);
+    let sshd_log = host.sshd().log_text();
     assert!(
-        sshd_log.contains(&format!("keyholder:{}@", user.name)),
+        sshd_log.contains(&format!("keyholder:{}@", host.user("user").name)),
         "{sshd_log}"
     );
     // The cluster's audit log has the issuance under the host's role.
@@ -1118,7 +1166,7 @@ fn certificates_from_the_ssh_engine_log_in_and_name_the_caller() {
 fn arm_names_a_mismatched_and_a_missing_transit_key() {
     require_root!();
     let bin = require_bao!();
-    let host = Host::start(
+    let (site, bao) = Host::dev(
         &bin,
         &[
             ("deploy", "ed25519"),
@@ -1128,6 +1176,7 @@ fn arm_names_a_mismatched_and_a_missing_transit_key() {
         "1h",
         "2h",
     );
+    let host = Host::new(site.build(), bao);
     // The cluster's keys change under the configured .pub files.
     for name in ["stranger", "gone"] {
         host.bao.cli(&[

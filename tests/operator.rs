@@ -147,9 +147,16 @@ fn daemon_run(config: &Path) -> (Option<i32>, String) {
 #[test]
 fn a_second_daemon_exits_and_the_first_keeps_serving_with_its_agent() {
     require_root!();
-    let dir = TempDir::new("2nd");
-    let (config, agent_sock, key) = spawning_config(&dir);
-    let first = Daemon::start_with(&dir, &config);
+    // The daemon spawns its agent; the key is not added yet.
+    let site = Site::builder("2nd", Backend::Upstream)
+        .spawned_agent()
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .build();
+    let (first, agent_sock, key) = (site.daemon(), site.agent_socket(), site.key("deploy"));
     // Armed by hand against the spawned agent.
     let o = run(std::process::Command::new("ssh-add")
         .arg(&key)
@@ -187,11 +194,20 @@ fn a_second_daemon_exits_and_the_first_keeps_serving_with_its_agent() {
 #[test]
 fn an_agent_left_answering_on_agent_socket_is_never_replaced() {
     require_root!();
-    let dir = TempDir::new("2ag");
-    let (config, agent_sock, key) = spawning_config(&dir);
+    let site = Site::builder("2ag", Backend::Upstream)
+        .spawned_agent()
+        .key(
+            SiteKey::new("deploy", "ed25519")
+                .groups(&["root"])
+                .unadded(),
+        )
+        .no_daemon()
+        .build();
+    let (dir, agent_sock, key) = (&site.dir, site.agent_socket(), site.key("deploy"));
+    let config = site.config_text("");
     // An agent some other process runs on the path a spawning config names
     // (a daemon whose proxy socket was removed by hand, say).
-    let other = Agent::start(&dir);
+    let other = Agent::start(dir);
     assert_eq!(other.socket, agent_sock);
     other.add(&key);
     let config_path = dir.join("keyholder.toml");

@@ -476,22 +476,6 @@ pub fn key_lines(o: &Output) -> Vec<String> {
     v
 }
 
-/// A daemon configuration with `spawn = true` in `dir`, and one key,
-/// `deploy` (ed25519, root's group): returns the config text, the spawned
-/// agent's socket and the private key file.
-pub fn spawning_config(dir: &TempDir) -> (String, PathBuf, PathBuf) {
-    let agent_sock = dir.join("agent.sock");
-    let key = keygen(dir.path(), "deploy", "ed25519", "");
-    let config = format!(
-        "socket = \"{}\"\nkey_dir = \"{}\"\n[agent]\nsocket = \"{}\"\nspawn = true\n\n\
-         [keys.deploy]\ngroups = [\"root\"]\n",
-        dir.join("proxy.sock").display(),
-        dir.path().display(),
-        agent_sock.display()
-    );
-    (config, agent_sock, key)
-}
-
 /// A throwaway Unix group, deleted on drop.
 pub struct TestGroup {
     pub name: String,
