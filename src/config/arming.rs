@@ -110,3 +110,79 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(Path::new("/etc/keyholder/keyholder.toml"), text).unwrap()
+    }
+
+    fn with_openbao(auth: &str) -> Config {
+        let mut config = parse("");
+        let raw = toml::from_str(&format!("addresses = [\"https://a:8200\"]\n{auth}")).unwrap();
+        let settings = super::super::openbao::load(Path::new("/etc/k.toml"), raw).unwrap();
+        config.agent.backend = BackendKind::OpenBao;
+        config.openbao = Some(Box::new(settings));
+        config
+    }
+
+    #[test]
+    fn each_backend_says_how_it_is_armed() {
+        assert_eq!(parse("").arming().unwrap(), Arming::KeyFiles);
+        let builtin = parse("[agent]\nbackend = \"builtin\"\nspawn = false\n");
+        assert_eq!(builtin.arming().unwrap().flag(), "--passphrase-file");
+
+        let pkcs11 =
+            parse("[agent]\nbackend = \"pkcs11\"\n[pkcs11]\nmodule = \"/m.so\"\nslot = 1\n");
+        let Arming::Secret(pin) = pkcs11.arming().unwrap() else {
+            panic!("pkcs11 is armed with a PIN");
+        };
+        assert_eq!(
+            (pin.flag, pin.credential, pin.what, pin.file),
+            ("--pin-file", "keyholder-pin", "PIN", "PIN file")
+        );
+        assert_eq!(
+            pin.prompt.as_deref(),
+            Some("User PIN of the token (/m.so): ")
+        );
+        assert_eq!(pin.send, Unlock::Smartcard { id: "/m.so".into() });
+
+        let approle = with_openbao("auth = \"approle\"\nrole_id = \"r\"");
+        let Arming::Secret(s) = approle.arming().unwrap() else {
+            panic!("openbao is armed with a secret");
+        };
+        assert_eq!(
+            (s.flag, s.credential, s.what, s.file),
+            (
+                "--secret-file",
+                "keyholder-openbao-secret",
+                "secret id",
+                "secret file"
+            )
+        );
+        assert_eq!(s.prompt.as_deref(), Some("OpenBao AppRole secret id: "));
+        assert_eq!(s.send, Unlock::Extension);
+
+        let Arming::Secret(t) = with_openbao("auth = \"token\"").arming().unwrap() else {
+            panic!("openbao is armed with a secret");
+        };
+        assert_eq!(
+            (t.what, t.prompt.as_deref()),
+            ("token", Some("OpenBao token: "))
+        );
+
+        // Certificate and agent logins need no human: an empty secret.
+        let Arming::Secret(c) =
+            with_openbao("auth = \"cert\"\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"")
+                .arming()
+                .unwrap()
+        else {
+            panic!("openbao is armed with a secret");
+        };
+        assert_eq!(c.prompt, None);
+    }
+}
