@@ -527,6 +527,17 @@ fn passphrase_from_systemd_credentials_and_no_source_at_all() {
         assert!(stderr(&o).contains("no passphrase source"), "{}", both(&o));
         assert!(stdout(&o).contains("deploy: FAILED"), "{}", both(&o));
         assert!(s.held().is_empty());
+        // another backend's option is an error, not ignored: nothing loaded
+        for flag in ["--pin-file", "--secret-file"] {
+            let o = s.arm(&[flag, "/nonexistent"]);
+            assert_eq!(o.status.code(), Some(1), "{}", both(&o));
+            assert!(
+                stderr(&o).contains(&format!("{flag} does not apply with agent.backend")),
+                "{}",
+                both(&o)
+            );
+            assert!(s.held().is_empty());
+        }
         // a credentials directory without the credential is no source either
         let creds = s.dir.join("creds");
         std::fs::create_dir(&creds).unwrap();

@@ -1,6 +1,10 @@
-//! `keyholder arm`: decrypts the configured keys found in `key_dir` and adds
-//! them to the upstream agent (never through the proxy, which refuses
-//! additions for everyone). Root only.
+//! `keyholder arm`: arms the backend as the configuration describes
+//! ([`crate::config::arming`]); a backend unlocked with one secret goes to
+//! [`super::unlock`]. For key files (`--passphrase-file`), this decrypts the
+//! configured keys found in `key_dir` and adds them to the upstream agent
+//! (never through the proxy, which refuses additions for everyone). Root
+//! only. An option meant for another backend (`--pin-file`,
+//! `--secret-file`, `--passphrase-file`) is an error.
 //!
 //! For each configured key, in configuration order, then the certificate CA
 //! (`[certificates] ca`), which is armed like a key:
@@ -33,6 +37,7 @@ use ssh_key::PrivateKey;
 use super::client::{describe, AgentClient};
 use super::keyfile;
 use super::passphrase::{Passphrase, Source, Tty};
+use crate::config::arming::Arming;
 use crate::config::{Config, KeyConfig};
 use crate::error::{Error, Result};
 
@@ -64,32 +69,29 @@ pub fn run(
     crate::require_root("arm")?;
     crate::hardening::apply()?;
     let mut config = Config::load(config_path)?;
-    if config.agent.backend == crate::config::BackendKind::Pkcs11 {
-        return super::token::arm(&config, pin_file);
-    }
-    if let Some(openbao) = config.openbao.as_deref() {
-        if config.agent.backend == crate::config::BackendKind::OpenBao {
-            let needs = openbao.auth.needs_secret();
-            let prompt = match openbao.auth {
-                crate::config::openbao::AuthKind::Token => "OpenBao token: ",
-                _ => "OpenBao AppRole secret id: ",
-            };
-            let ask = super::unlock::Ask {
-                credential: "keyholder-openbao-secret",
-                prompt: needs.then_some(prompt),
-                what: if openbao.auth == crate::config::openbao::AuthKind::Token {
-                    "token"
-                } else {
-                    "secret id"
-                },
-            };
-            return super::unlock::run(&config, secret_file, &ask);
+    let arming = config.arming()?;
+    // Each option names the file of one kind of backend; another's is an
+    // error, not silently ignored.
+    let mut file = None;
+    for (flag, given) in [
+        ("--passphrase-file", passphrase_file),
+        ("--pin-file", pin_file),
+        ("--secret-file", secret_file),
+    ] {
+        match given {
+            Some(path) if flag == arming.flag() => file = Some(path),
+            Some(_) => {
+                return Err(Error::msg(format!(
+                    "{flag} does not apply with agent.backend = \"{}\" (it is armed with {})",
+                    config.agent.backend.name(),
+                    arming.flag()
+                )))
+            }
+            None => {}
         }
     }
-    if secret_file.is_some() {
-        return Err(Error::msg(
-            "--secret-file applies only with agent.backend = \"openbao\"".to_owned(),
-        ));
+    if let Arming::Secret(secret) = &arming {
+        return super::unlock::arm(&config, secret, file);
     }
     // The certificate CA is armed with the keys, like one of them.
     config.keys = config.key_files();
@@ -115,7 +117,7 @@ pub fn run(
         .collect();
 
     if states.iter().any(|s| matches!(s, State::Locked(..))) {
-        let source = Source::choose(passphrase_file)?;
+        let source = Source::choose(file)?;
         unlock(&config, &mut states, &source);
     }
 

@@ -1,21 +1,30 @@
-//! `keyholder disarm`: removes every identity from the upstream agent
-//! (REMOVE_ALL_IDENTITIES on `agent.socket`, never through the proxy). Root
-//! only. Exit 0 when the agent confirmed, 1 otherwise.
+//! `keyholder disarm`: takes the keys away from the backend, as the
+//! configuration describes ([`crate::config::arming`]): for a backend
+//! unlocked with a smartcard PIN, SSH_AGENTC_REMOVE_SMARTCARD_KEY (the
+//! daemon logs out and forgets the PIN, [`super::unlock`]); otherwise
+//! every identity is removed from the agent on `agent.socket`
+//! (REMOVE_ALL_IDENTITIES, never through the proxy). Root only. Exit 0 when
+//! the agent confirmed, 1 otherwise.
 
 use std::path::Path;
 
 use ssh_agent_lib::proto::{Request, Response};
 
 use super::client::{describe, AgentClient};
+use crate::config::arming::{Arming, Secret, Unlock};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
-/// Removes every identity from the upstream agent.
+/// Takes the keys away from the backend.
 pub fn run(config_path: &Path) -> Result<u8> {
     crate::require_root("disarm")?;
     let config = Config::load(config_path)?;
-    if config.agent.backend == crate::config::BackendKind::Pkcs11 {
-        return super::token::disarm(&config);
+    if let Arming::Secret(Secret {
+        send: Unlock::Smartcard { id },
+        ..
+    }) = config.arming()?
+    {
+        return super::unlock::disarm_smartcard(&config, &id);
     }
     let socket = config.agent.socket.display();
     let mut client = AgentClient::connect(&config.agent.socket, config.limits.upstream_timeout)

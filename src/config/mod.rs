@@ -9,7 +9,8 @@
 //!
 //! This file holds the top level (sockets, `[agent]`, the backend) and the
 //! whole-file checks; each further concern has a file of its own: [`keys`],
-//! [`certificates`], [`limits`], [`grants`], [`pkcs11`], [`openbao`].
+//! [`certificates`], [`limits`], [`grants`], [`pkcs11`], [`openbao`], and
+//! [`arming`] (how `keyholder arm` and `disarm` reach each backend's keys).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::known_hosts::KnownHosts;
 use crate::trust::TrustError;
 
+pub mod arming;
 pub mod certificates;
 pub mod grants;
 pub mod keys;

@@ -13,6 +13,10 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+/// The systemd credential (under `$CREDENTIALS_DIRECTORY`) holding the
+/// AppRole secret id or the token `keyholder arm` hands the daemon.
+pub const SECRET_CREDENTIAL: &str = "keyholder-openbao-secret";
+
 /// The `[openbao]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,6 +12,10 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+/// The systemd credential (under `$CREDENTIALS_DIRECTORY`) holding the
+/// token's user PIN.
+pub const PIN_CREDENTIAL: &str = "keyholder-pin";
+
 /// Most signing sessions `sessions` may ask for.
 pub const MAX_SESSIONS: usize = 256;
 
