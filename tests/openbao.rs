@@ -25,14 +25,26 @@ fn key_data(line: &str) -> KeyData {
 }
 
 fn backend(bao: &Bao, role_id: &str, keys: &[(&str, &str)]) -> OpenBao {
+    let auth = AuthMethod::AppRole {
+        mount: "approle".into(),
+        role_id: role_id.into(),
+    };
+    backend_with(bao, Default::default(), auth, keys)
+}
+
+/// A backend for `keys` (name, public key line; transit key = name) on the
+/// cluster `bao`, logging in with `auth` over `tls`.
+fn backend_with(
+    bao: &Bao,
+    tls: keyholder::backend::openbao::http::Tls,
+    auth: AuthMethod,
+    keys: &[(&str, &str)],
+) -> OpenBao {
     OpenBao::new(Settings {
         addresses: vec![bao.addr.clone()],
-        tls: Default::default(),
+        tls,
         namespace: None,
-        auth: AuthMethod::AppRole {
-            mount: "approle".into(),
-            role_id: role_id.into(),
-        },
+        auth,
         transit_mount: "transit".into(),
         ssh_mount: "ssh".into(),
         keys: keys
@@ -46,6 +58,26 @@ fn backend(bao: &Bao, role_id: &str, keys: &[(&str, &str)]) -> OpenBao {
         timeout: Duration::from_secs(30),
     })
     .unwrap()
+}
+
+/// Starts the backend's upkeep (logins, renewals) and waits up to 30 s for
+/// it to list a key; the sender stops the upkeep.
+async fn upkeep_until_listed(
+    b: &Arc<OpenBao>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let upkeep = {
+        let b = b.clone();
+        tokio::spawn(async move { b.run(rx).await })
+    };
+    let start = Instant::now();
+    while b.identities().await.unwrap().is_empty() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (tx, upkeep)
 }
 
 /// A user-auth-like payload (the backend signs any bytes it is given).
@@ -982,42 +1014,19 @@ fn certificate_login_needs_no_human() {
         "token_policies=keyholder",
         "token_ttl=1h",
     ]);
-    let b = Arc::new(
-        OpenBao::new(Settings {
-            addresses: vec![bao.addr.clone()],
-            tls: keyholder::backend::openbao::http::Tls {
-                ca_pem: Some(std::fs::read(bao.cacert.as_ref().unwrap()).unwrap()),
-                client_cert_pem: Some(std::fs::read(dir.join("host.pem")).unwrap()),
-                client_key_pem: Some(zeroize::Zeroizing::new(
-                    std::fs::read(dir.join("host.key")).unwrap(),
-                )),
-            },
-            namespace: None,
-            auth: AuthMethod::Cert {
-                mount: "cert".into(),
-            },
-            transit_mount: "transit".into(),
-            ssh_mount: "ssh".into(),
-            keys: vec![KeySpec {
-                name: "deploy".into(),
-                public: key_data(&line),
-                transit_key: "deploy".into(),
-            }],
-            timeout: Duration::from_secs(30),
-        })
-        .unwrap(),
-    );
+    let tls = keyholder::backend::openbao::http::Tls {
+        ca_pem: Some(std::fs::read(bao.cacert.as_ref().unwrap()).unwrap()),
+        client_cert_pem: Some(std::fs::read(dir.join("host.pem")).unwrap()),
+        client_key_pem: Some(zeroize::Zeroizing::new(
+            std::fs::read(dir.join("host.key")).unwrap(),
+        )),
+    };
+    let auth = AuthMethod::Cert {
+        mount: "cert".into(),
+    };
+    let b = Arc::new(backend_with(&bao, tls, auth, &[("deploy", &line)]));
     runtime().block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let upkeep = {
-            let b = b.clone();
-            tokio::spawn(async move { b.run(rx).await })
-        };
-        let start = Instant::now();
-        while b.identities().await.unwrap().is_empty() && start.elapsed() < Duration::from_secs(30)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (tx, upkeep) = upkeep_until_listed(&b).await;
         assert_eq!(b.identities().await.unwrap().len(), 1, "{:?}", b.report());
         let blob = sign(&b, &line, payload(0), 0).await.unwrap();
         check_blob(&line, &payload(0), &blob, "ssh-ed25519");
@@ -1237,36 +1246,17 @@ fn agent_token_file_is_re_read_when_it_changes() {
     };
     let token_file = dir.join("agent-token");
     write_secret(&token_file, &new_token());
-    let b = Arc::new(
-        OpenBao::new(Settings {
-            addresses: vec![bao.addr.clone()],
-            tls: Default::default(),
-            namespace: None,
-            auth: AuthMethod::Agent {
-                token_file: token_file.clone(),
-            },
-            transit_mount: "transit".into(),
-            ssh_mount: "ssh".into(),
-            keys: vec![KeySpec {
-                name: "deploy".into(),
-                public: key_data(&line),
-                transit_key: "deploy".into(),
-            }],
-            timeout: Duration::from_secs(30),
-        })
-        .unwrap(),
-    );
+    let auth = AuthMethod::Agent {
+        token_file: token_file.clone(),
+    };
+    let b = Arc::new(backend_with(
+        &bao,
+        Default::default(),
+        auth,
+        &[("deploy", &line)],
+    ));
     runtime().block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let upkeep = {
-            let b = b.clone();
-            tokio::spawn(async move { b.run(rx).await })
-        };
-        let start = Instant::now();
-        while b.identities().await.unwrap().is_empty() && start.elapsed() < Duration::from_secs(30)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (tx, upkeep) = upkeep_until_listed(&b).await;
         sign(&b, &line, payload(0), 0).await.unwrap();
         let logins = b.counters().0;
         // The agent writes a new token and the old one is revoked.
