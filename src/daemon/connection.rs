@@ -211,14 +211,16 @@ async fn handle(
     bindings: &mut Bindings,
     request: Request,
 ) -> Vec<u8> {
-    // The grants in force: a snapshot, no lock held and no file read.
-    let grants = shared.grants.current();
+    // The grants in force: a snapshot, no lock held and no file read; none
+    // at all when no key needs a grant (nothing shared is touched then).
+    let snapshot = rt.policy.has_grants().then(|| shared.grants.current());
+    let grants = snapshot.as_deref().unwrap_or(&policy::grants::NO_GRANTS);
     let now = unix_now();
     let ctx = Context {
         bindings,
         now,
         minted: &shared.authority,
-        grants: &grants,
+        grants,
     };
     let decision = match &unresolved {
         None => policy::decide(&rt.policy, caller, ctx, &request),
@@ -228,7 +230,7 @@ async fn handle(
     audit_refusal(shared, caller, &decision, bindings);
     let reply = match (&decision, request) {
         (Decision::EmptyList, _) => Response::IdentitiesAnswer(Vec::new()).into(),
-        (Decision::List, _) => list(rt, shared, caller, (bindings, &grants, now)).await,
+        (Decision::List, _) => list(rt, shared, caller, (bindings, grants, now)).await,
         (Decision::Sign { key, .. }, Request::Sign(sign)) => {
             sign_with(shared, caller, &decision, key, bindings, sign.request).await
         }

@@ -111,9 +111,9 @@ const LATENCY_BUCKETS_US: [u64; 12] = [
 #[derive(Debug, Default)]
 struct BackendCalls {
     outcomes: [[AtomicU64; 5]; 3],
-    /// Per bucket (not cumulative); beyond the last, only in `count`.
+    /// Per bucket (not cumulative); beyond the last, only in the count
+    /// (the sum of the outcomes).
     buckets: [[AtomicU64; 12]; 3],
-    count: [AtomicU64; 3],
     sum_us: [AtomicU64; 3],
 }
 
@@ -252,8 +252,7 @@ impl Metrics {
                 n.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if let (Some(c), Some(s)) = (calls.count.get(i), calls.sum_us.get(i)) {
-            c.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = calls.sum_us.get(i) {
             s.fetch_add(us, Ordering::Relaxed);
         }
     }
@@ -494,7 +493,10 @@ impl Metrics {
                     cumulative,
                 );
             }
-            let count = calls.count.get(i).map_or(0, load);
+            let count: u64 = calls
+                .outcomes
+                .get(i)
+                .map_or(0, |r| r.iter().map(load).sum());
             b.sample(&[("backend", backend), ("op", op), ("le", "+Inf")], count);
             let sum = calls.sum_us.get(i).map_or(0, load);
             b.sample(&[("backend", backend), ("op", op), ("stat", "sum")], sum);
